@@ -59,7 +59,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from analysis.errors import InputError
+from hessfine.analysis.errors import InputError
 
 __all__ = [
     "MANIFEST",

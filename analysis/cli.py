@@ -12,7 +12,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Sequence
 
-from analysis.errors import InputError
+from hessfine.analysis.errors import InputError
 
 MEASURE_EXAMPLES = """\
 examples:
@@ -162,8 +162,8 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_measure(args: argparse.Namespace) -> int:
-    from analysis.measure import MeasureSettings, measure_path
-    from analysis.models import parse_model_kwargs
+    from hessfine.analysis.measure import MeasureSettings, measure_path
+    from hessfine.analysis.models import parse_model_kwargs
 
     settings = MeasureSettings(
         estimator=args.estimator,
@@ -211,8 +211,8 @@ def _run_measure(args: argparse.Namespace) -> int:
 
 def _subcommands() -> dict[str, tuple[str, Callable, Callable]]:
     """name → (help, add_arguments, run); imported lazily so --help stays fast."""
-    from analysis import compare, crosscheck, demo
-    from finetune import cli as finetune_cli
+    from hessfine.analysis import compare, crosscheck, demo
+    from hessfine.finetune import cli as finetune_cli
 
     return {
         "measure": (

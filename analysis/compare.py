@@ -9,13 +9,13 @@ measurement (its ``manifest`` and ``epoch`` entries) are used. Written:
 
 * ``comparison.csv`` — one row per measurement (columns below);
 * ``layers.csv``, ``noise_stability.csv`` — the per-layer and per-σ long tables of
-  :mod:`figures.tables`;
+  :mod:`hessfine.figures.tables`;
 * ``correlations.csv`` — for every bound or measure column m and the target column g (by
   default the generalization gap in loss, test − train): Pearson's r (linear) and Spearman's ρ
   (rank) correlation over the measurements where both are finite, with their two-sided
   p-values (``scipy.stats.pearsonr``/``spearmanr``) and the number of pairs n. A correlation
   needs n ≥ 3 and both columns non-constant; otherwise its cells are empty.
-* the figures of :func:`figures.plots.draw_all`.
+* the figures of :func:`hessfine.figures.plots.draw_all`.
 
 Ju, Li & Zhang (ICML 2022, Sec. 3 and Fig. 1) make this comparison to show that the Hessian
 distance measure Σ_i sqrt(C·𝓗_i/n) correlates with the gap across methods and epochs and
@@ -66,10 +66,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis.checkpoints import MANIFEST, read_manifest
-from analysis.errors import InputError
-from analysis.results import MEASUREMENT, SCHEMA_VERSION, write_text_atomic
-from figures.tables import (
+from hessfine.analysis.checkpoints import MANIFEST, read_manifest
+from hessfine.analysis.errors import InputError
+from hessfine.analysis.results import MEASUREMENT, SCHEMA_VERSION, write_text_atomic
+from hessfine.figures.tables import (
     KEY_COLUMNS,
     LAYERS_TABLE,
     NOISE_TABLE,
@@ -500,7 +500,7 @@ def compare(
 
 
 def _draw(table: Path, out: Path, formats: Sequence[str]) -> list[Path]:
-    from figures.plots import draw_all
+    from hessfine.figures.plots import draw_all
 
     return draw_all(table, out, formats=formats)
 

@@ -10,7 +10,7 @@ batch and the parameters that require gradients,
 Marking only the selected layers as trainable makes its Hessian the selected-parameter Hessian
 (cross-layer blocks included). Its trace is Σ_i Tr of the diagonal blocks, which equals
 Σ_i mean_x Tr[H_i(x)] — the sum of this tool's per-layer ``trace.mean`` (SPEC §4) — and its top
-eigenvalues are those of the same matrix as :func:`bounds.spectra.whole_top_eigenvalues`.
+eigenvalues are those of the same matrix as :func:`hessfine.bounds.spectra.whole_top_eigenvalues`.
 
 PyHessian's own behaviour that this module works around or reports (pyhessian 0.1):
 
@@ -52,9 +52,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from analysis.errors import InputError
-from bounds.functional import FunctionalModel
-from bounds.safe_autodiff import differentiable
+from hessfine.analysis.errors import InputError
+from hessfine.bounds.functional import FunctionalModel
+from hessfine.bounds.safe_autodiff import differentiable
 
 
 @dataclass(frozen=True)
@@ -175,15 +175,15 @@ def crosscheck(
 ) -> list[CrosscheckRow]:
     """Compare the trace and the ``top_k`` eigenvalues of the selected-layer Hessian of the mean loss.
 
-    Ours: Σ_i of :func:`bounds.traces.layer_traces` means and
-    :func:`bounds.spectra.whole_top_eigenvalues`; the standard errors of the layers are combined
+    Ours: Σ_i of :func:`hessfine.bounds.traces.layer_traces` means and
+    :func:`hessfine.bounds.spectra.whole_top_eigenvalues`; the standard errors of the layers are combined
     in quadrature, which ignores the correlation of the layers' samples drawn from the same joint
     probe (the cross-layer terms z_iᵀH_ij z_j enter both layers' samples), so it can understate
     the standard error of the sum. Theirs: :func:`pyhessian_estimates`. Rows are
     ``trace`` and ``eigenvalue_1`` … ``eigenvalue_k`` with |ours − theirs| / |theirs|.
     """
-    from bounds.spectra import whole_top_eigenvalues
-    from bounds.traces import layer_traces
+    from hessfine.bounds.spectra import whole_top_eigenvalues
+    from hessfine.bounds.traces import layer_traces
 
     layers = list(layers)
     if not layers:
@@ -327,7 +327,7 @@ def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tu
         with torch.no_grad():
             classes = model(x[:1]).shape[-1]
         return x, torch.randint(0, classes, (args.samples,), generator=g)
-    from analysis.data import check_labels, load_data
+    from hessfine.analysis.data import check_labels, load_data
 
     data = load_data(args.data, trust=args.trust_checkpoint)
     x, y = next(iter(data.batches(args.samples, limit=args.samples, dtype=dtype)))
@@ -341,8 +341,8 @@ def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tu
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hessfine crosscheck``; print the side-by-side table; return 0."""
-    from analysis.checkpoints import align, load_checkpoint, select_layers
-    from analysis.models import build_model, parse_model_kwargs, resolve_device
+    from hessfine.analysis.checkpoints import align, load_checkpoint, select_layers
+    from hessfine.analysis.models import build_model, parse_model_kwargs, resolve_device
 
     if args.samples < 1:
         raise InputError(f"--samples {args.samples}: must be at least 1")

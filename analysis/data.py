@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from analysis.errors import InputError
-from bounds.functional import Inputs, to_device
+from hessfine.analysis.errors import InputError
+from hessfine.bounds.functional import Inputs, to_device
 
 __all__ = [
     "DIGITS_TEST_SIZE",

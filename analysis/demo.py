@@ -1,23 +1,23 @@
 """``hessfine demo``: the whole pipeline end to end on scikit-learn's handwritten digits.
 
 Nothing is downloaded: the 8×8 digits ship with scikit-learn (``digits:train``/``digits:test``
-of :mod:`analysis.data`, 1,297/500 images). The demo builds a transfer problem in the paper's
+of :mod:`hessfine.analysis.data`, 1,297/500 images). The demo builds a transfer problem in the paper's
 setting (Ju, Li & Zhang, ICML 2022: fine-tuning a pretrained network on a small target set with
 noisy labels):
 
-1. **source task** — the training images of digits 0–4; a :func:`finetune.models.digits_cnn`
+1. **source task** — the training images of digits 0–4; a :func:`hessfine.finetune.models.digits_cnn`
    with five outputs is trained on them (plain cross-entropy). Its feature extractor (every
    tensor except the classifier ``head``) is saved as ``pretrained.safetensors``: the pretrained
    checkpoint W^(s). The head is left out because the target classes are new, so the fine-tuned
    head is a *new head*, measured from zero as in the paper's code (SPEC §3.3) and constrained
-   around zero by the distance-constrained methods (:mod:`finetune.methods`).
+   around zero by the distance-constrained methods (:mod:`hessfine.finetune.methods`).
 2. **target task** — digits 5–9 relabelled 0–4: a small training set (``n_train`` images drawn
    from the training split, fixed seed) whose labels are flipped with symmetric class-conditional
    noise (``noise_rate``, the true flip rate), and the clean test images of digits 5–9 for
    evaluation. Both are written as ``data/train.pt`` and ``data/test.pt`` (dicts with ``x``,
    ``y``) so that ``hessfine measure`` reads them like any user data; ``data/train_clean.pt``
    holds the clean training labels.
-3. **fine-tuning** — one run directory per method under ``runs/`` (:func:`finetune.runs.finetune_run`);
+3. **fine-tuning** — one run directory per method under ``runs/`` (:func:`hessfine.finetune.runs.finetune_run`);
    the consistent loss of ``consistent`` and ``robust`` (the paper's algorithm) uses the known F.
 4. **measurement** — ``hessfine measure`` on the final checkpoint of every run (the best epoch of
    ``early-stopping``) and, in the full demo, on intermediate epochs too, with the noisy training
@@ -55,16 +55,16 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from analysis.compare import compare
-from analysis.data import load_data
-from analysis.errors import InputError
-from figures.tables import Row, finite
-from finetune.label_noise import corrupt_labels, symmetric_confusion
-from finetune.methods import CONSISTENT_METHODS, FinetuneConfig, finetune
-from finetune.models import digits_cnn
-from finetune.runs import RunResult, checkpoint_name, finetune_run
+from hessfine.analysis.compare import compare
+from hessfine.analysis.data import load_data
+from hessfine.analysis.errors import InputError
+from hessfine.figures.tables import Row, finite
+from hessfine.finetune.label_noise import corrupt_labels, symmetric_confusion
+from hessfine.finetune.methods import CONSISTENT_METHODS, FinetuneConfig, finetune
+from hessfine.finetune.models import digits_cnn
+from hessfine.finetune.runs import RunResult, checkpoint_name, finetune_run
 
-MODEL_SPEC = "finetune.models:digits_cnn"
+MODEL_SPEC = "hessfine.finetune.models:digits_cnn"
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
 FULL_METHODS = (
@@ -356,7 +356,7 @@ def measure_all(
     seed: int,
 ) -> list[Path]:
     """Measure the chosen checkpoints of every run; return the measurement files."""
-    from analysis.cli import main
+    from hessfine.analysis.cli import main
 
     files = []
     for method, run in runs.items():

@@ -9,10 +9,10 @@ writes ``measurement.json`` (SPEC §4) atomically. :func:`measure_path` does the
 checkpoint of a directory of runs, skipping those already measured with the same settings.
 
 Example (the Python API; the command line is a thin layer over it):
-    >>> from analysis.measure import MeasureSettings, measure  # doctest: +SKIP
+    >>> from hessfine.analysis.measure import MeasureSettings, measure  # doctest: +SKIP
     >>> result = measure("runs/robust/epoch_010.safetensors", reference="pretrained.safetensors",
     ...                  data="digits:train", eval_data="digits:test", out="out/robust",
-    ...                  model="finetune.models:digits_cnn", settings=MeasureSettings(samples=64))
+    ...                  model="hessfine.finetune.models:digits_cnn", settings=MeasureSettings(samples=64))
     >>> result["bounds"]["theorem_2_1"]  # doctest: +SKIP
 """
 
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from analysis.checkpoints import (
+from hessfine.analysis.checkpoints import (
     Alignment,
     Checkpoint,
     align,
@@ -41,10 +41,10 @@ from analysis.checkpoints import (
     select_layers,
     sha256_of,
 )
-from analysis.data import LabeledData, check_labels, load_data
-from analysis.errors import InputError
-from analysis.models import build_model, resolve_device
-from analysis.results import (
+from hessfine.analysis.data import LabeledData, check_labels, load_data
+from hessfine.analysis.errors import InputError
+from hessfine.analysis.models import build_model, resolve_device
+from hessfine.analysis.results import (
     MEASUREMENT,
     SCHEMA_VERSION,
     SPECTRUM,
@@ -52,25 +52,25 @@ from analysis.results import (
     versions,
     write_json_atomic,
 )
-from bounds.functional import (
+from hessfine.bounds.functional import (
     Batch,
     FunctionalModel,
     NondeterministicModelError,
     check_deterministic,
 )
-from bounds.generalization import assemble_bounds
-from bounds.noise_stability import noise_stability, relative_noise_traces, trace_prediction
-from bounds.pac_bayes import pac_bayes_certificate
-from bounds.quadratic_forms import (
+from hessfine.bounds.generalization import assemble_bounds
+from hessfine.bounds.noise_stability import noise_stability, relative_noise_traces, trace_prediction
+from hessfine.bounds.pac_bayes import pac_bayes_certificate
+from hessfine.bounds.quadratic_forms import (
     ESTIMATORS,
     Estimator,
     certification_tolerance,
     certify_piecewise_linear,
     quadratic_forms,
 )
-from bounds.safe_autodiff import differentiable
-from bounds.spectra import spectral_density, top_eigenvalues, whole_top_eigenvalues
-from bounds.traces import layer_traces, positive_trace_max
+from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.spectra import spectral_density, top_eigenvalues, whole_top_eigenvalues
+from hessfine.bounds.traces import layer_traces, positive_trace_max
 
 Split = Literal["train", "eval"]
 DType = Literal["float32", "float64"]

@@ -1,7 +1,7 @@
 """Build the network architecture named by a model spec (SPEC §3.3).
 
 A spec names an architecture only; weights come from a checkpoint later
-(:func:`analysis.checkpoints.align`). Every model is built with random initialisation — nothing is
+(:func:`hessfine.analysis.checkpoints.align`). Every model is built with random initialisation — nothing is
 downloaded — and returned in eval mode with float32 parameters and buffers.
 
 Specs:
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.errors import InputError
+from hessfine.analysis.errors import InputError
 
 __all__ = ["build_model", "parse_model_kwargs"]
 
@@ -109,7 +109,7 @@ def build_model(
         if target.endswith(".py"):
             module = _import_file(spec, Path(target))
         else:
-            module = _import_module(spec, target)
+            module = _import_module(spec, _LEGACY_MODULES.get(target, target))
         factory = getattr(module, factory_name, None)
         if not callable(factory):
             raise InputError(
@@ -123,6 +123,10 @@ def build_model(
             "make the factory return the network"
         )
     return model.float().eval()
+
+
+#: Module paths written into run manifests before the folders were installed under ``hessfine``.
+_LEGACY_MODULES = {"finetune.models": "hessfine.finetune.models"}
 
 
 def _one_line(err: BaseException) -> str:

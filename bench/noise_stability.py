@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from bounds.functional import FunctionalModel
-from bounds.noise_stability import noise_stability, trace_prediction
-from bounds.safe_autodiff import differentiable
-from bounds.traces import gauss_newton_traces
+from hessfine.bounds.functional import FunctionalModel
+from hessfine.bounds.noise_stability import noise_stability, trace_prediction
+from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.traces import gauss_newton_traces
 
 LAYERS = ["conv1.weight", "conv2.weight", "fc.weight"]
 

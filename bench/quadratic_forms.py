@@ -8,7 +8,7 @@ and v_i = W_i − W_i^(s) (Ju, Li & Zhang, ICML 2022, Theorem 2.1).
   backward pass with ``create_graph=True`` for the gradients of all selected layers, then per
   layer a double-backward Hessian-vector product H_i v_i = ∇_{W_i}(g_i · v_i) and the dot
   product v_i · H_i v_i (Pearlmutter, Neural Computation 1994).
-* **ours** — :func:`bounds.quadratic_forms.quadratic_forms` with the estimators ``block``
+* **ours** — :func:`hessfine.bounds.quadratic_forms.quadratic_forms` with the estimators ``block``
   (v_iᵀH_iv_i exactly), ``auto`` (v_iᵀH_i⁺v_i: single-JVP Gauss–Newton on layers certified
   piecewise linear, Lanczos quadrature elsewhere) and ``ggn`` (v_iᵀG_iv_i), all batched.
 
@@ -25,7 +25,7 @@ Two side studies:
 * positive-part accuracy against the number of Lanczos steps K (ViT, the attention output
   projections, first examples): |Q_K − v_iᵀH_i⁺v_i| / max_x |v_iᵀH_i⁺v_i| with the exact value
   from the dense per-example block (assembled from Hessian-vector products) and ``eigh``;
-* time per Hutchinson probe of :func:`bounds.traces.layer_traces` against PyHessian's ``trace``
+* time per Hutchinson probe of :func:`hessfine.bounds.traces.layer_traces` against PyHessian's ``trace``
   (both over all selected layers and the whole batch).
 
 Usage::
@@ -49,13 +49,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from analysis.checkpoints import select_layers
-from analysis.crosscheck import pyhessian_engine
-from bounds.functional import FunctionalModel
-from bounds.lanczos import lanczos, quadrature
-from bounds.quadratic_forms import per_example_hvp, quadratic_forms
-from bounds.safe_autodiff import differentiable
-from bounds.traces import layer_traces
+from hessfine.analysis.checkpoints import select_layers
+from hessfine.analysis.crosscheck import pyhessian_engine
+from hessfine.bounds.functional import FunctionalModel
+from hessfine.bounds.lanczos import lanczos, quadrature
+from hessfine.bounds.quadratic_forms import per_example_hvp, quadratic_forms
+from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.traces import layer_traces
 
 ESTIMATORS = ("block", "auto", "ggn")
 LANCZOS_STEPS = (4, 8, 16, 32, 64)

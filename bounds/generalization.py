@@ -250,7 +250,7 @@ def assemble_bounds(
         confusion: the k×k matrix F; adds the noisy-label versions (C → C·κ(F)).
         consistent_train_loss: L̂ of the consistent loss for the noisy-label versions
             (default ``train_loss``).
-        certificate: a :class:`bounds.pac_bayes.Certificate` (anything with ``to_json()``) or a
+        certificate: a :class:`hessfine.bounds.pac_bayes.Certificate` (anything with ``to_json()``) or a
             mapping, stored as ``pac_bayes_certificate``.
         margin, input_norm, delta: γ, B and δ of the Neyshabur et al. measure.
     """

@@ -9,7 +9,7 @@ H_ii, which is what the per-layer traces and spectra use.
 
 Example:
     >>> import torch
-    >>> from bounds.functional import FunctionalModel
+    >>> from hessfine.bounds.functional import FunctionalModel
     >>> fm, params = FunctionalModel.from_module(torch.nn.Linear(3, 2))
     >>> hvp = mean_loss_hvp(fm, params, ["weight"], [(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))])
     >>> hvp({"weight": torch.ones(4, 2, 3)})["weight"].shape
@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from bounds.functional import Batch, FunctionalModel
+from hessfine.bounds.functional import Batch, FunctionalModel
 
 ProbeMap = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 

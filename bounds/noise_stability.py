@@ -34,7 +34,7 @@ pass per batch of examples (never a Python loop per draw per example).
 
 Example:
     >>> import torch
-    >>> from bounds.functional import FunctionalModel
+    >>> from hessfine.bounds.functional import FunctionalModel
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     >>> fm, params = FunctionalModel.from_module(net.double())
     >>> batch = (torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,)))
@@ -55,9 +55,9 @@ from scipy import stats
 from torch import Tensor
 from torch.func import vmap
 
-from bounds.functional import Batch, FunctionalModel, materialize
-from bounds.safe_autodiff import differentiable
-from bounds.traces import TraceEstimate, layer_traces
+from hessfine.bounds.functional import Batch, FunctionalModel, materialize
+from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.traces import TraceEstimate, layer_traces
 
 _ELEMENT_BUDGET = 2**26
 _MAX_CHUNK = 64

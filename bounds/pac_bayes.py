@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from bounds.functional import (
+from hessfine.bounds.functional import (
     Batch,
     FunctionalModel,
     Inputs,
@@ -63,7 +63,7 @@ from bounds.functional import (
     materialize,
     slice_inputs,
 )
-from bounds.safe_autodiff import differentiable
+from hessfine.bounds.safe_autodiff import differentiable
 
 DEFAULT_GRID: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0)
 _ELEMENT_BUDGET = 2**26

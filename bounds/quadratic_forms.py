@@ -13,7 +13,7 @@ The estimators (SPEC §4):
   JVP; elsewhere it comes from forward-over-reverse Hessian-vector products vmapped over the
   examples of the batch (exact for every operation, unlike nested forward mode, SPEC §1.3).
 * ``ggn``: v_iᵀ G_i(x) v_i = z'ᵀ (diag p − p pᵀ) z' with a single JVP (the Gauss–Newton block).
-* ``positive``: v_iᵀ H_i⁺(x) v_i by Lanczos quadrature started from v_i (:mod:`bounds.lanczos`),
+* ``positive``: v_iᵀ H_i⁺(x) v_i by Lanczos quadrature started from v_i (:mod:`hessfine.bounds.lanczos`),
   with per-example Hessian-vector products vmapped over the batch; exact once the number of
   steps reaches the block's dimension.
 * ``auto``: the ``positive`` semantics. A layer whose logits are piecewise linear in W_i (every
@@ -31,7 +31,7 @@ grow with the number of examples.
 
 Example:
     >>> import torch
-    >>> from bounds.functional import FunctionalModel
+    >>> from hessfine.bounds.functional import FunctionalModel
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     >>> fm, params = FunctionalModel.from_module(net)
     >>> v = {"0.weight": 0.1 * torch.randn(8, 4), "2.weight": 0.1 * torch.randn(3, 8)}
@@ -52,7 +52,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
-from bounds.functional import (
+from hessfine.bounds.functional import (
     Batch,
     FunctionalModel,
     Inputs,
@@ -60,9 +60,9 @@ from bounds.functional import (
     slice_inputs,
     unsqueeze_inputs,
 )
-from bounds.functional import with_layer as _with_layer
-from bounds.lanczos import lanczos, quadrature
-from bounds.safe_autodiff import differentiable
+from hessfine.bounds.functional import with_layer as _with_layer
+from hessfine.bounds.lanczos import lanczos, quadrature
+from hessfine.bounds.safe_autodiff import differentiable
 
 Estimator = Literal["auto", "block", "positive", "ggn", "reference-code"]
 ESTIMATORS: tuple[str, ...] = ("auto", "block", "positive", "ggn", "reference-code")

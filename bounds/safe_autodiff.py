@@ -17,7 +17,7 @@ Two classes of problems (SPEC §1.3) are handled here:
 
 Every estimator in :mod:`bounds` runs its derivatives inside :func:`differentiable`; the nested
 forward-mode route is, in addition, checked at run time against forward-over-reverse
-Hessian-vector products (see :mod:`bounds.quadratic_forms`).
+Hessian-vector products (see :mod:`hessfine.bounds.quadratic_forms`).
 
 Example:
     >>> import torch, torch.nn.functional as F

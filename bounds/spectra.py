@@ -2,7 +2,7 @@
 
 * :func:`top_eigenvalues`: the K largest eigenvalues of each layer's diagonal block H̄_ii of the
   mean-loss Hessian over the measured examples, by Lanczos with full reorthogonalisation
-  (:mod:`bounds.lanczos`) from a Rademacher start. Each Ritz value θ_j comes with the residual
+  (:mod:`hessfine.bounds.lanczos`) from a Rademacher start. Each Ritz value θ_j comes with the residual
   bound |β_k s_kj| ≥ min_λ |θ_j − λ| (Parlett, "The Symmetric Eigenvalue Problem", Thm 11.4.1)
   as its convergence report.
 * :func:`whole_top_eigenvalues`: the same for the Hessian of all selected layers together
@@ -15,7 +15,7 @@
 
 Example:
     >>> import torch
-    >>> from bounds.functional import FunctionalModel
+    >>> from hessfine.bounds.functional import FunctionalModel
     >>> fm, params = FunctionalModel.from_module(torch.nn.Linear(3, 2))
     >>> batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
     >>> e = whole_top_eigenvalues(fm, params, ["weight"], [batch], k=2)
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bounds.functional import Batch, FunctionalModel
-from bounds.hessian_products import flat_operator, mean_loss_hvp
-from bounds.lanczos import lanczos, ritz_values
-from bounds.safe_autodiff import differentiable
-from bounds.traces import rademacher
+from hessfine.bounds.functional import Batch, FunctionalModel
+from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
+from hessfine.bounds.lanczos import lanczos, ritz_values
+from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.traces import rademacher
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ block of the mean-loss Hessian, comparable with PyHessian's ``trace``. Estimator
   Hutchinson part on the deflated matrix.
 
 ``trace.positive_max`` is max_n Tr[H_i⁺(x_n)], used by the paper's trace corollary. On layers
-certified piecewise-linear (see :mod:`bounds.quadratic_forms`) H_i(x) = G_i(x) = J_iᵀ A J_i with
+certified piecewise-linear (see :mod:`hessfine.bounds.quadratic_forms`) H_i(x) = G_i(x) = J_iᵀ A J_i with
 A = diag p − p pᵀ = M Mᵀ, M = diag(√p) − p √pᵀ, so Tr[H_i⁺(x)] = Σ_c ‖J_iᵀ M e_c‖² exactly from k
 vector-Jacobian products per example (vmapped over examples and classes). On other layers it is
 estimated per example by stochastic Lanczos quadrature (Ubaru, Chen & Saad, SIMAX 2017):
@@ -21,7 +21,7 @@ Tr[f(H)] ≈ (1/P) Σ_p z_pᵀ f(H) z_p with each term by Lanczos quadrature.
 
 Example:
     >>> import torch
-    >>> from bounds.functional import FunctionalModel
+    >>> from hessfine.bounds.functional import FunctionalModel
     >>> fm, params = FunctionalModel.from_module(torch.nn.Linear(3, 2))
     >>> batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
     >>> t = layer_traces(fm, params, ["weight"], [batch], probes=30)["weight"]
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from bounds.functional import (
+from hessfine.bounds.functional import (
     Batch,
     FunctionalModel,
     Inputs,
@@ -49,10 +49,10 @@ from bounds.functional import (
     slice_inputs,
     unsqueeze_inputs,
 )
-from bounds.hessian_products import flat_operator, mean_loss_hvp
-from bounds.lanczos import lanczos, quadrature
-from bounds.quadratic_forms import RunningReduction, per_example_hvp
-from bounds.safe_autodiff import differentiable
+from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
+from hessfine.bounds.lanczos import lanczos, quadrature
+from hessfine.bounds.quadratic_forms import RunningReduction, per_example_hvp
+from hessfine.bounds.safe_autodiff import differentiable
 
 TraceMethod = Literal["hutchinson", "hutch++"]
 

@@ -1,4 +1,4 @@
-"""Paper-style figures of a comparison, drawn from the result tables of :mod:`figures.tables`.
+"""Paper-style figures of a comparison, drawn from the result tables of :mod:`hessfine.figures.tables`.
 
 The figures follow Ju, Li & Zhang (ICML 2022): the Hessian distance measure
 Σ_i sqrt(C·𝓗_i/n) is set against the measured generalization gap (test − train loss) across
@@ -58,7 +58,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from scipy import stats
 
-from figures.tables import (
+from hessfine.figures.tables import (
     LAYERS_TABLE,
     NOISE_TABLE,
     Row,

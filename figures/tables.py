@@ -2,7 +2,7 @@
 
 Three long tables describe a comparison (written by ``hessfine compare``, SPEC §3.2):
 
-* ``comparison.csv`` — one row per measurement (columns named in :mod:`analysis.compare`);
+* ``comparison.csv`` — one row per measurement (columns named in :mod:`hessfine.analysis.compare`);
 * ``layers.csv`` — one row per (measurement, layer): ``distance`` = ‖v_i‖_F,
   ``quadratic_form_max`` = 𝓗_i, ``sqrt_quadratic_form_max`` = √𝓗_i, trace statistics;
 * ``noise_stability.csv`` — one row per (measurement, σ): the measured

@@ -17,12 +17,12 @@ decay) starting from the pretrained (reference) weights W^(s):
 * ``mixup`` — convex combinations λx + (1−λ)x_π of a batch and a permutation of it, loss
   λ·ℓ(·, y) + (1−λ)·ℓ(·, y_π), λ ~ Beta(α, α) per batch (Zhang et al., "mixup", ICLR 2018).
 * ``consistent`` — the backward-corrected loss Σ_j (F⁻¹)[ỹ, j]·ℓ(f(x), j), unbiased for the
-  clean loss (:func:`finetune.label_noise.consistent_loss`), with F given or estimated by Dual-T.
+  clean loss (:func:`hessfine.finetune.label_noise.consistent_loss`), with F given or estimated by Dual-T.
 * ``robust`` — the paper's algorithm (Ju, Li & Zhang, ICML 2022, Algorithm 1): the consistent
   loss *and* the layer-wise distance constraint.
 
 Layers and radii. The constrained layers are those the analysis measures by default
-(:func:`analysis.checkpoints.select_layers`: the ≥2-D weights of Linear, Conv and attention
+(:func:`hessfine.analysis.checkpoints.select_layers`: the ≥2-D weights of Linear, Conv and attention
 projections — the same selection as the authors' code, which constrains 2-D and 4-D non-bias
 weights). A layer the reference has with the same shape belongs to the feature extractor; the
 others form the new head. Extractor layer i (0-based, model order, L of them) gets radius
@@ -40,7 +40,7 @@ The same seed, model and data give bitwise-identical weights (on the same machin
 
 Example:
     >>> import torch
-    >>> from finetune.models import digits_cnn
+    >>> from hessfine.finetune.models import digits_cnn
     >>> _ = torch.manual_seed(0)
     >>> net = digits_cnn(width=4)
     >>> reference = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("head")}
@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from finetune.label_noise import (
+from hessfine.finetune.label_noise import (
     check_confusion,
     consistent_loss,
     estimate_confusion_dual_t,
@@ -129,7 +129,7 @@ class FinetuneConfig:
 
     ``confusion`` is the k×k noise matrix F for the consistent loss (``consistent``/``robust``);
     with ``estimate_confusion`` F is instead estimated by Dual-T from a model first fine-tuned on
-    the noisy labels with early stopping. ``save_every`` is used by :mod:`finetune.runs`.
+    the noisy labels with early stopping. ``save_every`` is used by :mod:`hessfine.finetune.runs`.
     """
 
     method: Method
@@ -237,7 +237,7 @@ def load_reference(model: nn.Module, reference: Mapping[str, Tensor]) -> list[st
 
 
 def _selected_layers(model: nn.Module) -> list[str]:
-    from analysis.checkpoints import select_layers
+    from hessfine.analysis.checkpoints import select_layers
 
     return select_layers(model)
 

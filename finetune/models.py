@@ -1,4 +1,4 @@
-"""Small networks for the embedded demo and the tests (model spec ``finetune.models:digits_cnn``).
+"""Small networks for the embedded demo and the tests (model spec ``hessfine.finetune.models:digits_cnn``).
 
 :func:`digits_cnn` is a CNN for scikit-learn's 8×8 handwritten digits::
 

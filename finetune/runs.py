@@ -17,7 +17,7 @@ says so. The analysis reads a checkpoint file's manifest from its directory.
 Manifest fields: ``format``, ``model`` (spec), ``model_kwargs``, ``reference`` (the pretrained
 checkpoint, relative to the run directory when it exists on disk), ``head_reference`` (null: a new
 head's reference is zero — also the centre of its distance constraint), ``method``, ``seed``,
-``config`` (every :class:`~finetune.methods.FinetuneConfig` field), ``data`` (caller's
+``config`` (every :class:`~hessfine.finetune.methods.FinetuneConfig` field), ``data`` (caller's
 description plus ``n_train``, ``n_eval`` and ``validation_indices``), ``label_noise``
 (``kind``/``rate``/``confusion_matrix`` of the noise applied, or null), ``confusion_used`` (the F
 of the consistent loss and its ``source``, ``given`` or ``dual-t``, or null), ``radii``
@@ -27,15 +27,15 @@ of the consistent loss and its ``source``, ``given`` or ``dual-t``, or null), ``
 
 Example:
     >>> import tempfile, torch
-    >>> from finetune.methods import FinetuneConfig
-    >>> from finetune.models import digits_cnn
+    >>> from hessfine.finetune.methods import FinetuneConfig
+    >>> from hessfine.finetune.models import digits_cnn
     >>> _ = torch.manual_seed(0)
     >>> net = digits_cnn(width=4)
     >>> x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     run = finetune_run(net, net.state_dict(), train_x=x, train_y_noisy=y, train_y_clean=y,
     ...                        eval_x=x, eval_y=y, config=FinetuneConfig("plain", epochs=2),
-    ...                        out_dir=tmp, model_spec="finetune.models:digits_cnn",
+    ...                        out_dir=tmp, model_spec="hessfine.finetune.models:digits_cnn",
     ...                        model_kwargs={"width": 4}, reference_path="ref.safetensors")
     ...     [p.name for p in run.checkpoints], run.manifest["complete"]
     (['epoch_001.safetensors', 'epoch_002.safetensors'], True)
@@ -58,8 +58,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from analysis.errors import InputError
-from finetune.methods import METRIC_COLUMNS, FinetuneConfig, finetune
+from hessfine.analysis.errors import InputError
+from hessfine.finetune.methods import METRIC_COLUMNS, FinetuneConfig, finetune
 
 __all__ = [
     "FORMAT",
@@ -202,7 +202,7 @@ def finetune_run(
     label_noise: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> RunResult:
-    """Fine-tune ``model`` (see :func:`finetune.methods.finetune`) and write the run directory.
+    """Fine-tune ``model`` (see :func:`hessfine.finetune.methods.finetune`) and write the run directory.
 
     ``reference_state`` uses the model's state-dict names; entries with matching shapes are loaded
     into the model before training (a new head keeps its initialisation). ``data`` describes the

@@ -1,4 +1,4 @@
-"""Tests for analysis.checkpoints: formats, directories, layer selection and alignment."""
+"""Tests for hessfine.analysis.checkpoints: formats, directories, layer selection and alignment."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from analysis.checkpoints import (
+from hessfine.analysis.checkpoints import (
     align,
     find_checkpoints,
     is_run_collection,
@@ -23,8 +23,8 @@ from analysis.checkpoints import (
     read_manifest,
     select_layers,
 )
-from analysis.errors import InputError
-from analysis.models import build_model
+from hessfine.analysis.errors import InputError
+from hessfine.analysis.models import build_model
 
 
 def _assert_one_line(err: pytest.ExceptionInfo[InputError], *needles: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analysis.cli import main
+from hessfine.analysis.cli import main
 from tests.oracles import TINY_LAYERS, perturbed_reference, tiny_cnn, tiny_data
 
 SENTINEL = "pickle-code-ran"
@@ -231,7 +231,7 @@ def test_console_script_exit_status(files):
         [
             sys.executable,
             "-c",
-            "import sys; from analysis.cli import main; sys.exit(main())",
+            "import sys; from hessfine.analysis.cli import main; sys.exit(main())",
             *argv(files, checkpoint=str(files / "nope.pt")),
         ],
         capture_output=True,
@@ -245,7 +245,7 @@ def test_console_script_exit_status(files):
 def test_every_subcommand_has_help_with_examples(capsys):
     for command in ("measure", "finetune", "compare", "figures", "demo", "crosscheck"):
         with pytest.raises(SystemExit) as stop:
-            from analysis.cli import build_parser
+            from hessfine.analysis.cli import build_parser
 
             build_parser().parse_args([command, "--help"])
         assert stop.value.code == 0

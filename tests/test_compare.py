@@ -1,4 +1,4 @@
-"""Tests of analysis.compare on synthetic measurement.json files (schema of SPEC §4)."""
+"""Tests of hessfine.analysis.compare on synthetic measurement.json files (schema of SPEC §4)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from analysis import compare
-from analysis.errors import InputError
+from hessfine.analysis import compare
+from hessfine.analysis.errors import InputError
 
 METHODS = ("plain", "distance-constraint", "robust")
 EPOCHS = (2, 5, 9)
@@ -39,7 +39,7 @@ def measurement(checkpoint: str, *, gap: float, forms: list[float], noise: bool 
         "schema_version": 1,
         "checkpoint": checkpoint,
         "reference": "reference.safetensors",
-        "model": "finetune.models:digits_cnn",
+        "model": "hessfine.finetune.models:digits_cnn",
         "settings": {"estimator": "auto", "samples": 64, "batch_size": 32, "seed": 0},
         "data": {"n_train": n, "n_eval": 50, "n_hessian_samples": 64},
         "layers": layers,
@@ -96,7 +96,7 @@ def study(tmp_path: Path) -> Path:
         write_json(
             run / "hessfine.json",
             {
-                "model": "finetune.models:digits_cnn",
+                "model": "hessfine.finetune.models:digits_cnn",
                 "method": method,
                 "seed": 7,
                 "label_noise": {"kind": "symmetric", "rate": 0.3},

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.checkpoints import select_layers
-from analysis.crosscheck import (
+from hessfine.analysis.checkpoints import select_layers
+from hessfine.analysis.crosscheck import (
     CrosscheckRow,
     add_arguments,
     crosscheck,
@@ -20,7 +20,7 @@ from analysis.crosscheck import (
     relative_difference,
     run,
 )
-from analysis.errors import InputError
+from hessfine.analysis.errors import InputError
 from tests.oracles import TINY_LAYERS, dense_mean_hessian, tiny_cnn, tiny_data
 
 LAYERS = TINY_LAYERS["cnn"]

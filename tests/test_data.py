@@ -1,4 +1,4 @@
-"""Tests for analysis.data: digits splits, tensor files, ImageFolder, batching and every error."""
+"""Tests for hessfine.analysis.data: digits splits, tensor files, ImageFolder, batching and every error."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from analysis.data import IMAGENET_MEAN, IMAGENET_STD, LabeledData, check_labels, load_data
-from analysis.errors import InputError
+from hessfine.analysis.data import IMAGENET_MEAN, IMAGENET_STD, LabeledData, check_labels, load_data
+from hessfine.analysis.errors import InputError
 
 
 def _assert_one_line(err: pytest.ExceptionInfo[InputError], *needles: str) -> None:

@@ -1,4 +1,4 @@
-"""Tests of analysis.demo: its pieces (fast) and the quick demo end to end."""
+"""Tests of hessfine.analysis.demo: its pieces (fast) and the quick demo end to end."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis import demo
-from analysis.data import load_data
-from finetune.runs import RunResult
+from hessfine.analysis import demo
+from hessfine.analysis.data import load_data
+from hessfine.finetune.runs import RunResult
 
 TINY = dataclasses.replace(demo.QUICK, width=4, pretrain_epochs=1, epochs=2, n_train=40, samples=16)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from figures import plots, tables
+from hessfine.figures import plots, tables
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METHODS = ("robust", "plain", "l2-sp")  # deliberately not in display order
@@ -230,7 +230,7 @@ def test_bound_columns_need_positive_values() -> None:
 
 def test_figures_import_neither_torch_nor_analysis() -> None:
     code = (
-        "import sys, figures, figures.plots, figures.tables; "
+        "import sys, hessfine.figures, hessfine.figures.plots, hessfine.figures.tables; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'analysis')]; "
         "assert not bad, bad"
     )

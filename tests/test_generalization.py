@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from bounds.generalization import (
+from hessfine.bounds.generalization import (
     Bounds,
     as_matrix,
     assemble_bounds,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analysis.cli import main
+from hessfine.analysis.cli import main
 from tests.oracles import TINY_LAYERS, perturbed_reference, tiny_attention, tiny_data
 
 pytestmark = [

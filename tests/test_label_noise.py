@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from finetune.label_noise import (
+from hessfine.finetune.label_noise import (
     check_confusion,
     consistent_loss,
     correction_factor,

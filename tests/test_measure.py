@@ -8,8 +8,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from analysis.cli import main
-from analysis.measure import MeasureSettings, measure, measure_path
+from hessfine.analysis.cli import main
+from hessfine.analysis.measure import MeasureSettings, measure, measure_path
 from tests.oracles import (
     TINY_LAYERS,
     dense_block_hessians,

@@ -7,8 +7,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from finetune.label_noise import corrupt_labels, symmetric_confusion
-from finetune.methods import (
+from hessfine.finetune.label_noise import corrupt_labels, symmetric_confusion
+from hessfine.finetune.methods import (
     METHODS,
     METRIC_COLUMNS,
     FinetuneConfig,
@@ -19,7 +19,7 @@ from finetune.methods import (
     predict_probs,
     project_to_balls,
 )
-from finetune.models import digits_cnn
+from hessfine.finetune.models import digits_cnn
 
 N_TRAIN = 240
 WIDTH = 8

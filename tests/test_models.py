@@ -1,4 +1,4 @@
-"""Tests for analysis.models: every model spec form and every user error."""
+"""Tests for hessfine.analysis.models: every model spec form and every user error."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.errors import InputError
-from analysis.models import build_model, parse_model_kwargs
+from hessfine.analysis.errors import InputError
+from hessfine.analysis.models import build_model, parse_model_kwargs
 
 
 def _assert_one_line(err: pytest.ExceptionInfo[InputError], *needles: str) -> None:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from bounds.functional import FunctionalModel
-from bounds.noise_stability import (
+from hessfine.bounds.functional import FunctionalModel
+from hessfine.bounds.noise_stability import (
     noise_stability,
     relative_noise_traces,
     trace_prediction,

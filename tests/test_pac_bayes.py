@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import optimize, stats
 
-from bounds.functional import FunctionalModel
-from bounds.pac_bayes import (
+from hessfine.bounds.functional import FunctionalModel
+from hessfine.bounds.pac_bayes import (
     binomial_upper_bound,
     kl_bernoulli,
     kl_inverse_upper,

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from bounds.functional import FunctionalModel
-from bounds.quadratic_forms import (
+from hessfine.bounds.functional import FunctionalModel
+from hessfine.bounds.quadratic_forms import (
     RunningReduction,
     certification_tolerance,
     certify_piecewise_linear,
     quadratic_forms,
 )
-from bounds.safe_autodiff import differentiable
+from hessfine.bounds.safe_autodiff import differentiable
 from tests.oracles import (
     TINY_LAYERS,
     TINY_NETWORKS,

@@ -9,14 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 
-from analysis.errors import InputError
-from finetune import cli
-from finetune.label_noise import corrupt_labels, symmetric_confusion
-from finetune.methods import METRIC_COLUMNS, FinetuneConfig
-from finetune.models import digits_cnn
-from finetune.runs import FORMAT, MANIFEST, checkpoint_name, finetune_run, read_run
+from hessfine.analysis.errors import InputError
+from hessfine.finetune import cli
+from hessfine.finetune.label_noise import corrupt_labels, symmetric_confusion
+from hessfine.finetune.methods import METRIC_COLUMNS, FinetuneConfig
+from hessfine.finetune.models import digits_cnn
+from hessfine.finetune.runs import FORMAT, MANIFEST, checkpoint_name, finetune_run, read_run
 
-SPEC = "finetune.models:digits_cnn"
+SPEC = "hessfine.finetune.models:digits_cnn"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -157,7 +157,7 @@ def test_run_directory_layout_and_manifest(tmp_path, digits):
 
 
 def test_the_analysis_reads_a_checkpoint_with_its_manifest(tmp_path, digits):
-    from analysis.checkpoints import find_checkpoints, is_run_collection, load_checkpoint
+    from hessfine.analysis.checkpoints import find_checkpoints, is_run_collection, load_checkpoint
 
     run = run_once(tmp_path, digits, config=FinetuneConfig("plain", epochs=2))
     loaded = load_checkpoint(run.checkpoints[0])
@@ -312,5 +312,5 @@ def test_cli_help_has_an_example():
     parser = argparse.ArgumentParser(prog="hessfine finetune")
     cli.add_arguments(parser)
     text = parser.format_help()
-    assert "hessfine finetune --model finetune.models:digits_cnn" in text
+    assert "hessfine finetune --model hessfine.finetune.models:digits_cnn" in text
     assert "--estimate-confusion" in text and "--head-radius" in text

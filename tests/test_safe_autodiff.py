@@ -1,11 +1,11 @@
-"""The decompositions of bounds.safe_autodiff: same values, correct nested forward derivatives."""
+"""The decompositions of hessfine.bounds.safe_autodiff: same values, correct nested forward derivatives."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import jvp
 
-from bounds.safe_autodiff import (
+from hessfine.bounds.safe_autodiff import (
     batch_norm,
     differentiable,
     group_norm,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from bounds.functional import FunctionalModel
-from bounds.traces import gauss_newton_traces, layer_traces, positive_trace_max
+from hessfine.bounds.functional import FunctionalModel
+from hessfine.bounds.traces import gauss_newton_traces, layer_traces, positive_trace_max
 from tests.oracles import (
     TINY_LAYERS,
     TINY_NETWORKS,
