@@ -57,9 +57,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
-
 from hessfine.analysis.errors import InputError
+from torch import Tensor, nn
 
 __all__ = [
     "MANIFEST",

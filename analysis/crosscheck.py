@@ -50,11 +50,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-
 from hessfine.analysis.errors import InputError
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.safe_autodiff import differentiable
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)

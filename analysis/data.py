@@ -36,11 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
-
 from hessfine.analysis.errors import InputError
 from hessfine.bounds.functional import Inputs, to_device
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
 
 __all__ = [
     "DIGITS_TEST_SIZE",

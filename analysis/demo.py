@@ -52,9 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-from torch import Tensor
-
 from hessfine.analysis.compare import compare
 from hessfine.analysis.data import load_data
 from hessfine.analysis.errors import InputError
@@ -63,6 +60,8 @@ from hessfine.finetune.label_noise import corrupt_labels, symmetric_confusion
 from hessfine.finetune.methods import CONSISTENT_METHODS, FinetuneConfig, finetune
 from hessfine.finetune.models import digits_cnn
 from hessfine.finetune.runs import RunResult, checkpoint_name, finetune_run
+from safetensors.torch import save_file
+from torch import Tensor
 
 MODEL_SPEC = "hessfine.finetune.models:digits_cnn"
 SOURCE_CLASSES = (0, 1, 2, 3, 4)

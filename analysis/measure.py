@@ -27,9 +27,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
-from tqdm import tqdm
-
 from hessfine.analysis.checkpoints import (
     Alignment,
     Checkpoint,
@@ -71,6 +68,8 @@ from hessfine.bounds.quadratic_forms import (
 from hessfine.bounds.safe_autodiff import differentiable
 from hessfine.bounds.spectra import spectral_density, top_eigenvalues, whole_top_eigenvalues
 from hessfine.bounds.traces import layer_traces, positive_trace_max
+from torch import Tensor
+from tqdm import tqdm
 
 Split = Literal["train", "eval"]
 DType = Literal["float32", "float64"]

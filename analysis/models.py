@@ -42,9 +42,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from torch import nn
-
 from hessfine.analysis.errors import InputError
+from torch import nn
 
 __all__ = ["build_model", "parse_model_kwargs"]
 

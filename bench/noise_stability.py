@@ -20,13 +20,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from torch import nn
-
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.noise_stability import noise_stability, trace_prediction
 from hessfine.bounds.safe_autodiff import differentiable
 from hessfine.bounds.traces import gauss_newton_traces
+from sklearn.datasets import load_digits
+from torch import nn
 
 LAYERS = ["conv1.weight", "conv2.weight", "fc.weight"]
 

@@ -46,9 +46,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import vmap
-
 from hessfine.analysis.checkpoints import select_layers
 from hessfine.analysis.crosscheck import pyhessian_engine
 from hessfine.bounds.functional import FunctionalModel
@@ -56,6 +53,8 @@ from hessfine.bounds.lanczos import lanczos, quadrature
 from hessfine.bounds.quadratic_forms import per_example_hvp, quadratic_forms
 from hessfine.bounds.safe_autodiff import differentiable
 from hessfine.bounds.traces import layer_traces
+from torch import Tensor, nn
+from torch.func import vmap
 
 ESTIMATORS = ("block", "auto", "ggn")
 LANCZOS_STEPS = (4, 8, 16, 32, 64)

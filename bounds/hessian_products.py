@@ -22,9 +22,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor
-
 from hessfine.bounds.functional import Batch, FunctionalModel
+from torch import Tensor
 
 ProbeMap = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 

@@ -51,13 +51,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from scipy import stats
-from torch import Tensor
-from torch.func import vmap
-
 from hessfine.bounds.functional import Batch, FunctionalModel, materialize
 from hessfine.bounds.safe_autodiff import differentiable
 from hessfine.bounds.traces import TraceEstimate, layer_traces
+from scipy import stats
+from torch import Tensor
+from torch.func import vmap
 
 _ELEMENT_BUDGET = 2**26
 _MAX_CHUNK = 64

@@ -52,9 +52,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
-from torch.func import vmap
-
 from hessfine.bounds.functional import (
     Batch,
     FunctionalModel,
@@ -64,6 +61,8 @@ from hessfine.bounds.functional import (
     slice_inputs,
 )
 from hessfine.bounds.safe_autodiff import differentiable
+from torch import Tensor
+from torch.func import vmap
 
 DEFAULT_GRID: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0)
 _ELEMENT_BUDGET = 2**26

@@ -49,9 +49,6 @@ from typing import Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch import Tensor
-from torch.func import grad, jvp, vmap
-
 from hessfine.bounds.functional import (
     Batch,
     FunctionalModel,
@@ -63,6 +60,8 @@ from hessfine.bounds.functional import (
 from hessfine.bounds.functional import with_layer as _with_layer
 from hessfine.bounds.lanczos import lanczos, quadrature
 from hessfine.bounds.safe_autodiff import differentiable
+from torch import Tensor
+from torch.func import grad, jvp, vmap
 
 Estimator = Literal["auto", "block", "positive", "ggn", "reference-code"]
 ESTIMATORS: tuple[str, ...] = ("auto", "block", "positive", "ggn", "reference-code")

@@ -29,13 +29,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
-
 from hessfine.bounds.functional import Batch, FunctionalModel
 from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
 from hessfine.bounds.lanczos import lanczos, ritz_values
 from hessfine.bounds.safe_autodiff import differentiable
 from hessfine.bounds.traces import rademacher
+from torch import Tensor
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
-from torch.func import vjp, vmap
-
 from hessfine.bounds.functional import (
     Batch,
     FunctionalModel,
@@ -53,6 +50,8 @@ from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
 from hessfine.bounds.lanczos import lanczos, quadrature
 from hessfine.bounds.quadratic_forms import RunningReduction, per_example_hvp
 from hessfine.bounds.safe_autodiff import differentiable
+from torch import Tensor
+from torch.func import vjp, vmap
 
 TraceMethod = Literal["hutchinson", "hutch++"]
 

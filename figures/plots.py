@@ -51,13 +51,6 @@ from typing import Any
 
 import numpy as np
 import seaborn as sns
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-from scipy import stats
-
 from hessfine.figures.tables import (
     LAYERS_TABLE,
     NOISE_TABLE,
@@ -66,6 +59,12 @@ from hessfine.figures.tables import (
     measurement_tables,
     read_table,
 )
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from scipy import stats
 
 METHOD_ORDER = (
     "plain",

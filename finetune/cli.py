@@ -25,11 +25,10 @@ from dataclasses import fields
 from typing import Any
 
 import torch
-from torch import Tensor
-
 from hessfine.analysis.errors import InputError
 from hessfine.finetune.label_noise import corrupt_labels, noise_confusion
 from hessfine.finetune.methods import CONSISTENT_METHODS, METHODS, FinetuneConfig
+from torch import Tensor
 
 __all__ = ["add_arguments", "run"]
 

@@ -63,14 +63,13 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from torch import Tensor, nn
-
 from hessfine.finetune.label_noise import (
     check_confusion,
     consistent_loss,
     estimate_confusion_dual_t,
     inverse_confusion,
 )
+from torch import Tensor, nn
 
 __all__ = [
     "CONSTRAINED_METHODS",

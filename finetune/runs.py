@@ -55,11 +55,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-from torch import Tensor, nn
-
 from hessfine.analysis.errors import InputError
 from hessfine.finetune.methods import METRIC_COLUMNS, FinetuneConfig, finetune
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
 __all__ = [
     "FORMAT",

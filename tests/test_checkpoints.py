@@ -12,8 +12,6 @@ import safetensors.torch
 import timm
 import torch
 import torchvision
-from torch import nn
-
 from hessfine.analysis.checkpoints import (
     align,
     find_checkpoints,
@@ -25,6 +23,7 @@ from hessfine.analysis.checkpoints import (
 )
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.models import build_model
+from torch import nn
 
 
 def _assert_one_line(err: pytest.ExceptionInfo[InputError], *needles: str) -> None:

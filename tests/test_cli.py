@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from hessfine.analysis.cli import main
 from safetensors.torch import save_file
 
-from hessfine.analysis.cli import main
 from tests.oracles import TINY_LAYERS, perturbed_reference, tiny_cnn, tiny_data
 
 SENTINEL = "pickle-code-ran"

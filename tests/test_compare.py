@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats
-
 from hessfine.analysis import compare
 from hessfine.analysis.errors import InputError
+from scipy import stats
 
 METHODS = ("plain", "distance-constraint", "robust")
 EPOCHS = (2, 5, 9)

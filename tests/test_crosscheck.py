@@ -8,8 +8,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from hessfine.analysis.checkpoints import select_layers
 from hessfine.analysis.crosscheck import (
     CrosscheckRow,
@@ -21,6 +19,8 @@ from hessfine.analysis.crosscheck import (
     run,
 )
 from hessfine.analysis.errors import InputError
+from torch import nn
+
 from tests.oracles import TINY_LAYERS, dense_mean_hessian, tiny_cnn, tiny_data
 
 LAYERS = TINY_LAYERS["cnn"]

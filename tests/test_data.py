@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from sklearn.datasets import load_digits
-
 from hessfine.analysis.data import IMAGENET_MEAN, IMAGENET_STD, LabeledData, check_labels, load_data
 from hessfine.analysis.errors import InputError
+from PIL import Image
+from sklearn.datasets import load_digits
 
 
 def _assert_one_line(err: pytest.ExceptionInfo[InputError], *needles: str) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hessfine.analysis import demo
 from hessfine.analysis.data import load_data
 from hessfine.finetune.runs import RunResult

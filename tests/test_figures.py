@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from hessfine.figures import plots, tables
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from hessfine.bounds.generalization import (
     Bounds,
     as_matrix,

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from hessfine.analysis.cli import main
 from safetensors.torch import save_file
 
-from hessfine.analysis.cli import main
 from tests.oracles import TINY_LAYERS, perturbed_reference, tiny_attention, tiny_data
 
 pytestmark = [

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as nnf
-
 from hessfine.finetune.label_noise import (
     check_confusion,
     consistent_loss,

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
-
 from hessfine.analysis.cli import main
 from hessfine.analysis.measure import MeasureSettings, measure, measure_path
+from safetensors.torch import save_file
+
 from tests.oracles import (
     TINY_LAYERS,
     dense_block_hessians,

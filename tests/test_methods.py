@@ -4,9 +4,6 @@ import math
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
-from torch import nn
-
 from hessfine.finetune.label_noise import corrupt_labels, symmetric_confusion
 from hessfine.finetune.methods import (
     METHODS,
@@ -20,6 +17,8 @@ from hessfine.finetune.methods import (
     project_to_balls,
 )
 from hessfine.finetune.models import digits_cnn
+from sklearn.datasets import load_digits
+from torch import nn
 
 N_TRAIN = 240
 WIDTH = 8

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import torch
-from torch import nn
-
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.models import build_model, parse_model_kwargs
+from torch import nn
 
 
 def _assert_one_line(err: pytest.ExceptionInfo[InputError], *needles: str) -> None:

@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
-
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.noise_stability import (
     noise_stability,
     relative_noise_traces,
     trace_prediction,
 )
+
 from tests.oracles import TINY_LAYERS, TINY_NETWORKS, dense_mean_hessian, tiny_data
 
 

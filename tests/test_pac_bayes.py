@@ -5,8 +5,6 @@ import math
 
 import pytest
 import torch
-from scipy import optimize, stats
-
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.pac_bayes import (
     binomial_upper_bound,
@@ -16,6 +14,8 @@ from hessfine.bounds.pac_bayes import (
     optimal_sigmas,
     pac_bayes_certificate,
 )
+from scipy import optimize, stats
+
 from tests.oracles import TINY_LAYERS, TINY_NETWORKS, perturbed_reference, tiny_data
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.quadratic_forms import (
     RunningReduction,
@@ -11,6 +10,7 @@ from hessfine.bounds.quadratic_forms import (
     quadratic_forms,
 )
 from hessfine.bounds.safe_autodiff import differentiable
+
 from tests.oracles import (
     TINY_LAYERS,
     TINY_NETWORKS,

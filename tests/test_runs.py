@@ -6,15 +6,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from sklearn.datasets import load_digits
-
 from hessfine.analysis.errors import InputError
 from hessfine.finetune import cli
 from hessfine.finetune.label_noise import corrupt_labels, symmetric_confusion
 from hessfine.finetune.methods import METRIC_COLUMNS, FinetuneConfig
 from hessfine.finetune.models import digits_cnn
 from hessfine.finetune.runs import FORMAT, MANIFEST, checkpoint_name, finetune_run, read_run
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import load_digits
 
 SPEC = "hessfine.finetune.models:digits_cnn"
 

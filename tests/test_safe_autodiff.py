@@ -3,8 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import jvp
-
 from hessfine.bounds.safe_autodiff import (
     batch_norm,
     differentiable,
@@ -12,6 +10,7 @@ from hessfine.bounds.safe_autodiff import (
     instance_norm,
     layer_norm,
 )
+from torch.func import jvp
 
 G = torch.Generator().manual_seed(0)
 X = torch.randn(4, 3, 5, 5, generator=G, dtype=torch.float64)

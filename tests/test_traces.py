@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.traces import gauss_newton_traces, layer_traces, positive_trace_max
+
 from tests.oracles import (
     TINY_LAYERS,
     TINY_NETWORKS,
