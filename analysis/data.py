@@ -75,6 +75,19 @@ class LabeledData:
         """Largest label + 1."""
         return int(self.y.max()) + 1
 
+    def subset(self, indices: Tensor) -> LabeledData:
+        """The examples at ``indices`` (int64, in that order) as a data set of their own."""
+        indices = indices.to(torch.int64).cpu()
+        if self.dataset is not None:
+            return LabeledData(
+                self.name, None, self.y[indices], Subset(self.dataset, indices.tolist())
+            )
+        if isinstance(self.x, Mapping):
+            return LabeledData(
+                self.name, {k: v[indices] for k, v in self.x.items()}, self.y[indices]
+            )
+        return LabeledData(self.name, self.x[indices], self.y[indices])
+
     def batches(
         self,
         batch_size: int,
