@@ -15,7 +15,8 @@ Specs accepted by :func:`load_data`:
   1,297; both keep the original file order.
 
 Labels ``y`` are integer class indices 0..k−1. Batches come in file order, without shuffling, so
-"the first N examples" (``--samples N``) is well defined.
+"the first N examples" (``--sample-order file``) is well defined; :meth:`LabeledData.subset`
+gives the examples of a sample (:mod:`hessfine.analysis.sampling`) in the sample's order.
 
 Example:
     >>> data = load_data("digits:test")

@@ -2,9 +2,11 @@
 
 :func:`measure` loads a fine-tuned checkpoint and its reference, aligns the selected layers
 (v_i = W_i − W_i^(s)), evaluates loss and accuracy on the training and evaluation data, computes
-the per-layer Hessian quadratic forms on the first ``samples`` examples of the chosen split
-(and, on request, traces, top eigenvalues, the spectral density, noise stability and the
-PAC-Bayes certificate) with :mod:`bounds`, assembles the bounds of Ju, Li & Zhang (ICML 2022) and
+the per-layer Hessian quadratic forms on a seeded class-stratified sample of ``samples``
+examples of the chosen split (:mod:`hessfine.analysis.sampling`; ``sample_order="file"``: the
+first ``samples``) and, on request, traces, top eigenvalues, the spectral density, noise
+stability and the PAC-Bayes certificate with :mod:`bounds` (layers the model does not use in
+eval mode are reported as zero and left out), assembles the bounds of Ju, Li & Zhang (ICML 2022) and
 writes ``measurement.json`` (SPEC §4) atomically. :func:`measure_path` does the same for every
 checkpoint of a directory of runs, skipping those already measured with the same settings.
 
