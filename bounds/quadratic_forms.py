@@ -77,7 +77,7 @@ class QuadraticForm:
     ``argmax`` is the index (in iteration order) of the example attaining ``max`` — of the
     batch for ``reference-code``. ``method`` says how the values were computed;
     ``diagnostics`` carries what a reader needs to trust them (Lanczos convergence, the
-    certification residual, the self-check error).
+    certification residual).
     """
 
     name: str
