@@ -7,6 +7,19 @@ block of the mean-loss Hessian, comparable with PyHessian's ``trace``. Estimator
   costs a single Hessian-vector product; its layer-i sample z_iᵀ (H z)_i is unbiased for Tr[H_ii]
   because the cross-layer terms z_iᵀ H_ij z_j have mean zero. The standard error is the sample
   standard deviation over probes divided by √P.
+* On layers certified piecewise linear (:func:`hessfine.bounds.quadratic_forms.certify_piecewise_linear`:
+  every operation after the layer is ReLU, max-pooling, residual addition, eval-mode
+  BatchNorm…) the logits' second derivative vanishes, so H_i(x) = G_i(x) = J_iᵀ (Σ_k r_k r_kᵀ) J_i
+  with ∇²_z ℓ = Σ_k r_k r_kᵀ. There ``hutchinson`` probes the output space instead of the weights
+  (the Monte-Carlo Gauss–Newton idea of Martens, Sutskever & Swersky, ICML 2012, and BackPACK's
+  DiagGGN-MC, Dangel, Kunstner & Hennig, ICLR 2020): for Rademacher ξ_n ∈ {±1}^K per example,
+  g = Σ_n J_{i,n}ᵀ Σ_k ξ_nk r_nk is one vector-Jacobian product of the batch, shared by all
+  layers, and E‖g_i‖² = Σ_n Tr[G_i(x_n)] because the ξ are independent with unit variance. A
+  probe then costs one backward pass (after one forward pass shared by all probes) instead of a
+  double-backward Hessian-vector product, and the variance, 2 Σ_{a≠b} (g_aᵀ g_b)² over the
+  per-(example, factor) gradients g_a, is small because those are nearly orthogonal. Each batch
+  contributes its own ‖g_i‖² (the cross-batch terms, of mean zero, are left out), and ξ_n is
+  keyed by the example's global index. Uncertified layers use the Hessian probes above.
 * Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021): with P probes split in thirds S, G (and
   the rest), Q = orth(A S), Tr[A] ≈ Tr[Qᵀ A Q] + (3/P)·Tr[Gᵀ (I−QQᵀ) A (I−QQᵀ) G]; per layer, since
   it needs products with each diagonal block. The reported standard error is that of the
@@ -49,7 +62,12 @@ from hessfine.bounds.functional import (
 )
 from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
 from hessfine.bounds.lanczos import lanczos, quadrature
-from hessfine.bounds.quadratic_forms import RunningReduction, per_example_hvp
+from hessfine.bounds.quadratic_forms import (
+    RunningReduction,
+    certification_tolerance,
+    certify_piecewise_linear,
+    per_example_hvp,
+)
 from hessfine.bounds.safe_autodiff import differentiable
 from hessfine.bounds.sharding import LOCAL, Shard, base_key, keyed_generator
 from torch import Tensor
@@ -99,8 +117,13 @@ def layer_traces(
     scaling: Mapping[str, Tensor] | None = None,
     shard: Shard = LOCAL,
     progress: Callable[[float], None] | None = None,
+    output_probes: bool = True,
 ) -> dict[str, TraceEstimate]:
     """Per-layer Tr[H̄_ii] of the mean-loss Hessian over all examples in ``batches``.
+
+    With ``output_probes`` (default), ``hutchinson`` uses output-space probes on the layers
+    certified piecewise linear on the first batch (method ``hutchinson-ggn``, see the module
+    docstring) for classification losses, and weight-space Hessian probes elsewhere.
 
     With ``scaling`` (a tensor D_i per layer, shaped like the weight) the Hutchinson estimate is
     of Tr[D_i H̄_ii D_i] = Σ_j D_ij² (H̄_ii)_jj instead: probes z ⊙ D. Every process of ``shard``
@@ -113,8 +136,21 @@ def layer_traces(
         raise ValueError(f"probes must be at least 2 (for a standard error), not {probes}")
     with differentiable():
         if method == "hutchinson":
-            hvp = mean_loss_hvp(fmodel, params, layers, batches, shard=shard, progress=progress)
-            return _hutchinson(hvp, params, layers, probes, generator, scaling)
+            ggn = _certified(fmodel, params, layers, batches) if output_probes else []
+            hessian = [name for name in layers if name not in ggn]
+            out = {}
+            if hessian:
+                hvp = mean_loss_hvp(
+                    fmodel, params, hessian, batches, shard=shard, progress=progress
+                )
+                out.update(_hutchinson(hvp, params, hessian, probes, generator, scaling))
+            if ggn:
+                out.update(
+                    _output_hutchinson(
+                        fmodel, params, ggn, batches, probes, generator, scaling, shard, progress
+                    )
+                )
+            return {name: out[name] for name in layers}
         if scaling is not None:
             raise ValueError("scaled traces are estimated with method='hutchinson' only")
         if method == "hutch++":
@@ -144,6 +180,68 @@ def _hutchinson(hvp, params, layers, probes, generator, scaling):
         samples = (z[name] * hz[name]).reshape(probes, -1).sum(dim=1).double()
         stderr = float(samples.std() / math.sqrt(probes))
         out[name] = TraceEstimate(float(samples.mean()), stderr, probes, method)
+    return out
+
+
+def _certified(fmodel, params, layers, batches) -> list[str]:
+    """The layers whose Hessian block is the Gauss–Newton block (classification losses only)."""
+    if not batches or getattr(fmodel.loss, "task", None) != "classification":
+        return []
+    ratios = certify_piecewise_linear(
+        fmodel, params, layers, batches[0][0], generator=keyed_generator("certify-traces")
+    )
+    return [n for n in layers if ratios[n] <= certification_tolerance(params[n].dtype)]
+
+
+def _output_hutchinson(
+    fmodel, params, layers, batches, probes, generator, scaling, shard, progress
+):
+    """Hutchinson in the output space on certified layers: samples ‖Σ_n J_nᵀ Σ_k ξ_nk r_nk‖²."""
+    key = base_key(generator)
+    first = params[layers[0]]
+    samples = {
+        name: torch.zeros(probes, dtype=torch.float64, device=first.device) for name in layers
+    }
+    count = 0
+    for start, (x, y) in shard.indexed(batches):
+        weights = [params[name].detach().requires_grad_(True) for name in layers]
+        with torch.enable_grad():
+            z = fmodel.logits({**params, **dict(zip(layers, weights, strict=True))}, x)
+            factors = fmodel.loss.curvature_factors(z.detach(), y)  # (K, N, C)
+            xi = torch.stack(
+                [
+                    rademacher(
+                        (probes, factors.shape[0]),
+                        generator=keyed_generator(key, "output-probe", start + n),
+                        like=z,
+                    )
+                    for n in range(z.shape[0])
+                ],
+                dim=1,
+            )  # (P, N, K)
+            for p in range(probes):
+                u = torch.einsum("nk,kn...->n...", xi[p], factors)
+                grads = torch.autograd.grad(
+                    z, weights, u, retain_graph=p < probes - 1, allow_unused=True
+                )
+                for name, g in zip(layers, grads, strict=True):
+                    if g is not None:
+                        if scaling is not None:
+                            g = g * scaling[name]
+                        samples[name][p] += g.detach().double().pow(2).sum()
+                if progress is not None:
+                    progress(1 / len(batches))
+        count += int(y.shape[0])
+    total = shard.total(count)
+    if shard.world_size > 1:
+        summed = shard.sum(torch.stack([samples[name] for name in layers]))
+        samples = dict(zip(layers, summed, strict=True))
+    method = "hutchinson-ggn" if scaling is None else "hutchinson-ggn-scaled"
+    out = {}
+    for name in layers:
+        values = samples[name] / total
+        stderr = float(values.std() / math.sqrt(probes))
+        out[name] = TraceEstimate(float(values.mean()), stderr, probes, method)
     return out
 
 

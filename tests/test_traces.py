@@ -137,3 +137,45 @@ def test_slq_positive_trace_error_shrinks_with_probes():
             err += abs(r[name].max - float(dense.max()))
         errors.append(err)
     assert errors[1] < errors[0]
+
+
+def test_output_space_probes_on_certified_layers_unbiased_and_less_variable():
+    module, fm, params, layers, x, y = setup("cnn")
+    exact = dense_block_traces(module, params, layers, x, y)
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    ggn = layer_traces(
+        fm, params, layers, batches, probes=200, generator=torch.Generator().manual_seed(4)
+    )
+    hessian = layer_traces(
+        fm,
+        params,
+        layers,
+        batches,
+        probes=200,
+        generator=torch.Generator().manual_seed(4),
+        output_probes=False,
+    )
+    for name in layers:
+        assert ggn[name].method == "hutchinson-ggn"
+        assert hessian[name].method == "hutchinson"
+        assert abs(ggn[name].mean - exact[name]) <= 4 * ggn[name].stderr + 1e-12
+        assert 0 < ggn[name].stderr < hessian[name].stderr
+
+
+def test_output_space_probes_converge_to_the_exact_trace():
+    module, fm, params, layers, x, y = setup("cnn")
+    exact = dense_block_traces(module, params, layers, x, y)
+    errors = []
+    for probes in (4, 400):
+        est = layer_traces(
+            fm, params, layers, [(x, y)], probes=probes, generator=torch.Generator().manual_seed(1)
+        )
+        errors.append(max(abs(est[n].mean - exact[n]) / exact[n] for n in layers))
+    assert errors[1] < errors[0] and errors[1] < 0.05
+
+
+def test_smooth_layers_keep_hessian_probes():
+    _, fm, params, layers, x, y = setup("mlp_gelu")
+    est = layer_traces(fm, params, layers, [(x, y)], probes=4)
+    assert est["fc1.weight"].method == "hutchinson"
+    assert est["fc3.weight"].method == "hutchinson-ggn"
