@@ -96,7 +96,8 @@ class MeasureSettings:
     """Every option of ``hessfine measure`` that changes the numbers (recorded in the result)."""
 
     estimator: Estimator = "auto"
-    lanczos_steps: int = 32
+    lanczos_steps: int = 128
+    positive_rtol: float = 1e-2
     samples: int | None = 256
     sample_order: SampleOrder = "stratified"
     batch_size: int | None = None
@@ -105,6 +106,7 @@ class MeasureSettings:
     head_reference: str = "zero"
     trace: bool = False
     trace_probes: int = 100
+    positive_trace_probes: int = 16
     trace_method: Literal["hutchinson", "hutch++"] = "hutchinson"
     eigen: int = 0
     density: bool = False
@@ -152,6 +154,14 @@ class MeasureSettings:
             ),
             (self.lanczos_steps > 0, f"--lanczos-steps must be positive, got {self.lanczos_steps}"),
             (self.trace_probes > 1, f"--trace-probes must be at least 2, got {self.trace_probes}"),
+            (
+                self.positive_trace_probes > 1,
+                f"--positive-trace-probes must be at least 2, got {self.positive_trace_probes}",
+            ),
+            (
+                0 <= self.positive_rtol < 1,
+                f"--positive-rtol must be in [0, 1), got {self.positive_rtol}",
+            ),
             (self.eigen >= 0, f"--eigen must be ≥ 0, got {self.eigen}"),
             (self.noise_draws > 1, f"--noise-draws must be at least 2, got {self.noise_draws}"),
             (
@@ -318,6 +328,7 @@ class _Measurement:
             ),
             estimator=s.estimator,
             lanczos_steps=s.lanczos_steps,
+            positive_rtol=s.positive_rtol,
             reference_batch_size=s.effective_batch_size,
             generator=generator,
         )
@@ -343,7 +354,11 @@ class _Measurement:
             if s.trace:
                 certified = self._certified(forms, hessian_data)
                 positive = on_examples(
-                    positive_trace_max, certified=certified, lanczos_steps=s.lanczos_steps
+                    positive_trace_max,
+                    certified=certified,
+                    probes=s.positive_trace_probes,
+                    lanczos_steps=s.lanczos_steps,
+                    rtol=s.positive_rtol,
                 )
             self.timings["trace_s"] = time.perf_counter() - t
             traces.update({n: TraceEstimate(0.0, 0.0, s.trace_probes, UNUSED) for n in self.unused})

@@ -198,6 +198,7 @@ def positive_quadrature(
     max_steps: int,
     rtol: float = 1e-2,
     floor: float = float("-inf"),
+    prune: bool = True,
     min_steps: int = 8,
     tol: float | None = None,
 ) -> PositiveQuadrature:
@@ -212,7 +213,8 @@ def positive_quadrature(
     * e ≤ rtol · M (converged to the accuracy the maximum needs), or
     * R_k + e < max(floor, max_m (R_m − e_m)) (it cannot attain the maximum: pruned),
 
-    at breakdown (exact), or after ``max_steps``. The error estimate assumes the error decreases
+    at breakdown (exact), or after ``max_steps``. ``prune=False`` keeps only the first rule (for
+    members whose values are averaged rather than maximised, as in stochastic Lanczos quadrature). The error estimate assumes the error decreases
     with k (as measured for this rule; Gauss quadrature itself oscillates). ``rtol = 0`` runs every
     member for ``max_steps`` steps. Lanczos with full reorthogonalisation as in :func:`lanczos`.
 
@@ -286,7 +288,7 @@ def positive_quadrature(
             top = float(values.max())
             low = max(floor, float((values - errors)[active | (steps > 0)].max()))
             converged = err <= rtol * top
-            hopeless = (est + err < low) & ~converged & ~broke
+            hopeless = (est + err < low) & ~converged & ~broke & prune
             pruned[idx] = hopeless
             stop = stop | converged | hopeless
         exhausted[idx] = broke | (last & (k >= dim))

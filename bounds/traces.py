@@ -29,9 +29,11 @@ block of the mean-loss Hessian, comparable with PyHessian's ``trace``. Estimator
 certified piecewise-linear (see :mod:`hessfine.bounds.quadratic_forms`) H_i(x) = G_i(x) = J_iᵀ A J_i with
 A = ∇²_z ℓ = Σ_k r_k r_kᵀ (for cross-entropy diag p − p pᵀ = M Mᵀ, M = diag(√p) − p √pᵀ), so
 Tr[H_i⁺(x)] = Σ_k ‖J_iᵀ r_k‖² exactly from one vector-Jacobian product per factor and example
-(vmapped over both; k classes, or (T−1)·V for a causal language model). On other layers it is
-estimated per example by stochastic Lanczos quadrature (Ubaru, Chen & Saad, SIMAX 2017):
-Tr[f(H)] ≈ (1/P) Σ_p z_pᵀ f(H) z_p with each term by Lanczos quadrature.
+(vmapped over both; k classes, or (T−1)·V for a causal language model). On other layers small
+enough (d_i ≤ min(probes × Lanczos steps, 4096)) it is exact from the dense per-example block and
+its eigenvalues; on larger ones it is estimated per example by stochastic Lanczos quadrature
+(Ubaru, Chen & Saad, SIMAX 2017): Tr[f(H)] ≈ (1/P) Σ_p z_pᵀ f(H) z_p with each term by
+Lanczos quadrature, with its own probe count (``--positive-trace-probes``).
 
 Example:
     >>> import torch
@@ -61,7 +63,7 @@ from hessfine.bounds.functional import (
     unsqueeze_inputs,
 )
 from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
-from hessfine.bounds.lanczos import lanczos, quadrature
+from hessfine.bounds.lanczos import positive_quadrature
 from hessfine.bounds.quadratic_forms import (
     RunningReduction,
     certification_tolerance,
@@ -300,12 +302,24 @@ def positive_trace_max(
     *,
     certified: Mapping[str, bool],
     probes: int = 16,
-    lanczos_steps: int = 32,
+    lanczos_steps: int = 128,
+    rtol: float = 1e-2,
+    dense_limit: int | None = None,
     generator: torch.Generator | None = None,
     shard: Shard = LOCAL,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, PositiveTrace]:
-    """max over examples of Tr[H_i⁺(x)]: exact on certified layers, SLQ elsewhere.
+    """max over examples of Tr[H_i⁺(x)]: exact where possible, SLQ with a standard error elsewhere.
+
+    * certified layers (``certified``): exact Σ_k ‖J_iᵀ r_k‖² (method ``exact-ggn``);
+    * other layers with d_i ≤ ``dense_limit`` weights: exact, from the dense per-example block
+      (d_i per-example HVPs, vmapped over examples and columns) and its eigenvalues (method
+      ``exact-dense``). The default limit is min(probes × lanczos_steps, 4096): the dense block
+      costs no more products than SLQ's worst case, and its d_i² entries per example stay small;
+    * larger layers: SLQ with ``probes`` Rademacher probes per example (method ``slq``), each term
+      by adaptive Gauss–Radau quadrature (:func:`hessfine.bounds.lanczos.positive_quadrature`,
+      no pruning) to ``rtol`` of the largest term or ``lanczos_steps`` steps; the standard error
+      over probes of the maximising example is reported.
 
     The SLQ probes of example n come from a generator keyed by (one base draw of ``generator``,
     n) (:mod:`hessfine.bounds.sharding`), so values do not depend on the batching; with a
@@ -314,9 +328,12 @@ def positive_trace_max(
     layer and batch.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    if dense_limit is None:
+        dense_limit = min(probes * lanczos_steps, 4096)
     key = base_key(generator)
     exact = [name for name in layers if certified.get(name, False)]
-    slq = [name for name in layers if not certified.get(name, False)]
+    dense = [n for n in layers if n not in exact and params[n].numel() <= dense_limit]
+    slq = [n for n in layers if n not in exact and n not in dense]
     reductions = {name: RunningReduction() for name in layers}
     errors: dict[str, Tensor] = {}
     with differentiable():
@@ -330,9 +347,15 @@ def positive_trace_max(
                         reductions[name].update(values[name], start=first + start)
                 if progress is not None:
                     progress(len(exact))
+            for name in dense:
+                reductions[name].update(
+                    _dense_positive_traces(fmodel, params, name, x, y), start=first
+                )
+                if progress is not None:
+                    progress(1)
             for name in slq:
                 mean, stderr = _slq_positive_traces(
-                    fmodel, params, name, x, y, probes, lanczos_steps, (key, first)
+                    fmodel, params, name, x, y, probes, lanczos_steps, rtol, (key, first)
                 )
                 before = reductions[name].max
                 reductions[name].update(mean, start=first)
@@ -340,19 +363,50 @@ def positive_trace_max(
                     errors[name] = stderr[int(mean.argmax())]
                 if progress is not None:
                     progress(1)
+    methods = {**dict.fromkeys(exact, "exact-ggn"), **dict.fromkeys(dense, "exact-dense")}
     return {
         name: PositiveTrace(
             max=reductions[name].max,
             argmax=reductions[name].argmax,
             mean=reductions[name].mean,
             stderr=float(errors[name]) if name in errors else 0.0,
-            method="exact-ggn" if name in exact else "slq",
+            method=methods.get(name, "slq"),
         )
         for name in layers
     }
 
 
-def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, keys):
+def dense_example_blocks(
+    fmodel: FunctionalModel, params: Mapping[str, Tensor], name: str, x: Inputs, y: Tensor
+) -> Tensor:
+    """(B, d, d) per-example Hessian blocks H_i(x_n), columns from vmapped per-example HVPs."""
+    matvec = per_example_hvp(fmodel, params, name, x, y)
+    weight = params[name]
+    d, n = weight.numel(), y.shape[0]
+    eye = torch.eye(d, dtype=weight.dtype, device=weight.device)
+    columns = max(1, min(d, _ELEMENT_BUDGET // max(4 * n * d, 1)))
+    parts = []
+    for start in range(0, d, columns):
+        basis = eye[start : start + columns]
+        parts.append(vmap(matvec)(basis[:, None, :].expand(-1, n, -1)))  # (c, B, d)
+    blocks = torch.cat(parts).permute(1, 2, 0)
+    return (blocks + blocks.transpose(1, 2)) / 2
+
+
+def _dense_positive_traces(fmodel, params, name, x, y):
+    """Exact Tr[H_i⁺(x_n)] = Σ_j max(λ_j, 0) per example, shape (B,), in example chunks."""
+    d = params[name].numel()
+    chunk = max(1, _ELEMENT_BUDGET // (d * d))
+    values = []
+    for start in range(0, y.shape[0], chunk):
+        blocks = dense_example_blocks(
+            fmodel, params, name, slice_inputs(x, start, start + chunk), y[start : start + chunk]
+        )
+        values.append(torch.linalg.eigvalsh(blocks.double()).clamp(min=0.0).sum(dim=1))
+    return torch.cat(values)
+
+
+def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, rtol, keys):
     """Per-example SLQ estimates of Tr[H_i⁺(x)] and their standard errors, shape (B,).
 
     All (example, probe) pairs run as one batch of Lanczos members, in chunks that keep the
@@ -373,9 +427,15 @@ def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, keys):
     values = []
     for start in range(0, examples.numel(), chunk):
         idx = examples[start : start + chunk]
-        matvec = per_example_hvp(fmodel, params, name, index_inputs(x, idx), y[idx])
-        result = lanczos(matvec, z[start : start + chunk], steps=steps)
-        values.append(quadrature(result, lambda lam: lam.clamp(min=0.0)).double())
+
+        def matvec(q: Tensor, members: Tensor, idx: Tensor = idx) -> Tensor:
+            chosen = idx[members]
+            return per_example_hvp(fmodel, params, name, index_inputs(x, chosen), y[chosen])(q)
+
+        result = positive_quadrature(
+            matvec, z[start : start + chunk], max_steps=steps, rtol=rtol, prune=False
+        )
+        values.append(result.values)
     samples = torch.cat(values).reshape(probes, count)
     if probes > 1:
         stderr = samples.std(dim=0) / math.sqrt(probes)

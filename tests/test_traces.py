@@ -96,6 +96,7 @@ def test_positive_trace_max_exact_and_slq():
         certified=certified,
         probes=64,
         lanczos_steps=30,
+        dense_limit=0,
         generator=g,
     )
     for name in layers:
@@ -132,6 +133,7 @@ def test_slq_positive_trace_error_shrinks_with_probes():
                 certified={},
                 probes=probes,
                 lanczos_steps=30,
+                dense_limit=0,
                 generator=g,
             )
             err += abs(r[name].max - float(dense.max()))
@@ -179,3 +181,42 @@ def test_smooth_layers_keep_hessian_probes():
     est = layer_traces(fm, params, layers, [(x, y)], probes=4)
     assert est["fc1.weight"].method == "hutchinson"
     assert est["fc3.weight"].method == "hutchinson-ggn"
+
+
+@pytest.mark.parametrize("network", ["attention", "mlp_gelu"])
+def test_positive_trace_max_exact_dense_on_small_smooth_layers(network):
+    module, fm, params, layers, x, y = setup(network)
+    smooth = [n for n in layers if n != "head.weight" and n != "fc3.weight"]
+    result = positive_trace_max(
+        fm, params, smooth, [(x[:3], y[:3]), (x[3:], y[3:])], certified={}, probes=4
+    )
+    for name in smooth:
+        assert params[name].numel() <= 4 * 128
+        dense = torch.diagonal(
+            positive_part(dense_block_hessians(module, params, name, x, y)), dim1=1, dim2=2
+        ).sum(1)
+        assert result[name].method == "exact-dense"
+        assert result[name].max == pytest.approx(float(dense.max()), rel=1e-8)
+        assert result[name].argmax == int(dense.argmax())
+        assert result[name].mean == pytest.approx(float(dense.mean()), rel=1e-8)
+        assert result[name].stderr == 0.0
+
+
+def test_positive_trace_max_slq_on_attention_within_standard_errors():
+    module, fm, params, layers, x, y = setup("attention")
+    name = "attn.in_proj_weight"
+    dense = torch.diagonal(
+        positive_part(dense_block_hessians(module, params, name, x, y)), dim1=1, dim2=2
+    ).sum(1)
+    result = positive_trace_max(
+        fm,
+        params,
+        [name],
+        [(x, y)],
+        certified={},
+        probes=64,
+        dense_limit=0,
+        generator=torch.Generator().manual_seed(2),
+    )[name]
+    assert result.method == "slq" and result.stderr > 0
+    assert abs(result.max - float(dense.max())) <= 4 * result.stderr + 1e-2 * float(dense.max())
