@@ -199,18 +199,18 @@ def positive_quadrature(
     rtol: float = 1e-2,
     floor: float = float("-inf"),
     prune: bool = True,
-    min_steps: int = 8,
+    min_steps: int = 4,
     tol: float | None = None,
 ) -> PositiveQuadrature:
     """uᵀH_b⁺u for B operators by Lanczos with a per-member stopping rule, aimed at the maximum.
 
     ``matvec(q, members)`` maps the (A, d) block of the still-active ``members`` (indices into
-    the batch) to their images, so finished members cost nothing. At checkpoints k = 8, 10, 12,
-    15, … (about 25% apart) the Gauss–Radau estimate R_k (node 0, :func:`gauss_radau`) and its
+    the batch) to their images, so finished members cost nothing. At checkpoints k = 4, 6, 8, 10,
+    13, … (about 25% apart) the Gauss–Radau estimate R_k (node 0, :func:`gauss_radau`) and its
     error estimate e = |R_k − R_⌈k/2⌉| are formed. With M the largest current estimate over all
     members (and ``floor``, a value known to be attained elsewhere), a member stops when
 
-    * e ≤ rtol · M (converged to the accuracy the maximum needs), or
+    * e ≤ rtol · M / 2 (converged to the accuracy the maximum needs, with a safety factor 2), or
     * R_k + e < max(floor, max_m (R_m − e_m)) (it cannot attain the maximum: pruned),
 
     at breakdown (exact), or after ``max_steps``. ``prune=False`` keeps only the first rule (for
@@ -287,7 +287,7 @@ def positive_quadrature(
         if check:
             top = float(values.max())
             low = max(floor, float((values - errors)[active | (steps > 0)].max()))
-            converged = err <= rtol * top
+            converged = err <= 0.5 * rtol * top
             hopeless = (est + err < low) & ~converged & ~broke & prune
             pruned[idx] = hopeless
             stop = stop | converged | hopeless

@@ -182,3 +182,20 @@ def test_unknown_estimator_is_rejected():
     _, fm, params, directions, _, _, batches = setup("cnn")
     with pytest.raises(ValueError, match="unknown estimator"):
         quadratic_forms(fm, params, directions, batches, estimator="exact")
+
+
+@pytest.mark.parametrize("rtol", [1e-2, 1e-4])
+def test_adaptive_positive_part_reaches_its_tolerance_at_the_max(rtol):
+    module, fm, params, directions, x, y, batches = setup("attention")
+    forms = quadratic_forms(fm, params, directions, batches, estimator="auto", positive_rtol=rtol)
+    for name, v in directions.items():
+        form = forms[name]
+        if form.method != "lanczos":
+            continue
+        exact = dense_forms(positive_part(dense_block_hessians(module, params, name, x, y)), v)
+        assert abs(form.max - float(exact.max())) <= rtol * float(exact.max())
+        d = form.diagnostics
+        assert d["positive_rtol"] == rtol and d["lanczos_max_steps"] == 128
+        assert 4 <= d["lanczos_steps_mean"] <= d["lanczos_steps_max"] <= 128
+        assert d["relative_error_estimate_at_max"] <= rtol / 2 or d["krylov_exhausted_fraction"] > 0
+        assert d["lower_bound_max"] <= float(exact.max()) * (1 + 1e-9)
