@@ -274,6 +274,136 @@ def gauss_newton_traces(
     """Exact per-example Tr[G_i(x)] = Σ_k ‖J_iᵀ r_k‖² for every layer, shape (B,) each.
 
     The r_k factor the loss's curvature in the logits, Σ_k r_k r_kᵀ = ∇²_z ℓ
+    (``fmodel.loss.curvature_factors``). J_iᵀ r_k is the gradient of r_k · z with respect to W_i,
+    so the value is a sum of squared per-example gradient norms. For ``nn.Linear`` and
+    ``nn.Conv2d`` (groups 1, zero padding) weights and classification losses these are formed
+    without per-example gradients, from one backward pass of the batch per factor: with a_nt the
+    layer's (unfolded) inputs and g_nt the gradients at its outputs over positions t,
+    ‖Σ_t g_nt a_ntᵀ‖² = Σ_{t,t'} (a_ntᵀ a_nt')(g_ntᵀ g_nt') (the "ghost norm" of Goodfellow,
+    arXiv:1510.01799, and Li, Tramèr, Liang & Hashimoto, ICLR 2022), or by forming Σ_t g_nt a_ntᵀ
+    when that is smaller. Other layers (and other losses) use one VJP per factor and example,
+    vmapped over both.
+    """
+    fast: dict[str, Tensor] = {}
+    if getattr(fmodel.loss, "task", None) == "classification":
+        with differentiable():
+            fast = _ghost_gauss_newton_traces(fmodel, params, layers, x, y)
+    rest = [name for name in layers if name not in fast]
+    if rest:
+        fast.update(_vmapped_gauss_newton_traces(fmodel, params, rest, x, y))
+    return {name: fast[name] for name in layers}
+
+
+def _ghost_modules(fmodel: FunctionalModel, layers: Sequence[str]) -> dict[str, torch.nn.Module]:
+    """The selected weights that are the ``weight`` of a supported Linear or Conv2d module."""
+    modules = dict(fmodel.module.named_modules())
+    out = {}
+    for name in layers:
+        owner, _, leaf = name.rpartition(".")
+        module = modules.get(owner)
+        if leaf != "weight":
+            continue
+        if isinstance(module, torch.nn.Linear) or (
+            isinstance(module, torch.nn.Conv2d)
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        ):
+            out[name] = module
+    return out
+
+
+def _ghost_gauss_newton_traces(fmodel, params, layers, x, y):
+    """Per-example Tr[G_i] from layer inputs and output gradients (see gauss_newton_traces)."""
+    modules = _ghost_modules(fmodel, layers)
+    if not modules:
+        return {}
+    calls: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in modules}
+
+    def recorder(name):
+        def hook(module, inputs, output):
+            calls[name].append((inputs[0].detach(), output))
+
+        return hook
+
+    handles = [m.register_forward_hook(recorder(n)) for n, m in modules.items()]
+    try:
+        weights = {name: params[name].detach().requires_grad_(True) for name in modules}
+        with torch.enable_grad():
+            z = fmodel.logits({**params, **weights}, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    used = [name for name in modules if calls[name] and calls[name][0][1].requires_grad]
+    if not used:
+        return {}
+    factors = fmodel.loss.curvature_factors(z.detach(), y)
+    inputs = {name: _positions_in(modules[name], calls[name]) for name in used}
+    outputs = [out for name in used for _, out in calls[name]]
+    totals = {name: torch.zeros(z.shape[0], dtype=torch.float64, device=z.device) for name in used}
+    for k in range(factors.shape[0]):
+        grads = torch.autograd.grad(
+            z, outputs, factors[k], retain_graph=k < factors.shape[0] - 1, allow_unused=True
+        )
+        offset = 0
+        for name in used:
+            count = len(calls[name])
+            parts = [
+                torch.zeros_like(out) if g is None else g
+                for g, (_, out) in zip(grads[offset : offset + count], calls[name], strict=True)
+            ]
+            offset += count
+            totals[name] += _squared_norms(inputs[name], _positions_out(parts)).double()
+    return totals
+
+
+def _positions_in(module, calls) -> Tensor:
+    """(B, T, fan_in) inputs over all positions of all calls of the module."""
+    parts = []
+    for inp, _ in calls:
+        if isinstance(module, torch.nn.Conv2d):
+            cols = torch.nn.functional.unfold(
+                inp,
+                module.kernel_size,
+                dilation=module.dilation,
+                padding=module.padding,
+                stride=module.stride,
+            )
+            parts.append(cols.transpose(1, 2))
+        else:
+            parts.append(inp.reshape(inp.shape[0], -1, inp.shape[-1]))
+    return torch.cat(parts, dim=1)
+
+
+def _positions_out(grads: list[Tensor]) -> Tensor:
+    """(B, T, fan_out) output gradients over all positions of all calls (channels last)."""
+    parts = []
+    for g in grads:
+        if g.dim() == 4:  # Conv2d: (B, C_out, H, W)
+            parts.append(g.flatten(2).transpose(1, 2))
+        else:
+            parts.append(g.reshape(g.shape[0], -1, g.shape[-1]))
+    return torch.cat(parts, dim=1)
+
+
+def _squared_norms(a: Tensor, g: Tensor) -> Tensor:
+    """‖Σ_t g_t a_tᵀ‖²_F per example, by Gram matrices or by the per-example gradient."""
+    positions, fan_in, fan_out = a.shape[1], a.shape[2], g.shape[2]
+    if positions * positions <= fan_in * fan_out:
+        return ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
+    return torch.einsum("bto,bti->boi", g, a).pow(2).sum(dim=(1, 2))
+
+
+def _vmapped_gauss_newton_traces(
+    fmodel: FunctionalModel,
+    params: Mapping[str, Tensor],
+    layers: Sequence[str],
+    x: Inputs,
+    y: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Exact per-example Tr[G_i(x)] = Σ_k ‖J_iᵀ r_k‖² for every layer, shape (B,) each.
+
+    The general route of :func:`gauss_newton_traces`. The r_k factor the loss's curvature in the logits, Σ_k r_k r_kᵀ = ∇²_z ℓ
     (``fmodel.loss.curvature_factors``; for cross-entropy the columns of
     M = diag(√p) − p √pᵀ, for a causal language model the same per label position, scaled by
     1/√m). One VJP per factor per example, vmapped over both; ``y`` is needed by losses whose

@@ -3,7 +3,14 @@
 import pytest
 import torch
 from hessfine.bounds.functional import FunctionalModel
-from hessfine.bounds.traces import gauss_newton_traces, layer_traces, positive_trace_max
+from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.traces import (
+    _ghost_gauss_newton_traces,
+    _vmapped_gauss_newton_traces,
+    gauss_newton_traces,
+    layer_traces,
+    positive_trace_max,
+)
 
 from tests.oracles import (
     TINY_LAYERS,
@@ -220,3 +227,21 @@ def test_positive_trace_max_slq_on_attention_within_standard_errors():
     )[name]
     assert result.method == "slq" and result.stderr > 0
     assert abs(result.max - float(dense.max())) <= 4 * result.stderr + 1e-2 * float(dense.max())
+
+
+@pytest.mark.parametrize(
+    ("network", "ghost"),
+    [
+        ("cnn", ["conv1.weight", "block.conv.weight", "head.weight"]),
+        ("attention", ["head.weight"]),  # out_proj's weight is used functionally: vmapped route
+        ("mlp_gelu", ["fc1.weight", "fc2.weight", "fc3.weight"]),
+    ],
+)
+def test_ghost_norm_gauss_newton_traces_match_the_vmapped_route(network, ghost):
+    _, fm, params, layers, x, y = setup(network)
+    with differentiable():
+        fast = _ghost_gauss_newton_traces(fm, params, layers, x, y)
+    assert sorted(fast) == sorted(ghost)
+    slow = _vmapped_gauss_newton_traces(fm, params, layers, x, y)
+    for name in ghost:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-10, atol=1e-14)
