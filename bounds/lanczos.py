@@ -80,6 +80,53 @@ def lanczos(
     capped at d. Breakdown is declared when β_j ≤ tol · (largest |α|, β seen so far), with
     tol = ε^(2/3) of the dtype by default; from then on that member's vectors are zero.
     """
+    return lanczos_many(lambda _, qs: [matvec(qs[0])], [start], steps=steps, tol=tol)[0]
+
+
+def lanczos_many(
+    matvec: Callable[[list[int], list[Tensor]], list[Tensor]],
+    starts: list[Tensor],
+    *,
+    steps: int,
+    tol: float | None = None,
+) -> list[LanczosResult]:
+    """:func:`lanczos` on several families of operators of different dimensions in lockstep.
+
+    ``starts[f]`` is (B_f, d_f); at each step ``matvec(families, vectors)`` receives the indices
+    of the families still running and their current Lanczos vectors and returns their images,
+    so one call can share work
+    between them (e.g. one forward/backward graph for the blocks of several layers). Family f
+    runs min(steps, d_f) steps.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([3.0, -1.0], dtype=torch.float64))[None]
+        >>> B = torch.diag(torch.tensor([2.0, 5.0, 1.0], dtype=torch.float64))[None]
+        >>> mats = [A, B]  # A's family stops after 2 steps
+        >>> def mv(families, qs):
+        ...     return [(mats[f] @ q[..., None])[..., 0] for f, q in zip(families, qs)]
+        >>> u, w = torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64)
+        >>> [int(r.steps[0]) for r in lanczos_many(mv, [u, w], steps=3)]
+        [2, 3]
+    """
+    runs = [_lanczos_run(start, steps, tol) for start in starts]
+    vectors = [next(run) for run in runs]
+    results: list[LanczosResult | None] = [None] * len(runs)
+    pending = list(range(len(runs)))
+    while pending:
+        images = matvec(pending, [vectors[f] for f in pending])
+        still = []
+        for f, w in zip(pending, images, strict=True):
+            try:
+                vectors[f] = runs[f].send(w)
+                still.append(f)
+            except StopIteration as done:
+                results[f] = done.value
+        pending = still
+    return results
+
+
+def _lanczos_run(start: Tensor, steps: int, tol: float | None):
+    """Generator form of :func:`lanczos`: yields each Lanczos vector block, receives its image."""
     batch, dim = start.shape
     steps = min(steps, dim)
     tol = torch.finfo(start.dtype).eps ** (2.0 / 3.0) if tol is None else tol
@@ -95,7 +142,7 @@ def lanczos(
     for j in range(steps):
         basis[:, j] = q
         used += active.long()
-        w = matvec(q)
+        w = yield q
         a = (q * w).sum(dim=1)
         w = w - a[:, None] * q - (beta[:, j - 1, None] * q_prev if j > 0 else 0.0)
         for _ in range(2):
