@@ -120,12 +120,17 @@ def layer_traces(
     shard: Shard = LOCAL,
     progress: Callable[[float], None] | None = None,
     output_probes: bool = True,
+    exact_ggn: bool = True,
 ) -> dict[str, TraceEstimate]:
     """Per-layer Tr[H̄_ii] of the mean-loss Hessian over all examples in ``batches``.
 
-    With ``output_probes`` (default), ``hutchinson`` uses output-space probes on the layers
-    certified piecewise linear on the first batch (method ``hutchinson-ggn``, see the module
-    docstring) for classification losses, and weight-space Hessian probes elsewhere.
+    With ``output_probes`` (default), ``hutchinson`` treats the layers certified piecewise
+    linear on the first batch (classification losses) through H_ii = G_ii: with ``exact_ggn``
+    (default, unscaled traces, ``nn.Linear``/``nn.Conv2d`` weights) exactly, as the mean of
+    the per-example Tr[G_i(x_n)] of :func:`gauss_newton_traces` (method ``exact-ggn``, standard
+    error 0 — one batch backward pass per class, cheaper than the probes); otherwise with
+    output-space probes (method ``hutchinson-ggn``, see the module docstring). Other layers use
+    weight-space Hessian probes.
 
     With ``scaling`` (a tensor D_i per layer, shaped like the weight) the Hutchinson estimate is
     of Tr[D_i H̄_ii D_i] = Σ_j D_ij² (H̄_ii)_jj instead: probes z ⊙ D. Every process of ``shard``
@@ -141,6 +146,9 @@ def layer_traces(
             ggn = _certified(fmodel, params, layers, batches) if output_probes else []
             hessian = [name for name in layers if name not in ggn]
             out = {}
+            if ggn and exact_ggn and scaling is None:
+                out.update(_exact_ggn_traces(fmodel, params, ggn, batches, probes, shard))
+                ggn = [name for name in ggn if name not in out]
             if hessian:
                 hvp = mean_loss_hvp(
                     fmodel, params, hessian, batches, shard=shard, progress=progress
@@ -193,6 +201,24 @@ def _certified(fmodel, params, layers, batches) -> list[str]:
         fmodel, params, layers, batches[0][0], generator=keyed_generator("certify-traces")
     )
     return [n for n in layers if ratios[n] <= certification_tolerance(params[n].dtype)]
+
+
+def _exact_ggn_traces(fmodel, params, layers, batches, probes, shard):
+    """Mean over examples of the exact per-example Tr[G_i] (ghost norms); layers it can do."""
+    totals: dict[str, Tensor] = {}
+    count = 0
+    for _, (x, y) in shard.indexed(batches):
+        values = _ghost_gauss_newton_traces(fmodel, params, layers, x, y)
+        layers = [name for name in layers if name in values]
+        totals = {name: totals.get(name, 0.0) + values[name].sum() for name in layers}
+        count += int(y.shape[0])
+    if not layers:
+        return {}
+    summed = shard.sum(torch.stack([totals[name] for name in layers])) / shard.total(count)
+    return {
+        name: TraceEstimate(float(value), 0.0, probes, "exact-ggn")
+        for name, value in zip(layers, summed, strict=True)
+    }
 
 
 def _output_hutchinson(

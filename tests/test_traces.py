@@ -46,7 +46,13 @@ def test_hutchinson_within_four_standard_errors(network):
     exact = dense_block_traces(module, params, layers, x, y)
     g = torch.Generator().manual_seed(3)
     est = layer_traces(
-        fm, params, layers, [(x[:5], y[:5]), (x[5:], y[5:])], probes=200, generator=g
+        fm,
+        params,
+        layers,
+        [(x[:5], y[:5]), (x[5:], y[5:])],
+        probes=200,
+        generator=g,
+        exact_ggn=False,
     )
     for name in layers:
         assert abs(est[name].mean - exact[name]) <= 4 * est[name].stderr + 1e-12
@@ -153,7 +159,13 @@ def test_output_space_probes_on_certified_layers_unbiased_and_less_variable():
     exact = dense_block_traces(module, params, layers, x, y)
     batches = [(x[:5], y[:5]), (x[5:], y[5:])]
     ggn = layer_traces(
-        fm, params, layers, batches, probes=200, generator=torch.Generator().manual_seed(4)
+        fm,
+        params,
+        layers,
+        batches,
+        probes=200,
+        generator=torch.Generator().manual_seed(4),
+        exact_ggn=False,
     )
     hessian = layer_traces(
         fm,
@@ -177,7 +189,13 @@ def test_output_space_probes_converge_to_the_exact_trace():
     errors = []
     for probes in (4, 400):
         est = layer_traces(
-            fm, params, layers, [(x, y)], probes=probes, generator=torch.Generator().manual_seed(1)
+            fm,
+            params,
+            layers,
+            [(x, y)],
+            probes=probes,
+            generator=torch.Generator().manual_seed(1),
+            exact_ggn=False,
         )
         errors.append(max(abs(est[n].mean - exact[n]) / exact[n] for n in layers))
     assert errors[1] < errors[0] and errors[1] < 0.05
@@ -185,9 +203,23 @@ def test_output_space_probes_converge_to_the_exact_trace():
 
 def test_smooth_layers_keep_hessian_probes():
     _, fm, params, layers, x, y = setup("mlp_gelu")
-    est = layer_traces(fm, params, layers, [(x, y)], probes=4)
+    est = layer_traces(fm, params, layers, [(x, y)], probes=4, exact_ggn=False)
     assert est["fc1.weight"].method == "hutchinson"
     assert est["fc3.weight"].method == "hutchinson-ggn"
+
+
+@pytest.mark.parametrize("network", ["cnn", "mlp_gelu"])
+def test_certified_layers_exact_by_default(network):
+    module, fm, params, layers, x, y = setup(network)
+    exact = dense_block_traces(module, params, layers, x, y)
+    est = layer_traces(fm, params, layers, [(x[:5], y[:5]), (x[5:], y[5:])], probes=4)
+    certified = layers if network == "cnn" else ["fc3.weight"]
+    for name in layers:
+        if name in certified:
+            assert est[name].method == "exact-ggn" and est[name].stderr == 0.0
+            assert est[name].mean == pytest.approx(exact[name], rel=1e-9)
+        else:
+            assert est[name].method == "hutchinson"
 
 
 @pytest.mark.parametrize("network", ["attention", "mlp_gelu"])
