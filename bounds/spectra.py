@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from hessfine.bounds.functional import Batch, FunctionalModel
-from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
+from hessfine.bounds.hessian_products import block_diagonal_hvp, flat_operator, mean_loss_hvp
 from hessfine.bounds.lanczos import LanczosResult, lanczos, lanczos_many, ritz_values
 from hessfine.bounds.safe_autodiff import differentiable
 from hessfine.bounds.sharding import LOCAL, Shard
@@ -122,8 +122,8 @@ def top_eigenvalues(
 
     The layers' Lanczos runs go in lockstep (:func:`hessfine.bounds.lanczos.lanczos_many`): at
     each step the block products H_ii q_i of all running layers share one forward and one
-    backward pass per batch, each then costing one double-backward pass (probe i is q_i on layer
-    i and zero elsewhere, and only block i of its product is kept). With a ``shard`` the Hessian
+    backward pass per batch, each then costing one double-backward pass that reaches back to
+    its own layer only (:func:`hessfine.bounds.hessian_products.block_diagonal_hvp`). With a ``shard`` the Hessian
     products are summed over processes (every process runs the same Lanczos); ``progress``
     counts Lanczos steps.
     """
@@ -133,14 +133,12 @@ def top_eigenvalues(
     starts = [
         rademacher((1, params[n].numel()), generator=generator, like=params[n]) for n in layers
     ]
-    hvp = mean_loss_hvp(fmodel, params, layers, batches, shard=shard, progress=progress)
+    hvp = block_diagonal_hvp(fmodel, params, layers, batches, shard=shard, progress=progress)
 
     def blocks(running: list[int], qs: list[Tensor]) -> list[Tensor]:
-        probes = {n: params[n].new_zeros(len(running), *params[n].shape) for n in layers}
-        for p, (i, q) in enumerate(zip(running, qs, strict=True)):
-            probes[layers[i]][p] = q[0].view_as(params[layers[i]])
-        out = hvp(probes)
-        return [out[layers[i]][p].reshape(1, -1) for p, i in enumerate(running)]
+        u = {layers[i]: q[0].view_as(params[layers[i]]) for i, q in zip(running, qs, strict=True)}
+        out = hvp(u)
+        return [out[layers[i]].reshape(1, -1) for i in running]
 
     default = max(2 * k + 20, 40)
     with differentiable():
