@@ -76,44 +76,27 @@ def build_case(case: str, samples: int, *, seed: int = 0) -> tuple[nn.Module, Te
         torch.manual_seed(seed)
         if case == "resnet18":
             model = torchvision.models.resnet18(num_classes=10)
-        elif case == "vit":
+        elif case in ("vit", "vit-small"):
+            # vit-small: the issue 10 GELU ViT (2 layers, width 32, MLP 64)
+            small = case == "vit-small"
             model = torchvision.models.VisionTransformer(
                 image_size=32,
                 patch_size=8,
-                num_layers=4,
+                num_layers=2 if small else 4,
                 num_heads=4,
-                hidden_dim=64,
-                mlp_dim=128,
+                hidden_dim=32 if small else 64,
+                mlp_dim=64 if small else 128,
                 num_classes=10,
             )
             # torchvision zero-initialises the classifier, which makes every logit constant and
             # every Hessian block of the other layers zero; give it the default Linear init.
             model.heads.head.reset_parameters()
         else:
-            raise ValueError(f"unknown case {case!r}; choose resnet18 or vit")
+            raise ValueError(f"unknown case {case!r}; choose resnet18, vit or vit-small")
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(samples, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (samples,), generator=g)
     return model.eval(), x, y
-
-
-def small_gelu_vit(seed: int = 0) -> nn.Module:
-    """The issue's small GELU ViT: image 32, patch 8, 2 layers, width 32, 4 heads, MLP 64."""
-    import torchvision
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = torchvision.models.VisionTransformer(
-            image_size=32,
-            patch_size=8,
-            num_layers=2,
-            num_heads=4,
-            hidden_dim=32,
-            mlp_dim=64,
-            num_classes=10,
-        )
-        model.heads.head.reset_parameters()
-    return model.eval()
 
 
 def random_directions(
@@ -407,10 +390,7 @@ def positive_speed(samples: int, *, reference_steps: int = 256) -> dict:
     """Cost of the positive part relative to ``block`` and its error, per smooth layer."""
     from hessfine.bounds.quadratic_forms import certification_tolerance, certify_piecewise_linear
 
-    model = small_gelu_vit()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(samples, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (samples,), generator=g)
+    model, x, y = build_case("vit-small", samples)
     fmodel, params = FunctionalModel.from_module(model)
     layers = select_layers(model, None)
     with differentiable():
