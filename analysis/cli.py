@@ -22,6 +22,8 @@ examples:
   hessfine measure runs/ --out results --samples 128 --trace --eigen 3   # every run, resumable
   hessfine measure ft.pt --reference pre.pt --model mymodels.py:build --data train.pt \\
       --out out --noise-sigma 1e-3 3e-3 1e-2 --certificate
+  hessfine measure gpt2_ft/ --reference gpt2_base/ --model hf --task causal-lm \
+      --data tokens.pt --out out/lm      # tokens.pt: {'x': {'input_ids', 'attention_mask'}}
 """
 
 
@@ -86,6 +88,14 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         "--estimator",
         default="auto",
         choices=["auto", "block", "positive", "ggn", "reference-code"],
+    )
+    add(
+        "--task",
+        default="classification",
+        choices=["classification", "causal-lm"],
+        help="classification (one label per example) or causal-lm: one example is one sequence, "
+        "its loss the mean next-token cross-entropy over label positions (-100 ignored); y holds "
+        "unshifted labels (N, T), or is absent (input_ids masked by attention_mask)",
     )
     add(
         "--lanczos-steps",
@@ -167,6 +177,7 @@ def _run_measure(args: argparse.Namespace) -> int:
 
     settings = MeasureSettings(
         estimator=args.estimator,
+        task=args.task,
         lanczos_steps=args.lanczos_steps,
         samples=args.samples,
         batch_size=args.batch_size,

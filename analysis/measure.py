@@ -38,7 +38,7 @@ from hessfine.analysis.checkpoints import (
     select_layers,
     sha256_of,
 )
-from hessfine.analysis.data import LabeledData, check_labels, load_data
+from hessfine.analysis.data import TASKS, LabeledData, Task, check_labels, load_data
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.models import build_model, resolve_device
 from hessfine.analysis.results import (
@@ -51,6 +51,8 @@ from hessfine.analysis.results import (
 )
 from hessfine.bounds.functional import (
     Batch,
+    CausalLMLoss,
+    CrossEntropy,
     FunctionalModel,
     NondeterministicModelError,
     check_deterministic,
@@ -80,6 +82,7 @@ class MeasureSettings:
     """Every option of ``hessfine measure`` that changes the numbers (recorded in the result)."""
 
     estimator: Estimator = "auto"
+    task: Task = "classification"
     lanczos_steps: int = 32
     samples: int | None = 256
     batch_size: int | None = None
@@ -123,6 +126,12 @@ class MeasureSettings:
         if self.estimator not in ESTIMATORS:
             raise InputError(
                 f"--estimator {self.estimator!r} is unknown; use one of {', '.join(ESTIMATORS)}"
+            )
+        if self.task not in TASKS:
+            raise InputError(f"--task {self.task!r} is unknown; use one of {', '.join(TASKS)}")
+        if self.task == "causal-lm" and self.certificate:
+            raise InputError(
+                "--certificate bounds the 0-1 error of a classifier; drop it with --task causal-lm"
             )
         checks = [
             (
@@ -229,7 +238,8 @@ def _already_measured(result: Path, checkpoint: Path, settings: MeasureSettings)
     except (OSError, json.JSONDecodeError):
         return False
     wanted = json.loads(json.dumps(settings.to_json()))
-    same_settings = {k: v for k, v in previous.get("settings", {}).items() if k != "device"}
+    derived = ("device", "attn_implementation")  # recorded from the run, not chosen
+    same_settings = {k: v for k, v in previous.get("settings", {}).items() if k not in derived}
     wanted.pop("device")
     digest = previous.get("provenance", {}).get("checkpoint_sha256")
     return same_settings == wanted and digest == sha256_of([checkpoint])
@@ -396,7 +406,10 @@ class _Measurement:
         )
         self.alignment = alignment
         module.to(device=self.device)
-        self.fmodel, self.params = FunctionalModel.from_module(module)
+        loss = CausalLMLoss() if s.task == "causal-lm" else CrossEntropy()
+        self.fmodel, self.params = FunctionalModel.from_module(module, loss=loss)
+        config = getattr(module, "config", None)
+        self.attention = getattr(config, "_attn_implementation", None)
         self.directions = {
             name: alignment.directions[name].to(device=self.device, dtype=self.dtype)
             for name in self.layers
@@ -410,14 +423,18 @@ class _Measurement:
                 "--data is required (the training data); pass --data PATH|digits:train"
             )
         self.train: LabeledData = load_data(
-            str(data_spec), image_size=s.image_size, trust=src.trust, label="--data"
+            str(data_spec), image_size=s.image_size, trust=src.trust, label="--data", task=s.task
         )
         eval_spec = src.eval_data or _from_manifest(manifest, "data", base, key2="eval")
         self.eval: LabeledData | None = (
             None
             if eval_spec is None
             else load_data(
-                str(eval_spec), image_size=s.image_size, trust=src.trust, label="--eval-data"
+                str(eval_spec),
+                image_size=s.image_size,
+                trust=src.trust,
+                label="--eval-data",
+                task=s.task,
             )
         )
         self.data_specs = {
@@ -455,9 +472,13 @@ class _Measurement:
                 f"--data {data.name}: the model rejects inputs of shape {shape} ({first}); "
                 "give data shaped for the model (e.g. --image-size) or the matching --model"
             ) from None
-        if logits.dim() != 2:
+        causal = self.settings.task == "causal-lm"
+        if logits.dim() != (3 if causal else 2):
+            wanted = "(batch, length, vocabulary)" if causal else "(batch, classes)"
+            hint = "" if causal else "; pass --task causal-lm for a language model"
             raise InputError(
-                f"--model {self.model_spec}: expected (batch, classes) logits, got shape {tuple(logits.shape)}"
+                f"--model {self.model_spec}: expected {wanted} logits, got shape "
+                f"{tuple(logits.shape)}{hint}"
             )
         self.num_classes = logits.shape[-1]
         check_labels(self.train, self.num_classes, option="--data")
@@ -471,18 +492,19 @@ class _Measurement:
             if data is None:
                 out[f"{split}_loss"] = out[f"{split}_accuracy"] = None
                 continue
-            total, correct, n = 0.0, 0, 0
+            total, correct, predictions, n = 0.0, 0.0, 0.0, 0
             with torch.no_grad(), differentiable():
                 for x, y in self._progress(
                     self._batches(data, None), self._n_batches(len(data)), f"{split} loss"
                 ):
-                    logits = self.fmodel.logits(self.params, x)
-                    total += float(
-                        torch.nn.functional.cross_entropy(logits.double(), y, reduction="sum")
-                    )
-                    correct += int((logits.argmax(-1) == y).sum())
+                    logits = self.fmodel.logits(self.params, x).double()
+                    total += float(self.fmodel.loss(logits, y).sum())
+                    right, made = self.fmodel.loss.correct(logits, y)
+                    correct += float(right.sum())
+                    predictions += float(made.sum())
                     n += y.shape[0]
-            out[f"{split}_loss"], out[f"{split}_accuracy"] = total / n, correct / n
+            out[f"{split}_loss"] = total / n
+            out[f"{split}_accuracy"] = correct / max(predictions, 1.0)
         hessian_data = self.train if self.settings.hessian_split == "train" else self.eval
         worst = 0.0
         with torch.no_grad(), differentiable():
@@ -590,6 +612,8 @@ class _Measurement:
         )
         settings = s.to_json()
         settings["device"] = str(self.device)
+        if self.attention is not None:
+            settings["attn_implementation"] = self.attention
         return {
             "schema_version": SCHEMA_VERSION,
             "checkpoint": str(self.checkpoint.path),
