@@ -203,9 +203,8 @@ class CausalLMLoss:
         logits, _, weights = self._shifted(z, y)
         n, steps, vocab = logits.shape
         per_token = softmax_ce_curvature_factors(logits) * weights.sqrt().unsqueeze(-1)
-        factors = z.new_zeros(steps, vocab, n, steps + 1, vocab)
-        index = torch.arange(steps, device=z.device)
-        factors[index, :, :, index] = per_token.permute(2, 0, 1, 3)
+        place = torch.eye(steps, steps + 1, dtype=z.dtype, device=z.device)
+        factors = torch.einsum("cntv,ts->tcnsv", per_token, place)
         return factors.reshape(steps * vocab, n, steps + 1, vocab)
 
     def correct(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
