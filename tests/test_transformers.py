@@ -65,11 +65,12 @@ def test_every_estimator_matches_dense_oracle_with_padding(name):
     ggn = {layer: dense_ggn_blocks(module, params, layer, x, y, loss) for layer in v}
     steps = max(t.numel() for t in v.values())
     for estimator in ("block", "ggn", "positive", "auto"):
-        # positive = auto's route on the smooth layers: one layer suffices (Lanczos is the cost)
+        # Lanczos is the cost: positive (auto's route on smooth layers) on one layer, and the
+        # Lanczos estimators on one batch (block and ggn cross a batch boundary)
+        lanczos = estimator in ("positive", "auto")
         chosen = dict(list(v.items())[:1]) if estimator == "positive" else v
-        forms = quadratic_forms(
-            fm, params, chosen, batches(x, y), estimator=estimator, lanczos_steps=steps
-        )
+        data = [(x, y)] if lanczos else batches(x, y)
+        forms = quadratic_forms(fm, params, chosen, data, estimator=estimator, lanczos_steps=steps)
         for layer, direction in chosen.items():
             blocks = {"block": hessians[layer], "ggn": ggn[layer]}.get(
                 estimator, positive_part(hessians[layer])
@@ -108,7 +109,13 @@ def test_traces_eigenvalues_and_noise_run_and_match_where_exact(name):
     truth = float(torch.trace(mean_hessian))
     assert abs(traces[layers[0]].mean - truth) <= 5 * traces[layers[0]].stderr + 1e-9
     positive = positive_trace_max(
-        fm, params, layers, batches(x, y), certified={head: name != "gpt2-lm"}, probes=4
+        fm,
+        params,
+        layers,
+        batches(x, y),
+        certified={head: name != "gpt2-lm"},
+        probes=2,
+        lanczos_steps=4,
     )
     assert all(p.max >= 0 for p in positive.values())
     dim = params[layers[0]].numel()
@@ -154,7 +161,7 @@ def test_measure_command_line_on_a_saved_hf_model(tiny_bert, tmp_path, task):
         module.float().save_pretrained(base)
         inputs = tiny_text_inputs(20, 0)
         data = {"x": inputs}  # labels default to input_ids masked by attention_mask
-        extra = ["--task", "causal-lm", "--trace", "--trace-probes", "4", "--eigen", "1"]
+        extra = ["--task", "causal-lm", "--trace", "--trace-probes", "2", "--lanczos-steps", "4"]
     tuned = tmp_path / "tuned"
     torch.manual_seed(3)
     model = FunctionalModel.from_module(
