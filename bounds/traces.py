@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,6 +51,7 @@ from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
 from hessfine.bounds.lanczos import lanczos, quadrature
 from hessfine.bounds.quadratic_forms import RunningReduction, per_example_hvp
 from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.sharding import LOCAL, Shard, base_key, keyed_generator
 from torch import Tensor
 from torch.func import vjp, vmap
 
@@ -96,11 +97,15 @@ def layer_traces(
     method: TraceMethod = "hutchinson",
     generator: torch.Generator | None = None,
     scaling: Mapping[str, Tensor] | None = None,
+    shard: Shard = LOCAL,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[str, TraceEstimate]:
     """Per-layer Tr[H̄_ii] of the mean-loss Hessian over all examples in ``batches``.
 
     With ``scaling`` (a tensor D_i per layer, shaped like the weight) the Hutchinson estimate is
-    of Tr[D_i H̄_ii D_i] = Σ_j D_ij² (H̄_ii)_jj instead: probes z ⊙ D.
+    of Tr[D_i H̄_ii D_i] = Σ_j D_ij² (H̄_ii)_jj instead: probes z ⊙ D. Every process of ``shard``
+    draws the same probes and the Hessian products are summed over processes
+    (:func:`hessfine.bounds.hessian_products.mean_loss_hvp`); ``progress`` counts probe vectors.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     batches = list(batches)
@@ -108,19 +113,25 @@ def layer_traces(
         raise ValueError(f"probes must be at least 2 (for a standard error), not {probes}")
     with differentiable():
         if method == "hutchinson":
-            return _hutchinson(fmodel, params, layers, batches, probes, generator, scaling)
+            hvp = mean_loss_hvp(fmodel, params, layers, batches, shard=shard, progress=progress)
+            return _hutchinson(hvp, params, layers, probes, generator, scaling)
         if scaling is not None:
             raise ValueError("scaled traces are estimated with method='hutchinson' only")
         if method == "hutch++":
             return {
-                name: _hutchplusplus(fmodel, params, name, batches, probes, generator)
+                name: _hutchplusplus(
+                    mean_loss_hvp(fmodel, params, [name], batches, shard=shard, progress=progress),
+                    params[name],
+                    name,
+                    probes,
+                    generator,
+                )
                 for name in layers
             }
     raise ValueError(f"unknown trace method {method!r}; choose hutchinson or hutch++")
 
 
-def _hutchinson(fmodel, params, layers, batches, probes, generator, scaling):
-    hvp = mean_loss_hvp(fmodel, params, layers, batches)
+def _hutchinson(hvp, params, layers, probes, generator, scaling):
     z = {}
     for name in layers:
         z[name] = rademacher((probes, *params[name].shape), generator=generator, like=params[name])
@@ -136,10 +147,8 @@ def _hutchinson(fmodel, params, layers, batches, probes, generator, scaling):
     return out
 
 
-def _hutchplusplus(fmodel, params, name, batches, probes, generator):
-    weight = params[name]
-    shapes = {name: weight.shape}
-    matvec = flat_operator(mean_loss_hvp(fmodel, params, [name], batches), shapes)
+def _hutchplusplus(hvp, weight, name, probes, generator):
+    matvec = flat_operator(hvp, {name: weight.shape})
     dim = weight.numel()
     sketch = max(1, probes // 3)
     residual_probes = max(1, probes - 2 * sketch)
@@ -195,30 +204,44 @@ def positive_trace_max(
     probes: int = 16,
     lanczos_steps: int = 32,
     generator: torch.Generator | None = None,
+    shard: Shard = LOCAL,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, PositiveTrace]:
-    """max over examples of Tr[H_i⁺(x)]: exact on certified layers, SLQ elsewhere."""
+    """max over examples of Tr[H_i⁺(x)]: exact on certified layers, SLQ elsewhere.
+
+    The SLQ probes of example n come from a generator keyed by (one base draw of ``generator``,
+    n) (:mod:`hessfine.bounds.sharding`), so values do not depend on the batching; with a
+    ``shard`` the batches are this process's share and ``argmax`` is the global example index
+    (the per-process results are merged by the caller). ``progress`` is called with 1 per
+    layer and batch.
+    """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    key = base_key(generator)
     exact = [name for name in layers if certified.get(name, False)]
     slq = [name for name in layers if not certified.get(name, False)]
     reductions = {name: RunningReduction() for name in layers}
     errors: dict[str, Tensor] = {}
     with differentiable():
-        for x, y in batches:
+        for first, (x, y) in shard.indexed(batches):
             if exact:
                 for start, stop in _example_chunks(fmodel, params, exact, x, y):
                     values = gauss_newton_traces(
                         fmodel, params, exact, slice_inputs(x, start, stop), y[start:stop]
                     )
                     for name in exact:
-                        reductions[name].update(values[name])
+                        reductions[name].update(values[name], start=first + start)
+                if progress is not None:
+                    progress(len(exact))
             for name in slq:
                 mean, stderr = _slq_positive_traces(
-                    fmodel, params, name, x, y, probes, lanczos_steps, generator
+                    fmodel, params, name, x, y, probes, lanczos_steps, (key, first)
                 )
                 before = reductions[name].max
-                reductions[name].update(mean)
+                reductions[name].update(mean, start=first)
                 if reductions[name].max != before:
                     errors[name] = stderr[int(mean.argmax())]
+                if progress is not None:
+                    progress(1)
     return {
         name: PositiveTrace(
             max=reductions[name].max,
@@ -231,17 +254,23 @@ def positive_trace_max(
     }
 
 
-def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, generator):
+def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, keys):
     """Per-example SLQ estimates of Tr[H_i⁺(x)] and their standard errors, shape (B,).
 
     All (example, probe) pairs run as one batch of Lanczos members, in chunks that keep the
-    Lanczos bases within memory.
+    Lanczos bases within memory. ``keys`` = (base key, global index of the first example):
+    example n's probes come from the generator keyed by (base key, layer, n).
     """
     weight = params[name]
     count, dim = y.shape[0], weight.numel()
     steps = min(steps, dim)
     examples = torch.arange(count, device=y.device).repeat(probes)
-    z = rademacher((count * probes, dim), generator=generator, like=weight)
+    key, first = keys
+    per_example = [
+        rademacher((probes, dim), generator=keyed_generator(key, name, first + n), like=weight)
+        for n in range(count)
+    ]
+    z = torch.stack(per_example, dim=1).reshape(probes * count, dim)
     chunk = max(1, _ELEMENT_BUDGET // (steps * dim))
     values = []
     for start in range(0, examples.numel(), chunk):
