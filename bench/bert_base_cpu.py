@@ -6,8 +6,10 @@ Builds a random ``BertForSequenceClassification`` (hidden 768, 12 layers, 12 hea
 spread over [length/2, length]); then runs ``hessfine measure --model hf`` as a user would, once
 per requested estimator, and reports the wall time and the measurement's own phase timings.
 A coarse profile of where the per-layer time goes comes from timing the primitives on the same
-batch: the certification pass, one JVP (``ggn_forms``), one vmapped per-example HVP
-(``block_forms_hvp``) and one Lanczos step, each for one layer.
+batch: one forward pass, the certification pass (all layers), and per profiled layer one JVP
+(``ggn_forms``, the whole ``ggn`` cost of a layer) and one vmapped per-example HVP
+(``block_forms_hvp``: the ``block`` cost of an uncertified layer, and the cost of one Lanczos
+step of ``auto``).
 
     nice -n 10 python bench/bert_base_cpu.py --runs block ggn auto --samples 8 \
         --auto-layer bert.encoder.layer.0.attention.self.query.weight --out bert_base.json
@@ -24,12 +26,7 @@ from pathlib import Path
 import torch
 from hessfine.analysis.cli import main
 from hessfine.bounds.functional import FunctionalModel
-from hessfine.bounds.quadratic_forms import (
-    block_forms_hvp,
-    certify_piecewise_linear,
-    ggn_forms,
-    per_example_hvp,
-)
+from hessfine.bounds.quadratic_forms import block_forms_hvp, certify_piecewise_linear, ggn_forms
 from hessfine.bounds.safe_autodiff import differentiable
 
 
@@ -75,7 +72,8 @@ def run(root: Path, estimator: str, samples: int, layers: list[str], threads: in
     }
 
 
-def primitives(root: Path, samples: int, layer: str) -> dict[str, float]:
+def primitives(root: Path, samples: int, layers: list[str]) -> dict[str, float]:
+    """Seconds of each primitive on ``samples`` examples, per layer in ``layers``."""
     from hessfine.analysis.models import build_model
 
     module = build_model("hf", hf_directory=root / "tuned")
@@ -83,33 +81,41 @@ def primitives(root: Path, samples: int, layer: str) -> dict[str, float]:
     data = torch.load(root / "train.pt")
     x = {k: v[:samples] for k, v in data["x"].items()}
     y = data["y"][:samples]
-    v = 1e-3 * torch.randn_like(params[layer])
     names = [n for n, p in params.items() if p.dim() == 2 and "embeddings" not in n]
-    out = {}
+    out = {"selected_layers": float(len(names))}
+
+    def timed(key, fn):
+        start = time.perf_counter()
+        fn()
+        out[key] = time.perf_counter() - start
+        print(key, round(out[key], 2), flush=True)
+
     with differentiable():
-        start = time.perf_counter()
         with torch.no_grad():
-            fm.logits(params, x)
-        out["forward_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        certify_piecewise_linear(fm, params, names, x)
-        out["certification_all_layers_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        ggn_forms(fm, params, layer, v, x, y)
-        out["ggn_one_layer_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        block_forms_hvp(fm, params, layer, v, x, y)
-        out["block_hvp_one_layer_s"] = time.perf_counter() - start
-        matvec = per_example_hvp(fm, params, layer, x, y)
-        start = time.perf_counter()
-        matvec(v.reshape(1, -1).expand(samples, -1))
-        out["lanczos_step_one_layer_s"] = time.perf_counter() - start
+            timed("forward_s", lambda: fm.logits(params, x))
+        timed("certification_all_layers_s", lambda: certify_piecewise_linear(fm, params, names, x))
+        for layer in layers:
+            v = 1e-3 * torch.randn_like(params[layer])
+            timed(f"ggn_s[{layer}]", lambda v=v, layer=layer: ggn_forms(fm, params, layer, v, x, y))
+            timed(
+                f"per_example_hvp_s[{layer}]",
+                lambda v=v, layer=layer: block_forms_hvp(fm, params, layer, v, x, y),
+            )
     return out
 
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="*", default=["block", "ggn", "auto"])
+    parser.add_argument(
+        "--profile-layers",
+        nargs="*",
+        default=[
+            "bert.encoder.layer.0.attention.self.query.weight",
+            "bert.encoder.layer.11.output.dense.weight",
+        ],
+        help="layers whose primitives are timed (first and last: the backward depth differs)",
+    )
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
@@ -122,13 +128,13 @@ def cli() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build(root, args.examples, args.length)
-        report["primitives"] = primitives(root, args.samples, args.auto_layer)
-        print(json.dumps(report["primitives"]), flush=True)
+        report["primitives"] = primitives(root, args.samples, args.profile_layers)
+        args.out.write_text(json.dumps(report, indent=2))
         for estimator in args.runs:
             layers = [args.auto_layer] if estimator in ("auto", "positive") else []
             report["runs"].append(run(root, estimator, args.samples, layers, args.threads))
             print(json.dumps(report["runs"][-1]), flush=True)
-    args.out.write_text(json.dumps(report, indent=2))
+            args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

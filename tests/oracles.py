@@ -315,6 +315,16 @@ def dense_ggn_blocks(
     return torch.stack(blocks)
 
 
+def assert_matches(form: object, values: Tensor) -> None:
+    """An estimator's per-layer reduction (max, mean, argmax, count) equals the oracle's values."""
+    import pytest
+
+    assert form.max == pytest.approx(float(values.max()), rel=1e-6, abs=1e-12)
+    assert form.mean == pytest.approx(float(values.mean()), rel=1e-6, abs=1e-12)
+    assert form.argmax == int(values.argmax())
+    assert form.count == values.numel()
+
+
 def positive_part(H: Tensor) -> Tensor:
     """H^+ = U max(D, 0) Uᵀ for symmetric H = U D Uᵀ (batched over leading dimensions)."""
     D, U = torch.linalg.eigh(H)

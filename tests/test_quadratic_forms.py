@@ -14,6 +14,7 @@ from hessfine.bounds.safe_autodiff import differentiable
 from tests.oracles import (
     TINY_LAYERS,
     TINY_NETWORKS,
+    assert_matches,
     dense_batch_mean_hessians,
     dense_block_hessians,
     dense_ggn_blocks,
@@ -36,13 +37,6 @@ def setup(network):
     x, y = tiny_data(network, N)
     batches = [(x[:6], y[:6]), (x[6:], y[6:])]
     return module, fm, params, directions, x, y, batches
-
-
-def assert_matches(form, values):
-    assert form.max == pytest.approx(float(values.max()), rel=1e-6, abs=1e-12)
-    assert form.mean == pytest.approx(float(values.mean()), rel=1e-6, abs=1e-12)
-    assert form.argmax == int(values.argmax())
-    assert form.count == values.numel()
 
 
 @pytest.mark.parametrize("network", NETWORKS)

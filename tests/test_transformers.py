@@ -17,6 +17,7 @@ from hessfine.bounds.spectra import top_eigenvalues
 from hessfine.bounds.traces import gauss_newton_traces, layer_traces, positive_trace_max
 
 from tests.oracles import (
+    assert_matches,
     causal_lm_loss,
     cross_entropy,
     dense_block_hessians,
@@ -49,13 +50,6 @@ def batches(x, y):
             ({k: t[3:] for k, t in x.items()}, y[3:]),
         ]
     return [(x[:3], y[:3]), (x[3:], y[3:])]
-
-
-def assert_matches(form, values):
-    assert form.max == pytest.approx(float(values.max()), rel=1e-6, abs=1e-12)
-    assert form.mean == pytest.approx(float(values.mean()), rel=1e-6, abs=1e-12)
-    assert form.argmax == int(values.argmax())
-    assert form.count == values.numel()
 
 
 @pytest.mark.parametrize("name", MODELS)
