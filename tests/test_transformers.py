@@ -12,6 +12,7 @@ import torch
 from hessfine.analysis.cli import main
 from hessfine.bounds.functional import CausalLMLoss, FunctionalModel
 from hessfine.bounds.noise_stability import noise_stability
+from hessfine.bounds.pac_bayes import pac_bayes_certificate
 from hessfine.bounds.quadratic_forms import quadratic_forms
 from hessfine.bounds.spectra import top_eigenvalues
 from hessfine.bounds.traces import gauss_newton_traces, layer_traces, positive_trace_max
@@ -122,6 +123,28 @@ def test_traces_eigenvalues_and_noise_run_and_match_where_exact(name):
     )
     predicted = sigma**2 / 2 * truth  # second order, antithetic draws: odd orders cancel
     assert abs(noise.mean - predicted) <= 5 * noise.stderr + 1e-3 * abs(predicted)
+
+
+@pytest.mark.parametrize("name", ["distilbert", "gpt2", "vit"])
+def test_certificate_runs_on_padded_batches(name):
+    """The certificate vmaps over groups of examples: masks must expand inside that vmap too."""
+    module, fm, params, v, x, y, _ = setup(name)
+    twice = (
+        {k: torch.cat([t, t]) for k, t in x.items()} if isinstance(x, dict) else torch.cat([x, x])
+    )
+    reference = {layer: params[layer] - v[layer] for layer in v}
+    certificate = pac_bayes_certificate(
+        fm,
+        params,
+        reference,
+        list(v),
+        [(twice, torch.cat([y, y]))],
+        n=2 * len(y),
+        curvature=dict.fromkeys(v, 1.0),
+        draws=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert 0.0 <= certificate.empirical_error <= certificate.bound <= 1.0
 
 
 def test_expanded_mask_leaves_the_logits_of_real_tokens_unchanged():
