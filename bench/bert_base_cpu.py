@@ -4,7 +4,9 @@ Builds a random ``BertForSequenceClassification`` (hidden 768, 12 layers, 12 hea
 3072, 2 labels) and a "fine-tuned" copy (every weight moved by 1e-3·N(0, 1)), saved with
 ``save_pretrained``; writes ``--examples`` right-padded sequences of length ``--length`` (lengths
 spread over [length/2, length]); then runs ``hessfine measure --model hf`` as a user would, once
-per requested estimator, and reports the wall time and the measurement's own phase timings.
+per requested estimator, and reports the wall time, the process CPU time (with one thread, the
+figure that other processes on a shared machine do not inflate) and the measurement's own phase
+timings.
 A coarse profile of where the per-layer time goes comes from timing the primitives on the same
 batch: one forward pass, the certification pass (all layers), and per profiled layer one JVP
 (``ggn_forms``, the whole ``ggn`` cost of a layer) and one vmapped per-example HVP
@@ -57,14 +59,15 @@ def run(root: Path, estimator: str, samples: int, layers: list[str], threads: in
     args += ["--threads", str(threads)]
     if layers:
         args += ["--layers", *layers]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     code = main(args)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     result = json.loads((out / "measurement.json").read_text())
     return {
         "estimator": estimator,
         "exit": code,
         "wall_s": wall,
+        "cpu_s": cpu,
         "layers": len(result["layers"]),
         "routes": sorted({layer["method"] for layer in result["layers"]}),
         "timings": result["provenance"]["timings"],
@@ -85,10 +88,11 @@ def primitives(root: Path, samples: int, layers: list[str]) -> dict[str, float]:
     out = {"selected_layers": float(len(names))}
 
     def timed(key, fn):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         out[key] = time.perf_counter() - start
-        print(key, round(out[key], 2), flush=True)
+        out[key.replace("_s", "_cpu_s", 1)] = time.process_time() - cpu
+        print(key, round(out[key], 2), "cpu", round(time.process_time() - cpu, 2), flush=True)
 
     with differentiable():
         with torch.no_grad():
