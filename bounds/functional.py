@@ -34,7 +34,14 @@ therefore passes the mask already expanded: an additive (N, 1, T, T) float mask,
 may attend key s (key not padding, and s ≤ t for causal models) and the dtype's most negative
 value elsewhere — the mask transformers itself builds, which it then uses as given whatever the
 attention implementation. The expansion is elementwise, so it is the same inside and outside
-``vmap``, and it leaves the logits unchanged.
+``vmap``, and it leaves the logits unchanged. Of the routes considered this one keeps every
+estimator as it is (vmapped per-example products, exact for any operation); the vmap-free
+alternative — per-example weight copies injected by forward hooks, out + op(x; U_n), so that one
+forward-over-reverse pass over the batch yields H_n u_n — needs a hook per layer type (Linear,
+Conv, Conv1D) and misses weights used any other way (``nn.MultiheadAttention``'s
+``in_proj_weight``). The tests check the route against dense float64 Hessians of each example run
+alone through transformers' own mask code, for BERT, RoBERTa, DistilBERT, GPT-2, ViT and a GPT-2
+language model with padded batches.
 """
 
 from __future__ import annotations
