@@ -224,3 +224,19 @@ def test_measure_command_line_on_a_saved_hf_model(tiny_bert, tmp_path, task):
     assert all(layer["quadratic_form"]["max"] > 0 for layer in result["layers"])
     assert 0.0 <= result["accuracy"]["train"] <= 1.0
     assert result["bounds"]["theorem_2_1"] is not None
+
+
+def test_causal_lm_data_labels_default_and_checks(tmp_path):
+    from hessfine.analysis.data import load_data
+    from hessfine.analysis.errors import InputError
+
+    x = tiny_text_inputs(20, 0)
+    torch.save({"x": x}, tmp_path / "ids.pt")
+    data = load_data(str(tmp_path / "ids.pt"), task="causal-lm")
+    expected = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+    assert torch.equal(data.y, expected)
+    torch.save({"x": x, "y": torch.zeros(5, dtype=torch.long)}, tmp_path / "flat.pt")
+    with pytest.raises(InputError, match="shaped like input_ids"):
+        load_data(str(tmp_path / "flat.pt"), task="causal-lm")
+    with pytest.raises(InputError, match="'y'"):
+        load_data(str(tmp_path / "ids.pt"))  # classification still needs labels
