@@ -118,7 +118,8 @@ def cli() -> None:
             "bert.encoder.layer.0.attention.self.query.weight",
             "bert.encoder.layer.11.output.dense.weight",
         ],
-        help="layers whose primitives are timed (first and last: the backward depth differs)",
+        help="layers whose primitives are timed (first and last: the backward depth differs); "
+        "none to skip the primitives",
     )
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--examples", type=int, default=16)
@@ -132,8 +133,9 @@ def cli() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build(root, args.examples, args.length)
-        report["primitives"] = primitives(root, args.samples, args.profile_layers)
-        args.out.write_text(json.dumps(report, indent=2))
+        if args.profile_layers:
+            report["primitives"] = primitives(root, args.samples, args.profile_layers)
+            args.out.write_text(json.dumps(report, indent=2))
         for estimator in args.runs:
             layers = [args.auto_layer] if estimator in ("auto", "positive") else []
             report["runs"].append(run(root, estimator, args.samples, layers, args.threads))
