@@ -34,7 +34,9 @@ therefore passes the mask already expanded: an additive (N, 1, T, T) float mask,
 may attend key s (key not padding, and s ≤ t for causal models) and the dtype's most negative
 value elsewhere — the mask transformers itself builds, which it then uses as given whatever the
 attention implementation. The expansion is elementwise, so it is the same inside and outside
-``vmap``, and it leaves the logits unchanged. Of the routes considered this one keeps every
+``vmap``, and it leaves the logits unchanged. It is full bidirectional or full causal
+attention: a model with sliding-window layers (Mistral, Gemma 2) is reproduced exactly only for
+sequences shorter than its window. Of the routes considered this one keeps every
 estimator as it is (vmapped per-example products, exact for any operation); the vmap-free
 alternative — per-example weight copies injected by forward hooks, out + op(x; U_n), so that one
 forward-over-reverse pass over the batch yields H_n u_n — needs a hook per layer type (Linear,
