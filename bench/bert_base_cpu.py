@@ -125,6 +125,7 @@ def cli() -> None:
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--auto-layer", default="bert.encoder.layer.0.attention.self.query.weight")
+    parser.add_argument("--layers", nargs="*", default=[], help="--layers globs for every run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bert_base.json"))
     args = parser.parse_args()
@@ -137,7 +138,7 @@ def cli() -> None:
             report["primitives"] = primitives(root, args.samples, args.profile_layers)
             args.out.write_text(json.dumps(report, indent=2))
         for estimator in args.runs:
-            layers = [args.auto_layer] if estimator in ("auto", "positive") else []
+            layers = args.layers or ([args.auto_layer] if estimator in ("auto", "positive") else [])
             report["runs"].append(run(root, estimator, args.samples, layers, args.threads))
             print(json.dumps(report["runs"][-1]), flush=True)
             args.out.write_text(json.dumps(report, indent=2))
