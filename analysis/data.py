@@ -365,7 +365,8 @@ def _checked_sequences(name: str, x: object, y: object, label: str) -> LabeledDa
     if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point():
         raise InputError(
             f"{where}: --task causal-lm needs x to be a dict with integer 'input_ids' of shape "
-            "(N, T) (and 'attention_mask'); save it with torch.save({'x': {...}, 'y': labels}, PATH)"
+            "(N, T) (and 'attention_mask'); save it with "
+            "torch.save({'x': {...}, 'y': labels}, PATH)"
         )
     mask = x.get("attention_mask")
     if y is None:

@@ -232,7 +232,8 @@ def _huggingface(spec: str, directory: Path, options: dict[str, Any]) -> nn.Modu
         except ValueError as err:  # this auto class does not cover the config type
             errors.append(_one_line(err))
     raise InputError(
-        f"--model {spec!r}: no classification or causal-LM model for config type {type(config).__name__} "
+        f"--model {spec!r}: no classification or causal-LM model for config type "
+        f"{type(config).__name__} "
         f"({errors[0]}); set 'architectures' in config.json to a transformers class name"
     )
 

@@ -187,7 +187,7 @@ class CausalLMLoss:
     ignore_index: int = -100
 
     def _shifted(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Logits z_t, targets y_{t+1} (ignored ones set to 0) and weights 1/m on label positions."""
+        """Logits z_t, targets y_{t+1} (ignored ones set to 0), weights 1/m on label positions."""
         if y is None:
             raise ValueError("the causal-LM curvature depends on the label positions: pass y")
         logits, labels = z[:, :-1], y[:, 1:]

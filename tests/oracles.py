@@ -7,7 +7,8 @@ against these quantities (SPEC §6).
 
 Notation (SPEC §1). For one example (x, y) with loss ℓ(f_W(x), y) (cross-entropy unless an oracle
 loss — :func:`causal_lm_loss`, :func:`consistent_loss` — is passed; inputs are tensors or dicts of
-tensors, outputs tensors or objects with ``.logits``) and selected layer i with flattened weight w_i:
+tensors, outputs tensors or objects with ``.logits``) and selected layer i with flattened
+weight w_i:
 
 * H_i(x) = ∇²_{w_i} ℓ — the i-th diagonal block of the per-example Hessian;
 * G_i(x) = J_iᵀ (diag(p) − p pᵀ) J_i — its Gauss–Newton part, J_i = ∂ logits / ∂ w_i, p = softmax;
