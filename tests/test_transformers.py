@@ -14,7 +14,7 @@ from hessfine.bounds.functional import CausalLMLoss, FunctionalModel
 from hessfine.bounds.noise_stability import noise_stability
 from hessfine.bounds.pac_bayes import pac_bayes_certificate
 from hessfine.bounds.quadratic_forms import quadratic_forms
-from hessfine.bounds.spectra import top_eigenvalues
+from hessfine.bounds.spectra import spectral_density, top_eigenvalues
 from hessfine.bounds.traces import gauss_newton_traces, layer_traces, positive_trace_max
 
 from tests.oracles import (
@@ -117,6 +117,9 @@ def test_traces_eigenvalues_and_noise_run_and_match_where_exact(name):
     eigen = top_eigenvalues(fm, params, [layers[0]], batches(x, y), k=2, steps=dim)
     expected = torch.linalg.eigvalsh(mean_hessian).flip(0)[:2]
     assert eigen[layers[0]].values == pytest.approx(expected.tolist(), rel=1e-6, abs=1e-10)
+    density = spectral_density(fm, params, [layers[0]], batches(x, y), runs=1, steps=dim)
+    assert max(density.nodes[0]) == pytest.approx(float(expected[0]), rel=1e-6)
+    assert sum(density.weights[0]) == pytest.approx(1.0, rel=1e-9)
     sigma = 1e-3
     noise = noise_stability(
         fm, params, [layers[0]], batches(x, y), sigma=sigma, draws=8, generator=torch.Generator()
