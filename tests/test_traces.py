@@ -4,6 +4,7 @@ import pytest
 import torch
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.traces import gauss_newton_traces, layer_traces, positive_trace_max
+from scipy import stats
 
 from tests.oracles import (
     TINY_LAYERS,
@@ -137,3 +138,28 @@ def test_slq_positive_trace_error_shrinks_with_probes():
             err += abs(r[name].max - float(dense.max()))
         errors.append(err)
     assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "probes", "layers", "dof"),
+    [("hutchinson", 20, None, 19), ("hutch++", 30, ["fc1.weight", "fc2.weight"], 9)],
+)
+def test_reported_interval_covers_the_truth_at_the_nominal_rate(method, probes, layers, dof):
+    # mean ± t_{0.975, dof} · stderr over 200 seeds should cover Tr[H̄_ii] 95% of the time; the
+    # binomial standard deviation of the rate is ≈ 1.1–1.5%, so [0.91, 0.985] is a ±3.4σ band
+    # that a wrong standard error (e.g. off by √2) or a biased mean leaves. Hutch++'s error is
+    # that of its deflated Hutchinson part (probes − 2·⌊probes/3⌋ samples). fc3 is left out
+    # of Hutch++: its sketch spans the block, so the estimate is exact and the interval empty.
+    module, fm, params, all_layers, x, y = setup("mlp_tanh")
+    layers = layers or all_layers
+    exact = dense_block_traces(module, params, layers, x, y)
+    quantile = stats.t.ppf(0.975, dof)
+    covered = total = 0
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        est = layer_traces(fm, params, layers, [(x, y)], probes=probes, method=method, generator=g)
+        for name in layers:
+            assert est[name].stderr > 0
+            covered += abs(est[name].mean - exact[name]) <= quantile * est[name].stderr
+            total += 1
+    assert 0.91 <= covered / total <= 0.985, covered / total
