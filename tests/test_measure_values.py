@@ -3,7 +3,8 @@
 The GELU MLP and the attention block are not piecewise linear, so ``auto``, ``block``,
 ``positive`` and ``ggn`` differ there (on the ReLU CNN of test_measure.py they coincide). Every
 measured number is compared with :mod:`tests.oracles`: exact quantities to 1e-6, stochastic ones
-within 4.5 of their reported standard errors.
+within 4.5 of their reported standard errors. The Hessian examples are the first ones of the file
+(``--sample-order file``), so that the oracle sees the same examples.
 """
 
 import functools
@@ -70,7 +71,8 @@ def run(pair, name, *extra):
     argv = ["measure", str(tmp / "ft.safetensors"), "--reference", str(tmp / "ref.safetensors")]
     argv += ["--model", SPECS[network], "--data", str(tmp / "train.pt")]
     argv += ["--eval-data", str(tmp / "eval.pt"), "--out", str(out), "--dtype", "float64"]
-    argv += ["--quiet", "--batch-size", "4", "--samples", str(SAMPLES), *extra]
+    argv += ["--quiet", "--batch-size", "4", "--samples", str(SAMPLES), "--sample-order", "file"]
+    argv += extra
     assert main(argv) == 0
     return json.loads((out / "measurement.json").read_text())
 
@@ -305,6 +307,8 @@ def test_new_head_reference_zero_or_file(pair):
             "float64",
             "--samples",
             str(SAMPLES),
+            "--sample-order",
+            "file",
         ]
         argv += ["--estimator", "block", "--layers", shared, head, "--head-reference", spec]
         assert main(argv) == 0
