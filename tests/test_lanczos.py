@@ -122,3 +122,10 @@ def test_slq_positive_part_below_full_dimension_on_a_smooth_block():
     assert errors[d] < 1e-10
     assert errors[32] < 5e-2 and errors[16] < 2.5e-1
     assert errors[32] > 1e-6  # K < d really is inexact here
+
+
+def test_zero_operator_breaks_down_at_once():
+    u = torch.ones(2, 5, dtype=torch.float64)
+    result = lanczos(lambda q: torch.zeros_like(q), u, steps=3)
+    assert result.steps.tolist() == [1, 1] and result.exhausted.tolist() == [True, True]
+    assert quadrature(result, torch.exp).tolist() == pytest.approx([5.0, 5.0])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.pac_bayes import (
+    DEFAULT_GRID,
     binomial_upper_bound,
     kl_bernoulli,
     kl_inverse_upper,
@@ -116,6 +117,7 @@ def test_certificate_invariants(network):
     cert, (params, reference, layers) = certificate(network, 128, draws=2)
     assert cert.empirical_error <= cert.empirical_error_upper <= cert.bound <= 1.0
     assert cert.trials == 2 * 128 and cert.scale in cert.grid
+    assert cert.grid == DEFAULT_GRID == tuple(2.0**k for k in range(-4, 3))
     assert cert.bound == min(p.bound for p in cert.per_scale)
     kl = 0.5 * sum(
         float((params[k] - reference[k]).double().norm()) ** 2 / cert.sigmas[k] ** 2 for k in layers
@@ -291,3 +293,20 @@ def test_unchanged_layer_is_a_point_mass_and_validation():
             binomial_upper_bound(1, 10, delta)
     with pytest.raises(ValueError, match="trials"):
         binomial_upper_bound(0, 0, 0.1)
+
+
+def test_certificate_option_boundaries():
+    # n = 8 is Maurer's smallest admissible size; δ = 1 and an empty or non-positive grid are not.
+    cert, _ = certificate("mlp_gelu", 8, draws=1, grid=(1.0,))
+    assert cert.n == 8 and 0.0 <= cert.bound <= 1.0
+    for kwargs, message in (
+        ({"delta": 1.0}, "delta"),
+        ({"grid": ()}, "grid"),
+        ({"grid": (1.0, -1.0)}, "grid"),
+        ({"grid": (math.inf,)}, "grid"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            certificate("mlp_gelu", 8, draws=1, **kwargs)
+    for q, p in ((1.5, 0.5), (0.5, 1.5), (-0.1, 0.5), (0.5, -0.1)):
+        with pytest.raises(ValueError, match="kl_bernoulli"):
+            kl_bernoulli(q, p)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hessfine.bounds import traces
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.traces import gauss_newton_traces, layer_traces, positive_trace_max
 from scipy import stats
@@ -164,3 +165,29 @@ def test_reported_interval_covers_the_truth_at_the_nominal_rate(method, probes, 
             covered += abs(est[name].mean - exact[name]) <= quantile * est[name].stderr
             total += 1
     assert 0.91 <= covered / total <= 0.985, covered / total
+
+
+def test_positive_trace_defaults_seeds_and_example_chunks(monkeypatch):
+    module, fm, params, layers, x, y = setup("cnn")
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+
+    def run(seed, certified):
+        g = torch.Generator().manual_seed(seed)
+        return positive_trace_max(
+            fm, params, layers, batches, certified=certified, probes=4, lanczos_steps=8, generator=g
+        )
+
+    # a layer missing from ``certified`` is estimated by SLQ; the seed drives the probes
+    first, again, other = run(0, {}), run(0, {}), run(1, {})
+    assert {r.method for r in first.values()} == {"slq"}
+    assert all(first[n].max == again[n].max for n in layers)
+    assert any(first[n].max != other[n].max for n in layers)
+    # exact layers split into example chunks report the global argmax
+    monkeypatch.setattr(traces, "_ELEMENT_BUDGET", 1)
+    certified = dict.fromkeys(layers, True)
+    chunked = run(0, certified)
+    for name in layers:
+        H = dense_block_hessians(module, params, name, x, y)
+        dense = torch.linalg.eigvalsh(H).clamp(min=0).sum(dim=1)
+        assert chunked[name].argmax == int(dense.argmax())
+        assert chunked[name].max == pytest.approx(float(dense.max()), rel=1e-9)
