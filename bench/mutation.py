@@ -289,6 +289,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("/tmp/mutation.json"))
     parser.add_argument("--report", type=Path, help="print the summary of a results file")
+    parser.add_argument(
+        "--all-tests", action="store_true", help="drop the -k filters (e.g. to re-run survivors)"
+    )
     args = parser.parse_args()
     if args.report:
         report(args.report)
@@ -320,10 +323,16 @@ def main() -> None:
         # A random order, so that a run stopped early is still a uniform sample.
         random.Random(args.seed).shuffle(pool)
         pool = pool[: args.sample or None]
+    selections = {module: list(TESTS[module]) for module in TESTS}
+    if args.all_tests:
+        for chosen in selections.values():
+            while "-k" in chosen:
+                at = chosen.index("-k")
+                del chosen[at : at + 2]
     tests = {
         module: [
             t
-            for t in TESTS[module]
+            for t in selections[module]
             if not t.startswith("tests/") or (args.workdir / t.split("::")[0]).exists()
         ]
         for module in TESTS
