@@ -25,6 +25,7 @@ from tests.oracles import (
     dense_block_hessians,
     dense_ggn_blocks,
     dense_mean_hessian,
+    diagonal_blocks,
     perturbed_reference,
     positive_part,
     tiny_data,
@@ -79,15 +80,6 @@ def run(pair, name, *extra):
 
 def data(network, split="train"):
     return tiny_data(network, N_TRAIN) if split == "train" else tiny_data(network, N_EVAL, seed=5)
-
-
-def block_traces(H, params, layers):
-    out, offset = {}, 0
-    for name in layers:
-        d = params[name].numel()
-        out[name] = H[offset : offset + d, offset : offset + d]
-        offset += d
-    return out
 
 
 def reference_code_forms(module, params, directions, x, y, batch_size):
@@ -165,7 +157,7 @@ def test_traces_eigenvalues_density_noise_certificate_and_bounds(pair):
     x, y = data(network)
     xs, ys = x[:SAMPLES], y[:SAMPLES]
     H = dense_mean_hessian(module, params, layers, xs, ys)
-    blocks = block_traces(H, params, layers)
+    blocks = diagonal_blocks(H, params, layers)
     by_name = {layer["name"]: layer for layer in result["layers"]}
     for name in layers:
         layer = by_name[name]
