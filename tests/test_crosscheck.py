@@ -41,14 +41,14 @@ def _dominant(H: torch.Tensor) -> float:
 
 
 class SmallCNN(nn.Module):
-    """A float32 ReLU CNN on 3×12×12 inputs, larger than the tiny oracle network."""
+    """A float32 ReLU CNN on 3×8×8 inputs (332 selected weights; the tiny oracle CNN has 117)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * 3 * 3, 5)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 2 * 2, 5)
 
     def forward(self, x):
         h = torch.relu(self.bn(self.conv1(x)))
@@ -114,7 +114,7 @@ def test_crosscheck_float32_cnn_batch():
     torch.manual_seed(0)
     model = SmallCNN().eval()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(32, 3, 12, 12, generator=g)
+    x = torch.randn(32, 3, 8, 8, generator=g)
     y = torch.randint(0, 5, (32,), generator=g)
     layers = select_layers(model, None)
     assert layers == ["conv1.weight", "conv2.weight", "fc.weight"]
@@ -133,7 +133,7 @@ def test_crosscheck_float32_cnn_batch():
 def test_crosscheck_rejects_unknown_layers():
     model = SmallCNN()
     with pytest.raises(InputError, match="not parameters"):
-        crosscheck(model, torch.zeros(2, 3, 12, 12), torch.zeros(2, dtype=torch.long), layers=["x"])
+        crosscheck(model, torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), layers=["x"])
 
 
 def test_relative_difference_and_table():
