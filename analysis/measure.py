@@ -31,12 +31,13 @@ from hessfine.analysis.checkpoints import (
     Alignment,
     Checkpoint,
     align,
+    apply_adapter,
+    checkpoint_digest,
     find_checkpoints,
     is_run_collection,
     load_checkpoint,
     load_head_reference,
     select_layers,
-    sha256_of,
 )
 from hessfine.analysis.data import LabeledData, check_labels, load_data
 from hessfine.analysis.errors import InputError
@@ -232,7 +233,7 @@ def _already_measured(result: Path, checkpoint: Path, settings: MeasureSettings)
     same_settings = {k: v for k, v in previous.get("settings", {}).items() if k != "device"}
     wanted.pop("device")
     digest = previous.get("provenance", {}).get("checkpoint_sha256")
-    return same_settings == wanted and digest == sha256_of([checkpoint])
+    return same_settings == wanted and digest == checkpoint_digest(checkpoint)
 
 
 class _Measurement:
@@ -357,6 +358,9 @@ class _Measurement:
         manifest = self.checkpoint.manifest
         base = self.checkpoint.directory or self.checkpoint.path.parent
         reference = src.reference or _from_manifest(manifest, "reference", base)
+        adapter = self.checkpoint.adapter
+        if reference is None and adapter is not None and adapter.base is not None:
+            reference = str(adapter.base)
         if reference is None:
             raise InputError(
                 "--reference is required (the pretrained checkpoint); pass --reference PATH"
@@ -364,14 +368,13 @@ class _Measurement:
         self.reference: Checkpoint = load_checkpoint(
             reference, trust=src.trust, label="--reference"
         )
+        self.checkpoint = apply_adapter(self.checkpoint, self.reference)
+        hf_directory = self.checkpoint.directory
+        if adapter is not None:
+            hf_directory = self.reference.directory
         spec = src.model or manifest.get("model")
         if spec is None:
-            spec = (
-                "hf"
-                if self.checkpoint.directory
-                and (self.checkpoint.directory / "config.json").is_file()
-                else None
-            )
+            spec = "hf" if hf_directory and (hf_directory / "config.json").is_file() else None
         if spec is None:
             raise InputError("--model is required (e.g. torchvision:resnet18); pass --model SPEC")
         kwargs = (
@@ -379,11 +382,11 @@ class _Measurement:
         )
         self.model_spec, self.model_kwargs = spec, dict(kwargs or {})
         self.manifest = manifest
-        module = build_model(spec, self.model_kwargs, hf_directory=self.checkpoint.directory)
+        module = build_model(spec, self.model_kwargs, hf_directory=hf_directory)
         self.device = resolve_device(s.device)
         self.dtype = torch.float64 if s.dtype == "float64" else torch.float32
         module.to(dtype=self.dtype)
-        self.layers = select_layers(module, list(s.layers) if s.layers else None)
+        self.layers = select_layers(module, list(s.layers or self.checkpoint.layers or ()))
         head = s.head_reference
         if head != "zero" and manifest.get("head_reference") and not Path(head).exists():
             head = str(_from_manifest(manifest, "head_reference", base))
@@ -590,6 +593,7 @@ class _Measurement:
         )
         settings = s.to_json()
         settings["device"] = str(self.device)
+        training = self.checkpoint.training
         return {
             "schema_version": SCHEMA_VERSION,
             "checkpoint": str(self.checkpoint.path),
@@ -611,7 +615,9 @@ class _Measurement:
                 for k in ("method", "seed", "epoch", "label_noise")
                 if k in self.manifest
             },
-            "epoch": _epoch_of(self.checkpoint.path, self.manifest),
+            "epoch": training.get("epoch", _epoch_of(self.checkpoint.path, self.manifest)),
+            "step": training.get("step"),
+            "training": training or None,
             "layers": layers,
             "top_eigenvalues_all_layers": None
             if whole is None
