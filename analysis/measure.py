@@ -190,6 +190,8 @@ class Sources:
     model: str | None = None
     model_kwargs: Mapping[str, Any] | None = None
     trust: bool = False
+    input_columns: tuple[str, ...] | None = None
+    label_column: str | None = None
 
 
 def measure(
@@ -205,9 +207,23 @@ def measure(
     trust: bool = False,
     verbose: bool = False,
     quiet: bool = True,
+    input_columns: tuple[str, ...] | None = None,
+    label_column: str | None = None,
 ) -> dict[str, Any]:
-    """Measure one checkpoint and write ``out/measurement.json``; returns the result dict."""
-    sources = Sources(Path(checkpoint), reference, data, eval_data, model, model_kwargs, trust)
+    """Measure one checkpoint and write ``out/measurement.json``; returns the result dict.
+
+    ``input_columns``/``label_column`` choose the columns of a ``datasets`` directory."""
+    sources = Sources(
+        Path(checkpoint),
+        reference,
+        data,
+        eval_data,
+        model,
+        model_kwargs,
+        trust,
+        input_columns,
+        label_column,
+    )
     return _Measurement(sources, settings, verbose=verbose, quiet=quiet).run(Path(out))
 
 
@@ -468,16 +484,17 @@ class _Measurement:
             raise InputError(
                 "--data is required (the training data); pass --data PATH|digits:train"
             )
-        self.train: LabeledData = load_data(
-            str(data_spec), image_size=s.image_size, trust=src.trust, label="--data"
-        )
+        options = {
+            "image_size": s.image_size,
+            "trust": src.trust,
+            "input_columns": src.input_columns,
+            "label_column": src.label_column,
+            "pad_token_id": getattr(getattr(module, "config", None), "pad_token_id", None),
+        }
+        self.train: LabeledData = load_data(str(data_spec), label="--data", **options)
         eval_spec = src.eval_data or _from_manifest(manifest, "data", base, key2="eval")
         self.eval: LabeledData | None = (
-            None
-            if eval_spec is None
-            else load_data(
-                str(eval_spec), image_size=s.image_size, trust=src.trust, label="--eval-data"
-            )
+            None if eval_spec is None else load_data(str(eval_spec), label="--eval-data", **options)
         )
         self.data_specs = {
             "train": str(data_spec),
@@ -748,6 +765,10 @@ class _Measurement:
             "data": {
                 "train": self.data_specs["train"],
                 "eval": self.data_specs["eval"],
+                "input_columns": None
+                if self.sources.input_columns is None
+                else list(self.sources.input_columns),
+                "label_column": self.sources.label_column,
                 "n_train": len(self.train),
                 "n_eval": None if self.eval is None else len(self.eval),
                 "n_hessian_samples": count,
