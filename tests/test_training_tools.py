@@ -37,16 +37,14 @@ def _bert_config():
     )
 
 
-def _tokens(n: int, *, padded: bool, seed: int = 0) -> tuple[dict, torch.Tensor]:
-    """Token ids 1..VOCAB-1; with ``padded``, every other row is cut short and right-padded."""
-    g = torch.Generator().manual_seed(seed)
+def _tokens(n: int) -> tuple[dict, torch.Tensor]:
+    """Token ids 1..VOCAB-1 with every other row cut short and right-padded with 0."""
+    g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, VOCAB, (n, SEQ), generator=g)
     mask = torch.ones(n, SEQ, dtype=torch.long)
-    if padded:
-        mask[::2, 5:] = 0
-        ids = ids * mask
+    mask[::2, 5:] = 0
     y = torch.randint(0, CLASSES, (n,), generator=g)
-    return ({"input_ids": ids, "attention_mask": mask} if padded else {"input_ids": ids}), y
+    return {"input_ids": ids * mask, "attention_mask": mask}, y
 
 
 def _cli(*args: object) -> None:
@@ -74,7 +72,7 @@ def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = BertForSequenceClassification(_bert_config())
     model.save_pretrained(root / "base")
-    x, y = _tokens(16, padded=True)
+    x, y = _tokens(16)
     torch.save({"x": x, "y": y}, root / "train.pt")
     rows = {k: v.tolist() for k, v in x.items()} | {"labels": y.tolist()}
     dataset = Dataset.from_dict(rows)
@@ -104,7 +102,7 @@ def test_trainer_output_dir_is_measured_and_compared(trainer_run: Path) -> None:
     assert (root / "out" / "model.safetensors").is_file()
     assert (root / "out" / "checkpoint-1" / "optimizer.pt").is_file()
     _cli("measure", root / "out", "--reference", root / "base", "--data", root / "train.pt",
-         "--out", root / "m", "--estimator", "ggn", "--samples", 4, "--quiet")  # fmt: skip
+         "--out", root / "m", "--estimator", "block", "--samples", 4, "--quiet")  # fmt: skip
     found = sorted(p.parent.name for p in (root / "m").rglob("measurement.json"))
     assert found == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     for step in (1, 2, 3):
@@ -113,6 +111,11 @@ def test_trainer_output_dir_is_measured_and_compared(trainer_run: Path) -> None:
         assert m["step"] == step == state["global_step"]
         assert m["epoch"] == state["epoch"] and isinstance(m["epoch"], float)
         assert m["training"]["tool"] == "transformers.Trainer"
+
+    first = (root / "m" / "checkpoint-1" / "measurement.json").stat().st_mtime_ns
+    _cli("measure", root / "out", "--reference", root / "base", "--data", root / "train.pt",
+         "--out", root / "m", "--estimator", "block", "--samples", 4, "--quiet")  # fmt: skip
+    assert (root / "m" / "checkpoint-1" / "measurement.json").stat().st_mtime_ns == first
 
     _cli("compare", root / "m", "--out", root / "cmp", "--no-figures")
     rows = sorted(_rows(root / "cmp"), key=lambda r: int(r["step"]))
@@ -200,7 +203,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("peft")
     torch.manual_seed(0)
     BertForSequenceClassification(_bert_config()).double().save_pretrained(root / "bert")
-    x, y = _tokens(12, padded=False)
+    x, y = _tokens(12)
     torch.save({"x": x, "y": y}, root / "tokens.pt")
 
     def bert():
@@ -277,10 +280,7 @@ def _measure_pair(root: Path, name: str, base: str, *extra: object) -> tuple[dic
     """Measure adapter ``name`` and its merged model (against ``base``) on the adapter's
     default layers; the adapter's base comes from its config when ``base`` is the directory
     named there."""
-    # GPT-2's classifier picks the last non-pad token by data-dependent indexing, which the
-    # vmapped estimators cannot trace yet (helper "text"); the Gauss-Newton route works.
-    estimator = "ggn" if name == "gpt2" else "block"
-    common = ("--estimator", estimator, "--dtype", "float64", "--samples", 6, "--quiet", *extra)
+    common = ("--estimator", "block", "--dtype", "float64", "--samples", 6, "--quiet", *extra)
     given = [] if base == "bert" and name == "patterns" else ["--reference", root / base]
     _cli("measure", root / "adapters" / name, "--out", root / "m" / name, *given, *common)
     adapter = _measurement(root / "m" / name / "measurement.json")
