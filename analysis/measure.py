@@ -782,7 +782,9 @@ class _Measurement:
                 for k in ("method", "seed", "epoch", "label_noise")
                 if k in self.manifest
             },
-            "epoch": training.get("epoch", _epoch_of(self.checkpoint.path, self.manifest)),
+            "epoch": _epoch_of(self.checkpoint.path, self.manifest)
+            if training.get("epoch") is None
+            else training["epoch"],
             "step": training.get("step"),
             "training": training or None,
             "layers": layers,

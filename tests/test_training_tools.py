@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -371,6 +372,34 @@ def test_unsupported_peft_variant_is_one_line(adapters, capsys) -> None:
     assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "DoRA" in err
+
+
+@pytest.mark.parametrize("kind", ["IA3", "LOHA", "PROMPT_TUNING"])
+def test_other_peft_types_are_refused_by_name(adapters, tmp_path, capsys, kind) -> None:
+    shutil.copytree(adapters / "adapters" / "rslora", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["peft_type"] = kind
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    args = ["measure", tmp_path / "adapter", "--reference", adapters / "bert",
+            "--data", adapters / "tokens.pt", "--out", tmp_path / "m"]  # fmt: skip
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"PEFT type {kind}" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_trainer_checkpoints_holding_adapters(adapters, tmp_path) -> None:
+    """A Trainer that trained a PeftModel writes an adapter into every checkpoint-N/."""
+    for step in (2, 4):
+        target = tmp_path / "out" / f"checkpoint-{step}"
+        shutil.copytree(adapters / "adapters" / "patterns", target)
+        state = {"global_step": step, "epoch": step / 4, "log_history": []}
+        (target / "trainer_state.json").write_text(json.dumps(state))
+    _cli("measure", tmp_path / "out", "--reference", adapters / "bert", "--data",
+         adapters / "tokens.pt", "--out", tmp_path / "m", "--estimator", "ggn", "--samples", 2,
+         "--quiet")  # fmt: skip
+    found = sorted((tmp_path / "m").rglob("measurement.json"))
+    assert [(m["step"], m["epoch"]) for m in map(_measurement, found)] == [(2, 0.5), (4, 1.0)]
 
 
 def test_adapter_comparison_carries_the_layers(adapters) -> None:
