@@ -219,9 +219,7 @@ def snapshot(workdir: Path) -> None:
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     for folder in ("bounds", "analysis", "figures", "finetune"):
-        shutil.copytree(
-            ROOT / folder, package / folder, ignore=shutil.ignore_patterns("__pycache__")
-        )
+        shutil.copytree(ROOT / folder, package / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tests", workdir / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "setup.cfg", workdir / "setup.cfg")
 
