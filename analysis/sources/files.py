@@ -27,6 +27,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from hessfine.analysis.errors import InputError
@@ -43,6 +44,17 @@ def one_line(err: BaseException) -> str:
     """``Type: message`` of an exception on one line."""
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def read_json_object(path: Path, *, name: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; else one line: ``name`` is not readable, then ``fix``."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{name} is not readable JSON ({one_line(err)}); {fix}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{name} must hold a JSON object, not {type(value).__name__}; {fix}")
+    return value
 
 
 def sha256_of(files: Sequence[Path]) -> str:

@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -43,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 from hessfine.analysis.errors import InputError
-from hessfine.analysis.sources.files import one_line, read_file, sha256_of
+from hessfine.analysis.sources.files import read_file, read_json_object, sha256_of
 from torch import Tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -209,15 +208,7 @@ def read_adapter(directory: Path, *, trust: bool, label: str) -> tuple[LoraAdapt
 
 
 def _config(path: Path, label: str) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(
-            f"{label} {path} is not readable JSON ({one_line(err)}); save it again"
-        ) from None
-    if not isinstance(config, dict):
-        raise InputError(f"{label} {path} must hold a JSON object; save the adapter again")
-    return config
+    return read_json_object(path, name=f"{label} {path}", fix="save the adapter again")
 
 
 def _pattern(patterns: object, module: str, default: object) -> object:

@@ -21,14 +21,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hessfine.analysis.errors import InputError
-from hessfine.analysis.sources.files import one_line
+from hessfine.analysis.sources.files import read_json_object
 
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")
@@ -46,15 +44,7 @@ def trainer_record(directory: Path) -> dict[str, Any]:
     path = directory / TRAINER_STATE
     if not path.is_file():
         return {}
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(
-            f"checkpoint {directory}: {TRAINER_STATE} is not readable JSON ({one_line(err)}); "
-            "copy the checkpoint directory again"
-        ) from None
-    if not isinstance(state, Mapping):
-        raise InputError(f"checkpoint {directory}: {TRAINER_STATE} must hold a JSON object")
+    state = read_json_object(path, name=f"checkpoint {path}", fix="copy the checkpoint again")
     step = state.get("global_step")
     history = state.get("log_history")
     history = [e for e in history if isinstance(e, Mapping)] if isinstance(history, list) else []
