@@ -362,8 +362,13 @@ def test_adapter_distances_come_from_the_factors(adapters) -> None:
         assert factor.norm() == pytest.approx(float(dense.norm()), rel=1e-12)
     rs, _ = read_adapter(adapters / "adapters" / "rslora", trust=False, label="checkpoint")
     assert {f.scale for f in rs.factors} == {3 / 2}  # lora_alpha / sqrt(r)
-    f = LoraFactor("m", "linear", torch.ones(1, 2), torch.ones(2, 1), scale=1.0, transpose=True)
-    assert f.delta((2, 2)).shape == (2, 2)
+    # a square weight follows fan_in_fan_out; otherwise the base weight's shape decides
+    a, b = torch.arange(3.0).reshape(1, 3), torch.arange(1.0, 3.0).reshape(2, 1)
+    for transpose in (False, True):
+        f = LoraFactor("m", "linear", a, b, scale=1.0, transpose=transpose)
+        assert torch.equal(f.delta((2, 3)), b @ a) and torch.equal(f.delta((3, 2)), (b @ a).T)
+    square = LoraFactor("m", "linear", a[:, :2], b, scale=1.0, transpose=True)
+    assert torch.equal(square.delta((2, 2)), (b @ a[:, :2]).T)
 
 
 def test_unsupported_peft_variant_is_one_line(adapters, capsys) -> None:
