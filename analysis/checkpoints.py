@@ -442,6 +442,12 @@ def align(
     base = getattr(model, "base_model_prefix", "")
     prefixes = (*PREFIXES, f"{base}.") if isinstance(base, str) and base else PREFIXES
     exact: dict[str, tuple[Tensor, float]] = {}
+    for given in (finetuned, reference):
+        if isinstance(given, Checkpoint) and given.adapter is not None:
+            raise InputError(
+                f"{given.directory} is a PEFT adapter without its base model; measure it with "
+                "hessfine measure ADAPTER --reference BASE, or merge it first"
+            )
     if isinstance(finetuned, Checkpoint):
         prefixes = (*prefixes, *finetuned.prefixes)
         if finetuned.deltas is not None:

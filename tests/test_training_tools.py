@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from hessfine.analysis.cli import main
+from hessfine.analysis.errors import InputError
 from hessfine.analysis.sources.peft import LoraFactor, read_adapter
 from hessfine.analysis.sources.trainer import logged_near
 from torch import nn
@@ -369,6 +370,14 @@ def test_adapter_distances_come_from_the_factors(adapters) -> None:
         assert torch.equal(f.delta((2, 3)), b @ a) and torch.equal(f.delta((3, 2)), (b @ a).T)
     square = LoraFactor("m", "linear", a[:, :2], b, scale=1.0, transpose=True)
     assert torch.equal(square.delta((2, 2)), (b @ a[:, :2]).T)
+
+
+def test_an_unmerged_adapter_is_not_aligned(adapters) -> None:
+    from hessfine.analysis.checkpoints import align, load_checkpoint
+
+    checkpoint = load_checkpoint(adapters / "adapters" / "rslora")
+    with pytest.raises(InputError, match="PEFT adapter without its base"):
+        align(nn.Linear(2, 2), checkpoint, {}, layers=["weight"])
 
 
 def test_unsupported_peft_variant_is_one_line(adapters, capsys) -> None:
