@@ -71,8 +71,19 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoint", metavar="CHECKPOINT", help="fine-tuned checkpoint file or directory (of runs)"
     )
     add("--reference", metavar="REF", help="pretrained checkpoint (default: from the run manifest)")
-    add("--data", metavar="TRAIN", help="training data: ImageFolder dir, .pt, .npz, digits:train")
+    add(
+        "--data",
+        metavar="TRAIN",
+        help="training data: ImageFolder dir, .pt, .npz, datasets DIR[:SPLIT], digits:train",
+    )
     add("--eval-data", metavar="EVAL", help="evaluation data, for the measured generalization gap")
+    add(
+        "--input-columns",
+        nargs="+",
+        metavar="COL",
+        help="datasets directory: input columns (default input_ids attention_mask)",
+    )
+    add("--label-column", metavar="COL", help="datasets directory: label column (default label)")
     add("--out", required=True, metavar="DIR", help="output directory")
     add(
         "--model",
@@ -221,6 +232,8 @@ def _run_measure(args: argparse.Namespace) -> int:
         model=args.model,
         model_kwargs=None if args.model_kwargs is None else parse_model_kwargs(args.model_kwargs),
         trust=args.trust_checkpoint,
+        input_columns=None if args.input_columns is None else tuple(args.input_columns),
+        label_column=args.label_column,
     )
     if not args.quiet:
         for path in written:

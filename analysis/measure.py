@@ -33,12 +33,13 @@ from hessfine.analysis.checkpoints import (
     Alignment,
     Checkpoint,
     align,
+    apply_adapter,
+    checkpoint_digest,
     find_checkpoints,
     is_run_collection,
     load_checkpoint,
     load_head_reference,
     select_layers,
-    sha256_of,
 )
 from hessfine.analysis.data import TASKS, LabeledData, Task, check_labels, load_data
 from hessfine.analysis.errors import InputError
@@ -198,6 +199,8 @@ class Sources:
     model: str | None = None
     model_kwargs: Mapping[str, Any] | None = None
     trust: bool = False
+    input_columns: tuple[str, ...] | None = None
+    label_column: str | None = None
 
 
 def measure(
@@ -213,9 +216,23 @@ def measure(
     trust: bool = False,
     verbose: bool = False,
     quiet: bool = True,
+    input_columns: tuple[str, ...] | None = None,
+    label_column: str | None = None,
 ) -> dict[str, Any]:
-    """Measure one checkpoint and write ``out/measurement.json``; returns the result dict."""
-    sources = Sources(Path(checkpoint), reference, data, eval_data, model, model_kwargs, trust)
+    """Measure one checkpoint and write ``out/measurement.json``; returns the result dict.
+
+    ``input_columns``/``label_column`` choose the columns of a ``datasets`` directory."""
+    sources = Sources(
+        Path(checkpoint),
+        reference,
+        data,
+        eval_data,
+        model,
+        model_kwargs,
+        trust,
+        input_columns,
+        label_column,
+    )
     return _Measurement(sources, settings, verbose=verbose, quiet=quiet).run(Path(out))
 
 
@@ -273,7 +290,7 @@ def _already_measured(result: Path, checkpoint: Path, settings: MeasureSettings)
     same_settings = {k: v for k, v in previous.get("settings", {}).items() if k not in derived}
     wanted.pop("device")
     digest = previous.get("provenance", {}).get("checkpoint_sha256")
-    return same_settings == wanted and digest == sha256_of([checkpoint])
+    return same_settings == wanted and digest == checkpoint_digest(checkpoint)
 
 
 class _Measurement:
@@ -423,6 +440,9 @@ class _Measurement:
         manifest = self.checkpoint.manifest
         base = self.checkpoint.directory or self.checkpoint.path.parent
         reference = src.reference or _from_manifest(manifest, "reference", base)
+        adapter = self.checkpoint.adapter
+        if reference is None and adapter is not None and adapter.base is not None:
+            reference = str(adapter.base)
         if reference is None:
             raise InputError(
                 "--reference is required (the pretrained checkpoint); pass --reference PATH"
@@ -430,14 +450,13 @@ class _Measurement:
         self.reference: Checkpoint = load_checkpoint(
             reference, trust=src.trust, label="--reference"
         )
+        self.checkpoint = apply_adapter(self.checkpoint, self.reference)
+        hf_directory = self.checkpoint.directory
+        if adapter is not None:
+            hf_directory = self.reference.directory
         spec = src.model or manifest.get("model")
         if spec is None:
-            spec = (
-                "hf"
-                if self.checkpoint.directory
-                and (self.checkpoint.directory / "config.json").is_file()
-                else None
-            )
+            spec = "hf" if hf_directory and (hf_directory / "config.json").is_file() else None
         if spec is None:
             raise InputError("--model is required (e.g. torchvision:resnet18); pass --model SPEC")
         kwargs = (
@@ -445,11 +464,11 @@ class _Measurement:
         )
         self.model_spec, self.model_kwargs = spec, dict(kwargs or {})
         self.manifest = manifest
-        module = build_model(spec, self.model_kwargs, hf_directory=self.checkpoint.directory)
+        module = build_model(spec, self.model_kwargs, hf_directory=hf_directory)
         self.device = resolve_device(s.device)
         self.dtype = torch.float64 if s.dtype == "float64" else torch.float32
         module.to(dtype=self.dtype)
-        self.layers = select_layers(module, list(s.layers) if s.layers else None)
+        self.layers = select_layers(module, list(s.layers or self.checkpoint.layers or ()))
         head = s.head_reference
         if head != "zero" and manifest.get("head_reference") and not Path(head).exists():
             head = str(_from_manifest(manifest, "head_reference", base))
@@ -478,20 +497,18 @@ class _Measurement:
             raise InputError(
                 "--data is required (the training data); pass --data PATH|digits:train"
             )
-        self.train: LabeledData = load_data(
-            str(data_spec), image_size=s.image_size, trust=src.trust, label="--data", task=s.task
-        )
+        options = {
+            "image_size": s.image_size,
+            "trust": src.trust,
+            "task": s.task,
+            "input_columns": src.input_columns,
+            "label_column": src.label_column,
+            "pad_token_id": getattr(getattr(module, "config", None), "pad_token_id", None),
+        }
+        self.train: LabeledData = load_data(str(data_spec), label="--data", **options)
         eval_spec = src.eval_data or _from_manifest(manifest, "data", base, key2="eval")
         self.eval: LabeledData | None = (
-            None
-            if eval_spec is None
-            else load_data(
-                str(eval_spec),
-                image_size=s.image_size,
-                trust=src.trust,
-                label="--eval-data",
-                task=s.task,
-            )
+            None if eval_spec is None else load_data(str(eval_spec), label="--eval-data", **options)
         )
         self.data_specs = {
             "train": str(data_spec),
@@ -757,6 +774,7 @@ class _Measurement:
         settings["device"] = str(self.device)
         if self.attention is not None:
             settings["attn_implementation"] = self.attention
+        training = self.checkpoint.training
         return {
             "schema_version": SCHEMA_VERSION,
             "checkpoint": str(self.checkpoint.path),
@@ -768,6 +786,10 @@ class _Measurement:
             "data": {
                 "train": self.data_specs["train"],
                 "eval": self.data_specs["eval"],
+                "input_columns": None
+                if self.sources.input_columns is None
+                else list(self.sources.input_columns),
+                "label_column": self.sources.label_column,
                 "n_train": len(self.train),
                 "n_eval": None if self.eval is None else len(self.eval),
                 "n_hessian_samples": count,
@@ -781,7 +803,11 @@ class _Measurement:
                 for k in ("method", "seed", "epoch", "label_noise")
                 if k in self.manifest
             },
-            "epoch": _epoch_of(self.checkpoint.path, self.manifest),
+            "epoch": _epoch_of(self.checkpoint.path, self.manifest)
+            if training.get("epoch") is None
+            else training["epoch"],
+            "step": training.get("step"),
+            "training": training or None,
             "layers": layers,
             "top_eigenvalues_all_layers": None
             if whole is None
