@@ -651,6 +651,12 @@ class _Measurement:
             record["indices"] = None  # every example, in file order
         return record
 
+    def _data_index(self, form: QuadraticForm) -> int | None:
+        """Index in the data set of the example attaining 𝓗_i (None for batches, unused layers)."""
+        if form.method in ("reference-code", UNUSED) or form.argmax < 0:
+            return None
+        return int(self.sample.indices[form.argmax])
+
     def _notes(self, count: int) -> list[str]:
         """Plain-language caveats about this result (``measurement.json → notes``)."""
         s = self.settings
@@ -718,7 +724,12 @@ class _Measurement:
                     "distance": row.distance,
                     "reference_source": row.source,
                     "method": form.method,
-                    "quadratic_form": {"max": form.max, "mean": form.mean, "argmax": form.argmax},
+                    "quadratic_form": {
+                        "max": form.max,
+                        "mean": form.mean,
+                        "argmax": form.argmax,
+                        "argmax_index": self._data_index(form),
+                    },
                     "diagnostics": dict(form.diagnostics),
                     "trace": trace,
                     "top_eigenvalues": eigen[name].values if name in eigen else None,
