@@ -141,6 +141,7 @@ class MeasureSettings:
             raise InputError(
                 f"--estimator {self.estimator!r} is unknown; use one of {', '.join(ESTIMATORS)}"
             )
+        largest = torch.finfo(torch.float64 if self.dtype == "float64" else torch.float32).max
         checks = [
             (
                 self.samples is None or self.samples > 0,
@@ -155,8 +156,9 @@ class MeasureSettings:
             (self.eigen >= 0, f"--eigen must be ≥ 0, got {self.eigen}"),
             (self.noise_draws > 1, f"--noise-draws must be at least 2, got {self.noise_draws}"),
             (
-                all(math.isfinite(s) and s > 0 for s in self.noise_sigma),
-                f"--noise-sigma values must be finite and positive, got {list(self.noise_sigma)}",
+                all(0 < s < largest for s in self.noise_sigma),
+                f"--noise-sigma values must be positive and finite in {self.dtype}, got "
+                f"{list(self.noise_sigma)}",
             ),
             (
                 math.isfinite(self.epsilon) and self.epsilon >= 0,

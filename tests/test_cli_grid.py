@@ -196,6 +196,7 @@ INADMISSIBLE = [
     (["--noise-sigma", "inf"], "--noise-sigma"),
     (["--noise-sigma", "nan"], "--noise-sigma"),
     (["--noise-sigma", "0"], "--noise-sigma"),
+    (["--noise-sigma", "1e300"], "--noise-sigma"),  # overflows float32
     (["--epsilon", "inf"], "--epsilon"),
     (["--epsilon", "nan"], "--epsilon"),
     (["--epsilon", "-0.5"], "--epsilon"),
