@@ -348,6 +348,7 @@ def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tu
 def run(args: argparse.Namespace) -> int:
     """Run ``hessfine crosscheck``; print the side-by-side table; return 0."""
     from hessfine.analysis.checkpoints import align, load_checkpoint, select_layers
+    from hessfine.analysis.measure import unused_layers
     from hessfine.analysis.models import build_model, parse_model_kwargs, resolve_device
 
     if args.samples < 1:
@@ -364,6 +365,13 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(dtype=dtype).eval()
     x, y = _batch(args, model, dtype)
     model = model.to(device)
+    fmodel, params = FunctionalModel.from_module(model)
+    unused = unused_layers(fmodel, params, layers, x[:1].to(device), y[:1].to(device))
+    if len(unused) == len(layers):
+        raise InputError("none of the selected layers is used in eval mode; check --layers")
+    if unused:
+        print(f"note: left out layers not used in eval mode (zero Hessian): {', '.join(unused)}")
+        layers = [name for name in layers if name not in unused]
     rows = crosscheck(
         model,
         x.to(device),

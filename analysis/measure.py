@@ -497,21 +497,8 @@ class _Measurement:
         return data.subset(self.sample.indices)
 
     def _unused_layers(self, data: LabeledData) -> list[str]:
-        """Selected layers the loss does not depend on in eval mode (one forward/backward).
-
-        E.g. the auxiliary classifiers of torchvision's GoogLeNet and Inception v3, which only
-        training mode uses: their Hessian blocks are zero.
-        """
         x, y = next(iter(self._batches(data, 1)))
-        weights = {name: self.params[name].detach().requires_grad_(True) for name in self.layers}
-        with torch.enable_grad(), differentiable():
-            loss = self.fmodel.losses({**self.params, **weights}, x, y).sum()
-            grads = (
-                torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
-                if loss.requires_grad
-                else [None] * len(weights)
-            )
-        unused = [name for name, g in zip(self.layers, grads, strict=True) if g is None]
+        unused = unused_layers(self.fmodel, self.params, self.layers, x, y)
         if len(unused) == len(self.layers):
             raise InputError(
                 f"--model {self.model_spec}: none of the selected layers is used in eval mode "
@@ -789,6 +776,23 @@ class _Measurement:
                 "timings": {k: float(v) for k, v in self.timings.items()},
             },
         }
+
+
+def unused_layers(
+    fmodel: FunctionalModel, params: Mapping[str, Tensor], layers: list[str], x, y: Tensor
+) -> list[str]:
+    """The ``layers`` the loss on (x, y) does not depend on: one forward and backward pass.
+
+    E.g. the auxiliary classifiers of torchvision's GoogLeNet and Inception v3, which only
+    training mode uses. Their Hessian blocks are zero (autograd gives them no gradient at all).
+    """
+    weights = {name: params[name].detach().requires_grad_(True) for name in layers}
+    with torch.enable_grad(), differentiable():
+        loss = fmodel.losses({**params, **weights}, x, y).sum()
+        if not loss.requires_grad:
+            return list(layers)
+        grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+    return [name for name, g in zip(layers, grads, strict=True) if g is None]
 
 
 def _zeros_merged(top: Eigenvalues, zeros: int, k: int) -> Eigenvalues:
