@@ -635,10 +635,9 @@ class _Measurement:
     def _sample_record(self) -> dict[str, Any]:
         s = self.settings
         population = len(self.train if s.hessian_split == "train" else self.eval)
-        record = self.sample.to_json(s.sample_order, population)
-        if len(self.sample.indices) == population and s.sample_order == "file":
-            record["indices"] = None  # every example, in file order
-        return record
+        if len(self.sample.indices) == population:  # every example, in file order
+            return {**self.sample.to_json("file", population), "indices": None}
+        return self.sample.to_json(s.sample_order, population)
 
     def _data_index(self, form: QuadraticForm) -> int | None:
         """Index in the data set of the example attaining 𝓗_i (None for batches, unused layers)."""
@@ -650,9 +649,9 @@ class _Measurement:
         """Plain-language caveats about this result (``measurement.json → notes``)."""
         s = self.settings
         how = (
-            "the first in file order"
-            if s.sample_order == "file"
-            else "a seeded class-stratified sample"
+            "a seeded class-stratified sample"
+            if self._sample_record()["order"] == "stratified"
+            else "in file order"
         )
         notes = [
             f"𝓗_i (quadratic_form.max) is a maximum over {count} examples of the "

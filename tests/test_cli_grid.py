@@ -151,7 +151,7 @@ def _numbers(node, path=""):
         yield path, node
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, database=None)
+@settings(max_examples=5, deadline=None, derandomize=True, database=None)
 @given(case=CASES)
 @example(case={**BASE, "aux": True, "estimator": "auto", "extra": EXTRAS[1]})
 @example(case={**BASE, "aux": True, "estimator": "ggn", "extra": EXTRAS[2]})
@@ -176,7 +176,9 @@ def test_every_valid_input_gives_a_finite_schema_valid_result(case):
     n_used = min(case["samples"], case["n"])
     assert result["data"]["n_hessian_samples"] == n_used
     sample = result["data"]["hessian_sample"]
-    if sample["indices"] is not None:
+    if sample["indices"] is None:
+        assert n_used == case["n"] and sample["order"] == "file"
+    else:
         assert len(set(sample["indices"])) == n_used
     assert (result["unused_layers"] == ["aux.weight"]) == case["aux"]
     for layer in result["layers"]:
