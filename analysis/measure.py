@@ -386,8 +386,8 @@ class _Measurement:
             train_loss=stats["train_loss"],
             layer_max={name: forms[name].max for name in self.layers},
             distances={name: self.distances[name] for name in self.layers},
-            weights={name: self.params[name] for name in self.layers},
-            directions={name: self.directions[name] for name in self.layers},
+            weights={name: self.params[name] for name in self._matrices()},
+            directions={name: self.directions[name] for name in self._matrices()},
             trace_positive_max=None
             if positive is None
             else {name: positive[name].max for name in self.layers},
@@ -639,6 +639,10 @@ class _Measurement:
             return {**self.sample.to_json("file", population), "indices": None}
         return self.sample.to_json(s.sample_order, population)
 
+    def _matrices(self) -> list[str]:
+        """The used layers with ≥2-D weights: those the prior distance measures are defined on."""
+        return [name for name in self.layers if self.params[name].dim() >= 2]
+
     def _data_index(self, form: QuadraticForm) -> int | None:
         """Index in the data set of the example attaining 𝓗_i (None for batches, unused layers)."""
         if form.method in ("reference-code", UNUSED) or form.argmax < 0:
@@ -662,6 +666,12 @@ class _Measurement:
             notes.append(
                 f"reference-code: consecutive batches of {s.effective_batch_size} of those "
                 "examples in the recorded order; argmax is the index of the batch."
+            )
+        vectors = [name for name in self.layers if name not in self._matrices()]
+        if vectors:
+            notes.append(
+                f"bounds.distance_measures leave out the 1-D parameters {', '.join(vectors)} "
+                "(they are defined on weight matrices)."
             )
         if self.unused:
             notes.append(

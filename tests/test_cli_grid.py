@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from hessfine.analysis.cli import main
-from hypothesis import example, given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
@@ -99,7 +99,7 @@ def _write_case(tmp: Path, case: dict) -> list[str]:
     args += ["--model-kwargs", json.dumps(kwargs), "--data", str(tmp / "train.pt")]
     args += ["--out", str(tmp / "out"), "--quiet", "--estimator", case["estimator"]]
     args += ["--samples", str(case["samples"]), "--sample-order", case["order"]]
-    args += ["--batch-size", "3", "--lanczos-steps", "4", *case["extra"]]
+    args += ["--batch-size", "3", "--lanczos-steps", "4", *case["layers"], *case["extra"]]
     return args
 
 
@@ -123,6 +123,7 @@ CASES = st.fixed_dictionaries(
         "samples": st.sampled_from([1, 4, 50]),
         "order": st.sampled_from(["stratified", "file"]),
         "extra": st.sampled_from(EXTRAS),
+        "layers": st.sampled_from([[], ["--layers", "fc1.*", "head.*"], ["--layers", "*.bias"]]),
     }
 ).filter(lambda case: "--certificate" not in case["extra"] or case["n"] >= 8)
 
@@ -137,6 +138,7 @@ BASE = {
     "samples": 4,
     "order": "stratified",
     "extra": [],
+    "layers": [],
 }
 
 
@@ -151,7 +153,13 @@ def _numbers(node, path=""):
         yield path, node
 
 
-@settings(max_examples=5, deadline=None, derandomize=True, database=None)
+@settings(
+    max_examples=5,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=(Phase.explicit, Phase.generate),  # no shrinking: a failure prints its case at once
+)
 @given(case=CASES)
 @example(case={**BASE, "aux": True, "estimator": "auto", "extra": EXTRAS[1]})
 @example(case={**BASE, "aux": True, "estimator": "ggn", "extra": EXTRAS[2]})
@@ -163,6 +171,7 @@ def _numbers(node, path=""):
 @example(case={**BASE, "half": True, "estimator": "reference-code"})
 @example(case={**BASE, "n": 1, "samples": 50, "extra": EXTRAS[2]})
 @example(case={**BASE, "one_class": True, "order": "stratified", "samples": 4})
+@example(case={**BASE, "layers": ["--layers", "*.bias"], "extra": EXTRAS[4]})
 def test_every_valid_input_gives_a_finite_schema_valid_result(case):
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -180,11 +189,13 @@ def test_every_valid_input_gives_a_finite_schema_valid_result(case):
         assert n_used == case["n"] and sample["order"] == "file"
     else:
         assert len(set(sample["indices"])) == n_used
-    assert (result["unused_layers"] == ["aux.weight"]) == case["aux"]
+    aux_selected = case["aux"] and "fc1.*" not in case["layers"]
+    assert bool(result["unused_layers"]) == aux_selected
+    assert all(name.startswith("aux.") for name in result["unused_layers"])
     for layer in result["layers"]:
         for key in ("max", "mean"):
             assert isinstance(layer["quadratic_form"][key], float)
-        if layer["name"] == "aux.weight":
+        if layer["name"].startswith("aux."):
             assert layer["method"] == "unused" and layer["quadratic_form"]["max"] == 0.0
     bounds = result["bounds"]
     for key in ("hessian_distance_measure", "theorem_2_1"):
