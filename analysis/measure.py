@@ -807,7 +807,8 @@ def unused_layers(
 def _zeros_merged(top: Eigenvalues, zeros: int, k: int) -> Eigenvalues:
     """The k largest of ``top`` and ``zeros`` exact zero eigenvalues (the blocks of unused layers).
 
-    Exact: an eigenvalue of the used layers below ``top``'s k-th is below every value kept.
+    The block-diagonal Hessian's spectrum is the union of the blocks' spectra, so this is exact
+    whenever ``top`` holds the k largest eigenvalues of the used layers.
     """
     pairs = [*zip(top.values, top.residuals, strict=True), *[(0.0, 0.0)] * min(zeros, k)]
     pairs = sorted(pairs, key=lambda pair: -pair[0])[:k]
