@@ -312,7 +312,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="data SPEC (default: random 3x32x32 images with random labels)",
     )
-    parser.add_argument("--samples", type=int, default=64, help="examples in the batch (64)")
+    parser.add_argument(
+        "--samples", type=int, default=64, help="examples in the batch, class-stratified (64)"
+    )
     parser.add_argument("--probes", type=int, default=200, help="Hutchinson probes (200)")
     parser.add_argument("--top-k", type=int, default=1, help="number of top eigenvalues (1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
@@ -326,7 +328,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The first ``--samples`` examples of ``--data`` (or a seeded random image batch)."""
+    """A seeded class-stratified choice of ``--samples`` examples of ``--data``
+    (:mod:`hessfine.analysis.sampling`), or a seeded random image batch."""
     if args.data is None:
         g = torch.Generator().manual_seed(args.seed)
         x = torch.randn(args.samples, 3, 32, 32, generator=g, dtype=dtype)
@@ -334,9 +337,13 @@ def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tu
             classes = model(x[:1]).shape[-1]
         return x, torch.randint(0, classes, (args.samples,), generator=g)
     from hessfine.analysis.data import check_labels, load_data
+    from hessfine.analysis.sampling import stratified_sample
 
     data = load_data(args.data, trust=args.trust_checkpoint)
-    x, y = next(iter(data.batches(args.samples, limit=args.samples, dtype=dtype)))
+    sample = stratified_sample(
+        data.y, args.samples, generator=torch.Generator().manual_seed(args.seed)
+    )
+    x, y = next(iter(data.subset(sample.indices).batches(args.samples, dtype=dtype)))
     if not isinstance(x, Tensor):
         raise InputError(f"--data {args.data}: crosscheck needs tensor inputs (PyHessian)")
     with torch.no_grad():
