@@ -171,6 +171,10 @@ class MeasureSettings:
             (self.n_train is None or self.n_train > 0, "--n-train must be positive"),
             (self.image_size > 0, f"--image-size must be positive, got {self.image_size}"),
             (
+                -(2**63) <= self.seed < 2**64,
+                f"--seed must lie in [-2^63, 2^64) (torch's seeds), got {self.seed}",
+            ),
+            (
                 self.sample_order in SAMPLE_ORDERS,
                 f"--sample-order must be one of {', '.join(SAMPLE_ORDERS)}, got {self.sample_order!r}",
             ),

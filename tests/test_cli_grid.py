@@ -222,6 +222,7 @@ INADMISSIBLE = [
     (["--noise-draws", "1"], "--noise-draws"),
     (["--eigen", "-1"], "--eigen"),
     (["--image-size", "0"], "--image-size"),
+    (["--seed", str(2**64)], "--seed"),
     (["--samples", "0"], "--samples"),
     (["--sample-order", "random"], "--sample-order"),
     (["--certificate"], "--certificate"),  # 2 training examples < 8
