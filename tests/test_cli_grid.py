@@ -189,6 +189,10 @@ def test_every_valid_input_gives_a_finite_schema_valid_result(case):
         assert n_used == case["n"] and sample["order"] == "file"
     else:
         assert len(set(sample["indices"])) == n_used
+        if case["order"] == "file":
+            assert sample["indices"] == list(range(n_used))
+        elif not case["one_class"] and n_used >= 3:  # every class present gets an example
+            assert len(sample["per_class"]) == min(3, case["n"])
     aux_selected = case["aux"] and "fc1.*" not in case["layers"]
     assert bool(result["unused_layers"]) == aux_selected
     assert all(name.startswith("aux.") for name in result["unused_layers"])
