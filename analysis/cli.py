@@ -120,7 +120,8 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         type=_samples,
         default=256,
         metavar="N|all",
-        help="examples for the Hessian maxima (default 256)",
+        help="examples for the Hessian maxima, traces, eigenvalues and noise (default 256; "
+        "see --sample-order)",
     )
     add(
         "--sample-order",

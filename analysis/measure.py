@@ -151,6 +151,7 @@ class MeasureSettings:
             raise InputError(
                 "--certificate bounds the 0-1 error of a classifier; drop it with --task causal-lm"
             )
+        largest = torch.finfo(torch.float64 if self.dtype == "float64" else torch.float32).max
         checks = [
             (
                 self.samples is None or self.samples > 0,
@@ -165,8 +166,9 @@ class MeasureSettings:
             (self.eigen >= 0, f"--eigen must be ≥ 0, got {self.eigen}"),
             (self.noise_draws > 1, f"--noise-draws must be at least 2, got {self.noise_draws}"),
             (
-                all(math.isfinite(s) and s > 0 for s in self.noise_sigma),
-                f"--noise-sigma values must be finite and positive, got {list(self.noise_sigma)}",
+                all(0 < s < largest for s in self.noise_sigma),
+                f"--noise-sigma values must be positive and finite in {self.dtype}, got "
+                f"{list(self.noise_sigma)}",
             ),
             (
                 math.isfinite(self.epsilon) and self.epsilon >= 0,
@@ -178,6 +180,10 @@ class MeasureSettings:
             ),
             (self.n_train is None or self.n_train > 0, "--n-train must be positive"),
             (self.image_size > 0, f"--image-size must be positive, got {self.image_size}"),
+            (
+                -(2**63) <= self.seed < 2**64,
+                f"--seed must lie in [-2^63, 2^64) (torch's seeds), got {self.seed}",
+            ),
             (
                 self.sample_order in SAMPLE_ORDERS,
                 f"--sample-order must be one of {', '.join(SAMPLE_ORDERS)}, got {self.sample_order!r}",
@@ -411,8 +417,8 @@ class _Measurement:
             train_loss=stats["train_loss"],
             layer_max={name: forms[name].max for name in self.layers},
             distances={name: self.distances[name] for name in self.layers},
-            weights={name: self.params[name] for name in self.layers},
-            directions={name: self.directions[name] for name in self.layers},
+            weights={name: self.params[name] for name in self._matrices()},
+            directions={name: self.directions[name] for name in self._matrices()},
             trace_positive_max=None
             if positive is None
             else {name: positive[name].max for name in self.layers},
@@ -529,21 +535,8 @@ class _Measurement:
         return data.subset(self.sample.indices)
 
     def _unused_layers(self, data: LabeledData) -> list[str]:
-        """Selected layers the loss does not depend on in eval mode (one forward/backward).
-
-        E.g. the auxiliary classifiers of torchvision's GoogLeNet and Inception v3, which only
-        training mode uses: their Hessian blocks are zero.
-        """
         x, y = next(iter(self._batches(data, 1)))
-        weights = {name: self.params[name].detach().requires_grad_(True) for name in self.layers}
-        with torch.enable_grad(), differentiable():
-            loss = self.fmodel.losses({**self.params, **weights}, x, y).sum()
-            grads = (
-                torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
-                if loss.requires_grad
-                else [None] * len(weights)
-            )
-        unused = [name for name, g in zip(self.layers, grads, strict=True) if g is None]
+        unused = unused_layers(self.fmodel, self.params, self.layers, x, y)
         if len(unused) == len(self.layers):
             raise InputError(
                 f"--model {self.model_spec}: none of the selected layers is used in eval mode "
@@ -685,18 +678,27 @@ class _Measurement:
     def _sample_record(self) -> dict[str, Any]:
         s = self.settings
         population = len(self.train if s.hessian_split == "train" else self.eval)
-        record = self.sample.to_json(s.sample_order, population)
-        if len(self.sample.indices) == population and s.sample_order == "file":
-            record["indices"] = None  # every example, in file order
-        return record
+        if len(self.sample.indices) == population:  # every example, in file order
+            return {**self.sample.to_json("file", population), "indices": None}
+        return self.sample.to_json(s.sample_order, population)
+
+    def _matrices(self) -> list[str]:
+        """The used layers with ≥2-D weights: those the prior distance measures are defined on."""
+        return [name for name in self.layers if self.params[name].dim() >= 2]
+
+    def _data_index(self, form: QuadraticForm) -> int | None:
+        """Index in the data set of the example attaining 𝓗_i (None for batches, unused layers)."""
+        if form.method in ("reference-code", UNUSED) or form.argmax < 0:
+            return None
+        return int(self.sample.indices[form.argmax])
 
     def _notes(self, count: int) -> list[str]:
         """Plain-language caveats about this result (``measurement.json → notes``)."""
         s = self.settings
         how = (
-            "the first in file order"
-            if s.sample_order == "file"
-            else "a seeded class-stratified sample"
+            "a seeded class-stratified sample"
+            if self._sample_record()["order"] == "stratified"
+            else "in file order"
         )
         notes = [
             f"𝓗_i (quadratic_form.max) is a maximum over {count} examples of the "
@@ -707,6 +709,12 @@ class _Measurement:
             notes.append(
                 f"reference-code: consecutive batches of {s.effective_batch_size} of those "
                 "examples in the recorded order; argmax is the index of the batch."
+            )
+        vectors = [name for name in self.layers if name not in self._matrices()]
+        if vectors:
+            notes.append(
+                f"bounds.distance_measures leave out the 1-D parameters {', '.join(vectors)} "
+                "(they are defined on weight matrices)."
             )
         if self.unused:
             notes.append(
@@ -757,7 +765,12 @@ class _Measurement:
                     "distance": row.distance,
                     "reference_source": row.source,
                     "method": form.method,
-                    "quadratic_form": {"max": form.max, "mean": form.mean, "argmax": form.argmax},
+                    "quadratic_form": {
+                        "max": form.max,
+                        "mean": form.mean,
+                        "argmax": form.argmax,
+                        "argmax_index": self._data_index(form),
+                    },
                     "diagnostics": dict(form.diagnostics),
                     "trace": trace,
                     "top_eigenvalues": eigen[name].values if name in eigen else None,
@@ -828,10 +841,28 @@ class _Measurement:
         }
 
 
+def unused_layers(
+    fmodel: FunctionalModel, params: Mapping[str, Tensor], layers: list[str], x, y: Tensor
+) -> list[str]:
+    """The ``layers`` the loss on (x, y) does not depend on: one forward and backward pass.
+
+    E.g. the auxiliary classifiers of torchvision's GoogLeNet and Inception v3, which only
+    training mode uses. Their Hessian blocks are zero (autograd gives them no gradient at all).
+    """
+    weights = {name: params[name].detach().requires_grad_(True) for name in layers}
+    with torch.enable_grad(), differentiable():
+        loss = fmodel.losses({**params, **weights}, x, y).sum()
+        if not loss.requires_grad:
+            return list(layers)
+        grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+    return [name for name, g in zip(layers, grads, strict=True) if g is None]
+
+
 def _zeros_merged(top: Eigenvalues, zeros: int, k: int) -> Eigenvalues:
     """The k largest of ``top`` and ``zeros`` exact zero eigenvalues (the blocks of unused layers).
 
-    Exact: an eigenvalue of the used layers below ``top``'s k-th is below every value kept.
+    The block-diagonal Hessian's spectrum is the union of the blocks' spectra, so this is exact
+    whenever ``top`` holds the k largest eigenvalues of the used layers.
     """
     pairs = [*zip(top.values, top.residuals, strict=True), *[(0.0, 0.0)] * min(zeros, k)]
     pairs = sorted(pairs, key=lambda pair: -pair[0])[:k]

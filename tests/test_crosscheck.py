@@ -198,3 +198,20 @@ def test_top_k_beyond_the_krylov_space_compares_what_lanczos_found():
     assert eigen[0].ours == pytest.approx(float(dense[-1]), rel=1e-8)
     with pytest.raises(InputError, match="--top-k 82"):
         crosscheck(module, x, y, layers=["head.weight"], probes=4, top_k=82)
+
+
+def test_cli_leaves_out_layers_unused_in_eval_mode(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x": torch.randn(6, 5, generator=g), "y": torch.arange(6) % 3}, tmp_path / "d.pt")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--model", "tests.test_cli_grid:grid_net", "--model-kwargs", '{"aux": true}']
+        + ["--data", str(tmp_path / "d.pt"), "--samples", "6", "--probes", "4", "--device", "cpu"]
+    )
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    assert "not used in eval mode (zero Hessian): aux.weight" in out and "| trace |" in out
+    args.layers = ["aux.*"]
+    with pytest.raises(InputError, match="--layers"):
+        run(args)
