@@ -22,6 +22,8 @@ examples:
   hessfine measure runs/ --out results --samples 128 --trace --eigen 3   # every run, resumable
   hessfine measure ft.pt --reference pre.pt --model mymodels.py:build --data train.pt \\
       --out out --noise-sigma 1e-3 3e-3 1e-2 --certificate
+  hessfine measure gpt2_ft/ --reference gpt2_base/ --model hf --task causal-lm \
+      --data tokens.pt --out out/lm      # tokens.pt: {'x': {'input_ids', 'attention_mask'}}
 """
 
 
@@ -69,8 +71,19 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoint", metavar="CHECKPOINT", help="fine-tuned checkpoint file or directory (of runs)"
     )
     add("--reference", metavar="REF", help="pretrained checkpoint (default: from the run manifest)")
-    add("--data", metavar="TRAIN", help="training data: ImageFolder dir, .pt, .npz, digits:train")
+    add(
+        "--data",
+        metavar="TRAIN",
+        help="training data: ImageFolder dir, .pt, .npz, datasets DIR[:SPLIT], digits:train",
+    )
     add("--eval-data", metavar="EVAL", help="evaluation data, for the measured generalization gap")
+    add(
+        "--input-columns",
+        nargs="+",
+        metavar="COL",
+        help="datasets directory: input columns (default input_ids attention_mask)",
+    )
+    add("--label-column", metavar="COL", help="datasets directory: label column (default label)")
     add("--out", required=True, metavar="DIR", help="output directory")
     add(
         "--model",
@@ -88,6 +101,14 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "block", "positive", "ggn", "reference-code"],
     )
     add(
+        "--task",
+        default="classification",
+        choices=["classification", "causal-lm"],
+        help="classification (one label per example) or causal-lm: one example is one sequence, "
+        "its loss the mean next-token cross-entropy over label positions (-100 ignored); y holds "
+        "unshifted labels (N, T), or is absent (input_ids masked by attention_mask)",
+    )
+    add(
         "--lanczos-steps",
         type=int,
         default=128,
@@ -99,7 +120,8 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         type=_samples,
         default=256,
         metavar="N|all",
-        help="examples for the Hessian maxima (default 256)",
+        help="examples for the Hessian maxima, traces, eigenvalues and noise (default 256; "
+        "see --sample-order)",
     )
     add(
         "--sample-order",
@@ -190,6 +212,7 @@ def _run_measure(args: argparse.Namespace) -> int:
 
     settings = MeasureSettings(
         estimator=args.estimator,
+        task=args.task,
         lanczos_steps=args.lanczos_steps,
         positive_rtol=args.positive_rtol,
         samples=args.samples,
@@ -228,6 +251,8 @@ def _run_measure(args: argparse.Namespace) -> int:
         model=args.model,
         model_kwargs=None if args.model_kwargs is None else parse_model_kwargs(args.model_kwargs),
         trust=args.trust_checkpoint,
+        input_columns=None if args.input_columns is None else tuple(args.input_columns),
+        label_column=args.label_column,
     )
     if not args.quiet:
         for path in written:

@@ -22,7 +22,8 @@ distance measure Σ_i sqrt(C·𝓗_i/n) correlates with the gap across methods a
 matches its scale, while the distance-based bounds of prior work are orders of magnitude larger.
 
 ``comparison.csv`` columns: ``measurement`` (path of the file), ``checkpoint``, ``method``,
-``epoch``, ``seed``, ``noise_rate``, ``final_checkpoint`` (1 for the run's final model — its
+``epoch`` (a float for a Trainer checkpoint, 0-based for Lightning), ``step`` (the training tool's
+global step), ``seed``, ``noise_rate``, ``final_checkpoint`` (1 for the run's final model — its
 ``best_epoch`` when the manifest names one, else its last checkpoint — 0 for other epochs, empty
 without a manifest), ``reference``, ``model``, ``run`` (the run directory of the manifest),
 ``estimator``, ``n``, ``n_eval``, ``n_hessian_samples``, ``C``, ``epsilon``, ``train_loss``, ``eval_loss``, ``max_loss``, ``train_accuracy``, ``eval_accuracy``,
@@ -39,8 +40,11 @@ every other scalar entry of ``bounds`` under its own name (e.g. the noisy-label 
 ``sum_trace_mean`` (Σ_i mean_x Tr[H_i(x)], when traces were measured), for each noise level σ
 ``noise_stability_sigma_σ``, ``noise_stability_stderr_sigma_σ`` and
 ``noise_trace_prediction_sigma_σ``, the scalar entries of ``bounds.pac_bayes_certificate`` as
-``pac_bayes_NAME``, ``total_s`` (measurement wall time), and every column of the run's
-``metrics.csv`` as ``metrics_COLUMN``.
+``pac_bayes_NAME``, for a Hugging Face Trainer checkpoint the losses the Trainer logged at or
+nearest its step (``trainer_loss``, ``trainer_loss_step``, ``trainer_eval_loss`` and every other
+``trainer_eval_*`` metric, ``trainer_eval_step``; :mod:`hessfine.analysis.sources.trainer`),
+``total_s`` (measurement wall time), and every column of the run's ``metrics.csv`` as
+``metrics_COLUMN``.
 
 All files are written atomically (a temporary file renamed over the target).
 
@@ -87,6 +91,7 @@ PARENT_LEVELS = 3
 
 LEADING_COLUMNS = (
     *KEY_COLUMNS,
+    "step",
     "reference",
     "model",
     "run",
@@ -134,7 +139,7 @@ class Record:
     measurement: dict[str, Any]
     manifest_path: Path | None
     manifest: dict[str, Any]
-    epoch: int | None
+    epoch: int | float | None
     metrics: dict[str, Any]
 
 
@@ -245,7 +250,7 @@ def load_records(paths: Iterable[str | Path]) -> list[Record]:
         recorded_epoch = measurement.get("epoch")
         epoch = (
             recorded_epoch
-            if isinstance(recorded_epoch, int)
+            if isinstance(recorded_epoch, int | float) and not isinstance(recorded_epoch, bool)
             else _epoch(measurement.get("checkpoint"), checkpoint, manifest)
         )
         run_dir = manifest_path.parent if manifest_path is not None else None
@@ -299,6 +304,7 @@ def flat_row(record: Record) -> Row:
         "checkpoint": m.get("checkpoint"),
         "method": manifest.get("method"),
         "epoch": record.epoch,
+        "step": m.get("step"),
         "final_checkpoint": _is_final(record),
         "seed": manifest.get("seed"),
         "noise_rate": _noise_rate(manifest.get("label_noise")),
@@ -348,6 +354,9 @@ def flat_row(record: Record) -> Row:
         for name, value in certificate.items():
             if finite(value):
                 row[f"pac_bayes_{name}"] = value
+    logged = (m.get("training") or {}).get("logged") or {}
+    for name, value in logged.items():
+        row[f"trainer_{name}"] = value
     row["total_s"] = ((m.get("provenance") or {}).get("timings") or {}).get("total_s")
     for name, value in record.metrics.items():
         row[f"metrics_{name}"] = value

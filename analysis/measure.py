@@ -33,14 +33,15 @@ from hessfine.analysis.checkpoints import (
     Alignment,
     Checkpoint,
     align,
+    apply_adapter,
+    checkpoint_digest,
     find_checkpoints,
     is_run_collection,
     load_checkpoint,
     load_head_reference,
     select_layers,
-    sha256_of,
 )
-from hessfine.analysis.data import LabeledData, check_labels, load_data
+from hessfine.analysis.data import TASKS, LabeledData, Task, check_labels, load_data
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.models import build_model, resolve_device
 from hessfine.analysis.results import (
@@ -60,6 +61,8 @@ from hessfine.analysis.sampling import (
 )
 from hessfine.bounds.functional import (
     Batch,
+    CausalLMLoss,
+    CrossEntropy,
     FunctionalModel,
     NondeterministicModelError,
     check_deterministic,
@@ -96,6 +99,7 @@ class MeasureSettings:
     """Every option of ``hessfine measure`` that changes the numbers (recorded in the result)."""
 
     estimator: Estimator = "auto"
+    task: Task = "classification"
     lanczos_steps: int = 128
     positive_rtol: float = 1e-2
     samples: int | None = 256
@@ -143,6 +147,13 @@ class MeasureSettings:
             raise InputError(
                 f"--estimator {self.estimator!r} is unknown; use one of {', '.join(ESTIMATORS)}"
             )
+        if self.task not in TASKS:
+            raise InputError(f"--task {self.task!r} is unknown; use one of {', '.join(TASKS)}")
+        if self.task == "causal-lm" and self.certificate:
+            raise InputError(
+                "--certificate bounds the 0-1 error of a classifier; drop it with --task causal-lm"
+            )
+        largest = torch.finfo(torch.float64 if self.dtype == "float64" else torch.float32).max
         checks = [
             (
                 self.samples is None or self.samples > 0,
@@ -165,8 +176,9 @@ class MeasureSettings:
             (self.eigen >= 0, f"--eigen must be ≥ 0, got {self.eigen}"),
             (self.noise_draws > 1, f"--noise-draws must be at least 2, got {self.noise_draws}"),
             (
-                all(math.isfinite(s) and s > 0 for s in self.noise_sigma),
-                f"--noise-sigma values must be finite and positive, got {list(self.noise_sigma)}",
+                all(0 < s < largest for s in self.noise_sigma),
+                f"--noise-sigma values must be positive and finite in {self.dtype}, got "
+                f"{list(self.noise_sigma)}",
             ),
             (
                 math.isfinite(self.epsilon) and self.epsilon >= 0,
@@ -178,6 +190,10 @@ class MeasureSettings:
             ),
             (self.n_train is None or self.n_train > 0, "--n-train must be positive"),
             (self.image_size > 0, f"--image-size must be positive, got {self.image_size}"),
+            (
+                -(2**63) <= self.seed < 2**64,
+                f"--seed must lie in [-2^63, 2^64) (torch's seeds), got {self.seed}",
+            ),
             (
                 self.sample_order in SAMPLE_ORDERS,
                 f"--sample-order must be one of {', '.join(SAMPLE_ORDERS)}, got {self.sample_order!r}",
@@ -199,6 +215,8 @@ class Sources:
     model: str | None = None
     model_kwargs: Mapping[str, Any] | None = None
     trust: bool = False
+    input_columns: tuple[str, ...] | None = None
+    label_column: str | None = None
 
 
 def measure(
@@ -214,9 +232,23 @@ def measure(
     trust: bool = False,
     verbose: bool = False,
     quiet: bool = True,
+    input_columns: tuple[str, ...] | None = None,
+    label_column: str | None = None,
 ) -> dict[str, Any]:
-    """Measure one checkpoint and write ``out/measurement.json``; returns the result dict."""
-    sources = Sources(Path(checkpoint), reference, data, eval_data, model, model_kwargs, trust)
+    """Measure one checkpoint and write ``out/measurement.json``; returns the result dict.
+
+    ``input_columns``/``label_column`` choose the columns of a ``datasets`` directory."""
+    sources = Sources(
+        Path(checkpoint),
+        reference,
+        data,
+        eval_data,
+        model,
+        model_kwargs,
+        trust,
+        input_columns,
+        label_column,
+    )
     return _Measurement(sources, settings, verbose=verbose, quiet=quiet).run(Path(out))
 
 
@@ -270,10 +302,11 @@ def _already_measured(result: Path, checkpoint: Path, settings: MeasureSettings)
     except (OSError, json.JSONDecodeError):
         return False
     wanted = json.loads(json.dumps(settings.to_json()))
-    same_settings = {k: v for k, v in previous.get("settings", {}).items() if k != "device"}
+    derived = ("device", "attn_implementation")  # recorded from the run, not chosen
+    same_settings = {k: v for k, v in previous.get("settings", {}).items() if k not in derived}
     wanted.pop("device")
     digest = previous.get("provenance", {}).get("checkpoint_sha256")
-    return same_settings == wanted and digest == sha256_of([checkpoint])
+    return same_settings == wanted and digest == checkpoint_digest(checkpoint)
 
 
 class _Measurement:
@@ -399,8 +432,8 @@ class _Measurement:
             train_loss=stats["train_loss"],
             layer_max={name: forms[name].max for name in self.layers},
             distances={name: self.distances[name] for name in self.layers},
-            weights={name: self.params[name] for name in self.layers},
-            directions={name: self.directions[name] for name in self.layers},
+            weights={name: self.params[name] for name in self._matrices()},
+            directions={name: self.directions[name] for name in self._matrices()},
             trace_positive_max=None
             if positive is None
             else {name: positive[name].max for name in self.layers},
@@ -428,6 +461,9 @@ class _Measurement:
         manifest = self.checkpoint.manifest
         base = self.checkpoint.directory or self.checkpoint.path.parent
         reference = src.reference or _from_manifest(manifest, "reference", base)
+        adapter = self.checkpoint.adapter
+        if reference is None and adapter is not None and adapter.base is not None:
+            reference = str(adapter.base)
         if reference is None:
             raise InputError(
                 "--reference is required (the pretrained checkpoint); pass --reference PATH"
@@ -435,14 +471,13 @@ class _Measurement:
         self.reference: Checkpoint = load_checkpoint(
             reference, trust=src.trust, label="--reference"
         )
+        self.checkpoint = apply_adapter(self.checkpoint, self.reference)
+        hf_directory = self.checkpoint.directory
+        if adapter is not None:
+            hf_directory = self.reference.directory
         spec = src.model or manifest.get("model")
         if spec is None:
-            spec = (
-                "hf"
-                if self.checkpoint.directory
-                and (self.checkpoint.directory / "config.json").is_file()
-                else None
-            )
+            spec = "hf" if hf_directory and (hf_directory / "config.json").is_file() else None
         if spec is None:
             raise InputError("--model is required (e.g. torchvision:resnet18); pass --model SPEC")
         kwargs = (
@@ -450,11 +485,11 @@ class _Measurement:
         )
         self.model_spec, self.model_kwargs = spec, dict(kwargs or {})
         self.manifest = manifest
-        module = build_model(spec, self.model_kwargs, hf_directory=self.checkpoint.directory)
+        module = build_model(spec, self.model_kwargs, hf_directory=hf_directory)
         self.device = resolve_device(s.device)
         self.dtype = torch.float64 if s.dtype == "float64" else torch.float32
         module.to(dtype=self.dtype)
-        self.layers = select_layers(module, list(s.layers) if s.layers else None)
+        self.layers = select_layers(module, list(s.layers or self.checkpoint.layers or ()))
         head = s.head_reference
         if head != "zero" and manifest.get("head_reference") and not Path(head).exists():
             head = str(_from_manifest(manifest, "head_reference", base))
@@ -467,7 +502,10 @@ class _Measurement:
         )
         self.alignment = alignment
         module.to(device=self.device)
-        self.fmodel, self.params = FunctionalModel.from_module(module)
+        loss = CausalLMLoss() if s.task == "causal-lm" else CrossEntropy()
+        self.fmodel, self.params = FunctionalModel.from_module(module, loss=loss)
+        config = getattr(module, "config", None)
+        self.attention = getattr(config, "_attn_implementation", None)
         self.directions = {
             name: alignment.directions[name].to(device=self.device, dtype=self.dtype)
             for name in self.layers
@@ -480,16 +518,18 @@ class _Measurement:
             raise InputError(
                 "--data is required (the training data); pass --data PATH|digits:train"
             )
-        self.train: LabeledData = load_data(
-            str(data_spec), image_size=s.image_size, trust=src.trust, label="--data"
-        )
+        options = {
+            "image_size": s.image_size,
+            "trust": src.trust,
+            "task": s.task,
+            "input_columns": src.input_columns,
+            "label_column": src.label_column,
+            "pad_token_id": getattr(getattr(module, "config", None), "pad_token_id", None),
+        }
+        self.train: LabeledData = load_data(str(data_spec), label="--data", **options)
         eval_spec = src.eval_data or _from_manifest(manifest, "data", base, key2="eval")
         self.eval: LabeledData | None = (
-            None
-            if eval_spec is None
-            else load_data(
-                str(eval_spec), image_size=s.image_size, trust=src.trust, label="--eval-data"
-            )
+            None if eval_spec is None else load_data(str(eval_spec), label="--eval-data", **options)
         )
         self.data_specs = {
             "train": str(data_spec),
@@ -510,21 +550,8 @@ class _Measurement:
         return data.subset(self.sample.indices)
 
     def _unused_layers(self, data: LabeledData) -> list[str]:
-        """Selected layers the loss does not depend on in eval mode (one forward/backward).
-
-        E.g. the auxiliary classifiers of torchvision's GoogLeNet and Inception v3, which only
-        training mode uses: their Hessian blocks are zero.
-        """
         x, y = next(iter(self._batches(data, 1)))
-        weights = {name: self.params[name].detach().requires_grad_(True) for name in self.layers}
-        with torch.enable_grad(), differentiable():
-            loss = self.fmodel.losses({**self.params, **weights}, x, y).sum()
-            grads = (
-                torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
-                if loss.requires_grad
-                else [None] * len(weights)
-            )
-        unused = [name for name, g in zip(self.layers, grads, strict=True) if g is None]
+        unused = unused_layers(self.fmodel, self.params, self.layers, x, y)
         if len(unused) == len(self.layers):
             raise InputError(
                 f"--model {self.model_spec}: none of the selected layers is used in eval mode "
@@ -562,9 +589,13 @@ class _Measurement:
                 f"--data {data.name}: the model rejects inputs of shape {shape} ({first}); "
                 "give data shaped for the model (e.g. --image-size) or the matching --model"
             ) from None
-        if logits.dim() != 2:
+        causal = self.settings.task == "causal-lm"
+        if logits.dim() != (3 if causal else 2):
+            wanted = "(batch, length, vocabulary)" if causal else "(batch, classes)"
+            hint = "" if causal else "; pass --task causal-lm for a language model"
             raise InputError(
-                f"--model {self.model_spec}: expected (batch, classes) logits, got shape {tuple(logits.shape)}"
+                f"--model {self.model_spec}: expected {wanted} logits, got shape "
+                f"{tuple(logits.shape)}{hint}"
             )
         self.num_classes = logits.shape[-1]
         check_labels(self.train, self.num_classes, option="--data")
@@ -578,18 +609,19 @@ class _Measurement:
             if data is None:
                 out[f"{split}_loss"] = out[f"{split}_accuracy"] = None
                 continue
-            total, correct, n = 0.0, 0, 0
+            total, correct, predictions, n = 0.0, 0.0, 0.0, 0
             with torch.no_grad(), differentiable():
                 for x, y in self._progress(
                     self._batches(data, None), self._n_batches(len(data)), f"{split} loss"
                 ):
-                    logits = self.fmodel.logits(self.params, x)
-                    total += float(
-                        torch.nn.functional.cross_entropy(logits.double(), y, reduction="sum")
-                    )
-                    correct += int((logits.argmax(-1) == y).sum())
+                    logits = self.fmodel.logits(self.params, x).double()
+                    total += float(self.fmodel.loss(logits, y).sum())
+                    right, made = self.fmodel.loss.correct(logits, y)
+                    correct += float(right.sum())
+                    predictions += float(made.sum())
                     n += y.shape[0]
-            out[f"{split}_loss"], out[f"{split}_accuracy"] = total / n, correct / n
+            out[f"{split}_loss"] = total / n
+            out[f"{split}_accuracy"] = correct / max(predictions, 1.0)
         worst = 0.0
         with torch.no_grad(), differentiable():
             for x, y in self._batches(self.hessian_data, count):
@@ -661,18 +693,27 @@ class _Measurement:
     def _sample_record(self) -> dict[str, Any]:
         s = self.settings
         population = len(self.train if s.hessian_split == "train" else self.eval)
-        record = self.sample.to_json(s.sample_order, population)
-        if len(self.sample.indices) == population and s.sample_order == "file":
-            record["indices"] = None  # every example, in file order
-        return record
+        if len(self.sample.indices) == population:  # every example, in file order
+            return {**self.sample.to_json("file", population), "indices": None}
+        return self.sample.to_json(s.sample_order, population)
+
+    def _matrices(self) -> list[str]:
+        """The used layers with ≥2-D weights: those the prior distance measures are defined on."""
+        return [name for name in self.layers if self.params[name].dim() >= 2]
+
+    def _data_index(self, form: QuadraticForm) -> int | None:
+        """Index in the data set of the example attaining 𝓗_i (None for batches, unused layers)."""
+        if form.method in ("reference-code", UNUSED) or form.argmax < 0:
+            return None
+        return int(self.sample.indices[form.argmax])
 
     def _notes(self, count: int) -> list[str]:
         """Plain-language caveats about this result (``measurement.json → notes``)."""
         s = self.settings
         how = (
-            "the first in file order"
-            if s.sample_order == "file"
-            else "a seeded class-stratified sample"
+            "a seeded class-stratified sample"
+            if self._sample_record()["order"] == "stratified"
+            else "in file order"
         )
         notes = [
             f"𝓗_i (quadratic_form.max) is a maximum over {count} examples of the "
@@ -683,6 +724,12 @@ class _Measurement:
             notes.append(
                 f"reference-code: consecutive batches of {s.effective_batch_size} of those "
                 "examples in the recorded order; argmax is the index of the batch."
+            )
+        vectors = [name for name in self.layers if name not in self._matrices()]
+        if vectors:
+            notes.append(
+                f"bounds.distance_measures leave out the 1-D parameters {', '.join(vectors)} "
+                "(they are defined on weight matrices)."
             )
         if self.unused:
             notes.append(
@@ -733,7 +780,12 @@ class _Measurement:
                     "distance": row.distance,
                     "reference_source": row.source,
                     "method": form.method,
-                    "quadratic_form": {"max": form.max, "mean": form.mean, "argmax": form.argmax},
+                    "quadratic_form": {
+                        "max": form.max,
+                        "mean": form.mean,
+                        "argmax": form.argmax,
+                        "argmax_index": self._data_index(form),
+                    },
                     "diagnostics": dict(form.diagnostics),
                     "trace": trace,
                     "top_eigenvalues": eigen[name].values if name in eigen else None,
@@ -748,6 +800,9 @@ class _Measurement:
         )
         settings = s.to_json()
         settings["device"] = str(self.device)
+        if self.attention is not None:
+            settings["attn_implementation"] = self.attention
+        training = self.checkpoint.training
         return {
             "schema_version": SCHEMA_VERSION,
             "checkpoint": str(self.checkpoint.path),
@@ -759,6 +814,10 @@ class _Measurement:
             "data": {
                 "train": self.data_specs["train"],
                 "eval": self.data_specs["eval"],
+                "input_columns": None
+                if self.sources.input_columns is None
+                else list(self.sources.input_columns),
+                "label_column": self.sources.label_column,
                 "n_train": len(self.train),
                 "n_eval": None if self.eval is None else len(self.eval),
                 "n_hessian_samples": count,
@@ -772,7 +831,11 @@ class _Measurement:
                 for k in ("method", "seed", "epoch", "label_noise")
                 if k in self.manifest
             },
-            "epoch": _epoch_of(self.checkpoint.path, self.manifest),
+            "epoch": _epoch_of(self.checkpoint.path, self.manifest)
+            if training.get("epoch") is None
+            else training["epoch"],
+            "step": training.get("step"),
+            "training": training or None,
             "layers": layers,
             "top_eigenvalues_all_layers": None
             if whole is None
@@ -793,10 +856,28 @@ class _Measurement:
         }
 
 
+def unused_layers(
+    fmodel: FunctionalModel, params: Mapping[str, Tensor], layers: list[str], x, y: Tensor
+) -> list[str]:
+    """The ``layers`` the loss on (x, y) does not depend on: one forward and backward pass.
+
+    E.g. the auxiliary classifiers of torchvision's GoogLeNet and Inception v3, which only
+    training mode uses. Their Hessian blocks are zero (autograd gives them no gradient at all).
+    """
+    weights = {name: params[name].detach().requires_grad_(True) for name in layers}
+    with torch.enable_grad(), differentiable():
+        loss = fmodel.losses({**params, **weights}, x, y).sum()
+        if not loss.requires_grad:
+            return list(layers)
+        grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+    return [name for name, g in zip(layers, grads, strict=True) if g is None]
+
+
 def _zeros_merged(top: Eigenvalues, zeros: int, k: int) -> Eigenvalues:
     """The k largest of ``top`` and ``zeros`` exact zero eigenvalues (the blocks of unused layers).
 
-    Exact: an eigenvalue of the used layers below ``top``'s k-th is below every value kept.
+    The block-diagonal Hessian's spectrum is the union of the blocks' spectra, so this is exact
+    whenever ``top`` holds the k largest eigenvalues of the used layers.
     """
     pairs = [*zip(top.values, top.residuals, strict=True), *[(0.0, 0.0)] * min(zeros, k)]
     pairs = sorted(pairs, key=lambda pair: -pair[0])[:k]

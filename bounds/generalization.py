@@ -248,7 +248,8 @@ def assemble_bounds(
         train_loss: L̂, the mean training loss.
         layer_max: 𝓗_i per layer (``quadratic_form.max``).
         distances: ‖v_i‖_F per layer, the default α_i of the trace corollary.
-        weights, directions: W_i and v_i per layer, for the prior distance measures.
+        weights, directions: W_i and v_i per layer, for the prior distance measures (none when
+            empty).
         trace_positive_max: max_x Tr[H_i⁺(x)] per layer; the trace corollary is None without it.
         alphas: radii α_i (default ``distances``).
         C, n, epsilon: loss bound, training-set size, ε.
@@ -266,8 +267,12 @@ def assemble_bounds(
         if trace_positive_max is None
         else trace_corollary(train_loss, trace_positive_max, alphas, C=C, n=n, epsilon=epsilon)
     )
-    measures = prior_distance_measures(
-        weights, directions, n=n, margin=margin, input_norm=input_norm, delta=delta
+    measures = (
+        prior_distance_measures(
+            weights, directions, n=n, margin=margin, input_norm=input_norm, delta=delta
+        )
+        if weights
+        else {}
     )
     cert = None
     if certificate is not None:

@@ -379,3 +379,31 @@ def test_figures_command_redraws_from_tables_and_measurements(study: Path) -> No
         compare.figures_run(
             _parse(compare.figures_add_arguments, [str(study / "nope"), "--out", str(out)])
         )
+
+
+def test_compare_command_target_and_no_figures(study: Path) -> None:
+    out = study / "cmp-eval-loss"
+    target = "eval_loss"  # varies in the study (the accuracy gap is constant there)
+    args = _parse(
+        compare.add_arguments,
+        [str(study / "measurements"), "--out", str(out), "--target", target] + ["--no-figures"],
+    )
+    assert compare.run(args) == 0
+    assert not list(out.glob("*.png")) and not list(out.glob("*.pdf"))
+    rows = read_csv(out / "comparison.csv")
+    correlations = read_csv(out / "correlations.csv")
+    assert correlations and {r["target"] for r in correlations} == {target}
+    checked = 0
+    for result in correlations:
+        pairs = [
+            (float(r[result["measure"]]), float(r[target]))
+            for r in rows
+            if r[result["measure"]] not in ("", "nan") and r[target] not in ("", "nan")
+        ]
+        pairs = [(a, b) for a, b in pairs if np.isfinite(a) and np.isfinite(b)]
+        assert int(result["n"]) == len(pairs)
+        xs, ys = np.array(pairs).T if pairs else (np.array([]), np.array([]))
+        if len(pairs) >= 3 and np.ptp(xs) > 0 and np.ptp(ys) > 0:
+            assert float(result["pearson_r"]) == pytest.approx(stats.pearsonr(xs, ys)[0], abs=1e-9)
+            checked += 1
+    assert checked > 0

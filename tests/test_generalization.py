@@ -211,3 +211,20 @@ def test_bad_constants_raise(kwargs, message):
         hessian_distance_measure({"a": 1.0}, **kwargs)
     with pytest.raises(ValueError, match="epsilon"):
         theorem_2_1(0.1, 0.2, epsilon=-0.5)
+
+
+def test_constants_at_their_boundaries():
+    assert hessian_distance_measure({"a": 2.0}, C=0.0, n=1) == 0.0  # C = 0 and n = 1 are valid
+    assert hessian_distance_measure({"a": 2.0}, C=2.0, n=1) == pytest.approx(2.0)
+    for C, n in ((-1e-9, 10), (math.inf, 10), (1.0, 0)):
+        with pytest.raises(ValueError):
+            hessian_distance_measure({"a": 2.0}, C=C, n=n)
+
+
+@pytest.mark.parametrize(
+    "options", [{"margin": 0.0}, {"input_norm": 0.0}, {"delta": 1.0}, {"delta": 0.0}, {"n": 0}]
+)
+def test_prior_distance_measures_reject_each_bad_option(options):
+    w, v = [torch.eye(2)], [torch.ones(2, 2)]
+    with pytest.raises(ValueError):
+        prior_distance_measures(w, v, **{"n": 4, **options})
