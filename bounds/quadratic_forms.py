@@ -14,9 +14,11 @@ The estimators (SPEC §4):
   examples of the batch (exact for every operation, unlike nested forward mode, SPEC §1.3).
 * ``ggn``: v_iᵀ G_i(x) v_i = z'ᵀ ∇²_z ℓ z' with a single JVP (the Gauss–Newton block); ∇²_z ℓ is
   the model's loss's curvature in the logits (diag p − p pᵀ for cross-entropy).
-* ``positive``: v_iᵀ H_i⁺(x) v_i by Lanczos quadrature started from v_i (:mod:`hessfine.bounds.lanczos`),
-  with per-example Hessian-vector products vmapped over the batch; exact once the number of
-  steps reaches the block's dimension.
+* ``positive``: v_iᵀ H_i⁺(x) v_i by adaptive Lanczos quadrature started from v_i (the
+  Gauss–Radau rule with a node at 0, :func:`hessfine.bounds.lanczos.positive_quadrature`), with
+  per-example Hessian-vector products vmapped over the examples still running: each example
+  stops once converged to ``positive_rtol`` of the layer's maximum or once it cannot attain the
+  maximum; exact once its Krylov space is exhausted.
 * ``auto``: the ``positive`` semantics. A layer whose logits are piecewise linear in W_i (every
   operation after it is ReLU, max-pooling, eval-mode BatchNorm, residual addition, pooling…) has
   z'' ≡ 0, so H_i(x) = G_i(x) is positive semi-definite and H_i⁺ = H_i: the single-JVP Gauss–Newton
