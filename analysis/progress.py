@@ -24,11 +24,18 @@ _FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} {unit} [{elapse
 
 
 class Progress:
-    """Factory of per-stage bars; ``enabled=False`` (``--quiet``) silences all of them."""
+    """Factory of per-stage bars; ``enabled=False`` (``--quiet``) silences all of them.
 
-    def __init__(self, *, enabled: bool, file: IO[str] | None = None) -> None:
+    ``file`` is the stream (default: stderr at the time of each stage); ``interval`` the least
+    number of seconds between redraws.
+    """
+
+    def __init__(
+        self, *, enabled: bool, file: IO[str] | None = None, interval: float = 0.1
+    ) -> None:
         self.enabled = enabled
         self.file = file
+        self.interval = interval
 
     @contextmanager
     def stage(self, desc: str, *, total: float, unit: str) -> Iterator[Callable[[float], None]]:
@@ -46,6 +53,7 @@ class Progress:
             leave=False,
             disable=None,
             file=self.file,
+            mininterval=self.interval,
             bar_format=_FORMAT,
             dynamic_ncols=True,
         )
