@@ -12,7 +12,8 @@ The estimators (SPEC §4):
   On layers certified piecewise linear (see ``auto``) it equals the Gauss–Newton value from one
   JVP; elsewhere it comes from forward-over-reverse Hessian-vector products vmapped over the
   examples of the batch (exact for every operation, unlike nested forward mode, SPEC §1.3).
-* ``ggn``: v_iᵀ G_i(x) v_i = z'ᵀ (diag p − p pᵀ) z' with a single JVP (the Gauss–Newton block).
+* ``ggn``: v_iᵀ G_i(x) v_i = z'ᵀ ∇²_z ℓ z' with a single JVP (the Gauss–Newton block); ∇²_z ℓ is
+  the model's loss's curvature in the logits (diag p − p pᵀ for cross-entropy).
 * ``positive``: v_iᵀ H_i⁺(x) v_i by Lanczos quadrature started from v_i (:mod:`hessfine.bounds.lanczos`),
   with per-example Hessian-vector products vmapped over the batch; exact once the number of
   steps reaches the block's dimension.
@@ -77,7 +78,7 @@ class QuadraticForm:
     ``argmax`` is the index (in iteration order) of the example attaining ``max`` — of the
     batch for ``reference-code``. ``method`` says how the values were computed;
     ``diagnostics`` carries what a reader needs to trust them (Lanczos convergence, the
-    certification residual, the self-check error).
+    certification residual).
     """
 
     name: str
@@ -122,25 +123,25 @@ class RunningReduction:
         )
 
 
-def softmax_ce_curvature(z: Tensor, z1: Tensor) -> Tensor:
-    """z1ᵀ (diag p − p pᵀ) z1 per example: the Gauss–Newton form for softmax cross-entropy."""
-    p = torch.softmax(z, dim=-1)
-    pz = (p * z1).sum(dim=-1)
-    return (p * z1 * z1).sum(dim=-1) - pz * pz
-
-
 def ggn_forms(
-    fmodel: FunctionalModel, params: Mapping[str, Tensor], name: str, v: Tensor, x: Inputs
+    fmodel: FunctionalModel,
+    params: Mapping[str, Tensor],
+    name: str,
+    v: Tensor,
+    x: Inputs,
+    y: Tensor | None = None,
 ) -> Tensor:
-    """v_iᵀ G_i(x) v_i for every example of the batch, from one JVP of the logits.
+    """v_iᵀ G_i(x) v_i = z'ᵀ ∇²_z ℓ z' for every example of the batch, from one JVP of the logits.
 
-    Uses :mod:`torch.autograd.forward_ad` directly (a single dual level): the same first-order
+    z' = J_i v_i; the curvature ∇²_z ℓ is the model's loss's (``fmodel.loss.curvature``), which
+    depends on the labels ``y`` for causal language models (their label positions). Uses
+    :mod:`torch.autograd.forward_ad` directly (a single dual level): the same first-order
     derivative as ``torch.func.jvp`` without the functorch wrapping of every operation.
     """
     with fwAD.dual_level():
         dual = fwAD.make_dual(params[name], v)
         z, z1 = fwAD.unpack_dual(fmodel.logits(_with_layer(params, name, dual), x))
-    return softmax_ce_curvature(z, z1)
+    return fmodel.loss.curvature(z, z1, y)
 
 
 def per_example_hvp(
@@ -347,7 +348,7 @@ def _example_forms(
             v = directions[name]
             route = routes[name]
             if route in ("ggn", "ggn-certified"):
-                values = ggn_forms(fmodel, params, name, v, x)
+                values = ggn_forms(fmodel, params, name, v, x, y)
             elif route == "hvp":
                 values = block_forms_hvp(fmodel, params, name, v, x, y)
             else:

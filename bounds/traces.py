@@ -14,8 +14,9 @@ block of the mean-loss Hessian, comparable with PyHessian's ``trace``. Estimator
 
 ``trace.positive_max`` is max_n Tr[H_i⁺(x_n)], used by the paper's trace corollary. On layers
 certified piecewise-linear (see :mod:`hessfine.bounds.quadratic_forms`) H_i(x) = G_i(x) = J_iᵀ A J_i with
-A = diag p − p pᵀ = M Mᵀ, M = diag(√p) − p √pᵀ, so Tr[H_i⁺(x)] = Σ_c ‖J_iᵀ M e_c‖² exactly from k
-vector-Jacobian products per example (vmapped over examples and classes). On other layers it is
+A = ∇²_z ℓ = Σ_k r_k r_kᵀ (for cross-entropy diag p − p pᵀ = M Mᵀ, M = diag(√p) − p √pᵀ), so
+Tr[H_i⁺(x)] = Σ_k ‖J_iᵀ r_k‖² exactly from one vector-Jacobian product per factor and example
+(vmapped over both; k classes, or (T−1)·V for a causal language model). On other layers it is
 estimated per example by stochastic Lanczos quadrature (Ubaru, Chen & Saad, SIMAX 2017):
 Tr[f(H)] ≈ (1/P) Σ_p z_pᵀ f(H) z_p with each term by Lanczos quadrature.
 
@@ -164,28 +165,33 @@ def _hutchplusplus(hvp, weight, name, probes, generator):
 
 
 def gauss_newton_traces(
-    fmodel: FunctionalModel, params: Mapping[str, Tensor], layers: Sequence[str], x: Inputs
+    fmodel: FunctionalModel,
+    params: Mapping[str, Tensor],
+    layers: Sequence[str],
+    x: Inputs,
+    y: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Exact per-example Tr[G_i(x)] = Σ_c ‖J_iᵀ M e_c‖² for every layer, shape (B,) each.
+    """Exact per-example Tr[G_i(x)] = Σ_k ‖J_iᵀ r_k‖² for every layer, shape (B,) each.
 
-    M = diag(√p) − p √pᵀ satisfies M Mᵀ = diag p − p pᵀ, the softmax cross-entropy Hessian in the
-    logits; one VJP per class per example, vmapped over both.
+    The r_k factor the loss's curvature in the logits, Σ_k r_k r_kᵀ = ∇²_z ℓ
+    (``fmodel.loss.curvature_factors``; for cross-entropy the columns of
+    M = diag(√p) − p √pᵀ, for a causal language model the same per label position, scaled by
+    1/√m). One VJP per factor per example, vmapped over both; ``y`` is needed by losses whose
+    curvature depends on the labels (causal LM).
     """
     selected = {name: params[name] for name in layers}
 
-    def one(xi: Inputs) -> dict[str, Tensor]:
+    def one(xi: Inputs, yi: Tensor | None) -> dict[str, Tensor]:
         def logits(sel: dict[str, Tensor]) -> Tensor:
-            return fmodel.logits({**params, **sel}, unsqueeze_inputs(xi))[0]
+            return fmodel.logits({**params, **sel}, unsqueeze_inputs(xi))
 
         z, pull = vjp(logits, selected)
-        p = torch.softmax(z, dim=-1)
-        root = p.sqrt()
-        m = torch.diag(root) - torch.outer(p, root)
-        grads = vmap(pull)(m.T)[0]
+        factors = fmodel.loss.curvature_factors(z, None if yi is None else yi[None])
+        grads = vmap(pull)(factors)[0]
         return {name: grads[name].pow(2).sum() for name in layers}
 
     with differentiable():
-        return vmap(one)(x)
+        return vmap(one, in_dims=(0, None if y is None else 0))(x, y)
 
 
 def positive_trace_max(
@@ -218,9 +224,9 @@ def positive_trace_max(
     with differentiable():
         for first, (x, y) in shard.indexed(batches):
             if exact:
-                for start, stop in _example_chunks(fmodel, params, exact, x):
+                for start, stop in _example_chunks(fmodel, params, exact, x, y):
                     values = gauss_newton_traces(
-                        fmodel, params, exact, slice_inputs(x, start, stop)
+                        fmodel, params, exact, slice_inputs(x, start, stop), y[start:stop]
                     )
                     for name in exact:
                         reductions[name].update(values[name], start=first + start)
@@ -280,10 +286,11 @@ def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, keys):
     return samples.mean(dim=0), stderr
 
 
-def _example_chunks(fmodel, params, layers, x):
-    """Example ranges small enough that per-example, per-class gradients fit in memory."""
-    classes = fmodel.logits(params, slice_inputs(x, 0, 1)).shape[-1]
-    per_example = sum(params[name].numel() for name in layers) * classes
+def _example_chunks(fmodel, params, layers, x, y):
+    """Example ranges small enough that per-example, per-factor gradients fit in memory."""
+    z = fmodel.logits(params, slice_inputs(x, 0, 1))
+    factors = fmodel.loss.curvature_factors(z, y[:1]).shape[0]
+    per_example = sum(params[name].numel() for name in layers) * factors
     size = max(1, _ELEMENT_BUDGET // max(per_example, 1))
     n = batch_size(x)
     return [(start, min(n, start + size)) for start in range(0, n, size)]
