@@ -10,6 +10,7 @@ import pytest
 import torch
 from hessfine.analysis.cli import main
 from hessfine.analysis.distributed import Context, merge_diagnostics, merge_forms
+from hessfine.analysis.measure import MeasureSettings, measure_path
 from hessfine.bounds.quadratic_forms import QuadraticForm
 from safetensors.torch import save_file
 
@@ -158,3 +159,25 @@ def test_merge_takes_global_max_and_first_index_on_ties():
         "r": 2e-3,
         "ok": True,
     }
+
+
+def test_checkpoints_spread_over_ranks_each_written_by_its_rank(files):
+    for run in ("a", "b", "c"):
+        (files / "runs" / run).mkdir(parents=True)
+        (files / "runs" / run / "ft.safetensors").write_bytes(
+            (files / "ft.safetensors").read_bytes()
+        )
+    rank1 = Context(rank=1, world_size=2)  # its share is measured alone: no collective calls
+    written = measure_path(
+        files / "runs",
+        out=files / "out",
+        context=rank1,
+        distribute="checkpoints",
+        settings=MeasureSettings(samples=2, dtype="float64"),
+        reference=str(files / "ref.safetensors"),
+        data=str(files / "train.pt"),
+        model="tests.oracles:tiny_mlp",
+    )
+    assert written == [files / "out" / "b" / "ft" / "measurement.json"]
+    assert sorted(p.parent.parent.name for p in (files / "out").rglob("measurement.json")) == ["b"]
+    assert json.loads(written[0].read_text())["settings"]["world_size"] == 1
