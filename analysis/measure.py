@@ -937,34 +937,6 @@ class _Measurement:
         }
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"
-
-
-def _epoch_of(path: Path, manifest: Mapping[str, Any]) -> int | None:
-    for entry in manifest.get("checkpoints", []) or []:
-        if isinstance(entry, dict) and entry.get("file") == path.name:
-            return entry.get("epoch")
-    return None
-
-
-def _from_manifest(
-    manifest: Mapping[str, Any], key: str, base: Path, *, key2: str | None = None
-) -> str | None:
-    """A path-like manifest entry, resolved against the manifest's directory."""
-    value = manifest.get(key)
-    if key2 is not None:
-        value = value.get(key2) if isinstance(value, dict) else None
-    if not isinstance(value, str) or not value:
-        return None
-    if ":" in value and not Path(value).exists() and not (base / value).exists():
-        return value
-    candidate = Path(value)
-    return str(candidate if candidate.is_absolute() else (base / candidate))
-
-
 def _zeros_merged(top: Eigenvalues, zeros: int, k: int) -> Eigenvalues:
     """The k largest of ``top`` and ``zeros`` exact zero eigenvalues (the blocks of unused layers).
 
