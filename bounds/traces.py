@@ -283,7 +283,7 @@ def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, keys):
     if probes > 1:
         stderr = samples.std(dim=0) / math.sqrt(probes)
     else:
-        stderr = torch.full((count,), float("nan"), dtype=samples.dtype)
+        stderr = torch.full((count,), float("nan"), dtype=samples.dtype, device=samples.device)
     return samples.mean(dim=0), stderr
 
 
