@@ -379,7 +379,7 @@ class _Measurement:
                     positive_trace_max,
                     "positive trace",
                     len(self.layers) * self._local_batches(),
-                    "layer",
+                    "layer·batch",
                     certified=certified,
                     lanczos_steps=s.lanczos_steps,
                 )
@@ -498,12 +498,17 @@ class _Measurement:
         starts = self.ctx.local(range(0, n, self.batch_size))
         return iter((None, data.y[i : min(i + self.batch_size, n)]) for i in starts)
 
-    def _on_examples(self, estimator, stage: str, total: float, unit: str, **options):
+    def _on_examples(
+        self, estimator, stage: str, total: float, unit: str, per_batch: bool = False, **options
+    ):
         """Run a :mod:`bounds` estimator on this process's share of the Hessian examples, with
-        draws keyed by (seed, stage) and a progress bar of ``total`` ``unit``s."""
+        draws keyed by (seed, stage) and a progress bar of ``total`` ``unit``s (``per_batch``:
+        the estimator reports units per batch, shown as fractions of a unit)."""
 
         def compute():
-            with self.progress.stage(stage, total=total, unit=unit) as update:
+            with self.progress.stage(stage, total=total, unit=unit) as bar:
+                share = 1 / max(self._local_batches(), 1) if per_batch else 1
+                update = bar if share == 1 else lambda done: bar(done * share)
                 return estimator(
                     self.fmodel,
                     self.params,
@@ -521,7 +526,7 @@ class _Measurement:
         s = self.settings
         first_x, _ = next(iter(self._batches(self.hessian_data, self.count)))
         total = len(self.layers) * self._local_batches()
-        with self.progress.stage("quadratic forms", total=total, unit="layer") as update:
+        with self.progress.stage("quadratic forms", total=total, unit="layer·batch") as update:
             forms = quadratic_forms(
                 self.fmodel,
                 self.params,
@@ -746,8 +751,9 @@ class _Measurement:
             result = self._on_examples(
                 noise_stability,
                 "noise",
-                s.noise_draws * self._local_batches(),
+                s.noise_draws,
                 "draw",
+                per_batch=True,
                 sigma=sigma,
                 draws=s.noise_draws,
                 relative=s.noise_relative,
@@ -783,8 +789,8 @@ class _Measurement:
             curvature, source = dict.fromkeys(self.layers, 1.0), "unit"
         draws = 4
         batches = math.ceil(len(self.train) / self.batch_size)
-        total = draws * len(range(self.ctx.rank, batches, self.ctx.world_size))
-        with self.progress.stage("certificate", total=total, unit="draw") as update:
+        share = 1 / max(len(range(self.ctx.rank, batches, self.ctx.world_size)), 1)
+        with self.progress.stage("certificate", total=draws, unit="repetition") as bar:
             certificate = pac_bayes_certificate(
                 self.fmodel,
                 self.params,
@@ -796,7 +802,7 @@ class _Measurement:
                 draws=draws,
                 generator=keyed_generator(self.settings.seed, "certificate"),
                 shard=self.ctx.shard(self.batch_size),
-                progress=update,
+                progress=lambda done: bar(done * share),
             )
         return {**certificate.to_json(), "curvature_source": source}
 

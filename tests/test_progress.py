@@ -50,12 +50,12 @@ def test_measure_reports_every_long_stage_in_its_units(files, monkeypatch):  # n
     measure(files / "ft.safetensors", out=files / "loud", quiet=False, **options)
     text = screen.getvalue()
     for stage, unit in [
-        ("quadratic forms", "layer"),
+        ("quadratic forms", "layer·batch"),
         ("trace", "probe"),
-        ("positive trace", "layer"),
+        ("positive trace", "layer·batch"),
         ("eigenvalues", "Lanczos step"),
         ("noise", "draw"),
-        ("certificate", "draw"),
+        ("certificate", "repetition"),
         ("train loss", "batch"),
     ]:
         assert f"\r{stage}: " in text and f" {unit} [" in text, stage
