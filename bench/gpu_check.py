@@ -83,7 +83,7 @@ def _cases(work: Path, dry: bool) -> list[dict]:
                 {"estimator": "auto", "trace": True, "trace_probes": 20},
                 {"estimator": "block"},
                 {"estimator": "ggn"},
-                {"estimator": "positive", "layers": ("layer4.1.*weight",)},
+                {"estimator": "positive", "layers": ("layer4.1.conv*.weight",)},
                 {"estimator": "reference-code"},
             ],
         }
