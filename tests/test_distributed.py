@@ -15,6 +15,7 @@ from hessfine.bounds.quadratic_forms import QuadraticForm
 from safetensors.torch import save_file
 
 from tests.oracles import TINY_LAYERS, perturbed_reference, tiny_data, tiny_mlp
+from tests.test_measure import tiny_args
 
 EXECUTION = {"provenance", "world_size"}
 
@@ -41,28 +42,9 @@ def files(tmp_path):
 
 
 def _args(tmp, out, *extra):
-    return [
-        "measure",
-        str(tmp / "ft.safetensors"),
-        "--reference",
-        str(tmp / "ref.safetensors"),
-        "--model",
-        "tests.oracles:tiny_mlp",
-        "--data",
-        str(tmp / "train.pt"),
-        "--eval-data",
-        str(tmp / "eval.pt"),
-        "--out",
-        str(tmp / out),
-        "--dtype",
-        "float64",
-        "--batch-size",
-        "2",
-        "--quiet",
-        "--threads",
-        "1",
-        *extra,
-    ]
+    """test_measure's command line on the smooth MLP (Lanczos and SLQ routes), batches of 2."""
+    model = ["--model", "tests.oracles:tiny_mlp", "--batch-size", "2", "--threads", "1"]
+    return tiny_args(tmp, tmp / out, *model, *extra)
 
 
 def _rank(rank: int, port: int, argv: list[str], codes) -> None:
