@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +41,7 @@ from hessfine.analysis.checkpoints import (
 from hessfine.analysis.data import LabeledData, check_labels, load_data
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.models import build_model, resolve_device
+from hessfine.analysis.noisy_labels import noise_matrix, noisy_label_statistics, read_run_labels
 from hessfine.analysis.results import (
     MEASUREMENT,
     SCHEMA_VERSION,
@@ -55,7 +56,7 @@ from hessfine.bounds.functional import (
     NondeterministicModelError,
     check_deterministic,
 )
-from hessfine.bounds.generalization import assemble_bounds
+from hessfine.bounds.generalization import assemble_bounds, noise_matrix_inverse
 from hessfine.bounds.noise_stability import noise_stability, relative_noise_traces, trace_prediction
 from hessfine.bounds.pac_bayes import pac_bayes_certificate
 from hessfine.bounds.quadratic_forms import (
@@ -265,6 +266,7 @@ class _Measurement:
         count = len(hessian_data) if s.samples is None else min(s.samples, len(hessian_data))
         self._check_forward(hessian_data)
         stats = self._loss_statistics(count)
+        stats.update(self._noisy_label_statistics())
 
         generator = torch.Generator().manual_seed(s.seed)
         t = time.perf_counter()
@@ -337,7 +339,9 @@ class _Measurement:
             C=C,
             n=n,
             epsilon=s.epsilon,
-            confusion=self._confusion(),
+            confusion=None if self.noise is None else self.noise.tensor(),
+            consistent_train_loss=stats["train_consistent"],
+            noise_matrix_source=None if self.noise is None else self.noise.source,
             certificate=certificate,
         )
         self.timings["total_s"] = time.perf_counter() - start
@@ -412,6 +416,13 @@ class _Measurement:
         self.train: LabeledData = load_data(
             str(data_spec), image_size=s.image_size, trust=src.trust, label="--data"
         )
+        # Under recorded label noise: measure against the clean labels, keep the noisy ones.
+        self.run_labels = read_run_labels(manifest, base, self.train)
+        self.noisy_train = self.train
+        if self.run_labels is not None:
+            self.noisy_train = replace(self.train, y=self.run_labels.noisy)
+            self.train = replace(self.train, y=self.run_labels.clean)
+        self.noise = noise_matrix(manifest)
         eval_spec = src.eval_data or _from_manifest(manifest, "data", base, key2="eval")
         self.eval: LabeledData | None = (
             None
@@ -541,11 +552,18 @@ class _Measurement:
             return None
         return {name: float(radii.get(name, self.distances[name])) for name in self.layers}
 
-    def _confusion(self) -> Tensor | None:
-        used = self.manifest.get("confusion_used")
-        if isinstance(used, dict) and used.get("matrix") is not None:
-            return torch.tensor(used["matrix"], dtype=torch.float64)
-        return None
+    def _noisy_label_statistics(self) -> dict[str, float | None]:
+        """Loss and accuracy on the noisy training labels and the consistent loss (F known)."""
+        if self.run_labels is None and self.noise is None:
+            return dict.fromkeys(("train_noisy", "train_noisy_accuracy", "train_consistent"))
+        inverse = None
+        if self.noise is not None:
+            try:
+                inverse = noise_matrix_inverse(self.noise.tensor(), self.num_classes)
+            except ValueError as err:
+                raise InputError(f"the run's noise matrix ({self.noise.source}): {err}") from None
+        batches = self._batches(self.noisy_train, None)
+        return noisy_label_statistics(self.fmodel, self.params, batches, inverse)
 
     # ----------------------------------------------------------------------------- result
     def _result(
@@ -616,9 +634,26 @@ class _Measurement:
             "top_eigenvalues_all_layers": None
             if whole is None
             else {"values": whole.values, "residuals": whole.residuals},
-            "loss": {"train": stats["train_loss"], "eval": stats["eval_loss"], "max": stats["max"]},
-            "accuracy": {"train": stats["train_accuracy"], "eval": stats["eval_accuracy"]},
-            "generalization_gap": {"loss": gap_loss, "accuracy": gap_acc},
+            "labels": None if self.run_labels is None else self.run_labels.to_json(),
+            "loss": {
+                "train": stats["train_loss"],
+                "eval": stats["eval_loss"],
+                "max": stats["max"],
+                "train_noisy": stats["train_noisy"],
+                "train_consistent": stats["train_consistent"],
+            },
+            "accuracy": {
+                "train": stats["train_accuracy"],
+                "eval": stats["eval_accuracy"],
+                "train_noisy": stats["train_noisy_accuracy"],
+            },
+            "generalization_gap": {
+                "loss": gap_loss,
+                "accuracy": gap_acc,
+                "against": "clean training labels"
+                if self.run_labels is not None
+                else "training labels",
+            },
             "bounds": bounds.to_json(),
             "noise_stability": noise,
             "provenance": {
