@@ -22,7 +22,8 @@ distance measure Σ_i sqrt(C·𝓗_i/n) correlates with the gap across methods a
 matches its scale, while the distance-based bounds of prior work are orders of magnitude larger.
 
 ``comparison.csv`` columns: ``measurement`` (path of the file), ``checkpoint``, ``method``,
-``epoch``, ``seed``, ``noise_rate``, ``final_checkpoint`` (1 for the run's final model — its
+``epoch``, ``seed``, ``noise_rate``, ``noise_matrix_source`` (the F of the noisy-label bound:
+``known``, ``dual-t`` or ``none``), ``final_checkpoint`` (1 for the run's final model — its
 ``best_epoch`` when the manifest names one, else its last checkpoint — 0 for other epochs, empty
 without a manifest), ``reference``, ``model``, ``run`` (the run directory of the manifest),
 ``estimator``, ``n``, ``n_eval``, ``n_hessian_samples``, ``C``, ``epsilon``, ``train_loss``, ``eval_loss``, ``max_loss``, ``train_accuracy``, ``eval_accuracy``,
@@ -87,6 +88,7 @@ PARENT_LEVELS = 3
 
 LEADING_COLUMNS = (
     *KEY_COLUMNS,
+    "noise_matrix_source",
     "reference",
     "model",
     "run",
@@ -302,6 +304,7 @@ def flat_row(record: Record) -> Row:
         "final_checkpoint": _is_final(record),
         "seed": manifest.get("seed"),
         "noise_rate": _noise_rate(manifest.get("label_noise")),
+        "noise_matrix_source": bounds.get("noise_matrix_source") or "none",
         "reference": m.get("reference"),
         "model": m.get("model"),
         "run": str(record.manifest_path.parent) if record.manifest_path is not None else None,
