@@ -10,12 +10,16 @@ v_i = vec(W_i − W_i^(s)), training-set size n, loss bound C, training loss L̂
       L(f) ≤ (1+ε)·L̂(f) + (1+ε)·HDM.
 * Trace corollary (distance-constrained fine-tuning, ‖v_i‖ ≤ α_i ⇒ 𝓗_i ≤ α_i² max_x Tr[H_i⁺(x)]):
       L(f) ≤ (1+ε)·L̂(f) + (1+ε)·Σ_i α_i·sqrt(C · max_x Tr[H_i⁺(x)] / n).
-* Noisy labels (class-conditional noise with row-stochastic confusion matrix F): the consistent
-  loss ℓ̄(f(x), ỹ) = Σ_j (F⁻¹)[ỹ, j] ℓ(f(x), j) is bounded by C·κ(F) with
+* Noisy labels (class-conditional noise with row-stochastic confusion matrix F; Ju, Li & Zhang
+  2022, the theorem for the consistent loss): the consistent loss
+  ℓ̄(f(x), ỹ) = Σ_j (F⁻¹)[ỹ, j] ℓ(f(x), j) is bounded by C·κ(F) with
       κ(F) = max_row Σ_j |(F⁻¹)[row, j]|  (the ∞-norm of F⁻¹),
-  so the noisy-label bounds are the bounds above with C replaced by C·κ(F) and L̂ the consistent
-  loss on the noisy training labels (Ju, Li & Zhang 2022, Sec. 3). Exactly, the 𝓗_i should then be
-  those of the consistent loss; the values passed in are used as given.
+  and the bound on the clean test loss is
+      L(f) ≤ (1+ε)·L̄̂(f) + (1+ε)·Σ_i sqrt(κ(F)·C·𝓗̄_i / n)   (+ ξ),
+  with L̄̂ the mean consistent loss on the noisy training labels and 𝓗̄_i the quadratic forms of
+  ℓ̄'s own Hessian. 𝓗̄_i = 𝓗_i on piecewise-linear networks (∇²_z ℓ̄ = ∇²_z ℓ because the rows of
+  F⁻¹ sum to one, and the residual Σ_c (∂ℓ̄/∂z_c)·∇²z_c vanishes); on smooth networks they differ
+  and must be passed as ``noisy_layer_max`` (docs/bounds.md, "Label noise").
 * Prior distance-based measures, for comparison (Fig. 1 of the paper), in
   :func:`prior_distance_measures`.
 
