@@ -84,8 +84,8 @@ def noise_matrix_inverse(F: Tensor, k: int | None = None) -> Tensor:
     """F⁻¹ (float64) of a k×k noise matrix F, after checking it is square, finite, invertible.
 
     Example:
-        >>> noise_matrix_inverse(torch.tensor([[0.8, 0.2], [0.2, 0.8]])).tolist()
-        [[1.3333333333333335, -0.33333333333333337], [-0.33333333333333337, 1.3333333333333335]]
+        >>> noise_matrix_inverse(torch.tensor([[0.8, 0.2], [0.2, 0.8]])).mul(3).round().tolist()
+        [[4.0, -1.0], [-1.0, 4.0]]
     """
     F = torch.as_tensor(F, dtype=torch.float64)
     if F.dim() != 2 or F.shape[0] != F.shape[1] or F.shape[0] < 2:
