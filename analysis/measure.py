@@ -20,6 +20,7 @@ Example (the Python API; the command line is a thin layer over it):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -61,6 +62,7 @@ from hessfine.analysis.sampling import (
 )
 from hessfine.bounds.functional import (
     Batch,
+    ConsistentCrossEntropy,
     FunctionalModel,
     NondeterministicModelError,
     check_deterministic,
@@ -380,6 +382,12 @@ class _Measurement:
             certificate = self._certificate(forms, generator)
             self.timings["certificate_s"] = time.perf_counter() - t
 
+        noisy_forms, reused = None, {}
+        if self.noise is not None:
+            t = time.perf_counter()
+            noisy_forms, reused = self._consistent_forms(forms, generator)
+            self.timings["quadratic_forms_noisy_labels_s"] = time.perf_counter() - t
+
         C = s.loss_bound if s.loss_bound is not None else stats["max"]
         n = s.n_train if s.n_train is not None else len(self.train)
         bounds = assemble_bounds(
@@ -397,11 +405,22 @@ class _Measurement:
             epsilon=s.epsilon,
             confusion=None if self.noise is None else self.noise.tensor(),
             consistent_train_loss=stats["train_consistent"],
+            noisy_layer_max=None
+            if noisy_forms is None
+            else {name: noisy_forms[name].max for name in self.layers},
+            noisy_trace_positive_max=None
+            if positive is None or not all(reused.get(name) for name in self.layers)
+            else {name: positive[name].max for name in self.layers},
             noise_matrix_source=None if self.noise is None else self.noise.source,
             certificate=certificate,
         )
         self.timings["total_s"] = time.perf_counter() - start
         result = self._result(forms, traces, positive, eigen, whole, noise, stats, bounds, count)
+        for layer in result["layers"]:
+            name = layer["name"]
+            layer["quadratic_form_noisy_labels"] = (
+                None if noisy_forms is None else _noisy_form_json(noisy_forms[name], reused[name])
+            )
         if density is not None:
             write_json_atomic(
                 out / SPECTRUM, {"checkpoint": str(self.checkpoint.path), **density.to_json()}
@@ -697,16 +716,64 @@ class _Measurement:
 
     def _noisy_label_statistics(self) -> dict[str, float | None]:
         """Loss and accuracy on the noisy training labels and the consistent loss (F known)."""
+        self.consistent = None
         if self.run_labels is None and self.noise is None:
             return dict.fromkeys(("train_noisy", "train_noisy_accuracy", "train_consistent"))
-        inverse = None
         if self.noise is not None:
             try:
                 inverse = noise_matrix_inverse(self.noise.tensor(), self.num_classes)
+                self.consistent = ConsistentCrossEntropy(inverse.to(self.dtype))
             except ValueError as err:
                 raise InputError(f"the run's noise matrix ({self.noise.source}): {err}") from None
         batches = self._batches(self.noisy_train, None)
-        return noisy_label_statistics(self.fmodel, self.params, batches, inverse)
+        return noisy_label_statistics(self.fmodel, self.params, batches, self.consistent)
+
+    def _consistent_forms(
+        self, forms: Mapping[str, QuadraticForm], generator: torch.Generator
+    ) -> tuple[dict[str, QuadraticForm], dict[str, bool]]:
+        """𝓗̄_i of the consistent loss on the sampled training examples with their noisy labels.
+
+        Its Gauss–Newton part is cross-entropy's, so layers certified piecewise linear (and every
+        layer under the ``ggn`` estimator) reuse the clean value (flag True); the others are
+        recomputed with ℓ̄ and the same estimator (``reference-code``: all layers, its cross-layer
+        products are not certified).
+        """
+        s = self.settings
+        sample = self.sample if s.hessian_split == "train" else self._sample(self.train)
+        data = (
+            self.noisy_train
+            if len(sample.indices) == len(self.noisy_train)
+            else self.noisy_train.subset(sample.indices)
+        )
+        reused = {name: True for name in self.unused}
+        if s.estimator == "ggn":
+            reused.update({name: True for name in self.layers})
+        elif s.estimator == "reference-code":
+            reused.update({name: False for name in self.layers})
+        else:
+            reused.update(self._certified(forms, data))
+        smooth = [name for name in self.layers if not reused[name]]
+        out = {name: forms[name] for name in forms if reused.get(name, False)}
+        if smooth:
+            fmodel = dataclasses.replace(self.fmodel, loss=self.consistent)
+            count = len(data)
+            out.update(
+                quadratic_forms(
+                    fmodel,
+                    self.params,
+                    {name: self.directions[name] for name in smooth},
+                    self._progress(
+                        self._batches(data, count),
+                        self._n_batches(count),
+                        "quadratic forms (consistent loss)",
+                    ),
+                    estimator=s.estimator,
+                    lanczos_steps=s.lanczos_steps,
+                    reference_batch_size=s.effective_batch_size,
+                    generator=generator,
+                )
+            )
+        return out, reused
 
     # ----------------------------------------------------------------------------- result
     def _result(
@@ -823,6 +890,12 @@ def _zeros_merged(top: Eigenvalues, zeros: int, k: int) -> Eigenvalues:
     return Eigenvalues(
         [value for value, _ in pairs], [res for _, res in pairs], top.steps, top.exhausted
     )
+
+
+def _noisy_form_json(form: QuadraticForm, reused: bool) -> dict[str, Any]:
+    """``layers[].quadratic_form_noisy_labels``: 𝓗̄_i of the consistent loss on noisy labels."""
+    method = f"same as clean ({form.method}: piecewise linear)" if reused else form.method
+    return {"max": form.max, "mean": form.mean, "argmax": form.argmax, "method": method}
 
 
 def _device_name(device: torch.device) -> str:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from hessfine.analysis.data import LabeledData
 from hessfine.analysis.errors import InputError
-from hessfine.bounds.functional import Batch, FunctionalModel
+from hessfine.bounds.functional import Batch, ConsistentCrossEntropy, FunctionalModel
 from torch import Tensor
 
 __all__ = [
@@ -134,26 +134,24 @@ def noisy_label_statistics(
     fmodel: FunctionalModel,
     params: Mapping[str, Tensor],
     batches: Iterable[Batch],
-    inverse: Tensor | None,
+    consistent: ConsistentCrossEntropy | None,
 ) -> dict[str, float | None]:
     """Mean cross-entropy and accuracy on noisy labels, and the mean consistent loss.
 
-    ``batches`` yield (inputs, noisy labels); ``inverse`` is F⁻¹ (None: no consistent loss).
-    The consistent loss is ℓ̄(z, ỹ) = Σ_j (F⁻¹)[ỹ, j]·(−log softmax(z)_j), summed in float64.
+    ``batches`` yield (inputs, noisy labels); ``consistent`` is ℓ̄ given F⁻¹ (None: no
+    consistent loss). Sums are taken in float64.
     """
-    total, consistent, correct, n = 0.0, 0.0, 0, 0
+    total, corrected, correct, n = 0.0, 0.0, 0, 0
     with torch.no_grad():
         for x, y in batches:
             logits = fmodel.logits(params, x).double()
-            logp = torch.log_softmax(logits, dim=-1)
-            total -= float(logp.gather(1, y.reshape(-1, 1)).sum())
-            if inverse is not None:
-                weights = inverse.to(device=logits.device, dtype=logits.dtype)[y]
-                consistent -= float((weights * logp).sum())
+            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            if consistent is not None:
+                corrected += float(consistent(logits, y).sum())
             correct += int((logits.argmax(-1) == y).sum())
             n += int(y.shape[0])
     return {
         "train_noisy": total / n,
         "train_noisy_accuracy": correct / n,
-        "train_consistent": None if inverse is None else consistent / n,
+        "train_consistent": None if consistent is None else corrected / n,
     }

@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import json
 import math
 
 import pytest
@@ -11,12 +12,25 @@ from hessfine.analysis.compare import collect, write_comparison
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.measure import MeasureSettings, measure
 from hessfine.analysis.noisy_labels import noise_matrix
+from hessfine.bounds.functional import ConsistentCrossEntropy, FunctionalModel
 from hessfine.bounds.generalization import consistent_loss_factor
+from hessfine.bounds.quadratic_forms import quadratic_forms
 from hessfine.finetune import cli
-from hessfine.finetune.label_noise import symmetric_confusion
+from hessfine.finetune.label_noise import corrupt_labels, symmetric_confusion
 from hessfine.finetune.models import digits_cnn
 from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
+
+from tests.oracles import (
+    TINY_LAYERS,
+    TINY_NETWORKS,
+    dense_block_hessians,
+    perturbed_reference,
+    positive_part,
+    tiny_data,
+)
+from tests.oracles import consistent_loss as oracle_consistent
+from tests.oracles import quadratic_forms as dense_forms
 
 SPEC = "hessfine.finetune.models:digits_cnn"
 SETTINGS = MeasureSettings(samples=8, batch_size=8)
@@ -33,11 +47,20 @@ def noisy_run(tmp_path_factory):
     torch.save({"x": x[60:], "y": y[60:]}, root / "test.pt")
     torch.manual_seed(0)
     net = digits_cnn(width=4)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "ref.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "ref.safetensors")
+    )
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     args = parser.parse_args(
-        ["--model", SPEC, "--model-kwargs", '{"width": 4}', "--reference", str(root / "ref.safetensors")]
+        [
+            "--model",
+            SPEC,
+            "--model-kwargs",
+            '{"width": 4}',
+            "--reference",
+            str(root / "ref.safetensors"),
+        ]
         + ["--data", str(root / "train.pt"), "--eval-data", str(root / "test.pt")]
         + ["--method", "robust", "--label-noise", "symmetric", "--noise-rate", "0.4"]
         + ["--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--device", "cpu"]
@@ -136,3 +159,97 @@ def test_noise_matrix_source_from_the_manifest():
     estimated["confusion_used"]["matrix"] = [[0.7, 0.3], [0.3, 0.7]]
     assert noise_matrix(estimated).source == "dual-t"
     assert noise_matrix(estimated).matrix == [[0.7, 0.3], [0.3, 0.7]]
+
+
+# ------------------------------------------------- 𝓗_i of the consistent loss, dense oracle
+def smooth_noisy_run(tmp_path, network="mlp_gelu"):
+    """A run directory around a float64 tiny network with 30% symmetric noise recorded."""
+    module = TINY_NETWORKS[network]()
+    params = dict(module.named_parameters())
+    reference = perturbed_reference(params, TINY_LAYERS[network])
+    kind = "mlp" if network.startswith("mlp") else network
+    x, clean = tiny_data(kind, 12)
+    matrix = symmetric_confusion(3, 0.3)
+    noisy = corrupt_labels(clean, matrix, generator=torch.Generator().manual_seed(2))
+    xe, ye = tiny_data(kind, 6, seed=5)
+    torch.save({"x": x, "y": noisy}, tmp_path / "train.pt")
+    torch.save({"x": xe, "y": ye}, tmp_path / "eval.pt")
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    ref_state = {**state, **{k: reference[k].detach().contiguous() for k in reference}}
+    save_file(ref_state, str(tmp_path / "ref.safetensors"))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(state, str(run / "epoch_001.safetensors"))
+    spec = {"mlp_gelu": "tests.oracles:tiny_mlp", "cnn": "tests.oracles:tiny_cnn"}[network]
+    manifest = {
+        "format": "hessfine-run/1",
+        "model": spec,
+        "model_kwargs": {},
+        "reference": "../ref.safetensors",
+        "head_reference": None,
+        "method": "robust",
+        "data": {"train": "../train.pt", "eval": "../eval.pt"},
+        "label_noise": {"kind": "symmetric", "rate": 0.3, "confusion_matrix": matrix.tolist()},
+        "confusion_used": {"source": "given", "matrix": matrix.tolist()},
+        "labels": "labels.csv",
+        "checkpoints": [{"file": "epoch_001.safetensors", "epoch": 1}],
+    }
+    (run / "hessfine.json").write_text(json.dumps(manifest))
+    lines = ["index,clean,noisy"] + [
+        f"{i},{c},{z}" for i, (c, z) in enumerate(zip(clean.tolist(), noisy.tolist(), strict=True))
+    ]
+    (run / "labels.csv").write_text("\n".join(lines) + "\n")
+    return module, params, reference, x, clean, noisy, torch.linalg.inv(matrix)
+
+
+@pytest.mark.parametrize("network", ["mlp_gelu", "cnn"])
+def test_measure_gives_the_consistent_loss_forms_of_the_dense_oracle(tmp_path, network):
+    module, params, reference, x, clean, noisy, inverse = smooth_noisy_run(tmp_path, network)
+    settings = MeasureSettings(samples=None, dtype="float64", batch_size=5, estimator="auto")
+    result = measure(
+        tmp_path / "run" / "epoch_001.safetensors", out=tmp_path / "m", settings=settings
+    )
+    assert result["labels"]["data_file_holds"] == "noisy"
+    differs = []
+    for layer in result["layers"]:
+        name = layer["name"]
+        v = params[name] - reference[name]
+        H_bar = dense_block_hessians(module, params, name, x, noisy, oracle_consistent(inverse))
+        H = dense_block_hessians(module, params, name, x, clean)
+        bar = dense_forms(positive_part(H_bar), v)
+        plain = dense_forms(positive_part(H), v)
+        got = layer["quadratic_form_noisy_labels"]
+        assert got["max"] == pytest.approx(float(bar.max()), rel=1e-6)
+        assert got["mean"] == pytest.approx(float(bar.mean()), rel=1e-6)
+        assert layer["quadratic_form"]["max"] == pytest.approx(float(plain.max()), rel=1e-6)
+        differs.append(abs(float(bar.max()) - float(plain.max())) > 1e-3 * float(plain.max()))
+        if network == "cnn":  # piecewise linear: ℓ̄'s Hessian is cross-entropy's
+            assert got["method"].startswith("same as clean")
+    assert any(differs) == (network == "mlp_gelu")
+    bounds = result["bounds"]
+    kappa, C, n = bounds["noisy_label_factor"], result["loss"]["max"], 12
+    hdm = sum(
+        math.sqrt(kappa * C * max(layer["quadratic_form_noisy_labels"]["max"], 0) / n)
+        for layer in result["layers"]
+    )
+    assert bounds["hessian_distance_measure_noisy_labels"] == pytest.approx(hdm, rel=1e-9)
+    assert bounds["theorem_2_1_noisy_labels"] == pytest.approx(
+        result["loss"]["train_consistent"] + hdm, rel=1e-9
+    )
+
+
+def test_consistent_loss_block_forms_match_the_dense_oracle_without_truncation():
+    module = TINY_NETWORKS["mlp_gelu"]()
+    fmodel, params = FunctionalModel.from_module(
+        module, loss=ConsistentCrossEntropy(torch.linalg.inv(symmetric_confusion(3, 0.4)))
+    )
+    reference = perturbed_reference(params, ["fc2.weight"])
+    v = params["fc2.weight"] - reference["fc2.weight"]
+    x, y = tiny_data("mlp", 7)
+    forms = quadratic_forms(fmodel, params, {"fc2.weight": v}, [(x, y)], estimator="block")
+    inverse = torch.linalg.inv(symmetric_confusion(3, 0.4))
+    dense = dense_forms(
+        dense_block_hessians(module, params, "fc2.weight", x, y, oracle_consistent(inverse)), v
+    )
+    assert forms["fc2.weight"].max == pytest.approx(float(dense.max()), rel=1e-6)
+    assert forms["fc2.weight"].mean == pytest.approx(float(dense.mean()), rel=1e-6)
