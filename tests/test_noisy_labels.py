@@ -130,23 +130,18 @@ def test_gap_against_clean_labels_and_the_noisy_label_bound(noisy_run, tmp_path)
 
 def test_data_that_matches_neither_label_set_is_refused(noisy_run, tmp_path):
     root, x, clean, noisy, _, _ = noisy_run
-    other = (clean + 1) % 10
-    torch.save({"x": x, "y": other}, root / "train_other.pt")
-    with pytest.raises(InputError, match="neither the clean nor the noisy"):
-        measure(
-            root / "run" / "epoch_002.safetensors",
-            data=str(root / "train_other.pt"),
-            out=tmp_path,
-            settings=SETTINGS,
-        )
-    torch.save({"x": x[:30], "y": clean[:30]}, root / "train_short.pt")
-    with pytest.raises(InputError, match="records 60 training labels"):
-        measure(
-            root / "run" / "epoch_002.safetensors",
-            data=str(root / "train_short.pt"),
-            out=tmp_path,
-            settings=SETTINGS,
-        )
+    for name, count, labels, message in [
+        ("other", 60, (clean + 1) % 10, "neither the clean nor the noisy"),
+        ("short", 30, clean[:30], "records 60 training labels"),
+    ]:
+        torch.save({"x": x[:count], "y": labels}, root / f"train_{name}.pt")
+        with pytest.raises(InputError, match=message):
+            measure(
+                root / "run" / "epoch_002.safetensors",
+                data=str(root / f"train_{name}.pt"),
+                out=tmp_path,
+                settings=SETTINGS,
+            )
 
 
 def test_noise_matrix_source_from_the_manifest():
