@@ -28,7 +28,9 @@ matches its scale, while the distance-based bounds of prior work are orders of m
 without a manifest), ``reference``, ``model``, ``run`` (the run directory of the manifest),
 ``estimator``, ``n``, ``n_eval``, ``n_hessian_samples``, ``C``, ``epsilon``, ``train_loss``, ``eval_loss``, ``max_loss``, ``train_accuracy``, ``eval_accuracy``,
 ``generalization_gap_loss`` (eval − train loss), ``generalization_gap_accuracy`` (train − eval
-accuracy), ``hessian_distance_measure``, ``theorem_2_1``, ``trace_corollary``,
+accuracy), ``gap_against`` (``clean training labels`` for a run with recorded label noise, whose
+``train_*`` columns are then on the clean labels), ``train_loss_noisy``, ``train_accuracy_noisy``
+and ``train_loss_consistent`` (on the noisy labels trained on; empty without noise), ``hessian_distance_measure``, ``theorem_2_1``, ``trace_corollary``,
 ``trace_distance_measure`` (the trace corollary's complexity term Σ_i α_i·sqrt(C·max_x Tr[H_i⁺(x)]/n), comparable with the
 gap as the Hessian distance measure is, while ``theorem_2_1`` and ``trace_corollary`` bound the
 test loss),
@@ -319,6 +321,10 @@ def flat_row(record: Record) -> Row:
         "max_loss": loss.get("max"),
         "train_accuracy": accuracy.get("train"),
         "eval_accuracy": accuracy.get("eval"),
+        "train_loss_noisy": loss.get("train_noisy"),
+        "train_loss_consistent": loss.get("train_consistent"),
+        "train_accuracy_noisy": accuracy.get("train_noisy"),
+        "gap_against": gap.get("against"),
         "generalization_gap_loss": gap.get("loss"),
         "generalization_gap_accuracy": gap.get("accuracy"),
         "hessian_distance_measure": bounds.get("hessian_distance_measure"),

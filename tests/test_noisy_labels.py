@@ -126,6 +126,10 @@ def test_gap_against_clean_labels_and_the_noisy_label_bound(noisy_run, tmp_path)
     with path.open() as file:
         table = list(csv.DictReader(file))
     assert {row["noise_matrix_source"] for row in table} == {"known"}
+    first = next(row for row in table if row["measurement"] == str(tmp_path / "measurement.json"))
+    assert first["gap_against"] == "clean training labels"
+    assert float(first["train_loss_noisy"]) == pytest.approx(noisy_loss, rel=1e-5)
+    assert float(first["train_loss_consistent"]) == pytest.approx(consistent, rel=1e-5)
 
 
 def test_data_that_matches_neither_label_set_is_refused(noisy_run, tmp_path):
