@@ -722,7 +722,8 @@ class _Measurement:
         if self.noise is not None:
             try:
                 inverse = noise_matrix_inverse(self.noise.tensor(), self.num_classes)
-                self.consistent = ConsistentCrossEntropy(inverse.to(self.dtype))
+                # F⁻¹ stays float64 (its rows sum to 1 to ~1e-16); the loss casts it per call.
+                self.consistent = ConsistentCrossEntropy(inverse.to(self.device))
             except ValueError as err:
                 raise InputError(f"the run's noise matrix ({self.noise.source}): {err}") from None
         batches = self._batches(self.noisy_train, None)
