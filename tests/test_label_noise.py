@@ -11,8 +11,8 @@ from hessfine.finetune.label_noise import (
     corrupt_labels,
     estimate_confusion_dual_t,
     inverse_confusion,
-    noise_confusion,
     load_confusion,
+    noise_confusion,
     pair_flip_confusion,
     symmetric_confusion,
 )
