@@ -382,10 +382,10 @@ class _Measurement:
             certificate = self._certificate(forms, generator)
             self.timings["certificate_s"] = time.perf_counter() - t
 
-        noisy_forms, reused = None, {}
+        noisy_forms, reused, piecewise_linear = None, {}, False
         if self.noise is not None:
             t = time.perf_counter()
-            noisy_forms, reused = self._consistent_forms(forms, generator)
+            noisy_forms, reused, piecewise_linear = self._consistent_forms(forms, generator)
             self.timings["quadratic_forms_noisy_labels_s"] = time.perf_counter() - t
 
         C = s.loss_bound if s.loss_bound is not None else stats["max"]
@@ -409,7 +409,7 @@ class _Measurement:
             if noisy_forms is None
             else {name: noisy_forms[name].max for name in self.layers},
             noisy_trace_positive_max=None
-            if positive is None or not all(reused.get(name) for name in self.layers)
+            if positive is None or not piecewise_linear
             else {name: positive[name].max for name in self.layers},
             noise_matrix_source=None if self.noise is None else self.noise.source,
             certificate=certificate,
@@ -731,13 +731,14 @@ class _Measurement:
 
     def _consistent_forms(
         self, forms: Mapping[str, QuadraticForm], generator: torch.Generator
-    ) -> tuple[dict[str, QuadraticForm], dict[str, bool]]:
+    ) -> tuple[dict[str, QuadraticForm], dict[str, bool], bool]:
         """𝓗̄_i of the consistent loss on the sampled training examples with their noisy labels.
 
         Its Gauss–Newton part is cross-entropy's, so layers certified piecewise linear (and every
         layer under the ``ggn`` estimator) reuse the clean value (flag True); the others are
         recomputed with ℓ̄ and the same estimator (``reference-code``: all layers, its cross-layer
-        products are not certified).
+        products are not certified). The last value says whether every layer is certified
+        piecewise linear, so that ℓ̄'s Hessian (and its traces) equal cross-entropy's.
         """
         s = self.settings
         sample = self.sample if s.hessian_split == "train" else self._sample(self.train)
@@ -746,13 +747,14 @@ class _Measurement:
             if len(sample.indices) == len(self.noisy_train)
             else self.noisy_train.subset(sample.indices)
         )
+        certified = self._certified(forms, data)
         reused = {name: True for name in self.unused}
         if s.estimator == "ggn":
             reused.update({name: True for name in self.layers})
         elif s.estimator == "reference-code":
             reused.update({name: False for name in self.layers})
         else:
-            reused.update(self._certified(forms, data))
+            reused.update(certified)
         smooth = [name for name in self.layers if not reused[name]]
         out = {name: forms[name] for name in forms if reused.get(name, False)}
         if smooth:
@@ -774,7 +776,7 @@ class _Measurement:
                     generator=generator,
                 )
             )
-        return out, reused
+        return out, reused, all(certified[name] for name in self.layers)
 
     # ----------------------------------------------------------------------------- result
     def _result(
@@ -895,7 +897,7 @@ def _zeros_merged(top: Eigenvalues, zeros: int, k: int) -> Eigenvalues:
 
 def _noisy_form_json(form: QuadraticForm, reused: bool) -> dict[str, Any]:
     """``layers[].quadratic_form_noisy_labels``: 𝓗̄_i of the consistent loss on noisy labels."""
-    method = f"same as clean ({form.method}: piecewise linear)" if reused else form.method
+    method = f"same as clean ({form.method})" if reused else form.method
     return {"max": form.max, "mean": form.mean, "argmax": form.argmax, "method": method}
 
 
