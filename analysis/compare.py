@@ -23,12 +23,15 @@ matches its scale, while the distance-based bounds of prior work are orders of m
 
 ``comparison.csv`` columns: ``measurement`` (path of the file), ``checkpoint``, ``method``,
 ``epoch`` (a float for a Trainer checkpoint, 0-based for Lightning), ``step`` (the training tool's
-global step), ``seed``, ``noise_rate``, ``final_checkpoint`` (1 for the run's final model — its
+global step), ``seed``, ``noise_rate``, ``noise_matrix_source`` (the F of the noisy-label bound:
+``known``, ``dual-t`` or ``none``), ``final_checkpoint`` (1 for the run's final model — its
 ``best_epoch`` when the manifest names one, else its last checkpoint — 0 for other epochs, empty
 without a manifest), ``reference``, ``model``, ``run`` (the run directory of the manifest),
 ``estimator``, ``n``, ``n_eval``, ``n_hessian_samples``, ``C``, ``epsilon``, ``train_loss``, ``eval_loss``, ``max_loss``, ``train_accuracy``, ``eval_accuracy``,
 ``generalization_gap_loss`` (eval − train loss), ``generalization_gap_accuracy`` (train − eval
-accuracy), ``hessian_distance_measure``, ``theorem_2_1``, ``trace_corollary``,
+accuracy), ``gap_against`` (``clean training labels`` for a run with recorded label noise, whose
+``train_*`` columns are then on the clean labels), ``train_loss_noisy``, ``train_accuracy_noisy``
+and ``train_loss_consistent`` (on the noisy labels trained on; empty without noise), ``hessian_distance_measure``, ``theorem_2_1``, ``trace_corollary``,
 ``trace_distance_measure`` (the trace corollary's complexity term Σ_i α_i·sqrt(C·max_x Tr[H_i⁺(x)]/n), comparable with the
 gap as the Hessian distance measure is, while ``theorem_2_1`` and ``trace_corollary`` bound the
 test loss),
@@ -92,6 +95,7 @@ PARENT_LEVELS = 3
 LEADING_COLUMNS = (
     *KEY_COLUMNS,
     "step",
+    "noise_matrix_source",
     "reference",
     "model",
     "run",
@@ -308,6 +312,7 @@ def flat_row(record: Record) -> Row:
         "final_checkpoint": _is_final(record),
         "seed": manifest.get("seed"),
         "noise_rate": _noise_rate(manifest.get("label_noise")),
+        "noise_matrix_source": bounds.get("noise_matrix_source") or "none",
         "reference": m.get("reference"),
         "model": m.get("model"),
         "run": str(record.manifest_path.parent) if record.manifest_path is not None else None,
@@ -322,6 +327,10 @@ def flat_row(record: Record) -> Row:
         "max_loss": loss.get("max"),
         "train_accuracy": accuracy.get("train"),
         "eval_accuracy": accuracy.get("eval"),
+        "train_loss_noisy": loss.get("train_noisy"),
+        "train_loss_consistent": loss.get("train_consistent"),
+        "train_accuracy_noisy": accuracy.get("train_noisy"),
+        "gap_against": gap.get("against"),
         "generalization_gap_loss": gap.get("loss"),
         "generalization_gap_accuracy": gap.get("accuracy"),
         "hessian_distance_measure": bounds.get("hessian_distance_measure"),

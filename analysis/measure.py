@@ -20,11 +20,12 @@ Example (the Python API; the command line is a thin layer over it):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -46,6 +47,7 @@ from hessfine.analysis.distributed import Context, merge_forms, merge_positive
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.gpu import full_precision, halving_batches
 from hessfine.analysis.models import build_model, resolve_device
+from hessfine.analysis.noisy_labels import noise_matrix, noisy_label_statistics, read_run_labels
 from hessfine.analysis.progress import Progress
 from hessfine.analysis.results import (
     MEASUREMENT,
@@ -65,12 +67,13 @@ from hessfine.analysis.sampling import (
 from hessfine.bounds.functional import (
     Batch,
     CausalLMLoss,
+    ConsistentCrossEntropy,
     CrossEntropy,
     FunctionalModel,
     NondeterministicModelError,
     check_deterministic,
 )
-from hessfine.bounds.generalization import assemble_bounds
+from hessfine.bounds.generalization import assemble_bounds, noise_matrix_inverse
 from hessfine.bounds.noise_stability import noise_stability, relative_noise_traces, trace_prediction
 from hessfine.bounds.pac_bayes import pac_bayes_certificate
 from hessfine.bounds.quadratic_forms import (
@@ -381,6 +384,7 @@ class _Measurement:
         self.unused = self._unused_layers(hessian_data)
         self.layers = [name for name in self.layers if name not in self.unused]
         stats = self._retrying(lambda: self._loss_statistics(count))
+        stats.update(self._noisy_label_statistics())
 
         t = time.perf_counter()
         forms = self._retrying(self._quadratic_forms)
@@ -465,6 +469,14 @@ class _Measurement:
             certificate = self._retrying(lambda: self._certificate(forms))
             self.timings["certificate_s"] = time.perf_counter() - t
 
+        noisy_forms, reused, piecewise_linear = None, {}, False
+        if self.noise is not None:
+            t = time.perf_counter()
+            noisy_forms, reused, piecewise_linear = self._retrying(
+                lambda: self._consistent_forms(forms)
+            )
+            self.timings["quadratic_forms_noisy_labels_s"] = time.perf_counter() - t
+
         C = s.loss_bound if s.loss_bound is not None else stats["max"]
         n = s.n_train if s.n_train is not None else len(self.train)
         bounds = assemble_bounds(
@@ -480,11 +492,24 @@ class _Measurement:
             C=C,
             n=n,
             epsilon=s.epsilon,
-            confusion=self._confusion(),
+            confusion=None if self.noise is None else self.noise.tensor(),
+            consistent_train_loss=stats["train_consistent"],
+            noisy_layer_max=None
+            if noisy_forms is None
+            else {name: noisy_forms[name].max for name in self.layers},
+            noisy_trace_positive_max=None
+            if positive is None or not piecewise_linear
+            else {name: positive[name].max for name in self.layers},
+            noise_matrix_source=None if self.noise is None else self.noise.source,
             certificate=certificate,
         )
         self.timings["total_s"] = time.perf_counter() - start
         result = self._result(forms, traces, positive, eigen, whole, noise, stats, bounds, count)
+        for layer in result["layers"]:
+            name = layer["name"]
+            layer["quadratic_form_noisy_labels"] = (
+                None if noisy_forms is None else _noisy_form_json(noisy_forms[name], reused[name])
+            )
         if density is not None:
             result["spectrum_file"] = SPECTRUM
         if self.ctx.is_writer:
@@ -646,6 +671,13 @@ class _Measurement:
             "pad_token_id": getattr(getattr(module, "config", None), "pad_token_id", None),
         }
         self.train: LabeledData = load_data(str(data_spec), label="--data", **options)
+        # Under recorded label noise: measure against the clean labels, keep the noisy ones.
+        self.run_labels = read_run_labels(manifest, base, self.train)
+        self.noisy_train = self.train
+        if self.run_labels is not None:
+            self.noisy_train = replace(self.train, y=self.run_labels.noisy)
+            self.train = replace(self.train, y=self.run_labels.clean)
+        self.noise = noise_matrix(manifest)
         eval_spec = src.eval_data or _from_manifest(manifest, "data", base, key2="eval")
         self.eval: LabeledData | None = (
             None if eval_spec is None else load_data(str(eval_spec), label="--eval-data", **options)
@@ -892,11 +924,71 @@ class _Measurement:
             return None
         return {name: float(radii.get(name, self.distances[name])) for name in self.layers}
 
-    def _confusion(self) -> Tensor | None:
-        used = self.manifest.get("confusion_used")
-        if isinstance(used, dict) and used.get("matrix") is not None:
-            return torch.tensor(used["matrix"], dtype=torch.float64)
-        return None
+    def _noisy_label_statistics(self) -> dict[str, float | None]:
+        """Loss and accuracy on the noisy training labels and the consistent loss (F known)."""
+        self.consistent = None
+        if self.run_labels is None and self.noise is None:
+            return dict.fromkeys(("train_noisy", "train_noisy_accuracy", "train_consistent"))
+        if self.noise is not None:
+            try:
+                inverse = noise_matrix_inverse(self.noise.tensor(), self.num_classes)
+                # F⁻¹ stays float64 (its rows sum to 1 to ~1e-16); the loss casts it per call.
+                self.consistent = ConsistentCrossEntropy(inverse.to(self.device))
+            except ValueError as err:
+                raise InputError(f"the run's noise matrix ({self.noise.source}): {err}") from None
+        batches = self._batches(self.noisy_train, None)
+        return noisy_label_statistics(self.fmodel, self.params, batches, self.consistent)
+
+    def _consistent_forms(
+        self, forms: Mapping[str, QuadraticForm]
+    ) -> tuple[dict[str, QuadraticForm], dict[str, bool], bool]:
+        """𝓗̄_i of the consistent loss on the sampled training examples with their noisy labels.
+
+        Its Gauss–Newton part is cross-entropy's, so layers certified piecewise linear (and every
+        layer under the ``ggn`` estimator) reuse the clean value (flag True); the others are
+        recomputed with ℓ̄ and the same estimator (``reference-code``: all layers, its cross-layer
+        products are not certified). The last value says whether every layer is certified
+        piecewise linear, so that ℓ̄'s Hessian (and its traces) equal cross-entropy's.
+        """
+        s = self.settings
+        sample = self.sample if s.hessian_split == "train" else self._sample(self.train)
+        data = (
+            self.noisy_train
+            if len(sample.indices) == len(self.noisy_train)
+            else self.noisy_train.subset(sample.indices)
+        )
+        certified = self._certified(forms, data)
+        reused = {name: True for name in self.unused}
+        if s.estimator == "ggn":
+            reused.update({name: True for name in self.layers})
+        elif s.estimator == "reference-code":
+            reused.update({name: False for name in self.layers})
+        else:
+            reused.update(certified)
+        smooth = [name for name in self.layers if not reused[name]]
+        out = {name: forms[name] for name in forms if reused.get(name, False)}
+        if smooth:
+            fmodel = dataclasses.replace(self.fmodel, loss=self.consistent)
+            first_x, _ = next(iter(self._batches(data, len(data))))
+            batches = math.ceil(len(data) / self.batch_size)
+            total = len(smooth) * len(range(self.ctx.rank, batches, self.ctx.world_size))
+            stage = "quadratic forms (consistent loss)"
+            with self.progress.stage(stage, total=total, unit="layer·batch") as update:
+                noisy = quadratic_forms(
+                    fmodel,
+                    self.params,
+                    {name: self.directions[name] for name in smooth},
+                    self._local(data, len(data)),
+                    estimator=s.estimator,
+                    lanczos_steps=s.lanczos_steps,
+                    reference_batch_size=self.batch_size,
+                    generator=keyed_generator(s.seed, stage),
+                    certify_on=first_x,
+                    shard=self.ctx.shard(self.batch_size),
+                    progress=update,
+                )
+            out.update(merge_forms(noisy, self.ctx))
+        return out, reused, all(certified[name] for name in self.layers)
 
     # ----------------------------------------------------------------------------- result
     def _result(
@@ -988,9 +1080,26 @@ class _Measurement:
             "top_eigenvalues_all_layers": None
             if whole is None
             else {"values": whole.values, "residuals": whole.residuals},
-            "loss": {"train": stats["train_loss"], "eval": stats["eval_loss"], "max": stats["max"]},
-            "accuracy": {"train": stats["train_accuracy"], "eval": stats["eval_accuracy"]},
-            "generalization_gap": {"loss": gap_loss, "accuracy": gap_acc},
+            "labels": None if self.run_labels is None else self.run_labels.to_json(),
+            "loss": {
+                "train": stats["train_loss"],
+                "eval": stats["eval_loss"],
+                "max": stats["max"],
+                "train_noisy": stats["train_noisy"],
+                "train_consistent": stats["train_consistent"],
+            },
+            "accuracy": {
+                "train": stats["train_accuracy"],
+                "eval": stats["eval_accuracy"],
+                "train_noisy": stats["train_noisy_accuracy"],
+            },
+            "generalization_gap": {
+                "loss": gap_loss,
+                "accuracy": gap_acc,
+                "against": "clean training labels"
+                if self.run_labels is not None
+                else "training labels",
+            },
             "bounds": bounds.to_json(),
             "noise_stability": noise,
             "provenance": {
@@ -1032,6 +1141,12 @@ def _zeros_merged(top: Eigenvalues, zeros: int, k: int) -> Eigenvalues:
     return Eigenvalues(
         [value for value, _ in pairs], [res for _, res in pairs], top.steps, top.exhausted
     )
+
+
+def _noisy_form_json(form: QuadraticForm, reused: bool) -> dict[str, Any]:
+    """``layers[].quadratic_form_noisy_labels``: 𝓗̄_i of the consistent loss on noisy labels."""
+    method = f"same as clean ({form.method})" if reused else form.method
+    return {"max": form.max, "mean": form.mean, "argmax": form.argmax, "method": method}
 
 
 def _device_name(device: torch.device) -> str:
