@@ -1,32 +1,17 @@
 """Checkpoint loading, layer selection and alignment of fine-tuned with pretrained weights.
 
-Files (SPEC §3.3). ``.safetensors`` is read with :func:`safetensors.torch.load_file`;
-``.pt/.pth/.bin/.ckpt`` with ``torch.load(map_location="cpu", weights_only=True)``, which
-refuses pickled Python objects (code) unless the user passes ``--trust-checkpoint``
-(``trust=True``: ``weights_only=False``, and a pickled whole ``nn.Module`` is accepted). A state
-dict nested under ``state_dict``, ``model_state_dict`` or ``model`` (Lightning and common training
-scripts; repeatedly, e.g. ``{"model": {"state_dict": ...}}``) is unwrapped, and so is a mapping
-whose only tensor-holding entry is a mapping. Non-tensor entries are dropped. A ``module.``
-(DataParallel/DDP) or ``model.`` (Lightning) prefix is stripped while *every* key carries it.
-Sharded checkpoints (``*.safetensors.index.json`` or ``*.bin.index.json`` with a
-``weight_map``) are read shard by shard and merged.
-
-Directories. A *single checkpoint directory* is, by the first rule that applies:
+:func:`load_checkpoint` is the one entry point for every source; each source has its own reader
+in :mod:`hessfine.analysis.sources` (weights files, Hugging Face directories, directories of
+runs, ...). A *single checkpoint directory* is, by the first rule that applies:
 
 1. a directory whose manifest ``hessfine.json`` has a ``"checkpoint"`` entry (a path relative to
    the directory) — that file is the checkpoint, even when other weights files lie beside it;
-2. a Hugging Face layout: ``model.safetensors``, ``model.safetensors.index.json``,
-   ``pytorch_model.bin`` or ``pytorch_model.bin.index.json`` (first found), else its only
-   ``*.index.json``;
+2. a Hugging Face layout (:mod:`hessfine.analysis.sources.hf`);
 3. a directory whose only checkpoint (see :func:`find_checkpoints`) is one weights file directly
    inside it.
 
 Any other directory with checkpoints below it is a *directory of runs*
-(:func:`is_run_collection`): :func:`find_checkpoints` lists every weights file in it, recursively
-(one per saved epoch of every run), except that a Hugging Face layout directory counts as one
-checkpoint and is not descended into. Hidden entries and well-known non-weight files
-(``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth``, ``training_args.bin``)
-are skipped.
+(:mod:`hessfine.analysis.sources.runs`).
 
 Alignment (SPEC §1, §3.3). For the selected layers W_1..W_L, ``v_i = W_i − W_i^(s)``. A layer
 missing from the reference, or there with another shape, is a new *head*: its W^(s) is zero (the
@@ -46,10 +31,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +40,16 @@ from typing import Any, Literal
 
 import torch
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.sources.files import (
+    INDEX_SUFFIXES,
+    PREFIXES,
+    WEIGHT_SUFFIXES,
+    read_weights,
+    sha256_of,
+)
+from hessfine.analysis.sources.hf import hf_weights
+from hessfine.analysis.sources.manifest import MANIFEST, read_manifest
+from hessfine.analysis.sources.runs import find_checkpoints, is_run_collection
 from torch import Tensor, nn
 
 __all__ = [
@@ -73,31 +65,8 @@ __all__ = [
     "load_head_reference",
     "read_manifest",
     "select_layers",
+    "sha256_of",
 ]
-
-MANIFEST = "hessfine.json"
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
-_HF_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-_NOT_WEIGHTS = frozenset(
-    {
-        "optimizer.pt",
-        "optimizer.bin",
-        "scheduler.pt",
-        "scheduler.bin",
-        "scaler.pt",
-        "training_args.bin",
-    }
-)
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
-_PREFIXES = ("module.", "model.")
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,24 +85,6 @@ class Checkpoint:
     sha256: str
     manifest: dict[str, Any]
     directory: Path | None
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The JSON object in ``directory/hessfine.json``, or ``{}`` when there is none."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(
-            f"manifest {path} is not readable JSON ({_one_line(err)}); fix or delete it"
-        ) from None
-    if not isinstance(value, dict):
-        raise InputError(
-            f"manifest {path} must hold a JSON object, not {type(value).__name__}; fix or delete it"
-        )
-    return value
 
 
 def load_checkpoint(
@@ -157,17 +108,8 @@ def load_checkpoint(
         manifest = read_manifest(given.parent)
         has_config = (given.parent / "config.json").is_file()
         directory = given.parent if manifest or has_config else None
-    if file.name.endswith(_INDEX_SUFFIXES):
-        state, digest = _read_sharded(file, trust, label)
-    elif file.suffix in WEIGHT_SUFFIXES:
-        digest = sha256_of([file])
-        state = _read_file(file, trust, label)
-    else:
-        raise InputError(
-            f"{label} {file}: unsupported file type {file.suffix!r}; "
-            f"use one of {', '.join(WEIGHT_SUFFIXES)} or a sharded *.index.json"
-        )
-    return Checkpoint(file, _strip_prefixes(state), digest, manifest, directory)
+    state, digest = read_weights(file, trust=trust, label=label)
+    return Checkpoint(file, state, digest, manifest, directory)
 
 
 def load_head_reference(spec: str, *, trust: bool = False) -> dict[str, Tensor] | None:
@@ -175,38 +117,6 @@ def load_head_reference(spec: str, *, trust: bool = False) -> dict[str, Tensor] 
     if spec.strip() == "zero":
         return None
     return load_checkpoint(spec, trust=trust, label="--head-reference").state
-
-
-def find_checkpoints(directory: str | Path) -> list[Path]:
-    """Every checkpoint under ``directory``: weights files, and Hugging Face layout directories.
-
-    Sorted by relative path in natural order (``epoch_2`` before ``epoch_10``), so the list is
-    stable across runs and file systems.
-    """
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise InputError(f"{root}: not a directory; pass a directory of runs")
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        if _hf_layout(here, filenames):
-            found.append(here)
-            dirnames.clear()
-            continue
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(here / f for f in filenames if _is_weights_name(f))
-    return sorted(found, key=lambda p: _natural_key(p.relative_to(root).as_posix()))
-
-
-def is_run_collection(path: str | Path) -> bool:
-    """Whether ``path`` is a directory of runs rather than one checkpoint (module docs)."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        return False
-    if "checkpoint" in read_manifest(path) or _hf_layout(path, os.listdir(path)):
-        return False
-    found = find_checkpoints(path)
-    return bool(found) and not (len(found) == 1 and found[0].parent == path and found[0].is_file())
 
 
 def _resolve_directory(directory: Path, manifest: dict[str, Any], label: str) -> Path:
@@ -219,10 +129,10 @@ def _resolve_directory(directory: Path, manifest: dict[str, Any], label: str) ->
             )
         return directory / named
     names = os.listdir(directory)
-    hf = _hf_layout(directory, names)
+    hf = hf_weights(directory, names)
     if hf is not None:
         return hf
-    indices = sorted(n for n in names if n.endswith(_INDEX_SUFFIXES))
+    indices = sorted(n for n in names if n.endswith(INDEX_SUFFIXES))
     if len(indices) > 1:
         raise InputError(
             f"{label} {directory}: several shard indices ({', '.join(indices)}); pass one of them"
@@ -241,143 +151,6 @@ def _resolve_directory(directory: Path, manifest: dict[str, Any], label: str) ->
         f"{label} {directory}: a directory of runs with {len(found)} checkpoints ({shown}{more}); "
         f'pass one of them, or name it in {MANIFEST} as {{"checkpoint": FILE}}'
     )
-
-
-def _hf_layout(directory: Path, names: Sequence[str]) -> Path | None:
-    present = set(names)
-    for name in _HF_FILES:
-        if name in present and (directory / name).is_file():
-            return directory / name
-    indices = sorted(n for n in present if n.endswith(_INDEX_SUFFIXES))
-    return directory / indices[0] if len(indices) == 1 else None
-
-
-def _is_weights_name(name: str) -> bool:
-    return (
-        name.endswith(WEIGHT_SUFFIXES)
-        and not name.startswith((".", "rng_state"))
-        and name not in _NOT_WEIGHTS
-    )
-
-
-def _natural_key(text: str) -> list[tuple[int, int, str]]:
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)]
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def sha256_of(files: Sequence[Path]) -> str:
-    """SHA-256 of the concatenated bytes of ``files``."""
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_file(file: Path, trust: bool, label: str) -> dict[str, Tensor]:
-    if file.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(file), device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise InputError(
-                f"{label} {file}: cannot read safetensors file ({_one_line(err)}); it is truncated "
-                "or corrupt, save or copy it again"
-            ) from None
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=not trust)
-    except Exception as err:  # any unpickling failure: the file is the user's to fix
-        found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(err))
-        if found and not trust:
-            raise InputError(
-                f"{label} {file} contains pickled Python objects ({found.group(1)}), which can run "
-                "code; pass --trust-checkpoint only if you trust its source, or save a plain "
-                "state_dict instead"
-            ) from None
-        raise InputError(
-            f"{label} {file}: cannot read PyTorch checkpoint ({_one_line(err)[:300]}); it is "
-            "truncated or corrupt, save or copy it again"
-        ) from None
-    return _state_of(obj, file, label)
-
-
-def _has_tensors(obj: object) -> bool:
-    return isinstance(obj, Mapping) and any(isinstance(v, Tensor) for v in obj.values())
-
-
-def _state_of(obj: object, file: Path, label: str) -> dict[str, Tensor]:
-    while True:
-        if isinstance(obj, nn.Module):
-            obj = obj.state_dict()
-        if not isinstance(obj, Mapping):
-            raise InputError(
-                f"{label} {file} holds a {type(obj).__name__}, not a state dict; save "
-                "model.state_dict() (or a dict with it under 'state_dict')"
-            )
-        nested = [obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping | nn.Module)]
-        if not nested and not _has_tensors(obj):
-            nested = [v for v in obj.values() if _has_tensors(v)]
-            nested = nested if len(nested) == 1 else []
-        if not nested:
-            break
-        obj = nested[0]
-    state = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
-    if not state:
-        keys = ", ".join(map(str, list(obj)[:5])) or "none"
-        raise InputError(
-            f"{label} {file} holds no tensors (top-level keys: {keys}); expected a state dict, "
-            "possibly under 'state_dict', 'model' or 'model_state_dict'"
-        )
-    return state
-
-
-def _read_sharded(index: Path, trust: bool, label: str) -> tuple[dict[str, Tensor], str]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise InputError(
-            f"{label} {index}: not a shard index with a 'weight_map' ({_one_line(err)}); "
-            "save the checkpoint again"
-        ) from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise InputError(
-            f"{label} {index}: 'weight_map' must map tensor names to shard file names; "
-            "save the checkpoint again"
-        )
-    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
-    for shard in shards:
-        if not shard.is_file():
-            raise InputError(
-                f"{label} {index}: shard {shard.name} is missing; copy every shard next to the index"
-            )
-    state: dict[str, Tensor] = {}
-    for shard in shards:
-        state.update(_read_file(shard, trust, label))
-    missing = [k for k in weight_map if k not in state]
-    if missing:
-        raise InputError(
-            f"{label} {index}: {len(missing)} tensors listed in the index are in no shard "
-            f"(first: {missing[0]!r}); save the checkpoint again"
-        )
-    return state, sha256_of(shards)
-
-
-def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _PREFIXES:
-            if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                stripped = True
-    return state
 
 
 def select_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> list[str]:
@@ -578,7 +351,7 @@ def align(
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     base = getattr(model, "base_model_prefix", "")
-    prefixes = (*_PREFIXES, f"{base}.") if isinstance(base, str) and base else _PREFIXES
+    prefixes = (*PREFIXES, f"{base}.") if isinstance(base, str) and base else PREFIXES
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise InputError("no layers selected; pass --layers GLOB patterns that match weights")

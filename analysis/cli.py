@@ -101,6 +101,13 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N|all",
         help="examples for the Hessian maxima (default 256)",
     )
+    add(
+        "--sample-order",
+        default="stratified",
+        choices=["stratified", "file"],
+        help="which N examples: a seeded class-stratified sample (default) or the first N in file "
+        "order",
+    )
     add("--batch-size", type=int, metavar="B", help="batch size (default 32; 4 for reference-code)")
     add("--hessian-split", default="train", choices=["train", "eval"])
     add(
@@ -169,6 +176,7 @@ def _run_measure(args: argparse.Namespace) -> int:
         estimator=args.estimator,
         lanczos_steps=args.lanczos_steps,
         samples=args.samples,
+        sample_order=args.sample_order,
         batch_size=args.batch_size,
         hessian_split=args.hessian_split,
         layers=None if args.layers is None else tuple(args.layers),

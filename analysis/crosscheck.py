@@ -179,7 +179,9 @@ def crosscheck(
     in quadrature, which ignores the correlation of the layers' samples drawn from the same joint
     probe (the cross-layer terms z_iᵀH_ij z_j enter both layers' samples), so it can understate
     the standard error of the sum. Theirs: :func:`pyhessian_estimates`. Rows are
-    ``trace`` and ``eigenvalue_1`` … ``eigenvalue_k`` with |ours − theirs| / |theirs|.
+    ``trace`` and ``eigenvalue_1`` … ``eigenvalue_k`` with |ours − theirs| / |theirs|; when
+    Lanczos exhausts its Krylov space after m < k steps (a Hessian with fewer than k distinct
+    eigenvalues seen from the start vector), only the first m eigenvalues are compared.
     """
     from hessfine.bounds.spectra import whole_top_eigenvalues
     from hessfine.bounds.traces import layer_traces
@@ -193,6 +195,11 @@ def crosscheck(
         raise InputError(f"layers {missing} are not parameters of the model; check --layers")
     if probes < 2:
         raise InputError(f"--probes {probes}: need at least 2 probes for a standard error")
+    dim = sum(named[name].numel() for name in layers)
+    if top_k > dim:
+        raise InputError(
+            f"--top-k {top_k}: the selected layers have only {dim} weights; pass --top-k ≤ {dim}"
+        )
     fmodel, params = FunctionalModel.from_module(model)
     device = x.device
     batches = [(x, y)]
@@ -238,7 +245,7 @@ def crosscheck(
         )
     ]
     for j, (ours_value, theirs_value) in enumerate(
-        zip(spectrum.values, theirs_values, strict=True), start=1
+        zip(spectrum.values, theirs_values[: len(spectrum.values)], strict=True), start=1
     ):
         rows.append(
             CrosscheckRow(
@@ -372,4 +379,9 @@ def run(args: argparse.Namespace) -> int:
         f"weights, {x.shape[0]} examples, {args.probes} probes, {args.dtype} on {device}"
     )
     print(format_table(rows))
+    if len(rows) - 1 < args.top_k:
+        print(
+            f"note: only {len(rows) - 1} of {args.top_k} eigenvalues compared: the Krylov space of "
+            "the Lanczos start vector is exhausted (fewer distinct eigenvalues)"
+        )
     return 0

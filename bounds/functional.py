@@ -10,12 +10,37 @@ Example:
     >>> fm, params = FunctionalModel.from_module(torch.nn.Linear(3, 2))
     >>> fm.logits(params, torch.zeros(4, 3)).shape
     torch.Size([4, 2])
+
+**Per-example losses.** A :class:`FunctionalModel` carries its loss ℓ(z, y) (``fmodel.loss``), and
+every estimator takes its per-example quantities from it: the loss itself, its curvature in the
+logits z'ᵀ ∇²_z ℓ z' (the Gauss–Newton form, SPEC §1.2) and a factorisation ∇²_z ℓ = Σ_k r_k r_kᵀ
+(for exact Gauss–Newton traces). Three losses are provided:
+
+* :class:`CrossEntropy` — classification, ℓ(z, y) = −log softmax(z)_y, ∇²_z ℓ = diag p − p pᵀ.
+* :class:`CausalLMLoss` — causal language modelling (SPEC §3.3a): one example is one sequence
+  with logits z ∈ ℝ^{T×V} and labels y ∈ ℤ^T given unshifted as Hugging Face takes them; the
+  token at position t predicts label y_{t+1}, labels −100 are ignored, and
+  ℓ = (1/m) Σ_{t ∈ S} −log softmax(z_t)_{y_{t+1}} over the m label positions S. Its Hessian in
+  the logits is block diagonal over positions, (1/m)(diag p_t − p_t p_tᵀ) on each t ∈ S.
+* :class:`ConsistentCrossEntropy` — the backward-corrected loss for class-conditional label noise
+  (Patrini et al., CVPR 2017; SPEC §1): ℓ̄(z, ỹ) = Σ_j (F⁻¹)[ỹ, j]·ℓ(z, j). Because the rows of F⁻¹
+  sum to one, ℓ̄ = logsumexp(z) − (F⁻¹)[ỹ]·z, whose logit Hessian is that of cross-entropy; its
+  weight-space Hessian differs through the gradient p − (F⁻¹)[ỹ] that multiplies z''.
+
+**Hugging Face attention masks.** transformers ≥ 5 derives its 4-D attention mask from the 2-D
+``attention_mask`` with data-dependent control flow (``masking_utils``), which ``vmap`` over
+examples cannot trace. For a module with a Hugging Face ``config``, :meth:`FunctionalModel.logits`
+therefore passes the mask already expanded: an additive (N, 1, T, T) float mask, 0 where query t
+may attend key s (key not padding, and s ≤ t for causal models) and the dtype's most negative
+value elsewhere — the mask transformers itself builds, which it then uses as given whatever the
+attention implementation. The expansion is elementwise, so it is the same inside and outside
+``vmap``, and it leaves the logits unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -83,20 +108,207 @@ def per_example_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def softmax_ce_curvature(z: Tensor, z1: Tensor) -> Tensor:
+    """z1ᵀ (diag p − p pᵀ) z1 over the last dimension, p = softmax(z): the softmax CE Hessian."""
+    p = torch.softmax(z, dim=-1)
+    pz = (p * z1).sum(dim=-1)
+    return (p * z1 * z1).sum(dim=-1) - pz * pz
+
+
+def softmax_ce_curvature_factors(z: Tensor) -> Tensor:
+    """Vectors r_c with Σ_c r_c r_cᵀ = diag p − p pᵀ over the last dimension: shape (C, *z.shape).
+
+    r_c = √p_c (e_c − p) are the columns of M = diag(√p) − p √pᵀ, M Mᵀ = diag p − p pᵀ.
+    """
+    p = torch.softmax(z, dim=-1)
+    classes = z.shape[-1]
+    eye = torch.eye(classes, dtype=z.dtype, device=z.device).reshape(
+        classes, *([1] * (z.dim() - 1)), classes
+    )
+    root = p.sqrt().movedim(-1, 0).unsqueeze(-1)
+    return root * (eye - p.unsqueeze(0))
+
+
+@dataclass(frozen=True)
+class CrossEntropy:
+    """Classification cross-entropy ℓ(z, y) = −log softmax(z)_y; z is (N, C), y is (N,).
+
+    Example:
+        >>> loss = CrossEntropy()
+        >>> z, y = torch.zeros(2, 4), torch.tensor([0, 3])
+        >>> loss(z, y)
+        tensor([1.3863, 1.3863])
+    """
+
+    task = "classification"
+
+    def __call__(self, z: Tensor, y: Tensor) -> Tensor:
+        """Per-example losses, shape (N,)."""
+        return per_example_cross_entropy(z, y)
+
+    def curvature(self, z: Tensor, z1: Tensor, y: Tensor | None = None) -> Tensor:
+        """z1ᵀ ∇²_z ℓ z1 per example (the labels do not enter), shape (N,)."""
+        return softmax_ce_curvature(z, z1)
+
+    def curvature_factors(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """r_k with Σ_k r_k r_kᵀ = ∇²_z ℓ per example, shape (C, N, C)."""
+        return softmax_ce_curvature_factors(z)
+
+    def correct(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per example, the number of correct predictions and of predictions made (1 each)."""
+        right = (z.argmax(dim=-1) == y).to(z.dtype)
+        return right, torch.ones_like(right)
+
+
+@dataclass(frozen=True)
+class CausalLMLoss:
+    """Mean next-token cross-entropy of each sequence over its label positions (SPEC §3.3a).
+
+    z is (N, T, V); y is (N, T), unshifted (position t predicts y[:, t+1]), −100 ignored. A
+    sequence without any label position has loss 0 and no curvature.
+
+    Example:
+        >>> loss = CausalLMLoss()
+        >>> z = torch.zeros(1, 3, 5)
+        >>> loss(z, torch.tensor([[-100, 2, -100]]))  # one label position: log 5
+        tensor([1.6094])
+    """
+
+    task = "causal-lm"
+    ignore_index: int = -100
+
+    def _shifted(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits z_t, targets y_{t+1} (ignored ones set to 0) and weights 1/m on label positions."""
+        if y is None:
+            raise ValueError("the causal-LM curvature depends on the label positions: pass y")
+        logits, labels = z[:, :-1], y[:, 1:]
+        valid = labels != self.ignore_index
+        count = valid.sum(dim=1, keepdim=True).clamp(min=1)
+        weights = valid.to(z.dtype) / count.to(z.dtype)
+        return logits, labels.masked_fill(~valid, 0), weights
+
+    def __call__(self, z: Tensor, y: Tensor) -> Tensor:
+        """Per-sequence losses, shape (N,)."""
+        logits, labels, weights = self._shifted(z, y)
+        tokens = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        return (weights * tokens).sum(dim=1)
+
+    def curvature(self, z: Tensor, z1: Tensor, y: Tensor | None = None) -> Tensor:
+        """z1ᵀ ∇²_z ℓ z1 = Σ_t w_t · z1_tᵀ (diag p_t − p_t p_tᵀ) z1_t per sequence, shape (N,)."""
+        logits, _, weights = self._shifted(z, y)
+        return (weights * softmax_ce_curvature(logits, z1[:, :-1])).sum(dim=1)
+
+    def curvature_factors(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """r_(t,c) = √w_t · √p_tc (e_c − p_t) placed at position t: shape ((T−1)·V, N, T, V)."""
+        logits, _, weights = self._shifted(z, y)
+        n, steps, vocab = logits.shape
+        per_token = softmax_ce_curvature_factors(logits) * weights.sqrt().unsqueeze(-1)
+        factors = z.new_zeros(steps, vocab, n, steps + 1, vocab)
+        index = torch.arange(steps, device=z.device)
+        factors[index, :, :, index] = per_token.permute(2, 0, 1, 3)
+        return factors.reshape(steps * vocab, n, steps + 1, vocab)
+
+    def correct(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per sequence, the number of label positions predicted right and of label positions."""
+        valid = y[:, 1:] != self.ignore_index
+        right = (z[:, :-1].argmax(dim=-1) == y[:, 1:]) & valid
+        return right.sum(dim=1).to(z.dtype), valid.sum(dim=1).to(z.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class ConsistentCrossEntropy:
+    """Backward-corrected cross-entropy ℓ̄(z, ỹ) = Σ_j (F⁻¹)[ỹ, j]·ℓ(z, j) (Patrini et al. 2017).
+
+    ``inverse`` is F⁻¹ for the row-stochastic noise matrix F (F[y, z] = P(observed z | clean y));
+    its rows sum to one, so ∇²_z ℓ̄ = diag p − p pᵀ as for cross-entropy. Unbiased for the clean
+    loss: E_ỹ[ℓ̄(z, ỹ) | y] = ℓ(z, y).
+
+    Example:
+        >>> F_ = torch.tensor([[0.8, 0.2], [0.2, 0.8]])
+        >>> loss = ConsistentCrossEntropy(torch.linalg.inv(F_))
+        >>> z = torch.tensor([[1.0, -1.0]])
+        >>> clean = CrossEntropy()(z, torch.tensor([0]))
+        >>> noisy = F_[0, 0] * loss(z, torch.tensor([0])) + F_[0, 1] * loss(z, torch.tensor([1]))
+        >>> torch.allclose(noisy, clean)
+        True
+    """
+
+    inverse: Tensor
+    task = "classification"
+
+    def __post_init__(self) -> None:
+        rows = self.inverse.sum(dim=1)
+        if self.inverse.dim() != 2 or self.inverse.shape[0] != self.inverse.shape[1]:
+            raise ValueError(
+                f"F⁻¹ must be a square matrix, not of shape {tuple(self.inverse.shape)}"
+            )
+        if not torch.allclose(rows, torch.ones_like(rows), atol=1e-6):
+            raise ValueError("the rows of F⁻¹ must sum to one (F must be row-stochastic)")
+
+    def __call__(self, z: Tensor, y: Tensor) -> Tensor:
+        """Per-example ℓ̄ = −Σ_j (F⁻¹)[ỹ, j] log softmax(z)_j, shape (N,)."""
+        weights = self.inverse.to(device=z.device, dtype=z.dtype)[y]
+        return -(weights * torch.log_softmax(z, dim=-1)).sum(dim=-1)
+
+    def curvature(self, z: Tensor, z1: Tensor, y: Tensor | None = None) -> Tensor:
+        """z1ᵀ ∇²_z ℓ̄ z1 = z1ᵀ (diag p − p pᵀ) z1 per example, shape (N,)."""
+        return softmax_ce_curvature(z, z1)
+
+    def curvature_factors(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """r_k with Σ_k r_k r_kᵀ = ∇²_z ℓ̄ per example, shape (C, N, C)."""
+        return softmax_ce_curvature_factors(z)
+
+    def correct(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per example, agreement of the prediction with the observed label (1 prediction each)."""
+        return CrossEntropy().correct(z, y)
+
+
+ExampleLoss = CrossEntropy | CausalLMLoss | ConsistentCrossEntropy
+
+
+def expanded_attention_mask(mask: Tensor, *, causal: bool, dtype: torch.dtype) -> Tensor:
+    """(N, T) 0/1 key mask → additive (N, 1, T, T) mask: 0 where attending is allowed, else min.
+
+    Query t may attend key s when s is not padding (and s ≤ t when ``causal``).
+    """
+    keep = mask[:, None, None, :].to(torch.bool)
+    if causal:
+        steps = mask.shape[-1]
+        keep = keep & torch.ones(steps, steps, dtype=torch.bool, device=mask.device).tril()
+    zeros = torch.zeros(keep.shape, dtype=dtype, device=mask.device)
+    return zeros.masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def _mask_kind(module: nn.Module) -> str | None:
+    """ "causal" / "bidirectional" for a Hugging Face model (a ``config`` naming its attention)."""
+    config = getattr(module, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        return None
+    causal = any(getattr(m, "is_causal", False) is True for m in module.modules())
+    return "causal" if causal else "bidirectional"
+
+
 @dataclass(frozen=True)
 class FunctionalModel:
-    """An ``nn.Module`` in eval mode with its buffers, called with explicit parameters."""
+    """An ``nn.Module`` in eval mode with its buffers and its per-example loss."""
 
     module: nn.Module
     buffers: Mapping[str, Tensor]
+    loss: ExampleLoss = CrossEntropy()
+    mask_kind: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mask_kind", _mask_kind(self.module))
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> tuple[FunctionalModel, dict[str, Tensor]]:
+    def from_module(
+        cls, module: nn.Module, *, loss: ExampleLoss | None = None
+    ) -> tuple[FunctionalModel, dict[str, Tensor]]:
         """Put ``module`` in eval mode; return the functional model and a detached parameter dict."""
         module.eval()
         params = {k: p.detach() for k, p in module.named_parameters()}
         buffers = {k: b.detach() for k, b in module.named_buffers()}
-        return cls(module, buffers), params
+        return cls(module, buffers, loss if loss is not None else CrossEntropy()), params
 
     def logits(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
         """Logits of the batch ``x`` under ``params`` (a full parameter dict)."""
@@ -104,12 +316,19 @@ class FunctionalModel:
         if isinstance(x, Tensor):
             out = functional_call(self.module, state, (x,))
         else:
-            out = functional_call(self.module, state, (), dict(x))
+            kwargs = dict(x)
+            mask = kwargs.get("attention_mask")
+            if self.mask_kind is not None and mask is not None and mask.dim() == 2:
+                dtype = next(iter(params.values())).dtype
+                kwargs["attention_mask"] = expanded_attention_mask(
+                    mask, causal=self.mask_kind == "causal", dtype=dtype
+                )
+            out = functional_call(self.module, state, (), kwargs)
         return logits_of(out)
 
     def losses(self, params: Mapping[str, Tensor], x: Inputs, y: Tensor) -> Tensor:
-        """Per-example cross-entropy losses of the batch."""
-        return per_example_cross_entropy(self.logits(params, x), y)
+        """Per-example losses ℓ(f(x_n), y_n) of the batch, shape (N,)."""
+        return self.loss(self.logits(params, x), y)
 
 
 def with_layer(params: Mapping[str, Tensor], name: str, value: Tensor) -> dict[str, Tensor]:

@@ -134,25 +134,37 @@ def prior_distance_measures(
     delta: float = 0.05,
     depth: int | None = None,
 ) -> dict[str, float]:
-    """Distance-from-initialisation bounds of prior work, with their O(·) constants set to 1.
+    """Distance-from-initialisation measures in the style of prior work (not bounds as stated).
 
     With M_i = :func:`as_matrix` (W_i), spectral norms ‖M_i‖_2, distances ‖v_i‖_F, d = ``depth``
-    (default: number of layers), h = max_i max(shape(M_i)):
+    (default: number of layers given), h = max_i max(shape(M_i)):
 
-    * ``li_zhang_2021`` — the layer-wise distance measure of Li & Zhang, "Improved Regularization
-      and Robustness for Fine-tuning in Neural Networks" (NeurIPS 2021, arXiv 2111.04578, Sec. 2),
-      the comparison line of Fig. 1 in Ju, Li & Zhang (2022):
-          (Π_j ‖M_j‖_2) · Σ_i ‖v_i‖_F / ‖M_i‖_2 / sqrt(n).
-    * ``neyshabur_2018`` — the spectrally-normalised PAC-Bayes margin bound of Neyshabur,
-      Bhojanapalli & Srebro (ICLR 2018, Theorem 1) with the prior centred at the reference
-      weights, so ‖W_i‖_F² becomes ‖W_i − W_i^(s)‖_F² (their Sec. 3 remark on the prior mean):
-          sqrt( [B² d² h ln(d h) Π_i ‖M_i‖_2² Σ_i ‖v_i‖_F²/‖M_i‖_2² + ln(d n / δ)] / (γ² n) ),
-      B = ``input_norm`` (max ℓ2 norm of an input), γ = ``margin`` (the bound is on the 0-1 error
-      in terms of the γ-margin training error; both default to 1, so the value scales as B/γ).
-      A natural γ is a low quantile of :func:`classification_margins` on the training set.
+    * ``spectral_product_distance`` — Σ_i ‖v_i‖_F · Π_{j≠i} ‖M_j‖_2 / sqrt(n)
+      (= Π_j ‖M_j‖_2 · Σ_i ‖v_i‖_F/‖M_i‖_2 / sqrt(n) when no norm is zero): a spectral-product
+      distance measure in the style of the Rademacher bound of Gouk, Hospedales & Pontil
+      ("Distance-Based Regularisation of Deep Networks for Fine-Tuning", ICLR 2021, which uses
+      other norms and constants). Constants are 1. It is *not* the theorem of Li & Zhang
+      (NeurIPS 2021), whose PAC-Bayes bound rests on the layer distances and a perturbed-loss
+      (noise-stability) term; see docs/bounds.md.
+    * ``neyshabur_2018_complexity`` — the complexity term of Theorem 1 of Neyshabur,
+      Bhojanapalli & Srebro (ICLR 2018), with the prior centred at the reference weights
+      (‖W_i‖_F² → ‖v_i‖_F²):
+          sqrt( [B² d² h ln(d h) Σ_i ‖v_i‖_F² Π_{j≠i} ‖M_j‖_2² + ln(d n / δ)] / (γ² n) ),
+      B = ``input_norm``, γ = ``margin``, δ = ``delta``. It is only the second term of their
+      bound (which adds the γ-margin training error and holds for fully connected networks
+      without biases, every layer included); with the defaults B = γ = 1 it is the term per
+      unit B/γ, over the layers given.
 
-    Each also comes as ``<name>_log10`` (computed in log space, finite even when the product of
-    norms overflows). Layers are matched by name (mappings) or position (sequences).
+    Each also comes as ``<name>_log10``, computed in log space: finite when the product of
+    norms overflows, and ``-inf`` when the measure is 0. A zero layer (‖M_i‖_2 = 0, e.g. a
+    zero-initialised head) is defined by continuity: it contributes ‖v_i‖·Π_{j≠i} and zeroes
+    every other layer's term. Layers are matched by name (mappings) or position (sequences).
+
+    Example (two layers, M_1 = 2I, M_2 = 0, v_1 = 0, v_2 = (3, 4)):
+        >>> w = [2 * torch.eye(2), torch.zeros(1, 2)]
+        >>> v = [torch.zeros(2, 2), torch.tensor([[3.0, 4.0]])]
+        >>> round(prior_distance_measures(w, v, n=4)["spectral_product_distance"], 12)  # 5·2/2
+        5.0
     """
     w, v = _paired(weights, directions)
     if n < 1:
@@ -161,34 +173,27 @@ def prior_distance_measures(
         raise ValueError("margin and input_norm must be positive and delta in (0, 1)")
     d = len(w) if depth is None else int(depth)
     mats = [as_matrix(t) for t in w]
-    log_spec = [math.log(float(torch.linalg.matrix_norm(m, ord=2))) for m in mats]
-    dist = [float(t.detach().double().norm()) for t in v]
-    if any(not math.isfinite(s) for s in log_spec):
-        raise ValueError("a selected weight matrix is zero; its spectral norm cannot normalise")
-    log_prod = sum(log_spec)
+    log_spec = [_log(float(torch.linalg.matrix_norm(m, ord=2))) for m in mats]
+    log_dist = [_log(float(t.detach().double().norm())) for t in v]
     h = max(max(m.shape) for m in mats)
 
-    ratios = [di / math.exp(si) for di, si in zip(dist, log_spec, strict=True)]
-    log_li = log_prod + _log(sum(ratios)) - 0.5 * math.log(n)
+    def others(i: int) -> float:
+        return sum(s for j, s in enumerate(log_spec) if j != i)
 
-    ratio_sq = sum(r * r for r in ratios)
+    log_spd = _logsumexp([log_dist[i] + others(i) for i in range(len(w))]) - 0.5 * math.log(n)
+    log_sq = _logsumexp([2 * (log_dist[i] + others(i)) for i in range(len(w))])
     log_main = (
-        2 * math.log(input_norm)
-        + 2 * math.log(d)
-        + math.log(h)
-        + _log(math.log(d * h))
-        + 2 * log_prod
-        + _log(ratio_sq)
+        2 * math.log(input_norm) + 2 * math.log(d) + math.log(h) + _log(math.log(d * h)) + log_sq
     )
     log_total = _logaddexp(log_main, _log(math.log(d * n / delta)))
     log_ney = 0.5 * (log_total - 2 * math.log(margin) - math.log(n))
 
     ln10 = math.log(10.0)
     return {
-        "li_zhang_2021": _exp(log_li),
-        "li_zhang_2021_log10": log_li / ln10,
-        "neyshabur_2018": _exp(log_ney),
-        "neyshabur_2018_log10": log_ney / ln10,
+        "spectral_product_distance": _exp(log_spd),
+        "spectral_product_distance_log10": log_spd / ln10,
+        "neyshabur_2018_complexity": _exp(log_ney),
+        "neyshabur_2018_complexity_log10": log_ney / ln10,
     }
 
 
@@ -329,6 +334,13 @@ def _logaddexp(a: float, b: float) -> float:
     if hi == float("-inf"):
         return hi
     return hi + math.log1p(math.exp(lo - hi))
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    if top == float("-inf"):
+        return top
+    return top + math.log(sum(math.exp(x - top) for x in values))
 
 
 def _exp(x: float) -> float:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from hessfine.bounds.functional import Batch, FunctionalModel
+from hessfine.bounds.sharding import LOCAL, Shard
 from torch import Tensor
 
 ProbeMap = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
@@ -33,16 +34,21 @@ def mean_loss_hvp(
     params: Mapping[str, Tensor],
     layers: Sequence[str],
     batches: Sequence[Batch],
+    *,
+    shard: Shard = LOCAL,
+    progress: Callable[[float], None] | None = None,
 ) -> ProbeMap:
     """u ↦ H u for the mean-loss Hessian over ``layers``; u maps each layer to (P, *shape).
 
     Pearlmutter's double-backward product (Neural Computation 1994): per batch, one forward and
     one backward pass with ``create_graph`` give the gradient g(W); then each of the P probes
     costs one backward pass through that graph, H u = ∇_W (g · u). The graph of one batch is held
-    at a time.
+    at a time. With a ``shard`` over several processes the batches are this process's share and
+    the products and the example count are summed over processes (every process gets H u).
+    ``progress`` is called with 1/len(batches) per probe and batch (one unit per vector).
     """
     layers = list(layers)
-    total = sum(y.shape[0] for _, y in batches)
+    total = shard.total(sum(y.shape[0] for _, y in batches))
 
     def apply(u: Mapping[str, Tensor]) -> dict[str, Tensor]:
         probes = next(iter(u.values())).shape[0]
@@ -64,6 +70,11 @@ def mean_loss_hvp(
                     for name, h in zip(layers, hv, strict=True):
                         if h is not None:
                             out[name][p] += h.detach()
+                    if progress is not None:
+                        progress(1 / len(batches))
+        if shard.world_size > 1:
+            summed = shard.sum(flatten(out, layers))
+            out = unflatten(summed, {name: out[name].shape[1:] for name in layers})
         return {name: out[name] / total for name in layers}
 
     return apply

@@ -30,7 +30,9 @@ error is the sample standard deviation over independent draws (pairs) divided by
 The per-example differences ℓ(W ± U; x) − ℓ(W; x) are formed before averaging (and accumulated
 in float64), so the small second-order signal is not lost to cancellation against ℓ̄(W).
 Draws are batched: a chunk of noise vectors goes through one ``vmap`` of the functional forward
-pass per batch of examples (never a Python loop per draw per example).
+pass per batch of examples (never a Python loop per draw per example). Batches are streamed, and
+each noise vector has its own keyed generator (:mod:`hessfine.bounds.sharding`), so memory stays
+flat in the number of examples and the result does not depend on how the work is split.
 
 Example:
     >>> import torch
@@ -47,12 +49,13 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from hessfine.bounds.functional import Batch, FunctionalModel, materialize
+from hessfine.bounds.functional import Batch, FunctionalModel
 from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.sharding import LOCAL, Shard, base_key, keyed_generator
 from hessfine.bounds.traces import TraceEstimate, layer_traces
 from scipy import stats
 from torch import Tensor
@@ -111,29 +114,35 @@ def noise_stability(
     antithetic: bool = True,
     generator: torch.Generator,
     chunk: int | None = None,
+    shard: Shard = LOCAL,
+    progress: Callable[[int], None] | None = None,
 ) -> NoiseStability:
     """Monte Carlo estimate of I(σ) over all examples of ``batches`` (see the module docstring).
+
+    Batches are streamed once (batch-outer, draw chunks inner; memory does not grow with the
+    number of examples): noise vector d is re-drawn for every batch from its own generator keyed
+    by (one base draw of ``generator``, d) (:func:`hessfine.bounds.sharding.keyed_generator`), so
+    the result depends neither on the batching, nor on ``chunk``, nor on the number of processes
+    of ``shard``; the same base key gives the same unit noise at every σ (common random numbers).
 
     Args:
         fmodel, params: the network and its full parameter dict.
         layers: names of the perturbed weights (the selected layers).
-        batches: (inputs, labels) pairs; consumed once into a list.
+        batches: (inputs, labels) pairs, consumed once.
         sigma: noise scale σ > 0 (absolute, or relative to |w| when ``relative``).
         draws: number of independent noise vectors U (≥ 2).
         relative: perturb with σ·|w| ⊙ N(0, I) instead of σ·N(0, I).
         antithetic: evaluate each U at ±U (pairs) instead of plain Monte Carlo.
-        generator: source of the Gaussian draws (noise is drawn on the generator's device, one
-            draw after another, so the result does not depend on ``chunk``).
+        generator: source of the base key (one draw); the noise itself is drawn on the
+            parameters' device.
         chunk: number of draws evaluated together in one ``vmap`` (memory ≈ 2·chunk copies of the
             selected weights plus 2·chunk forward passes of one batch); default from an element
             budget. Lower it, or pass smaller batches, if memory runs out.
+        shard: this process's share of the examples; sums are added over processes.
+        progress: called with the number of draws just evaluated on one batch.
     """
     layers = list(layers)
     _check_inputs(params, layers, sigma, draws)
-    batches = materialize(batches)
-    total = sum(int(y.shape[0]) for _, y in batches)
-    if total == 0:
-        raise ValueError("noise_stability needs at least one example in `batches`")
     numel = sum(params[name].numel() for name in layers)
     if chunk is None:
         chunk = max(1, min(draws, _MAX_CHUNK, _ELEMENT_BUDGET // max(numel, 1)))
@@ -143,21 +152,28 @@ def noise_stability(
         name: sigma * params[name].abs() if relative else torch.full_like(params[name], sigma)
         for name in layers
     }
+    key = base_key(generator)
     sums = torch.zeros(draws, dtype=torch.float64)
-    base_sum = 0.0
+    total, base_sum = 0, 0.0
     with torch.no_grad(), differentiable():
-        base = [fmodel.losses(params, x, y) for x, y in batches]
-        base_sum = float(sum(b.double().sum() for b in base))
-        for start in range(0, draws, chunk):
-            k = min(chunk, draws - start)
-            noise = _draw(params, layers, scale, k, generator)
-            if antithetic:
-                noise = {name: torch.cat([u, -u]) for name, u in noise.items()}
-            for (x, y), b in zip(batches, base, strict=True):
-                perturbed = _perturbed_losses(fmodel, params, noise, x, y)
-                diff = (perturbed - b).double()
+        for x, y in batches:
+            base = fmodel.losses(params, x, y)
+            base_sum += float(base.double().sum())
+            total += int(y.shape[0])
+            for start in range(0, draws, chunk):
+                k = min(chunk, draws - start)
+                noise = _draw(params, layers, scale, key, range(start, start + k))
+                if antithetic:
+                    noise = {name: torch.cat([u, -u]) for name, u in noise.items()}
+                diff = (_perturbed_losses(fmodel, params, noise, x, y) - base).double()
                 values = 0.5 * (diff[:k] + diff[k:]) if antithetic else diff
                 sums[start : start + k] += values.sum(dim=1).cpu()
+                if progress is not None:
+                    progress(k)
+    sums = shard.sum(sums)
+    total, base_sum = int(shard.total(total)), shard.total(base_sum)
+    if total == 0:
+        raise ValueError("noise_stability needs at least one example in `batches`")
     samples = sums / total
     mean = float(samples.mean())
     stderr = float(samples.std() / math.sqrt(draws))
@@ -199,6 +215,8 @@ def relative_noise_traces(
     *,
     probes: int = 100,
     generator: torch.Generator,
+    shard: Shard = LOCAL,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[str, TraceEstimate]:
     """Per-layer Tr[D_i H̄_ii D_i] = Σ_j W_ij² (H̄_ii)_jj with D_i = diag|W_i| (Hutchinson).
 
@@ -216,6 +234,8 @@ def relative_noise_traces(
         probes=probes,
         generator=generator,
         scaling=scaling,
+        shard=shard,
+        progress=progress,
     )
 
 
@@ -235,24 +255,24 @@ def _draw(
     params: Mapping[str, Tensor],
     layers: list[str],
     scale: Mapping[str, Tensor],
-    k: int,
-    generator: torch.Generator,
+    key: int,
+    indices: range,
 ) -> dict[str, Tensor]:
-    """k scaled Gaussian noise vectors, drawn one draw (all layers) after another."""
-    per_draw = [
-        {
-            name: torch.randn(
-                params[name].shape,
-                generator=generator,
-                dtype=params[name].dtype,
-                device=generator.device,
-            )
-            for name in layers
-        }
-        for _ in range(k)
-    ]
+    """Scaled Gaussian noise vectors number ``indices``, each from its own keyed generator."""
+    device = params[layers[0]].device
+    per_draw = []
+    for d in indices:
+        g = keyed_generator(key, d, device=device)
+        per_draw.append(
+            {
+                name: torch.randn(
+                    params[name].shape, generator=g, dtype=params[name].dtype, device=device
+                )
+                for name in layers
+            }
+        )
     return {
-        name: torch.stack([d[name] for d in per_draw]).to(params[name].device) * scale[name]
+        name: torch.stack([u[name] for u in per_draw]).to(params[name].device) * scale[name]
         for name in layers
     }
 

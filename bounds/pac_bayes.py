@@ -48,7 +48,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +57,10 @@ from hessfine.bounds.functional import (
     FunctionalModel,
     Inputs,
     batch_size,
-    materialize,
     slice_inputs,
 )
 from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.sharding import LOCAL, Shard, base_key, keyed_generator
 from torch import Tensor
 from torch.func import vmap
 
@@ -237,6 +237,8 @@ def pac_bayes_certificate(
     examples_per_draw: int = 1,
     generator: torch.Generator,
     chunk: int | None = None,
+    shard: Shard = LOCAL,
+    progress: Callable[[int], None] | None = None,
 ) -> Certificate:
     """PAC-Bayes-kl certificate for posterior N(W, diag σ_i²), prior N(W^(s), diag σ_i²).
 
@@ -255,9 +257,16 @@ def pac_bayes_certificate(
             independent [0, 1] variables with mean ê_Q, so ``trials`` = draws·n/g. g = 1 (one draw
             per example) gives the tightest Monte Carlo term; a larger g draws g times less noise
             (the cost that dominates for large models).
-        generator: source of the weight draws (a CUDA generator draws on the GPU).
+        generator: source of the base key (one draw) of the weight draws; each group's draw
+            comes from its own keyed generator on the parameters' device
+            (:mod:`hessfine.bounds.sharding`), shared by all grid scales (common random numbers),
+            so the result depends neither on the batching nor on the number of processes.
         chunk: groups evaluated together in one ``vmap`` (each with its own weight copy);
             default from an element budget.
+        shard: this process's share of the batches; the error counts are summed over processes.
+        progress: called with 1 per Monte Carlo repetition and batch.
+
+    The batches are streamed once (memory does not grow with ``n``).
     """
     layers = list(layers)
     grid = tuple(float(g) for g in grid)
@@ -272,45 +281,50 @@ def pac_bayes_certificate(
     missing = [name for name in layers if name not in params or name not in reference]
     if missing or not layers:
         raise ValueError(f"layers {missing or layers} must be in both params and reference")
-    batches = materialize(batches)
-    total = sum(int(y.shape[0]) for _, y in batches)
-    if total != n:
-        raise ValueError(f"batches hold {total} examples but n = {n}; pass the whole training set")
-    if any(int(y.shape[0]) % examples_per_draw for _, y in batches):
-        raise ValueError(
-            f"every batch size must be a multiple of examples_per_draw = {examples_per_draw}"
-        )
-    trials = draws * n // examples_per_draw
-
     directions = {name: (params[name] - reference[name]).detach() for name in layers}
     distances = {name: float(directions[name].double().norm()) for name in layers}
     numel = {name: params[name].numel() for name in layers}
     base = optimal_sigmas(distances, curvature, numel, n=n)
-    numel_selected = sum(numel.values())
     if chunk is None:
-        chunk = max(1, _ELEMENT_BUDGET // max(numel_selected, 1))
+        chunk = max(1, _ELEMENT_BUDGET // max(sum(numel.values()), 1))
+    lattices = [{name: _round_to_lattice(scale * base[name]) for name in layers} for scale in grid]
+    scale_sigmas = [
+        {name: 0.0 if k is None else 2.0**k for name, k in lattice.items()} for lattice in lattices
+    ]
+    counts = _error_counts(
+        fmodel,
+        params,
+        scale_sigmas,
+        batches,
+        draws=draws,
+        group=examples_per_draw,
+        key=base_key(generator),
+        chunk=chunk,
+        shard=shard,
+        progress=progress,
+    )
+    total, deterministic_errors = int(counts[0]), float(counts[1])
+    if total != n:
+        raise ValueError(f"batches hold {total} examples but n = {n}; pass the whole training set")
+    trials = draws * n // examples_per_draw
+    deterministic = deterministic_errors / n
 
     delta_mc = delta / (2 * len(grid))
     log_term = math.log(4.0 * math.sqrt(n) / delta)
-    with torch.no_grad(), differentiable():
-        deterministic = _deterministic_errors(fmodel, params, batches) / n
-        points, configs = [], []
-        for scale in grid:
-            lattice = {name: _round_to_lattice(scale * base[name]) for name in layers}
-            sigmas = {name: 0.0 if k is None else 2.0**k for name, k in lattice.items()}
-            kl = 0.5 * sum(
-                distances[name] ** 2 / sigmas[name] ** 2 for name in layers if sigmas[name] > 0
-            )
-            cost = sum(lattice_prior_cost(k) for k in lattice.values())
-            errors = _stochastic_errors(
-                fmodel, params, sigmas, batches, draws, examples_per_draw, generator, chunk
-            )
-            ehat = errors / (draws * n)
-            upper = binomial_upper_bound(errors / examples_per_draw, trials, delta_mc)
-            complexity = (kl + cost + log_term) / n
-            bound = kl_inverse_upper(upper, complexity)
-            points.append(GridPoint(scale, bound, ehat, upper, kl, cost))
-            configs.append((sigmas, lattice, complexity))
+    points, configs = [], []
+    for scale, lattice, sigmas, errors in zip(
+        grid, lattices, scale_sigmas, counts[2:].tolist(), strict=True
+    ):
+        kl = 0.5 * sum(
+            distances[name] ** 2 / sigmas[name] ** 2 for name in layers if sigmas[name] > 0
+        )
+        cost = sum(lattice_prior_cost(k) for k in lattice.values())
+        ehat = errors / (draws * n)
+        upper = binomial_upper_bound(errors / examples_per_draw, trials, delta_mc)
+        complexity = (kl + cost + log_term) / n
+        bound = kl_inverse_upper(upper, complexity)
+        points.append(GridPoint(scale, bound, ehat, upper, kl, cost))
+        configs.append((sigmas, lattice, complexity))
     best = min(range(len(grid)), key=lambda i: points[i].bound)
     chosen = points[best]
     sigmas, lattice, complexity = configs[best]
@@ -342,50 +356,82 @@ def _round_to_lattice(sigma: float) -> int | None:
     return round(math.log2(sigma))
 
 
-def _deterministic_errors(fmodel: FunctionalModel, params, batches: list[Batch]) -> int:
-    return int(sum(int((fmodel.logits(params, x).argmax(dim=-1) != y).sum()) for x, y in batches))
-
-
-def _stochastic_errors(
+def _error_counts(
     fmodel: FunctionalModel,
     params: Mapping[str, Tensor],
-    sigmas: Mapping[str, float],
-    batches: list[Batch],
+    scale_sigmas: Sequence[Mapping[str, float]],
+    batches: Iterable[Batch],
+    *,
     draws: int,
     group: int,
-    generator: torch.Generator,
+    key: int,
     chunk: int,
-) -> int:
-    """0-1 errors over ``draws`` passes; each group of ``group`` examples gets W + σ ⊙ N(0, I)."""
-    noisy = [name for name, s in sigmas.items() if s > 0]
-    if not noisy:
-        return draws * _deterministic_errors(fmodel, params, batches)
+    shard: Shard,
+    progress: Callable[[int], None] | None,
+) -> Tensor:
+    """[examples, deterministic 0-1 errors, stochastic errors at every scale], summed over
+    processes, in one streamed pass over the batches.
+
+    In repetition d the group starting at global example m gets unit noise Z from the generator
+    keyed by (``key``, d, m), shared by every scale (W + σ_s ⊙ Z at scale s): the counts depend
+    neither on the batching nor on the number of processes.
+    """
+    noisy = [name for name, s in scale_sigmas[0].items() if s > 0]
+    counts = torch.zeros(2 + len(scale_sigmas), dtype=torch.float64)
+    device = params[noisy[0]].device if noisy else torch.device("cpu")
 
     def one(u: dict[str, Tensor], xg: Inputs) -> Tensor:
         perturbed = {**params, **{name: params[name] + u[name] for name in noisy}}
         return fmodel.logits(perturbed, xg)
 
-    errors = 0
-    for _ in range(draws):
-        for x, y in batches:
-            groups = batch_size(x) // group
-            for start in range(0, groups, chunk):
-                stop = min(groups, start + chunk)
-                noise = {
-                    name: sigmas[name]
-                    * torch.randn(
-                        (stop - start, *params[name].shape),
-                        generator=generator,
-                        dtype=params[name].dtype,
-                        device=generator.device,
-                    ).to(params[name].device)
-                    for name in noisy
-                }
-                xg = _grouped(slice_inputs(x, start * group, stop * group), group)
-                logits = vmap(one)(noise, xg)
-                wrong = logits.argmax(dim=-1).reshape(-1) != y[start * group : stop * group]
-                errors += int(wrong.sum())
-    return errors
+    with torch.no_grad(), differentiable():
+        for first, (x, y) in shard.indexed(batches):
+            size = batch_size(x)
+            if size % group:
+                raise ValueError(
+                    f"every batch size must be a multiple of examples_per_draw = {group}"
+                )
+            wrong = int((fmodel.logits(params, x).argmax(dim=-1) != y).sum())
+            counts[0] += size
+            counts[1] += wrong
+            if not noisy:
+                counts[2:] += draws * wrong
+                continue
+            groups = size // group
+            for d in range(draws):
+                for start in range(0, groups, chunk):
+                    stop = min(groups, start + chunk)
+                    units = [
+                        _unit_noise(
+                            params, noisy, keyed_generator(key, d, first + m * group, device=device)
+                        )
+                        for m in range(start, stop)
+                    ]
+                    z = {name: torch.stack([u[name] for u in units]) for name in noisy}
+                    xg = _grouped(slice_inputs(x, start * group, stop * group), group)
+                    labels = y[start * group : stop * group]
+                    for s, sigmas in enumerate(scale_sigmas):
+                        noise = {name: sigmas[name] * z[name] for name in noisy}
+                        logits = vmap(one)(noise, xg)
+                        counts[2 + s] += int((logits.argmax(dim=-1).reshape(-1) != labels).sum())
+                if progress is not None:
+                    progress(1)
+    return shard.sum(counts)
+
+
+def _unit_noise(
+    params: Mapping[str, Tensor], names: Sequence[str], generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Standard normal tensors shaped like ``params[name]``, drawn in ``names`` order."""
+    return {
+        name: torch.randn(
+            params[name].shape,
+            generator=generator,
+            dtype=params[name].dtype,
+            device=params[name].device,
+        )
+        for name in names
+    }
 
 
 def _grouped(x: Inputs, group: int) -> Inputs:

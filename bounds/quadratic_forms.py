@@ -12,7 +12,8 @@ The estimators (SPEC §4):
   On layers certified piecewise linear (see ``auto``) it equals the Gauss–Newton value from one
   JVP; elsewhere it comes from forward-over-reverse Hessian-vector products vmapped over the
   examples of the batch (exact for every operation, unlike nested forward mode, SPEC §1.3).
-* ``ggn``: v_iᵀ G_i(x) v_i = z'ᵀ (diag p − p pᵀ) z' with a single JVP (the Gauss–Newton block).
+* ``ggn``: v_iᵀ G_i(x) v_i = z'ᵀ ∇²_z ℓ z' with a single JVP (the Gauss–Newton block); ∇²_z ℓ is
+  the model's loss's curvature in the logits (diag p − p pᵀ for cross-entropy).
 * ``positive``: v_iᵀ H_i⁺(x) v_i by Lanczos quadrature started from v_i (:mod:`hessfine.bounds.lanczos`),
   with per-example Hessian-vector products vmapped over the batch; exact once the number of
   steps reaches the block's dimension.
@@ -60,6 +61,7 @@ from hessfine.bounds.functional import (
 from hessfine.bounds.functional import with_layer as _with_layer
 from hessfine.bounds.lanczos import lanczos, quadrature
 from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.sharding import LOCAL, Shard
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
@@ -76,7 +78,7 @@ class QuadraticForm:
     ``argmax`` is the index (in iteration order) of the example attaining ``max`` — of the
     batch for ``reference-code``. ``method`` says how the values were computed;
     ``diagnostics`` carries what a reader needs to trust them (Lanczos convergence, the
-    certification residual, the self-check error).
+    certification residual).
     """
 
     name: str
@@ -97,15 +99,16 @@ class RunningReduction:
         self.total = 0.0
         self.count = 0
 
-    def update(self, values: Tensor) -> None:
-        """Fold in the next block of per-example values."""
+    def update(self, values: Tensor, *, start: int | None = None) -> None:
+        """Fold in the next block of per-example values; ``start`` is the global index of the
+        first (default: the number of values seen so far)."""
         values = values.detach().double()
         if values.numel() == 0:
             return
         best = int(torch.argmax(values))
         if float(values[best]) > self.max:
             self.max = float(values[best])
-            self.argmax = self.count + best
+            self.argmax = (self.count if start is None else start) + best
         self.total += float(values.sum())
         self.count += values.numel()
 
@@ -120,25 +123,25 @@ class RunningReduction:
         )
 
 
-def softmax_ce_curvature(z: Tensor, z1: Tensor) -> Tensor:
-    """z1ᵀ (diag p − p pᵀ) z1 per example: the Gauss–Newton form for softmax cross-entropy."""
-    p = torch.softmax(z, dim=-1)
-    pz = (p * z1).sum(dim=-1)
-    return (p * z1 * z1).sum(dim=-1) - pz * pz
-
-
 def ggn_forms(
-    fmodel: FunctionalModel, params: Mapping[str, Tensor], name: str, v: Tensor, x: Inputs
+    fmodel: FunctionalModel,
+    params: Mapping[str, Tensor],
+    name: str,
+    v: Tensor,
+    x: Inputs,
+    y: Tensor | None = None,
 ) -> Tensor:
-    """v_iᵀ G_i(x) v_i for every example of the batch, from one JVP of the logits.
+    """v_iᵀ G_i(x) v_i = z'ᵀ ∇²_z ℓ z' for every example of the batch, from one JVP of the logits.
 
-    Uses :mod:`torch.autograd.forward_ad` directly (a single dual level): the same first-order
+    z' = J_i v_i; the curvature ∇²_z ℓ is the model's loss's (``fmodel.loss.curvature``), which
+    depends on the labels ``y`` for causal language models (their label positions). Uses
+    :mod:`torch.autograd.forward_ad` directly (a single dual level): the same first-order
     derivative as ``torch.func.jvp`` without the functorch wrapping of every operation.
     """
     with fwAD.dual_level():
         dual = fwAD.make_dual(params[name], v)
         z, z1 = fwAD.unpack_dual(fmodel.logits(_with_layer(params, name, dual), x))
-    return softmax_ce_curvature(z, z1)
+    return fmodel.loss.curvature(z, z1, y)
 
 
 def per_example_hvp(
@@ -278,20 +281,27 @@ def quadratic_forms(
     reference_batch_size: int = 4,
     check_examples: int = 1,
     generator: torch.Generator | None = None,
+    certify_on: Inputs | None = None,
+    shard: Shard = LOCAL,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, QuadraticForm]:
     """Per-layer max / mean / argmax over examples of the chosen quadratic form.
 
     ``params`` is the full parameter dict of the fine-tuned network, ``directions`` maps each
     selected layer to v_i (same shape as the weight). ``batches`` yields (x, y) in example order.
+    ``certify_on``: the inputs whose first example(s) certify the layers (default: the first
+    batch). With a ``shard`` the batches are this process's share (whole batches of the global
+    stream; for ``reference-code`` of exactly ``reference_batch_size``), ``argmax`` is global and
+    the per-process results are merged by the caller. ``progress`` is called with 1 per layer
+    and batch.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     with differentiable():
         if estimator == "reference-code":
-            return _reference_code_forms(
-                fmodel, params, directions, _rebatch(batches, reference_batch_size)
-            )
+            stream = batches if shard.world_size > 1 else _rebatch(batches, reference_batch_size)
+            return _reference_code_forms(fmodel, params, directions, stream, shard, progress)
         return _example_forms(
             fmodel,
             params,
@@ -301,6 +311,9 @@ def quadratic_forms(
             lanczos_steps=lanczos_steps,
             check_examples=check_examples,
             generator=generator,
+            certify_on=certify_on,
+            shard=shard,
+            progress=progress,
         )
 
 
@@ -314,12 +327,19 @@ def _example_forms(
     lanczos_steps: int,
     check_examples: int,
     generator: torch.Generator,
+    certify_on: Inputs | None,
+    shard: Shard,
+    progress: Callable[[int], None] | None,
 ) -> dict[str, QuadraticForm]:
     names = list(directions)
     reductions = {name: RunningReduction() for name in names}
     routes: dict[str, str] = {}
     diagnostics: dict[str, dict] = {name: {} for name in names}
-    for x, y in batches:
+    if certify_on is not None:
+        routes = _choose_routes(
+            fmodel, params, names, certify_on, estimator, check_examples, generator, diagnostics
+        )
+    for first, (x, y) in shard.indexed(batches):
         if not routes:
             routes = _choose_routes(
                 fmodel, params, names, x, estimator, check_examples, generator, diagnostics
@@ -328,14 +348,16 @@ def _example_forms(
             v = directions[name]
             route = routes[name]
             if route in ("ggn", "ggn-certified"):
-                values = ggn_forms(fmodel, params, name, v, x)
+                values = ggn_forms(fmodel, params, name, v, x, y)
             elif route == "hvp":
                 values = block_forms_hvp(fmodel, params, name, v, x, y)
             else:
                 result = positive_forms(fmodel, params, name, v, x, y, steps=lanczos_steps)
                 values = result.values
                 _fold_lanczos_diagnostics(diagnostics[name], result)
-            reductions[name].update(values)
+            reductions[name].update(values, start=first)
+            if progress is not None:
+                progress(1)
     return {
         name: reductions[name].form(
             name, routes.get(name, estimator), _finish_diagnostics(diagnostics[name])
@@ -392,19 +414,25 @@ def _reference_code_forms(
     params: Mapping[str, Tensor],
     directions: Mapping[str, Tensor],
     batches: Iterable[Batch],
+    shard: Shard,
+    progress: Callable[[int], None] | None,
 ) -> dict[str, QuadraticForm]:
     """The authors' scripts' quantity: per layer v_iᵀ(H v)_i of the batch-mean loss, max over batches."""
     names = list(directions)
     reductions = {name: RunningReduction() for name in names}
     base = {name: params[name] for name in names}
-    for x, y in batches:
+    for index, (x, y) in enumerate(batches):
+        global_index = index * shard.world_size + shard.rank
 
         def mean_loss(selected: dict[str, Tensor], x: Inputs = x, y: Tensor = y) -> Tensor:
             return fmodel.losses({**params, **selected}, x, y).mean()
 
         hv = jvp(lambda s: grad(mean_loss)(s), (base,), (dict(directions),))[1]
         for name in names:
-            reductions[name].update((hv[name] * directions[name]).sum().reshape(1))
+            value = (hv[name] * directions[name]).sum().reshape(1)
+            reductions[name].update(value, start=global_index)
+        if progress is not None:
+            progress(len(names))
     return {
         name: reductions[name].form(name, "reference-code", {"unit": "batch"}) for name in names
     }

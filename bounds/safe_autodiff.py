@@ -15,9 +15,9 @@ Two classes of problems (SPEC §1.3) are handled here:
   path off and selects the composite "math" attention kernel, which is differentiable in every
   mode and order.
 
-Every estimator in :mod:`bounds` runs its derivatives inside :func:`differentiable`; the nested
-forward-mode route is, in addition, checked at run time against forward-over-reverse
-Hessian-vector products (see :mod:`hessfine.bounds.quadratic_forms`).
+Every estimator in :mod:`bounds` runs its derivatives inside :func:`differentiable`, and none
+uses nested forward mode: second derivatives are forward-over-reverse Hessian-vector products
+(the JVP of a gradient) or reverse-over-reverse (see :mod:`hessfine.bounds.quadratic_forms`).
 
 Example:
     >>> import torch, torch.nn.functional as F
@@ -151,8 +151,8 @@ class PrimitiveKernels(TorchFunctionMode):
     (and their ``torch.*`` aliases) compute the same values from ``mean``, subtraction and
     ``rsqrt``, whose derivatives of every order and mode are correct. All other functions run
     unchanged. The mode sees calls made by the model's own code; a normalisation called from
-    inside another overridable ``torch`` function is not rerouted, which is why the nested
-    forward-mode route is also checked at run time.
+    inside another overridable ``torch`` function is not rerouted, which is one reason the
+    estimators take second derivatives forward-over-reverse, never by nested forward mode.
     """
 
     def __init__(self) -> None:

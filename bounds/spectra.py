@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ from hessfine.bounds.functional import Batch, FunctionalModel
 from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
 from hessfine.bounds.lanczos import lanczos, ritz_values
 from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.sharding import LOCAL, Shard
 from hessfine.bounds.traces import rademacher
 from torch import Tensor
 
@@ -79,9 +80,12 @@ def _top(
     k: int,
     steps: int | None,
     generator: torch.Generator,
+    shard: Shard,
+    progress: Callable[[float], None] | None,
 ) -> Eigenvalues:
     shapes = {name: params[name].shape for name in layers}
-    matvec = flat_operator(mean_loss_hvp(fmodel, params, layers, batches), shapes)
+    hvp = mean_loss_hvp(fmodel, params, layers, batches, shard=shard, progress=progress)
+    matvec = flat_operator(hvp, shapes)
     first = params[layers[0]]
     dim = sum(params[name].numel() for name in layers)
     steps = min(dim, steps if steps is not None else max(2 * k + 20, 40))
@@ -107,12 +111,21 @@ def top_eigenvalues(
     k: int,
     steps: int | None = None,
     generator: torch.Generator | None = None,
+    shard: Shard = LOCAL,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[str, Eigenvalues]:
-    """The k largest eigenvalues of every layer's diagonal block of the mean-loss Hessian."""
+    """The k largest eigenvalues of every layer's diagonal block of the mean-loss Hessian.
+
+    With a ``shard`` the Hessian products are summed over processes (every process runs the
+    same Lanczos); ``progress`` counts Lanczos steps.
+    """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     batches = list(batches)
     with differentiable():
-        return {name: _top(fmodel, params, [name], batches, k, steps, generator) for name in layers}
+        return {
+            name: _top(fmodel, params, [name], batches, k, steps, generator, shard, progress)
+            for name in layers
+        }
 
 
 def whole_top_eigenvalues(
@@ -124,11 +137,15 @@ def whole_top_eigenvalues(
     k: int,
     steps: int | None = None,
     generator: torch.Generator | None = None,
+    shard: Shard = LOCAL,
+    progress: Callable[[float], None] | None = None,
 ) -> Eigenvalues:
     """The k largest eigenvalues of the mean-loss Hessian of all selected layers together."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     with differentiable():
-        return _top(fmodel, params, list(layers), list(batches), k, steps, generator)
+        return _top(
+            fmodel, params, list(layers), list(batches), k, steps, generator, shard, progress
+        )
 
 
 def spectral_density(
@@ -142,15 +159,22 @@ def spectral_density(
     points: int = 512,
     bandwidth: float = 0.01,
     generator: torch.Generator | None = None,
+    shard: Shard = LOCAL,
+    progress: Callable[[float], None] | None = None,
 ) -> SpectralDensity:
-    """SLQ estimate of the eigenvalue density of the selected-layer mean-loss Hessian."""
+    """SLQ estimate of the eigenvalue density of the selected-layer mean-loss Hessian.
+
+    With a ``shard`` the Hessian products are summed over processes; ``progress`` counts
+    Lanczos steps times runs.
+    """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     layers = list(layers)
     batches = list(batches)
     shapes = {name: params[name].shape for name in layers}
     dim = sum(params[name].numel() for name in layers)
     with differentiable():
-        matvec = flat_operator(mean_loss_hvp(fmodel, params, layers, batches), shapes)
+        hvp = mean_loss_hvp(fmodel, params, layers, batches, shard=shard, progress=progress)
+        matvec = flat_operator(hvp, shapes)
         start = rademacher((runs, dim), generator=generator, like=params[layers[0]])
         result = lanczos(matvec, start, steps=steps)
     theta, vectors = torch.linalg.eigh(result.tridiagonal().double())

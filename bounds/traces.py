@@ -14,8 +14,9 @@ block of the mean-loss Hessian, comparable with PyHessian's ``trace``. Estimator
 
 ``trace.positive_max`` is max_n Tr[H_i⁺(x_n)], used by the paper's trace corollary. On layers
 certified piecewise-linear (see :mod:`hessfine.bounds.quadratic_forms`) H_i(x) = G_i(x) = J_iᵀ A J_i with
-A = diag p − p pᵀ = M Mᵀ, M = diag(√p) − p √pᵀ, so Tr[H_i⁺(x)] = Σ_c ‖J_iᵀ M e_c‖² exactly from k
-vector-Jacobian products per example (vmapped over examples and classes). On other layers it is
+A = ∇²_z ℓ = Σ_k r_k r_kᵀ (for cross-entropy diag p − p pᵀ = M Mᵀ, M = diag(√p) − p √pᵀ), so
+Tr[H_i⁺(x)] = Σ_k ‖J_iᵀ r_k‖² exactly from one vector-Jacobian product per factor and example
+(vmapped over both; k classes, or (T−1)·V for a causal language model). On other layers it is
 estimated per example by stochastic Lanczos quadrature (Ubaru, Chen & Saad, SIMAX 2017):
 Tr[f(H)] ≈ (1/P) Σ_p z_pᵀ f(H) z_p with each term by Lanczos quadrature.
 
@@ -32,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +51,7 @@ from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
 from hessfine.bounds.lanczos import lanczos, quadrature
 from hessfine.bounds.quadratic_forms import RunningReduction, per_example_hvp
 from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.sharding import LOCAL, Shard, base_key, keyed_generator
 from torch import Tensor
 from torch.func import vjp, vmap
 
@@ -95,11 +97,15 @@ def layer_traces(
     method: TraceMethod = "hutchinson",
     generator: torch.Generator | None = None,
     scaling: Mapping[str, Tensor] | None = None,
+    shard: Shard = LOCAL,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[str, TraceEstimate]:
     """Per-layer Tr[H̄_ii] of the mean-loss Hessian over all examples in ``batches``.
 
     With ``scaling`` (a tensor D_i per layer, shaped like the weight) the Hutchinson estimate is
-    of Tr[D_i H̄_ii D_i] = Σ_j D_ij² (H̄_ii)_jj instead: probes z ⊙ D.
+    of Tr[D_i H̄_ii D_i] = Σ_j D_ij² (H̄_ii)_jj instead: probes z ⊙ D. Every process of ``shard``
+    draws the same probes and the Hessian products are summed over processes
+    (:func:`hessfine.bounds.hessian_products.mean_loss_hvp`); ``progress`` counts probe vectors.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     batches = list(batches)
@@ -107,19 +113,25 @@ def layer_traces(
         raise ValueError(f"probes must be at least 2 (for a standard error), not {probes}")
     with differentiable():
         if method == "hutchinson":
-            return _hutchinson(fmodel, params, layers, batches, probes, generator, scaling)
+            hvp = mean_loss_hvp(fmodel, params, layers, batches, shard=shard, progress=progress)
+            return _hutchinson(hvp, params, layers, probes, generator, scaling)
         if scaling is not None:
             raise ValueError("scaled traces are estimated with method='hutchinson' only")
         if method == "hutch++":
             return {
-                name: _hutchplusplus(fmodel, params, name, batches, probes, generator)
+                name: _hutchplusplus(
+                    mean_loss_hvp(fmodel, params, [name], batches, shard=shard, progress=progress),
+                    params[name],
+                    name,
+                    probes,
+                    generator,
+                )
                 for name in layers
             }
     raise ValueError(f"unknown trace method {method!r}; choose hutchinson or hutch++")
 
 
-def _hutchinson(fmodel, params, layers, batches, probes, generator, scaling):
-    hvp = mean_loss_hvp(fmodel, params, layers, batches)
+def _hutchinson(hvp, params, layers, probes, generator, scaling):
     z = {}
     for name in layers:
         z[name] = rademacher((probes, *params[name].shape), generator=generator, like=params[name])
@@ -135,10 +147,8 @@ def _hutchinson(fmodel, params, layers, batches, probes, generator, scaling):
     return out
 
 
-def _hutchplusplus(fmodel, params, name, batches, probes, generator):
-    weight = params[name]
-    shapes = {name: weight.shape}
-    matvec = flat_operator(mean_loss_hvp(fmodel, params, [name], batches), shapes)
+def _hutchplusplus(hvp, weight, name, probes, generator):
+    matvec = flat_operator(hvp, {name: weight.shape})
     dim = weight.numel()
     sketch = max(1, probes // 3)
     residual_probes = max(1, probes - 2 * sketch)
@@ -155,28 +165,33 @@ def _hutchplusplus(fmodel, params, name, batches, probes, generator):
 
 
 def gauss_newton_traces(
-    fmodel: FunctionalModel, params: Mapping[str, Tensor], layers: Sequence[str], x: Inputs
+    fmodel: FunctionalModel,
+    params: Mapping[str, Tensor],
+    layers: Sequence[str],
+    x: Inputs,
+    y: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Exact per-example Tr[G_i(x)] = Σ_c ‖J_iᵀ M e_c‖² for every layer, shape (B,) each.
+    """Exact per-example Tr[G_i(x)] = Σ_k ‖J_iᵀ r_k‖² for every layer, shape (B,) each.
 
-    M = diag(√p) − p √pᵀ satisfies M Mᵀ = diag p − p pᵀ, the softmax cross-entropy Hessian in the
-    logits; one VJP per class per example, vmapped over both.
+    The r_k factor the loss's curvature in the logits, Σ_k r_k r_kᵀ = ∇²_z ℓ
+    (``fmodel.loss.curvature_factors``; for cross-entropy the columns of
+    M = diag(√p) − p √pᵀ, for a causal language model the same per label position, scaled by
+    1/√m). One VJP per factor per example, vmapped over both; ``y`` is needed by losses whose
+    curvature depends on the labels (causal LM).
     """
     selected = {name: params[name] for name in layers}
 
-    def one(xi: Inputs) -> dict[str, Tensor]:
+    def one(xi: Inputs, yi: Tensor | None) -> dict[str, Tensor]:
         def logits(sel: dict[str, Tensor]) -> Tensor:
-            return fmodel.logits({**params, **sel}, unsqueeze_inputs(xi))[0]
+            return fmodel.logits({**params, **sel}, unsqueeze_inputs(xi))
 
         z, pull = vjp(logits, selected)
-        p = torch.softmax(z, dim=-1)
-        root = p.sqrt()
-        m = torch.diag(root) - torch.outer(p, root)
-        grads = vmap(pull)(m.T)[0]
+        factors = fmodel.loss.curvature_factors(z, None if yi is None else yi[None])
+        grads = vmap(pull)(factors)[0]
         return {name: grads[name].pow(2).sum() for name in layers}
 
     with differentiable():
-        return vmap(one)(x)
+        return vmap(one, in_dims=(0, None if y is None else 0))(x, y)
 
 
 def positive_trace_max(
@@ -189,30 +204,44 @@ def positive_trace_max(
     probes: int = 16,
     lanczos_steps: int = 32,
     generator: torch.Generator | None = None,
+    shard: Shard = LOCAL,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, PositiveTrace]:
-    """max over examples of Tr[H_i⁺(x)]: exact on certified layers, SLQ elsewhere."""
+    """max over examples of Tr[H_i⁺(x)]: exact on certified layers, SLQ elsewhere.
+
+    The SLQ probes of example n come from a generator keyed by (one base draw of ``generator``,
+    n) (:mod:`hessfine.bounds.sharding`), so values do not depend on the batching; with a
+    ``shard`` the batches are this process's share and ``argmax`` is the global example index
+    (the per-process results are merged by the caller). ``progress`` is called with 1 per
+    layer and batch.
+    """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    key = base_key(generator)
     exact = [name for name in layers if certified.get(name, False)]
     slq = [name for name in layers if not certified.get(name, False)]
     reductions = {name: RunningReduction() for name in layers}
     errors: dict[str, Tensor] = {}
     with differentiable():
-        for x, y in batches:
+        for first, (x, y) in shard.indexed(batches):
             if exact:
-                for start, stop in _example_chunks(fmodel, params, exact, x):
+                for start, stop in _example_chunks(fmodel, params, exact, x, y):
                     values = gauss_newton_traces(
-                        fmodel, params, exact, slice_inputs(x, start, stop)
+                        fmodel, params, exact, slice_inputs(x, start, stop), y[start:stop]
                     )
                     for name in exact:
-                        reductions[name].update(values[name])
+                        reductions[name].update(values[name], start=first + start)
+                if progress is not None:
+                    progress(len(exact))
             for name in slq:
                 mean, stderr = _slq_positive_traces(
-                    fmodel, params, name, x, y, probes, lanczos_steps, generator
+                    fmodel, params, name, x, y, probes, lanczos_steps, (key, first)
                 )
                 before = reductions[name].max
-                reductions[name].update(mean)
+                reductions[name].update(mean, start=first)
                 if reductions[name].max != before:
                     errors[name] = stderr[int(mean.argmax())]
+                if progress is not None:
+                    progress(1)
     return {
         name: PositiveTrace(
             max=reductions[name].max,
@@ -225,17 +254,23 @@ def positive_trace_max(
     }
 
 
-def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, generator):
+def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, keys):
     """Per-example SLQ estimates of Tr[H_i⁺(x)] and their standard errors, shape (B,).
 
     All (example, probe) pairs run as one batch of Lanczos members, in chunks that keep the
-    Lanczos bases within memory.
+    Lanczos bases within memory. ``keys`` = (base key, global index of the first example):
+    example n's probes come from the generator keyed by (base key, layer, n).
     """
     weight = params[name]
     count, dim = y.shape[0], weight.numel()
     steps = min(steps, dim)
     examples = torch.arange(count, device=y.device).repeat(probes)
-    z = rademacher((count * probes, dim), generator=generator, like=weight)
+    key, first = keys
+    per_example = [
+        rademacher((probes, dim), generator=keyed_generator(key, name, first + n), like=weight)
+        for n in range(count)
+    ]
+    z = torch.stack(per_example, dim=1).reshape(probes * count, dim)
     chunk = max(1, _ELEMENT_BUDGET // (steps * dim))
     values = []
     for start in range(0, examples.numel(), chunk):
@@ -251,10 +286,11 @@ def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, generator):
     return samples.mean(dim=0), stderr
 
 
-def _example_chunks(fmodel, params, layers, x):
-    """Example ranges small enough that per-example, per-class gradients fit in memory."""
-    classes = fmodel.logits(params, slice_inputs(x, 0, 1)).shape[-1]
-    per_example = sum(params[name].numel() for name in layers) * classes
+def _example_chunks(fmodel, params, layers, x, y):
+    """Example ranges small enough that per-example, per-factor gradients fit in memory."""
+    z = fmodel.logits(params, slice_inputs(x, 0, 1))
+    factors = fmodel.loss.curvature_factors(z, y[:1]).shape[0]
+    per_example = sum(params[name].numel() for name in layers) * factors
     size = max(1, _ELEMENT_BUDGET // max(per_example, 1))
     n = batch_size(x)
     return [(start, min(n, start + size)) for start in range(0, n, size)]

@@ -22,12 +22,20 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from hashlib import sha256
+from pathlib import Path
 from typing import Any
 
 import torch
 from hessfine.analysis.errors import InputError
-from hessfine.finetune.label_noise import corrupt_labels, noise_confusion
-from hessfine.finetune.methods import CONSISTENT_METHODS, METHODS, FinetuneConfig
+from hessfine.finetune.label_noise import corrupt_labels, load_confusion, noise_confusion
+from hessfine.finetune.methods import (
+    CONSISTENT_METHODS,
+    METHODS,
+    OPTIMIZERS,
+    SCHEDULES,
+    FinetuneConfig,
+)
 from torch import Tensor
 
 __all__ = ["add_arguments", "run"]
@@ -42,6 +50,14 @@ examples:
   # the same with the noise matrix estimated by Dual-T
   hessfine finetune ... --method consistent --label-noise pair --noise-rate 0.3 \\
       --estimate-confusion --out runs/consistent-dualt
+
+  # SAM with AdamW and a cosine schedule; label noise from a confusion-matrix file (k×k, rows sum to 1)
+  hessfine finetune ... --method sam --sam-rho 0.05 --optimizer adamw --lr 0.001 \\
+      --weight-decay 0.01 --schedule cosine --label-noise matrix --noise-matrix F.csv --out runs/sam
+
+  # noise-stability optimisation: gradients averaged at W ± ε, ε ~ N(0, σ²I)
+  hessfine finetune ... --method nso --nso-sigma 0.01 --nso-draws 1 --schedule step \\
+      --lr-step-size 10 --lr-gamma 0.1 --out runs/nso
 
   # a torchvision model with a new 10-class head, saving every 5th epoch
   hessfine finetune --model torchvision:resnet18 --model-kwargs '{"num_classes": 10}' \\
@@ -80,10 +96,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how = parser.add_argument_group("method")
     how.add_argument("--method", required=True, choices=METHODS)
     how.add_argument("--epochs", type=int, default=d["epochs"])
-    how.add_argument("--lr", type=float, default=d["lr"], help="SGD learning rate")
-    how.add_argument("--momentum", type=float, default=d["momentum"])
     how.add_argument("--batch-size", type=int, default=d["batch_size"])
-    how.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    how.add_argument("--sam-rho", type=float, default=d["sam_rho"], help="SAM ascent radius ρ")
+    how.add_argument(
+        "--nso-sigma", type=float, default=d["nso_sigma"], help="NSO noise standard deviation σ"
+    )
+    how.add_argument(
+        "--nso-draws", type=int, default=d["nso_draws"], help="NSO ± noise pairs per step"
+    )
     how.add_argument(
         "--radius",
         type=float,
@@ -109,6 +129,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="held-out share of the training data (early-stopping)",
     )
     how.add_argument("--patience", type=int, default=d["patience"], help="early-stopping patience")
+    opt = parser.add_argument_group("optimiser and schedule")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"])
+    opt.add_argument("--lr", type=float, default=d["lr"], help="(initial) learning rate")
+    opt.add_argument("--momentum", type=float, default=d["momentum"], help="SGD momentum")
+    opt.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d["weight_decay"],
+        help="weight decay λ (coupled for sgd, decoupled for adamw)",
+    )
+    opt.add_argument("--adam-beta1", type=float, default=d["adam_beta1"], help="AdamW β₁")
+    opt.add_argument("--adam-beta2", type=float, default=d["adam_beta2"], help="AdamW β₂")
+    opt.add_argument("--adam-eps", type=float, default=d["adam_eps"], help="AdamW ε")
+    opt.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=d["schedule"],
+        help="per-epoch learning-rate schedule",
+    )
+    opt.add_argument(
+        "--lr-step-size",
+        type=int,
+        default=d["lr_step_size"],
+        help="step schedule: multiply the rate by --lr-gamma every this many epochs",
+    )
+    opt.add_argument("--lr-gamma", type=float, default=d["lr_gamma"], help="step schedule factor")
+    opt.add_argument(
+        "--lr-min", type=float, default=d["lr_min"], help="cosine schedule: final rate floor"
+    )
     how.add_argument(
         "--seed", type=int, default=d["seed"], help="seed of initialisation and batches"
     )
@@ -121,11 +170,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     noise = parser.add_argument_group("label noise")
     noise.add_argument(
         "--label-noise",
-        choices=("none", "symmetric", "pair"),
+        choices=("none", "symmetric", "pair", "matrix"),
         default="none",
-        help="corrupt the training labels: symmetric (rate = true flip rate) or pair flip",
+        help="corrupt the training labels: symmetric (rate = true flip rate), pair flip, or a "
+        "confusion matrix from --noise-matrix",
     )
     noise.add_argument("--noise-rate", type=float, metavar="R", help="flip probability in [0, 1)")
+    noise.add_argument(
+        "--noise-matrix",
+        metavar="FILE",
+        help="k×k confusion matrix F[clean, observed] (.npy, .csv or .pt; rows sum to 1)",
+    )
     noise.add_argument(
         "--noise-seed", type=int, help="seed of the label corruption (default: --seed)"
     )
@@ -134,6 +189,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="consistent/robust: estimate the noise matrix by Dual-T instead of using the rate",
     )
+
+
+def _check_noise_options(args: argparse.Namespace) -> None:
+    if args.label_noise in ("none", "matrix") and args.noise_rate is not None:
+        raise InputError("--noise-rate needs --label-noise symmetric or pair")
+    if args.label_noise == "matrix":
+        if args.noise_matrix is None:
+            raise InputError("--label-noise matrix needs --noise-matrix FILE (.npy, .csv or .pt)")
+    elif args.noise_matrix is not None:
+        raise InputError("--noise-matrix needs --label-noise matrix")
+    if args.label_noise in ("symmetric", "pair") and (
+        args.noise_rate is None or not 0.0 <= args.noise_rate < 1.0
+    ):
+        raise InputError(f"--label-noise {args.label_noise} needs --noise-rate R with 0 ≤ R < 1")
+
+
+def _noise_matrix(args: argparse.Namespace, k: int) -> Tensor:
+    if args.label_noise != "matrix":
+        return noise_confusion(args.label_noise, k, args.noise_rate)
+    try:
+        return load_confusion(args.noise_matrix, k)
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise InputError(
+            f"--noise-matrix {args.noise_matrix}: {reason}; give a {k}×{k} non-negative matrix "
+            "whose rows sum to 1"
+        ) from None
 
 
 def _inputs(data: Any, option: str) -> Tensor:
@@ -152,9 +234,20 @@ def _config(args: argparse.Namespace, confusion: Tensor | None) -> FinetuneConfi
         "method": args.method,
         "epochs": args.epochs,
         "lr": args.lr,
+        "optimizer": args.optimizer,
         "momentum": args.momentum,
+        "adam_beta1": args.adam_beta1,
+        "adam_beta2": args.adam_beta2,
+        "adam_eps": args.adam_eps,
+        "schedule": args.schedule,
+        "lr_step_size": args.lr_step_size,
+        "lr_gamma": args.lr_gamma,
+        "lr_min": args.lr_min,
         "batch_size": args.batch_size,
         "weight_decay": args.weight_decay,
+        "sam_rho": args.sam_rho,
+        "nso_sigma": args.nso_sigma,
+        "nso_draws": args.nso_draws,
         "l2sp_alpha": args.l2sp_alpha,
         "radius": args.radius,
         "head_radius": args.head_radius,
@@ -185,19 +278,15 @@ def run(args: argparse.Namespace) -> int:
     from hessfine.finetune.runs import finetune_run
 
     kwargs = parse_model_kwargs(args.model_kwargs)
-    if args.label_noise == "none":
-        if args.noise_rate is not None:
-            raise InputError("--noise-rate needs --label-noise symmetric or pair")
-    elif args.noise_rate is None or not 0.0 <= args.noise_rate < 1.0:
-        raise InputError(f"--label-noise {args.label_noise} needs --noise-rate R with 0 ≤ R < 1")
+    _check_noise_options(args)
     if (
         args.method in CONSISTENT_METHODS
         and args.label_noise == "none"
         and not args.estimate_confusion
     ):
         raise InputError(
-            f"--method {args.method} needs the noise matrix: pass --label-noise KIND "
-            "--noise-rate R or --estimate-confusion"
+            f"--method {args.method} needs the noise matrix: pass --label-noise symmetric|pair "
+            "--noise-rate R, --label-noise matrix --noise-matrix FILE, or --estimate-confusion"
         )
     if args.estimate_confusion and args.method not in CONSISTENT_METHODS:
         raise InputError("--estimate-confusion applies to --method consistent or robust only")
@@ -243,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     noisy = clean
     if args.label_noise != "none":
         noise_seed = args.seed if args.noise_seed is None else args.noise_seed
-        confusion = noise_confusion(args.label_noise, outputs, args.noise_rate)
+        confusion = _noise_matrix(args, outputs)
         noisy = corrupt_labels(
             clean, confusion, generator=torch.Generator().manual_seed(noise_seed)
         )
@@ -254,6 +343,9 @@ def run(args: argparse.Namespace) -> int:
             "seed": noise_seed,
             "flipped_fraction": (noisy != clean).double().mean().item(),
         }
+        if args.noise_matrix is not None:
+            label_noise["matrix_file"] = str(args.noise_matrix)
+            label_noise["matrix_sha256"] = sha256(Path(args.noise_matrix).read_bytes()).hexdigest()
     config = _config(args, confusion)
 
     model = model.to(device)

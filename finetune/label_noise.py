@@ -7,6 +7,7 @@ with probability F[y, z]; F is a row-stochastic k×k *confusion* (transition) ma
   probability that the label changes, spread evenly over the k−1 other classes.
 * :func:`pair_flip_confusion` — y → (y+1) mod k with probability ρ (Han et al., "Co-teaching",
   NeurIPS 2018).
+* :func:`load_confusion` — a given F from a ``.npy``, ``.csv`` or ``.pt`` file, checked.
 * :func:`corrupt_labels` — draws z ~ F[y, ·] for every example at once.
 * :func:`consistent_loss` — backward correction (Patrini et al., "Making deep neural networks
   robust to label noise: a loss correction approach", CVPR 2017):
@@ -31,8 +32,11 @@ Example:
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as nnf
 from torch import Tensor
@@ -45,6 +49,7 @@ __all__ = [
     "corrupt_labels",
     "estimate_confusion_dual_t",
     "inverse_confusion",
+    "load_confusion",
     "noise_confusion",
     "pair_flip_confusion",
     "symmetric_confusion",
@@ -104,6 +109,43 @@ def check_confusion(matrix: Tensor, k: int | None = None) -> Tensor:
     if not torch.allclose(sums, torch.ones_like(sums), atol=_ROW_TOLERANCE, rtol=0.0):
         raise ValueError(f"confusion matrix rows must sum to 1, got sums {sums.tolist()}")
     return matrix
+
+
+def load_confusion(path: str | Path, k: int | None = None) -> Tensor:
+    """A confusion matrix F (F[y, z] = P(observed z | clean y)) read from a file, checked.
+
+    Formats by suffix: ``.npy`` (a 2-D array, no pickles), ``.csv`` (k rows of k numbers separated
+    by commas, no header), ``.pt`` (a tensor, loaded with ``weights_only=True``). The matrix must
+    be k×k (``k`` the number of classes, when given), finite, non-negative, with rows summing to
+    1 (within 1e-6): :func:`check_confusion`. Raises ``ValueError`` (or ``OSError`` for an
+    unreadable file) with one line saying what is wrong.
+
+    Example:
+        >>> import tempfile, os
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = os.path.join(tmp, "F.npy")
+        ...     np.save(path, np.array([[0.9, 0.1], [0.25, 0.75]]))
+        ...     load_confusion(path, 2).tolist()
+        [[0.9, 0.1], [0.25, 0.75]]
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".csv", ".pt"):
+        raise ValueError(f"unknown format {suffix or '(no suffix)'}; use .npy, .csv or .pt")
+    try:
+        if suffix == ".npy":
+            matrix = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float64))
+        elif suffix == ".csv":
+            matrix = torch.from_numpy(np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64))
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(loaded, Tensor):
+                raise ValueError(f"holds a {type(loaded).__name__}, not a tensor")
+            matrix = loaded.to(torch.float64)
+    except (ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as err:
+        first = " ".join(str(err).split())[:200]
+        raise ValueError(f"cannot read a matrix ({first})") from None
+    return check_confusion(matrix, k)
 
 
 def corrupt_labels(y: Tensor, F: Tensor, *, generator: torch.Generator) -> Tensor:

@@ -1,7 +1,20 @@
 """Fine-tuning methods (SPEC §5): the paper's robust algorithm and the baselines it compares with.
 
-Every method minimises an average loss over mini-batches with SGD (momentum, optional weight
-decay) starting from the pretrained (reference) weights W^(s):
+Every method minimises an average loss over mini-batches, starting from the pretrained
+(reference) weights W^(s), with the optimiser and learning-rate schedule of the config
+(:func:`make_optimizer`, :func:`learning_rate`):
+
+* ``optimizer="sgd"`` — SGD with heavy-ball momentum and *coupled* weight decay (the decay is
+  added to the gradient: g ← g + λ·W), as :class:`torch.optim.SGD`.
+* ``optimizer="adamw"`` — AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
+  ICLR 2019) as :class:`torch.optim.AdamW`: W ← W − η·λ·W, then
+  m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², W ← W − η·(m/(1−β₁ᵗ))/(sqrt(v/(1−β₂ᵗ)) + eps).
+* Schedules (per epoch e = 1..E, base rate η₀): ``constant`` η_e = η₀; ``step``
+  η_e = η₀·γ^⌊(e−1)/s⌋ (``lr_gamma`` γ, ``lr_step_size`` s epochs); ``cosine``
+  η_e = η_min + ½(η₀ − η_min)(1 + cos(π(e−1)/E)) (Loshchilov & Hutter, "SGDR", ICLR 2017,
+  without restarts). The rate used in each epoch is the ``lr`` column of the metrics.
+
+The methods (the objective, and for ``sam``/``nso`` the gradient rule):
 
 * ``plain`` — cross-entropy on the (possibly noisy) labels, no early stopping.
 * ``early-stopping`` — the same, with a validation split (``validation_fraction`` of the training
@@ -20,6 +33,20 @@ decay) starting from the pretrained (reference) weights W^(s):
   clean loss (:func:`hessfine.finetune.label_noise.consistent_loss`), with F given or estimated by Dual-T.
 * ``robust`` — the paper's algorithm (Ju, Li & Zhang, ICML 2022, Algorithm 1): the consistent
   loss *and* the layer-wise distance constraint.
+* ``sam`` — sharpness-aware minimisation (Foret, Kleiner, Mobahi & Neyshabur, ICLR 2021) of the
+  cross-entropy: with g = ∇L(W) on the batch, ascend to W + ρ·g/‖g‖ (‖·‖ over all trainable
+  parameters, ρ = ``sam_rho``), take the gradient there and step from W
+  (:func:`sam_gradient`).
+* ``nso`` — noise-stability optimisation (H. R. Zhang, D. Li, H. Ju et al., "Noise stability
+  optimization for finding flat minima: a Hessian-based regularization approach", the paper's
+  authors' follow-up): the gradient averaged at W + ε_j and W − ε_j for ``nso_draws`` Gaussian
+  draws ε_j ~ N(0, σ²I) (σ = ``nso_sigma``). Its expectation is the gradient of
+  E_ε[L(W+ε)] ≈ L(W) + (σ²/2)·Tr ∇²L(W), so it penalises the Hessian trace; the pairing ±ε
+  cancels the first-order noise exactly (:func:`nso_gradient`).
+
+BatchNorm statistics under ``sam``/``nso``: running statistics are updated by one forward pass
+per step, as in plain training — at W for ``sam`` (the ascent pass leaves them untouched) and at
+W + ε₁ for ``nso`` (the other perturbed passes leave them untouched).
 
 Layers and radii. The constrained layers are those the analysis measures by default
 (:func:`hessfine.analysis.checkpoints.select_layers`: the ≥2-D weights of Linear, Conv and attention
@@ -34,7 +61,8 @@ the head's own norm, and the analysis measures a new head's distance from zero b
 the trace corollary's α_i for the head is exactly ``head_radius``.
 
 Determinism. Batches are index permutations from a :class:`torch.Generator` seeded with
-``config.seed``; mixup's λ comes from ``numpy.random.default_rng(config.seed)``; the global torch
+``config.seed``; mixup's λ comes from ``numpy.random.default_rng(config.seed)``; NSO's ε from its
+own CPU :class:`torch.Generator` seeded from ``config.seed`` (:func:`noise_generator`); the global torch
 RNG (dropout) is seeded inside :func:`torch.random.fork_rng`, so the caller's state is untouched.
 The same seed, model and data give bitwise-identical weights (on the same machine and threads).
 
@@ -56,7 +84,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
@@ -76,16 +105,25 @@ __all__ = [
     "CONSISTENT_METHODS",
     "METHODS",
     "METRIC_COLUMNS",
+    "OPTIMIZERS",
+    "SCHEDULES",
     "FinetuneConfig",
     "FinetuneResult",
     "Method",
+    "Optimizer",
+    "Schedule",
     "evaluate",
     "finetune",
     "l2sp_penalty",
     "layer_radii",
+    "learning_rate",
     "load_reference",
+    "make_optimizer",
+    "noise_generator",
+    "nso_gradient",
     "predict_probs",
     "project_to_balls",
+    "sam_gradient",
 ]
 
 Method = Literal[
@@ -97,15 +135,22 @@ Method = Literal[
     "mixup",
     "consistent",
     "robust",
+    "sam",
+    "nso",
 ]
 METHODS: tuple[str, ...] = get_args(Method)
+Optimizer = Literal["sgd", "adamw"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+Schedule = Literal["constant", "step", "cosine"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 CONSTRAINED_METHODS = frozenset({"distance-constraint", "robust"})
 CONSISTENT_METHODS = frozenset({"consistent", "robust"})
 
 #: Columns of ``metrics.csv`` and keys of every per-epoch metrics dict. Train metrics are on the
 #: examples trained on (without the validation split), in eval mode, with plain cross-entropy;
 #: ``val_*`` are empty (None) unless the method holds out a validation split; ``objective`` is
-#: the mean over the epoch's batches of the minimised loss (penalty included).
+#: the mean over the epoch's batches of the minimised loss (penalty included; for ``sam`` the
+#: loss at W, for ``nso`` the mean loss at the perturbed weights); ``lr`` the epoch's learning rate.
 METRIC_COLUMNS = (
     "epoch",
     "train_loss_noisy",
@@ -117,6 +162,7 @@ METRIC_COLUMNS = (
     "val_loss",
     "val_acc",
     "objective",
+    "lr",
 )
 
 _EVAL_BATCH = 1024
@@ -129,12 +175,23 @@ class FinetuneConfig:
     ``confusion`` is the k×k noise matrix F for the consistent loss (``consistent``/``robust``);
     with ``estimate_confusion`` F is instead estimated by Dual-T from a model first fine-tuned on
     the noisy labels with early stopping. ``save_every`` is used by :mod:`hessfine.finetune.runs`.
+    ``momentum`` is SGD's, ``adam_beta1``/``adam_beta2``/``adam_eps`` AdamW's; ``lr_step_size``
+    and ``lr_gamma`` belong to the ``step`` schedule and ``lr_min`` to ``cosine``; ``sam_rho`` to
+    ``sam``; ``nso_sigma`` and ``nso_draws`` to ``nso``.
     """
 
     method: Method
     epochs: int = 30
     lr: float = 0.01
+    optimizer: Optimizer = "sgd"
     momentum: float = 0.9
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    schedule: Schedule = "constant"
+    lr_step_size: int = 10
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0
     batch_size: int = 32
     weight_decay: float = 0.0
     l2sp_alpha: float = 0.01
@@ -145,6 +202,9 @@ class FinetuneConfig:
     mixup_alpha: float = 0.2
     validation_fraction: float = 0.2
     patience: int = 5
+    sam_rho: float = 0.05
+    nso_sigma: float = 0.01
+    nso_draws: int = 1
     confusion: tuple[tuple[float, ...], ...] | None = None
     estimate_confusion: bool = False
     seed: int = 0
@@ -153,10 +213,22 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} = {getattr(self, name)!r} is out of range: it must be one of "
+                    f"{', '.join(allowed)}"
+                )
         rules = {
             "epochs": (self.epochs >= 1, "≥ 1"),
             "lr": (self.lr > 0, "> 0"),
             "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
+            "adam_beta1": (0 <= self.adam_beta1 < 1, "in [0, 1)"),
+            "adam_beta2": (0 <= self.adam_beta2 < 1, "in [0, 1)"),
+            "adam_eps": (self.adam_eps > 0, "> 0"),
+            "lr_step_size": (self.lr_step_size >= 1, "≥ 1"),
+            "lr_gamma": (0 < self.lr_gamma <= 1, "in (0, 1]"),
+            "lr_min": (0 <= self.lr_min <= self.lr, "in [0, lr]"),
             "batch_size": (self.batch_size >= 2, "≥ 2"),
             "weight_decay": (self.weight_decay >= 0, "≥ 0"),
             "l2sp_alpha": (self.l2sp_alpha >= 0, "≥ 0"),
@@ -167,6 +239,9 @@ class FinetuneConfig:
             "mixup_alpha": (self.mixup_alpha > 0, "> 0"),
             "validation_fraction": (0 < self.validation_fraction < 1, "in (0, 1)"),
             "patience": (self.patience >= 1, "≥ 1"),
+            "sam_rho": (self.sam_rho > 0, "> 0"),
+            "nso_sigma": (self.nso_sigma > 0, "> 0"),
+            "nso_draws": (self.nso_draws >= 1, "≥ 1"),
             "save_every": (self.save_every >= 1, "≥ 1"),
         }
         for name, (ok, rule) in rules.items():
@@ -326,6 +401,167 @@ def l2sp_penalty(model: nn.Module, reference: Mapping[str, Tensor], alpha: float
     return 0.5 * alpha * torch.stack(terms).sum()
 
 
+def learning_rate(config: FinetuneConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (1-based) under ``config.schedule`` (module docs).
+
+    Example:
+        >>> c = FinetuneConfig("plain", epochs=4, lr=0.1, schedule="cosine")
+        >>> [round(learning_rate(c, e), 4) for e in range(1, 5)]
+        [0.1, 0.0854, 0.05, 0.0146]
+        >>> s = FinetuneConfig("plain", lr=1.0, schedule="step", lr_step_size=2, lr_gamma=0.5)
+        >>> [learning_rate(s, e) for e in range(1, 6)]
+        [1.0, 1.0, 0.5, 0.5, 0.25]
+    """
+    if not 1 <= epoch <= config.epochs:
+        raise ValueError(f"epoch must lie in 1..{config.epochs}, got {epoch}")
+    if config.schedule == "step":
+        return config.lr * config.lr_gamma ** ((epoch - 1) // config.lr_step_size)
+    if config.schedule == "cosine":
+        phase = math.pi * (epoch - 1) / config.epochs
+        return config.lr_min + 0.5 * (config.lr - config.lr_min) * (1.0 + math.cos(phase))
+    return config.lr
+
+
+def make_optimizer(
+    parameters: Iterable[nn.Parameter], config: FinetuneConfig
+) -> torch.optim.Optimizer:
+    """SGD (momentum, coupled weight decay) or AdamW (decoupled weight decay) from ``config``."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(
+            parameters,
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.SGD(
+        parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
+def noise_generator(seed: int) -> torch.Generator:
+    """The CPU generator of NSO's perturbations for a run seeded with ``seed``.
+
+    Its stream is derived from ``seed`` by :class:`numpy.random.SeedSequence` with a fixed tag,
+    so it differs from the batch-order generator seeded with ``seed`` itself.
+    """
+    state = np.random.SeedSequence([seed, 0x4E534F]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+@contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer (BatchNorm running statistics, counters) on exit."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def sam_gradient(model: nn.Module, closure: Callable[[], Tensor], *, rho: float) -> Tensor:
+    """SAM's gradient (Foret et al., ICLR 2021) of ``closure()`` at the model's weights W.
+
+    g = ∇L(W); ε = ρ·g/‖g‖ (‖·‖ the Euclidean norm over all trainable parameters; ε = 0 when
+    g = 0); leaves ∇L(W + ε) in every ``.grad`` with the weights back at W, and returns L(W)
+    (detached). Buffers are updated by the pass at W only. ``.grad`` must be empty (zeroed) on
+    entry.
+
+    Example (L = ½wᵀAw with A = diag(1, 3), w = (1, 1), ρ = 0.5):
+        >>> w = nn.Parameter(torch.tensor([1.0, 1.0], dtype=torch.float64))
+        >>> A = torch.tensor([1.0, 3.0], dtype=torch.float64)
+        >>> loss = sam_gradient(nn.ParameterList([w]), lambda: 0.5 * (A * w * w).sum(), rho=0.5)
+        >>> [round(v, 6) for v in w.grad.tolist()]  # A(w + ρ·Aw/‖Aw‖)
+        [1.158114, 4.423025]
+    """
+    params = _trainable(model)
+    loss = closure()
+    loss.backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = rho / norm.item() if norm.item() > 0 else 0.0
+    with torch.no_grad():
+        steps = [g * scale for g in grads]
+        for p, e in zip(params, steps, strict=True):
+            p.add_(e)
+            p.grad = None
+    try:
+        with _buffers_kept(model):
+            closure().backward()
+    finally:
+        with torch.no_grad():
+            for p, e in zip(params, steps, strict=True):
+                p.sub_(e)
+    return loss.detach()
+
+
+def nso_gradient(
+    model: nn.Module,
+    closure: Callable[[], Tensor],
+    *,
+    sigma: float,
+    draws: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """NSO's gradient: (1/2k)·Σ_j [∇L(W + ε_j) + ∇L(W − ε_j)], ε_j ~ N(0, σ²I), k = ``draws``.
+
+    ε_j is drawn on the CPU from ``generator``, parameter by parameter in
+    ``model.parameters()`` order (trainable ones), as ``sigma * torch.randn(shape,
+    generator=generator)``, then moved to the parameter's device and dtype. Leaves the average in
+    every ``.grad`` with the weights back at W, and returns the mean of the 2k perturbed losses
+    (detached). Buffers are updated by the W + ε₁ pass only. ``.grad`` must be empty on entry.
+
+    Expected value: ∇E_ε[L(W+ε)] = ∇[L(W) + (σ²/2)·Tr ∇²L(W)] + O(σ⁴) — noise stability with
+    the trace penalty of Ju, Li & Zhang (2022); antithetic pairs cancel the first-order term.
+
+    Example (L = ¼Σw⁴, so the average is w³ + 3w·ε² elementwise for one draw):
+        >>> w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> eps = 0.1 * torch.randn(2, generator=torch.Generator().manual_seed(0))
+        >>> _ = nso_gradient(nn.ParameterList([w]), lambda: 0.25 * (w**4).sum(), sigma=0.1,
+        ...                  draws=1, generator=gen)
+        >>> torch.allclose(w.grad, w.detach() ** 3 + 3 * w.detach() * eps.double() ** 2)
+        True
+    """
+    params = _trainable(model)
+    total = torch.zeros((), dtype=torch.float64)
+    sums = [torch.zeros_like(p) for p in params]
+    for draw in range(draws):
+        noise = [
+            (sigma * torch.randn(p.shape, generator=generator)).to(device=p.device, dtype=p.dtype)
+            for p in params
+        ]
+        for sign in (1.0, -1.0):
+            keep = _buffers_kept(model) if (draw, sign) != (0, 1.0) else nullcontext()
+            with torch.no_grad():
+                for p, e in zip(params, noise, strict=True):
+                    p.add_(e, alpha=sign)
+            try:
+                with keep:
+                    loss = closure()
+                    loss.backward()
+            finally:
+                with torch.no_grad():
+                    for p, e in zip(params, noise, strict=True):
+                        p.sub_(e, alpha=sign)
+            total += loss.detach().double().cpu()
+            with torch.no_grad():
+                for acc, p in zip(sums, params, strict=True):
+                    if p.grad is not None:
+                        acc.add_(p.grad)
+                        p.grad = None
+    count = 2 * draws
+    for p, acc in zip(params, sums, strict=True):
+        p.grad = acc / count
+    return total / count
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -479,10 +715,9 @@ def finetune(
         )
         project_to_balls(model, centres, radii)
 
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    optimizer = make_optimizer(_trainable(model), config)
     mix_rng = np.random.default_rng(config.seed)
+    perturbations = noise_generator(config.seed) if config.method == "nso" else None
     metrics: list[dict[str, float | None]] = []
     best_loss, best_epoch, best_state, stale = math.inf, None, None, 0
     forked = [device.index or 0] if device.type == "cuda" else []
@@ -490,6 +725,9 @@ def finetune(
     with torch.random.fork_rng(devices=forked, device_type=device.type if forked else None):
         torch.manual_seed(config.seed)
         for epoch in range(1, config.epochs + 1):
+            rate = learning_rate(config, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
             model.train()
             total, count = 0.0, 0
             for chunk in _batches(len(fit), config.batch_size, generator):
@@ -499,22 +737,42 @@ def finetune(
                 if config.method == "mixup":
                     lam = float(mix_rng.beta(config.mixup_alpha, config.mixup_alpha))
                     perm = torch.randperm(len(index), generator=generator).to(device)
-                    logits = model(lam * xb + (1.0 - lam) * xb[perm])
-                    loss = lam * nnf.cross_entropy(logits, yb) + (1.0 - lam) * nnf.cross_entropy(
-                        logits, yb[perm]
+
+                    def closure(xb=xb, yb=yb, lam=lam, perm=perm) -> Tensor:
+                        logits = model(lam * xb + (1.0 - lam) * xb[perm])
+                        return lam * nnf.cross_entropy(logits, yb) + (
+                            1.0 - lam
+                        ) * nnf.cross_entropy(logits, yb[perm])
+                else:
+
+                    def closure(xb=xb, yb=yb) -> Tensor:
+                        logits = model(xb)
+                        if config.method in CONSISTENT_METHODS:
+                            loss = consistent_loss(logits, yb, confusion, inverse=inverse).mean()
+                        elif config.method == "label-smoothing":
+                            loss = nnf.cross_entropy(
+                                logits, yb, label_smoothing=config.label_smoothing
+                            )
+                        else:
+                            loss = nnf.cross_entropy(logits, yb)
+                        if config.method == "l2-sp":
+                            loss = loss + l2sp_penalty(model, centres, config.l2sp_alpha)
+                        return loss
+
+                optimizer.zero_grad(set_to_none=True)
+                if config.method == "sam":
+                    loss = sam_gradient(model, closure, rho=config.sam_rho)
+                elif config.method == "nso":
+                    loss = nso_gradient(
+                        model,
+                        closure,
+                        sigma=config.nso_sigma,
+                        draws=config.nso_draws,
+                        generator=perturbations,
                     )
                 else:
-                    logits = model(xb)
-                    if config.method in CONSISTENT_METHODS:
-                        loss = consistent_loss(logits, yb, confusion, inverse=inverse).mean()
-                    elif config.method == "label-smoothing":
-                        loss = nnf.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
-                    else:
-                        loss = nnf.cross_entropy(logits, yb)
-                if config.method == "l2-sp":
-                    loss = loss + l2sp_penalty(model, centres, config.l2sp_alpha)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                    loss = closure()
+                    loss.backward()
                 optimizer.step()
                 if radii is not None:
                     project_to_balls(model, centres, radii)
@@ -536,6 +794,7 @@ def finetune(
             if eval_x is not None:
                 row["eval_loss"], row["eval_acc"] = evaluate(model, eval_x, eval_y)
             row["objective"] = total / max(count, 1)
+            row["lr"] = rate
             metrics.append(row)
             if on_epoch is not None:
                 on_epoch(epoch, model, row)

@@ -4,7 +4,7 @@ Layout of a run directory::
 
     DIR/hessfine.json            manifest (format "hessfine-run/1"), rewritten atomically
     DIR/epoch_001.safetensors    full state dict (parameters and buffers) after epoch 1, ...
-    DIR/metrics.csv              one row per finished epoch, columns METRIC_COLUMNS
+    DIR/metrics.csv              one row per finished epoch, columns METRIC_COLUMNS (incl. lr)
     DIR/labels.csv               index, clean and noisy training label of every example
 
 Checkpoints are written for every epoch that is a multiple of ``config.save_every``, for the last
@@ -19,7 +19,9 @@ checkpoint, relative to the run directory when it exists on disk), ``head_refere
 head's reference is zero — also the centre of its distance constraint), ``method``, ``seed``,
 ``config`` (every :class:`~hessfine.finetune.methods.FinetuneConfig` field), ``data`` (caller's
 description plus ``n_train``, ``n_eval`` and ``validation_indices``), ``label_noise``
-(``kind``/``rate``/``confusion_matrix`` of the noise applied, or null), ``confusion_used`` (the F
+(``kind`` — symmetric, pair or matrix —, ``rate`` (null for a matrix), ``confusion_matrix``, and
+from the CLI ``seed``, ``flipped_fraction`` and, for a matrix file, ``matrix_file`` and
+``matrix_sha256``; or null), ``confusion_used`` (the F
 of the consistent loss and its ``source``, ``given`` or ``dual-t``, or null), ``radii``
 (per-layer ball radii of the constrained methods, or null), ``checkpoints`` (``[{"file",
 "epoch"}]``), ``best_epoch``, ``epochs_run``, ``complete``, ``metrics``, ``labels`` and

@@ -5,8 +5,9 @@ Everything here is deliberately naive: loops over examples, full Hessians from
 and eigendecompositions from :func:`torch.linalg.eigh`. The estimators in :mod:`bounds` are tested
 against these quantities (SPEC §6).
 
-Notation (SPEC §1). For one example (x, y) with cross-entropy loss ℓ(f_W(x), y) and selected layer
-i with flattened weight w_i:
+Notation (SPEC §1). For one example (x, y) with loss ℓ(f_W(x), y) (cross-entropy unless an oracle
+loss — :func:`causal_lm_loss`, :func:`consistent_loss` — is passed; inputs are tensors or dicts of
+tensors, outputs tensors or objects with ``.logits``) and selected layer i with flattened weight w_i:
 
 * H_i(x) = ∇²_{w_i} ℓ — the i-th diagonal block of the per-example Hessian;
 * G_i(x) = J_iᵀ (diag(p) − p pᵀ) J_i — its Gauss–Newton part, J_i = ∂ logits / ∂ w_i, p = softmax;
@@ -196,8 +197,53 @@ def math_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def _logits(module: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-    return functional_call(module, dict(params), (x,))
+Inputs = Tensor | Mapping[str, Tensor]
+#: A loss of a batch of one example: (logits (1, …), labels (1, …)) → scalar.
+OracleLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+def cross_entropy(z: Tensor, y: Tensor) -> Tensor:
+    """Classification cross-entropy of one example (the default oracle loss)."""
+    return F.cross_entropy(z, y)
+
+
+def causal_lm_loss(z: Tensor, y: Tensor) -> Tensor:
+    """Mean over label positions of −log softmax(z_t)_{y_{t+1}} (labels −100 skipped), by a loop."""
+    terms = []
+    for t in range(z.shape[1] - 1):
+        label = int(y[0, t + 1])
+        if label != -100:
+            terms.append(-torch.log_softmax(z[0, t], dim=-1)[label])
+    return torch.stack(terms).mean() if terms else z.sum() * 0.0
+
+
+def consistent_loss(inverse: Tensor) -> OracleLoss:
+    """ℓ̄(z, ỹ) = Σ_j (F⁻¹)[ỹ, j]·CE(z, j) for one example, summed class by class."""
+
+    def loss(z: Tensor, y: Tensor) -> Tensor:
+        row = inverse[int(y[0])]
+        return sum(row[j] * F.cross_entropy(z, torch.tensor([j])) for j in range(row.numel()))
+
+    return loss
+
+
+def example(x: Inputs, n: int) -> Inputs:
+    """Example ``n`` of a batch (tensor or dict of tensors), with its batch dimension of one."""
+    if isinstance(x, Tensor):
+        return x[n : n + 1]
+    return {k: v[n : n + 1] for k, v in x.items()}
+
+
+def count(x: Inputs) -> int:
+    """Number of examples in a batch of inputs."""
+    return x.shape[0] if isinstance(x, Tensor) else next(iter(x.values())).shape[0]
+
+
+def _logits(module: nn.Module, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
+    if isinstance(x, Tensor):
+        return functional_call(module, dict(params), (x,))
+    out = functional_call(module, dict(params), (), dict(x))
+    return out if isinstance(out, Tensor) else out.logits
 
 
 def _with_flat(
@@ -218,41 +264,53 @@ def _flat(params: Mapping[str, Tensor], layers: Sequence[str]) -> Tensor:
 
 
 def dense_block_hessians(
-    module: nn.Module, params: Mapping[str, Tensor], layer: str, x: Tensor, y: Tensor
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    layer: str,
+    x: Inputs,
+    y: Tensor,
+    loss: OracleLoss = cross_entropy,
 ) -> Tensor:
     """Per-example H_i(x_n) = ∇²_{w_i} ℓ(f(x_n), y_n), shape (N, d, d), d = numel of ``layer``."""
     module.eval()
     w = _flat(params, [layer])
     blocks = []
     with math_attention():
-        for n in range(x.shape[0]):
-            xn, yn = x[n : n + 1], y[n : n + 1]
+        for n in range(count(x)):
+            xn, yn = example(x, n), y[n : n + 1]
 
-            def loss(flat: Tensor, xn: Tensor = xn, yn: Tensor = yn) -> Tensor:
-                return F.cross_entropy(_logits(module, _with_flat(params, [layer], flat), xn), yn)
+            def loss_n(flat: Tensor, xn: Inputs = xn, yn: Tensor = yn) -> Tensor:
+                return loss(_logits(module, _with_flat(params, [layer], flat), xn), yn)
 
-            blocks.append(torch.autograd.functional.hessian(loss, w, vectorize=True))
+            blocks.append(torch.autograd.functional.hessian(loss_n, w, vectorize=True))
     return torch.stack(blocks)
 
 
 def dense_ggn_blocks(
-    module: nn.Module, params: Mapping[str, Tensor], layer: str, x: Tensor, y: Tensor
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    layer: str,
+    x: Inputs,
+    y: Tensor,
+    loss: OracleLoss = cross_entropy,
 ) -> Tensor:
-    """Per-example G_i(x_n) = J_nᵀ (diag(p_n) − p_n p_nᵀ) J_n, shape (N, d, d)."""
+    """Per-example G_i(x_n) = J_nᵀ (∇²_z ℓ) J_n, shape (N, d, d), ∇²_z ℓ by dense autograd."""
     module.eval()
     w = _flat(params, [layer])
     blocks = []
     with math_attention():
-        for n in range(x.shape[0]):
-            xn = x[n : n + 1]
+        for n in range(count(x)):
+            xn, yn = example(x, n), y[n : n + 1]
 
-            def logits(flat: Tensor, xn: Tensor = xn) -> Tensor:
-                return _logits(module, _with_flat(params, [layer], flat), xn)[0]
+            def logits(flat: Tensor, xn: Inputs = xn) -> Tensor:
+                return _logits(module, _with_flat(params, [layer], flat), xn)
 
             J = torch.autograd.functional.jacobian(logits, w, vectorize=True)
             with torch.no_grad():
-                p = torch.softmax(logits(w), dim=-1)
-            blocks.append(J.T @ (torch.diag(p) - torch.outer(p, p)) @ J)
+                z = logits(w)
+            A = torch.autograd.functional.hessian(lambda z, yn=yn: loss(z, yn), z)
+            J = J.reshape(z.numel(), -1)
+            blocks.append(J.T @ A.reshape(z.numel(), z.numel()) @ J)
     return torch.stack(blocks)
 
 
@@ -269,7 +327,12 @@ def quadratic_forms(H: Tensor, v: Tensor) -> Tensor:
 
 
 def dense_mean_hessian(
-    module: nn.Module, params: Mapping[str, Tensor], layers: Sequence[str], x: Tensor, y: Tensor
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    layers: Sequence[str],
+    x: Inputs,
+    y: Tensor,
+    loss: OracleLoss = cross_entropy,
 ) -> Tensor:
     """Hessian of the mean loss over the batch w.r.t. the concatenated flattened ``layers``, (D, D).
 
@@ -279,23 +342,37 @@ def dense_mean_hessian(
     layers = list(layers)
     w = _flat(params, layers)
 
-    def loss(flat: Tensor) -> Tensor:
-        return F.cross_entropy(_logits(module, _with_flat(params, layers, flat), x), y)
+    def mean_loss(flat: Tensor) -> Tensor:
+        weights = _with_flat(params, layers, flat)
+        terms = [
+            loss(_logits(module, weights, example(x, n)), y[n : n + 1]) for n in range(count(x))
+        ]
+        return torch.stack(terms).mean()
 
     with math_attention():
-        return torch.autograd.functional.hessian(loss, w, vectorize=True)
+        return torch.autograd.functional.hessian(mean_loss, w, vectorize=True)
 
 
 def dense_batch_mean_hessians(
     module: nn.Module,
     params: Mapping[str, Tensor],
     layers: Sequence[str],
-    x: Tensor,
+    x: Inputs,
     y: Tensor,
     batch_size: int,
+    loss: OracleLoss = cross_entropy,
 ) -> list[Tensor]:
     """:func:`dense_mean_hessian` of consecutive batches of ``batch_size`` examples, in order."""
     return [
-        dense_mean_hessian(module, params, layers, x[s : s + batch_size], y[s : s + batch_size])
-        for s in range(0, x.shape[0], batch_size)
+        dense_mean_hessian(
+            module,
+            params,
+            layers,
+            x[s : s + batch_size]
+            if isinstance(x, Tensor)
+            else {k: v[s : s + batch_size] for k, v in x.items()},
+            y[s : s + batch_size],
+            loss,
+        )
+        for s in range(0, count(x), batch_size)
     ]

@@ -98,19 +98,43 @@ def test_prior_distance_measures_by_hand():
     inner = B**2 * d**2 * h * math.log(d * h) * prod**2 * ratio_sq + math.log(d * n / delta)
     ney = math.sqrt(inner / (gamma**2 * n))
     got = prior_distance_measures(w, v, n=n, margin=gamma, input_norm=B, delta=delta)
-    assert got["li_zhang_2021"] == pytest.approx(li)
-    assert got["neyshabur_2018"] == pytest.approx(ney)
-    assert got["li_zhang_2021_log10"] == pytest.approx(math.log10(li))
-    assert got["neyshabur_2018_log10"] == pytest.approx(math.log10(ney))
+    assert got["spectral_product_distance"] == pytest.approx(li)
+    assert got["neyshabur_2018_complexity"] == pytest.approx(ney)
+    assert got["spectral_product_distance_log10"] == pytest.approx(math.log10(li))
+    assert got["neyshabur_2018_complexity_log10"] == pytest.approx(math.log10(ney))
+
+
+def test_prior_distance_measures_of_zero_layers_are_defined_by_continuity():
+    n, d, h, delta = 100, 3, 2, 0.05
+    w = [2 * torch.eye(2), torch.zeros(2, 2), 3 * torch.eye(2)]  # a zero-initialised layer
+    v = [0.1 * torch.eye(2), torch.tensor([[3.0, 4.0], [0.0, 0.0]]), torch.zeros(2, 2)]
+    got = prior_distance_measures(w, v, n=n)
+    # Only the zero layer's own term survives: ‖v_2‖·‖M_1‖·‖M_3‖ = 5·2·3.
+    assert got["spectral_product_distance"] == pytest.approx(30 / math.sqrt(n))
+    inner = d**2 * h * math.log(d * h) * 30.0**2 + math.log(d * n / delta)
+    assert got["neyshabur_2018_complexity"] == pytest.approx(math.sqrt(inner / n))
+    # The same network with a tiny instead of a zero layer gives (nearly) the same values.
+    w_eps = [w[0], 1e-12 * torch.eye(2), w[2]]
+    near = prior_distance_measures(w_eps, v, n=n)
+    assert near["spectral_product_distance"] == pytest.approx(got["spectral_product_distance"])
+    # Two zero layers: every term has a zero factor; the log10 is −∞, never a domain error.
+    both = prior_distance_measures([torch.zeros(2, 2)] * 2, [torch.ones(2, 2)] * 2, n=n)
+    assert both["spectral_product_distance"] == 0.0
+    assert both["spectral_product_distance_log10"] == -math.inf
+    assert both["neyshabur_2018_complexity"] == pytest.approx(
+        math.sqrt(math.log(2 * n / delta) / n)
+    )
 
 
 def test_prior_distance_measures_survive_overflow():
     w = {f"l{i}": 1e20 * torch.eye(3) for i in range(20)}
     v = {k: torch.eye(3) for k in w}
     got = prior_distance_measures(w, v, n=10)
-    assert got["li_zhang_2021"] == math.inf
+    assert got["spectral_product_distance"] == math.inf
     # log10: 20·20 (product) + log10(20 · √3 · 1e-20) − ½ log10(10)
-    assert got["li_zhang_2021_log10"] == pytest.approx(400 + math.log10(20 * math.sqrt(3)) - 20.5)
+    assert got["spectral_product_distance_log10"] == pytest.approx(
+        400 + math.log10(20 * math.sqrt(3)) - 20.5
+    )
 
 
 def test_assemble_bounds_recomputes_every_field():
@@ -154,7 +178,12 @@ def test_assemble_bounds_recomputes_every_field():
     for key in ("C", "n", "epsilon", "hessian_distance_measure", "theorem_2_1", "trace_corollary"):
         assert key in payload
     assert payload["pac_bayes_certificate"] == {"bound": 0.5}
-    assert set(payload["distance_measures"]) >= {"li_zhang_2021", "neyshabur_2018"}
+    assert set(payload["distance_measures"]) == {
+        "spectral_product_distance",
+        "spectral_product_distance_log10",
+        "neyshabur_2018_complexity",
+        "neyshabur_2018_complexity_log10",
+    }
 
 
 def test_assemble_bounds_without_optional_inputs():

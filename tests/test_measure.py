@@ -143,10 +143,13 @@ def test_cli_values_match_dense_hessian(tiny_pair, estimator):
     result = json.loads((out / "measurement.json").read_text())
     assert_schema(result)
     x, y = tiny_data("cnn", 12)
+    sample = result["data"]["hessian_sample"]
+    index = torch.tensor(sample["indices"])
+    assert sample["order"] == "stratified" and len(set(sample["indices"])) == 10
     for layer in result["layers"]:
         name = layer["name"]
         v = params[name] - reference[name]
-        H = dense_block_hessians(module, params, name, x[:10], y[:10])
+        H = dense_block_hessians(module, params, name, x[index], y[index])
         dense = dense_forms(positive_part(H) if estimator == "auto" else H, v)
         assert layer["quadratic_form"]["max"] == pytest.approx(float(dense.max()), rel=1e-6)
         assert layer["quadratic_form"]["mean"] == pytest.approx(float(dense.mean()), rel=1e-6)

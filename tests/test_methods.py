@@ -12,9 +12,14 @@ from hessfine.finetune.methods import (
     finetune,
     l2sp_penalty,
     layer_radii,
+    learning_rate,
     load_reference,
+    make_optimizer,
+    noise_generator,
+    nso_gradient,
     predict_probs,
     project_to_balls,
+    sam_gradient,
 )
 from hessfine.finetune.models import digits_cnn
 from sklearn.datasets import load_digits
@@ -285,6 +290,8 @@ def test_every_method_is_covered_and_probs_are_distributions(digits, pretrained)
         "mixup",
         "consistent",
         "robust",
+        "sam",
+        "nso",
     }
     model, _ = pretrained()
     probs = predict_probs(model, x[:10])
@@ -339,3 +346,186 @@ def test_models_forward_and_head_name():
     assert isinstance(net.head, nn.Linear) and net.head.out_features == 3
     x = torch.rand(5, 1, 8, 8)
     torch.testing.assert_close(net.eval()(x), net(x.reshape(5, 64)))
+
+
+# ------------------------------------------------------------ update rules in closed form
+A_DIAG = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
+W0 = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+
+
+def quadratic():
+    """L(w) = ½wᵀAw with A = diag(1, 3, ½): ∇L = Aw."""
+    w = nn.Parameter(W0.clone())
+    return nn.ParameterList([w]), w, lambda: 0.5 * (A_DIAG * w * w).sum()
+
+
+def test_one_sam_step_on_a_quadratic_by_hand():
+    model, w, loss = quadratic()
+    rho, lr = 0.3, 0.1
+    g = A_DIAG * W0
+    expected_grad = A_DIAG * (W0 + rho * g / g.norm())  # ∇L at the ascent point
+    value = sam_gradient(model, loss, rho=rho)
+    assert value.item() == pytest.approx(0.5 * float((A_DIAG * W0 * W0).sum()))
+    torch.testing.assert_close(w.grad, expected_grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(w.detach(), W0, rtol=0, atol=0)  # back at W
+    optimizer = make_optimizer([w], FinetuneConfig("sam", lr=lr, momentum=0.0))
+    optimizer.step()
+    torch.testing.assert_close(w.detach(), W0 - lr * expected_grad, rtol=1e-12, atol=0)
+
+
+def test_sam_with_a_zero_gradient_does_not_move_the_point():
+    w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    sam_gradient(nn.ParameterList([w]), lambda: 0.5 * (A_DIAG * w * w).sum(), rho=1.0)
+    assert torch.count_nonzero(w.grad) == 0
+
+
+def test_one_nso_step_by_hand_and_the_noise_cancels_on_a_quadratic():
+    sigma, draws = 0.2, 3
+    # A quartic L = ¼Σw⁴: the average over ±ε_j of (w ± ε_j)³ is w³ + 3w·mean_j ε_j².
+    w = nn.Parameter(W0.clone())
+    value = nso_gradient(
+        nn.ParameterList([w]),
+        lambda: 0.25 * (w**4).sum(),
+        sigma=sigma,
+        draws=draws,
+        generator=noise_generator(7),
+    )
+    replay = noise_generator(7)
+    eps = torch.stack([sigma * torch.randn(3, generator=replay) for _ in range(draws)]).double()
+    expected = W0**3 + 3 * W0 * eps.square().mean(dim=0)
+    torch.testing.assert_close(w.grad, expected, rtol=1e-12, atol=1e-15)
+    losses = [0.25 * ((W0 + s * e) ** 4).sum() for e in eps for s in (1, -1)]
+    assert value.item() == pytest.approx(float(torch.stack(losses).mean()), rel=1e-12)
+    torch.testing.assert_close(w.detach(), W0, rtol=0, atol=0)
+    # On a quadratic the antithetic pair cancels the noise exactly: the plain gradient Aw.
+    model, wq, loss = quadratic()
+    nso_gradient(model, loss, sigma=0.5, draws=2, generator=noise_generator(0))
+    torch.testing.assert_close(wq.grad, A_DIAG * W0, rtol=1e-12, atol=1e-12)
+
+
+def test_nso_noise_is_seeded_and_distinct_from_the_batch_stream():
+    a = torch.randn(5, generator=noise_generator(3))
+    assert torch.equal(a, torch.randn(5, generator=noise_generator(3)))
+    assert not torch.equal(a, torch.randn(5, generator=noise_generator(4)))
+    assert not torch.equal(a, torch.randn(5, generator=torch.Generator().manual_seed(3)))
+
+
+def test_adamw_first_two_steps_by_hand():
+    lr, wd, b1, b2, eps = 0.1, 0.5, 0.8, 0.9, 1e-8
+    config = FinetuneConfig(
+        "plain",
+        optimizer="adamw",
+        lr=lr,
+        weight_decay=wd,
+        adam_beta1=b1,
+        adam_beta2=b2,
+        adam_eps=eps,
+    )
+    _, w, loss = quadratic()
+    optimizer = make_optimizer([w], config)
+    x, m, v = W0.clone(), torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for t in (1, 2):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+        g = A_DIAG * x
+        x = x * (1 - lr * wd)  # decoupled decay, applied to the weights before the Adam step
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        x = x - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        torch.testing.assert_close(w.detach(), x, rtol=1e-12, atol=1e-14)
+    # Step one moves every coordinate by lr·sign(g) (plus the decay), whatever |g| is.
+    first = W0 * (1 - lr * wd) - lr * torch.sign(A_DIAG * W0)
+    _, w1, loss1 = quadratic()
+    optimizer = make_optimizer([w1], config)
+    loss1().backward()
+    optimizer.step()
+    torch.testing.assert_close(w1.detach(), first, rtol=1e-7, atol=1e-9)
+
+
+def test_sgd_momentum_and_coupled_weight_decay_by_hand():
+    lr, mu, wd = 0.1, 0.9, 0.2
+    _, w, loss = quadratic()
+    optimizer = make_optimizer([w], FinetuneConfig("plain", lr=lr, momentum=mu, weight_decay=wd))
+    x, buf = W0.clone(), None
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+        g = A_DIAG * x + wd * x
+        buf = g if buf is None else mu * buf + g
+        x = x - lr * buf
+        torch.testing.assert_close(w.detach(), x, rtol=1e-12, atol=1e-14)
+
+
+def test_schedules_learning_rate_at_given_epochs():
+    constant = FinetuneConfig("plain", epochs=5, lr=0.2)
+    assert [learning_rate(constant, e) for e in (1, 3, 5)] == [0.2, 0.2, 0.2]
+    step = FinetuneConfig("plain", epochs=9, lr=0.4, schedule="step", lr_step_size=3, lr_gamma=0.5)
+    assert [learning_rate(step, e) for e in range(1, 10)] == pytest.approx(
+        [0.4] * 3 + [0.2] * 3 + [0.1] * 3
+    )
+    cosine = FinetuneConfig("plain", epochs=4, lr=0.3, schedule="cosine", lr_min=0.1)
+    expected = [0.1 + 0.1 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert [learning_rate(cosine, e) for e in range(1, 5)] == pytest.approx(expected)
+    assert learning_rate(cosine, 3) == pytest.approx(0.2)  # halfway: the midpoint
+    with pytest.raises(ValueError, match="epoch"):
+        learning_rate(cosine, 5)
+
+
+def test_new_options_are_validated():
+    for options, name in [
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"sam_rho": 0.0}, "sam_rho"),
+        ({"nso_sigma": -1.0}, "nso_sigma"),
+        ({"nso_draws": 0}, "nso_draws"),
+        ({"lr_gamma": 1.5}, "lr_gamma"),
+        ({"lr_step_size": 0}, "lr_step_size"),
+        ({"lr_min": 1.0}, "lr_min"),
+        ({"adam_beta2": 1.0}, "adam_beta2"),
+        ({"adam_eps": 0.0}, "adam_eps"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            FinetuneConfig("plain", **options)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("sam", {"sam_rho": 0.05}),
+        ("nso", {"nso_sigma": 0.01, "nso_draws": 2}),
+        ("plain", {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.01}),
+    ],
+)
+def test_sam_nso_and_adamw_learn_the_digits_with_a_schedule(digits, pretrained, method, options):
+    x, y, ex, ey = digits
+    model, reference = pretrained()
+    config = FinetuneConfig(method, epochs=3, schedule="cosine", **{"lr": 0.05, **options})
+    result = finetune(model, reference, train_x=x, train_y=y, eval_x=ex, eval_y=ey, config=config)
+    assert [row["lr"] for row in result.metrics] == pytest.approx(
+        [learning_rate(config, e) for e in (1, 2, 3)]
+    )
+    assert result.metrics[-1]["train_acc_clean"] > 0.5
+    again, _ = pretrained()
+    finetune(again, reference, train_x=x, train_y=y, config=config)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+
+
+def test_sam_leaves_batchnorm_statistics_to_the_unperturbed_pass(digits, pretrained):
+    x, y, _, _ = digits
+    states = []
+    for method in ("sam", "plain"):
+        model, reference = pretrained()
+        finetune(
+            model,
+            reference,
+            train_x=x[:64],
+            train_y=y[:64],
+            config=FinetuneConfig(method, epochs=1, lr=1e-12, batch_size=64, sam_rho=5.0),
+        )
+        states.append(model.state_dict())
+    # With a vanishing step both runs see the same weights at W; only SAM's ascent pass (at a
+    # point far from W) could change the statistics, and it must not.
+    torch.testing.assert_close(states[0]["bn1.running_mean"], states[1]["bn1.running_mean"])
+    assert torch.equal(states[0]["bn1.num_batches_tracked"], states[1]["bn1.num_batches_tracked"])

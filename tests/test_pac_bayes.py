@@ -7,6 +7,7 @@ import pytest
 import torch
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.pac_bayes import (
+    DEFAULT_GRID,
     binomial_upper_bound,
     kl_bernoulli,
     kl_inverse_upper,
@@ -180,3 +181,83 @@ def test_certificate_rejects_wrong_sizes(examples, n, message):
             curvature=dict.fromkeys(layers, 1.0),
             generator=torch.Generator(),
         )
+
+
+def linear_certificate(weight, reference, x, y, *, curvature, grid, draws, seed):
+    """The certificate of a bias-free float64 linear classifier z = W x (one layer, "weight")."""
+    module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False).double()
+    module.weight.data = weight.clone()
+    fm, params = FunctionalModel.from_module(module)
+    return pac_bayes_certificate(
+        fm,
+        params,
+        {"weight": reference},
+        ["weight"],
+        [(x[: len(y) // 2], y[: len(y) // 2]), (x[len(y) // 2 :], y[len(y) // 2 :])],
+        n=len(y),
+        curvature={"weight": curvature},
+        grid=grid,
+        draws=draws,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def sigma_of(point, distance):
+    """σ of a grid point from its KL = ½‖v‖²/σ² (one layer), snapped to the lattice 2^k."""
+    return 2.0 ** round(math.log2(distance / math.sqrt(2.0 * point.kl)))
+
+
+def test_monte_carlo_error_matches_the_closed_form_gibbs_error():
+    # Two classes, z = W x: under W + σ·N(0, I) the margin (w₁ − w₀)·x gains N(0, 2σ²‖x‖²), so
+    # example (x, y) is misclassified with probability Φ(−s_y (w₁ − w₀)·x / (σ √2 ‖x‖)),
+    # s_1 = 1, s_0 = −1. The labels make the noiseless network perfect, so an estimator that
+    # forgets the noise reports 0; one that draws noise of the wrong size misses the curve.
+    g = torch.Generator().manual_seed(0)
+    n, d, draws = 64, 4, 40
+    weight = torch.randn(2, d, generator=g, dtype=torch.float64)
+    reference = weight - torch.randn(2, d, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    margin = x @ (weight[1] - weight[0])
+    y = (margin > 0).long()
+    distance = float((weight - reference).norm())
+    sigma0 = 0.5  # A chosen so that σ* = 0.5: σ*² = ‖v‖ / sqrt(n d A)
+    curvature = distance**2 / (sigma0**4 * n * 2 * d)
+    cert = linear_certificate(
+        weight, reference, x, y, curvature=curvature, grid=(0.5, 1.0, 4.0), draws=draws, seed=1
+    )
+    assert cert.deterministic_error == 0.0
+    sigmas = [sigma_of(p, distance) for p in cert.per_scale]
+    assert sigmas == [0.25, 0.5, 2.0]
+    trials = draws * n
+    for point, sigma in zip(cert.per_scale, sigmas, strict=True):
+        signed = torch.where(y == 1, margin, -margin)
+        p = stats.norm.cdf((-signed / (sigma * math.sqrt(2.0) * x.norm(dim=1))).numpy())
+        gibbs = float(p.mean())
+        assert gibbs > 0.02
+        tolerance = 4.5 * math.sqrt(gibbs * (1 - gibbs) / trials)
+        assert abs(point.empirical_error - gibbs) <= tolerance, (sigma, point, gibbs)
+
+
+def test_monte_carlo_draws_are_independent_across_examples_and_passes():
+    # n copies of one example with zero margin (W = 0): every draw misclassifies it with
+    # probability ½. With an independent draw per example and per pass, the error rate ê over
+    # D passes of n examples has variance 1/(4 D n); one draw shared by the examples of a pass
+    # (or reused across passes) inflates it n-fold (D-fold). Every grid scale is a fresh,
+    # independent estimate: Σ (ê − ½)² · 4Dn over scales and seeds is χ² with that many degrees
+    # of freedom under independence.
+    n, d, draws = 16, 3, 16
+    x = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64).expand(n, d).clone()
+    y = torch.ones(n, dtype=torch.long)
+    weight = torch.zeros(2, d, dtype=torch.float64)
+    reference = torch.full((2, d), 0.3, dtype=torch.float64)
+    statistic, dof = 0.0, 0
+    for seed in range(4):
+        cert = linear_certificate(
+            weight, reference, x, y, curvature=1.0, grid=DEFAULT_GRID, draws=draws, seed=seed
+        )
+        assert cert.deterministic_error == 1.0  # argmax of equal logits is class 0
+        for point in cert.per_scale:
+            statistic += (point.empirical_error - 0.5) ** 2 * 4 * draws * n
+            dof += 1
+    assert stats.chi2.sf(statistic, dof) > 1e-4
+    assert stats.chi2.cdf(statistic, dof) > 1e-4

@@ -252,6 +252,15 @@ def test_cli_end_to_end_on_digits(tmp_path, capsys):
         (["--method", "consistent"], "needs the noise matrix"),
         (["--method", "plain", "--label-noise", "symmetric"], "needs --noise-rate"),
         (["--method", "plain", "--estimate-confusion"], "consistent or robust only"),
+        (["--method", "plain", "--label-noise", "matrix"], "needs --noise-matrix"),
+        (["--method", "plain", "--noise-matrix", "F.csv"], "needs --label-noise matrix"),
+        (
+            ["--method", "plain", "--label-noise", "matrix", "--noise-rate", "0.1"],
+            "--noise-rate needs",
+        ),
+        (["--method", "sam", "--sam-rho", "0"], "--sam-rho 0.0 is out of range"),
+        (["--method", "nso", "--nso-draws", "0"], "--nso-draws 0 is out of range"),
+        (["--method", "plain", "--lr-gamma", "2"], "--lr-gamma 2.0 is out of range"),
         (
             [
                 "--method",
@@ -313,3 +322,187 @@ def test_cli_help_has_an_example():
     text = parser.format_help()
     assert "hessfine finetune --model hessfine.finetune.models:digits_cnn" in text
     assert "--estimate-confusion" in text and "--head-radius" in text
+
+
+# ------------------------------------------- every method-specific and optimiser flag, by CLI
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """48 digits as a .pt file, and a pretrained reference (another 5-class task)."""
+    root = tmp_path_factory.mktemp("cli")
+    bunch = load_digits()
+    x = torch.tensor(bunch.data[:48], dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(bunch.target[:48], dtype=torch.long)
+    torch.save({"x": x, "y": y}, root / "train.pt")
+    return root / "train.pt", reference_file(root, num_classes=5)
+
+
+def run_cli(tmp_path, small_data, *argv):
+    data, ref = small_data
+    out = tmp_path / "run"
+    args = parse(
+        "--model",
+        SPEC,
+        "--model-kwargs",
+        '{"width": 4}',
+        "--reference",
+        str(ref),
+        "--data",
+        str(data),
+        "--eval-data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        *argv,
+    )
+    assert cli.run(args) == 0
+    return read_run(out)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--method", "sam", "--sam-rho", "0.2"], {"method": "sam", "sam_rho": 0.2}),
+        (
+            ["--method", "nso", "--nso-sigma", "0.03", "--nso-draws", "2"],
+            {"method": "nso", "nso_sigma": 0.03, "nso_draws": 2},
+        ),
+        (
+            ["--method", "plain", "--optimizer", "adamw", "--adam-beta1", "0.8"]
+            + ["--adam-beta2", "0.99", "--adam-eps", "1e-6", "--weight-decay", "0.05"],
+            {"optimizer": "adamw", "adam_beta1": 0.8, "adam_beta2": 0.99, "adam_eps": 1e-6}
+            | {"weight_decay": 0.05},
+        ),
+        (
+            ["--method", "plain", "--lr", "0.2", "--momentum", "0.5", "--schedule", "step"]
+            + ["--lr-step-size", "1", "--lr-gamma", "0.5"],
+            {"lr": 0.2, "momentum": 0.5, "schedule": "step", "lr_step_size": 1, "lr_gamma": 0.5},
+        ),
+        (
+            ["--method", "plain", "--schedule", "cosine", "--lr", "0.1", "--lr-min", "0.02"],
+            {"schedule": "cosine", "lr_min": 0.02},
+        ),
+        (["--method", "l2-sp", "--l2sp-alpha", "0.5"], {"method": "l2-sp", "l2sp_alpha": 0.5}),
+        (
+            ["--method", "distance-constraint", "--radius", "0.3", "--head-radius", "2"]
+            + ["--depth-scaling", "4"],
+            {"radius": 0.3, "head_radius": 2.0, "depth_scaling": 4.0},
+        ),
+        (["--method", "label-smoothing", "--label-smoothing", "0.2"], {"label_smoothing": 0.2}),
+        (["--method", "mixup", "--mixup-alpha", "0.4"], {"mixup_alpha": 0.4}),
+        (
+            ["--method", "early-stopping", "--validation-fraction", "0.25", "--patience", "1"]
+            + ["--seed", "3", "--save-every", "2"],
+            {"validation_fraction": 0.25, "patience": 1, "seed": 3, "save_every": 2},
+        ),
+        (
+            ["--method", "consistent", "--label-noise", "symmetric", "--noise-rate", "0.2"]
+            + ["--noise-seed", "5"],
+            {"method": "consistent"},
+        ),
+    ],
+)
+def test_cli_flags_reach_the_config_manifest_and_metrics(tmp_path, small_data, argv, expected):
+    run = run_cli(tmp_path, small_data, *argv)
+    config = run.manifest["config"]
+    for key, value in expected.items():
+        assert config[key] == value, key
+    assert run.manifest["complete"] is True
+    config_object = FinetuneConfig(
+        **{k: v for k, v in config.items() if k != "confusion"},
+        confusion=None if config["confusion"] is None else tuple(map(tuple, config["confusion"])),
+    )
+    from hessfine.finetune.methods import learning_rate
+
+    for row in run.metrics:
+        assert row["lr"] == pytest.approx(learning_rate(config_object, row["epoch"]))
+    if config["method"] == "early-stopping":
+        assert len(run.manifest["data"]["validation_indices"]) == 12
+    if config["method"] == "distance-constraint":
+        assert run.manifest["radii"]["conv3.weight"] == pytest.approx(1.2)  # 0.3·4
+    if config["method"] == "consistent":
+        assert run.manifest["label_noise"]["seed"] == 5
+        assert run.manifest["confusion_used"]["source"] == "given"
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv", ".pt"])
+def test_cli_label_noise_from_a_matrix_file(tmp_path, small_data, suffix):
+    import numpy as np
+
+    F = 0.6 * np.eye(10) + 0.4 * np.roll(np.eye(10), 3, axis=1)  # y → y+3 with prob. 0.4
+    path = tmp_path / f"F{suffix}"
+    if suffix == ".npy":
+        np.save(path, F)
+    elif suffix == ".csv":
+        np.savetxt(path, F, delimiter=",")
+    else:
+        torch.save(torch.from_numpy(F), path)
+    run = run_cli(
+        tmp_path,
+        small_data,
+        "--method",
+        "robust",
+        "--label-noise",
+        "matrix",
+        "--noise-matrix",
+        str(path),
+    )
+    noise = run.manifest["label_noise"]
+    assert noise["kind"] == "matrix" and noise["rate"] is None
+    assert noise["matrix_file"] == str(path) and len(noise["matrix_sha256"]) == 64
+    np.testing.assert_allclose(noise["confusion_matrix"], F, atol=1e-12)
+    np.testing.assert_allclose(run.manifest["confusion_used"]["matrix"], F, atol=1e-12)
+    with (run.directory / "labels.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    for row in rows:  # each label is kept or moved by exactly 3
+        assert (int(row["noisy"]) - int(row["clean"])) % 10 in (0, 3)
+    assert any(row["noisy"] != row["clean"] for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ([[0.5, 0.5], [0.5, 0.5]], "expected 10×10"),
+        ("eye_minus", "non-negative"),
+        ("rows_off", "rows must sum to 1"),
+        ("text", "cannot read a matrix"),
+    ],
+)
+def test_cli_bad_noise_matrix_is_one_input_error(tmp_path, small_data, content, message):
+    import numpy as np
+
+    path = tmp_path / "F.csv"
+    if content == "eye_minus":
+        F = np.eye(10) * 1.5 - 0.5 / 9 * (1 - np.eye(10))
+        np.savetxt(path, F, delimiter=",")
+    elif content == "rows_off":
+        np.savetxt(path, np.eye(10) * 0.9, delimiter=",")
+    elif content == "text":
+        path.write_text("not,a,matrix\n")
+    else:
+        np.savetxt(path, np.array(content), delimiter=",")
+    data, ref = small_data
+    args = parse(
+        "--model",
+        SPEC,
+        "--reference",
+        str(ref),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "o"),
+        "--method",
+        "plain",
+        "--label-noise",
+        "matrix",
+        "--noise-matrix",
+        str(path),
+    )
+    with pytest.raises(InputError, match=message) as info:
+        cli.run(args)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)

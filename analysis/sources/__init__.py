@@ -1,0 +1,14 @@
+"""Readers for what training tools write, one module per source, behind
+:func:`hessfine.analysis.checkpoints.load_checkpoint`.
+
+- :mod:`.files` — single weights files and sharded indices (``.safetensors``, ``torch.save``);
+- :mod:`.manifest` — hessfine's own run manifest ``hessfine.json``;
+- :mod:`.hf` — Hugging Face ``save_pretrained`` directories;
+- :mod:`.runs` — directories of runs: every checkpoint below a directory.
+
+Layering (data flows one way): ``hessfine.analysis.errors``, ``.sources``, ``.checkpoints``,
+``.data`` and ``.models`` are the *loading* layer. They import only each other and
+``hessfine.bounds``; ``hessfine.finetune`` and ``hessfine.analysis``'s pipelines (``measure``,
+``compare``, ``crosscheck``) import them; the orchestration on top (``analysis.cli``,
+``analysis.demo``, ``finetune.cli``) may import anything. ``tests/test_layers.py`` checks this.
+"""

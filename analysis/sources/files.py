@@ -1,0 +1,181 @@
+"""Weights files: ``.safetensors``, ``torch.save`` files and sharded checkpoints (SPEC §3.3).
+
+``.safetensors`` is read with :func:`safetensors.torch.load_file`; ``.pt/.pth/.bin/.ckpt`` with
+``torch.load(map_location="cpu", weights_only=True)``, which refuses pickled Python objects
+(code) unless the user passes ``--trust-checkpoint`` (``trust=True``: ``weights_only=False``, and
+a pickled whole ``nn.Module`` is accepted). A state dict nested under ``state_dict``,
+``model_state_dict`` or ``model`` (Lightning and common training scripts; repeatedly, e.g.
+``{"model": {"state_dict": ...}}``) is unwrapped, and so is a mapping whose only tensor-holding
+entry is a mapping. Non-tensor entries are dropped. A ``module.`` (DataParallel/DDP) or
+``model.`` (Lightning) prefix is stripped while *every* key carries it. Sharded checkpoints
+(``*.safetensors.index.json`` or ``*.bin.index.json`` with a ``weight_map``) are read shard by
+shard and merged.
+
+Example:
+    >>> import tempfile, torch
+    >>> path = Path(tempfile.mkdtemp()) / "w.pt"
+    >>> torch.save({"state_dict": {"module.fc.weight": torch.ones(2, 3)}}, path)
+    >>> state, digest = read_weights(path, trust=False, label="checkpoint")
+    >>> list(state), len(digest)
+    (['fc.weight'], 64)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from hessfine.analysis.errors import InputError
+from torch import Tensor, nn
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+PREFIXES = ("module.", "model.")
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+_CHUNK = 1 << 20
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` of an exception on one line."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def sha256_of(files: Sequence[Path]) -> str:
+    """SHA-256 of the concatenated bytes of ``files``."""
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_weights(file: Path, *, trust: bool, label: str) -> tuple[dict[str, Tensor], str]:
+    """The state dict in a weights file or shard index (prefixes stripped), and its SHA-256
+    (of all shards' bytes in sorted shard-name order for a sharded checkpoint)."""
+    if file.name.endswith(INDEX_SUFFIXES):
+        state, digest = _read_sharded(file, trust, label)
+    elif file.suffix in WEIGHT_SUFFIXES:
+        digest = sha256_of([file])
+        state = read_file(file, trust=trust, label=label)
+    else:
+        raise InputError(
+            f"{label} {file}: unsupported file type {file.suffix!r}; "
+            f"use one of {', '.join(WEIGHT_SUFFIXES)} or a sharded *.index.json"
+        )
+    return strip_prefixes(state), digest
+
+
+def load_torch(file: Path, *, trust: bool, label: str) -> object:
+    """``torch.load`` on the CPU, ``weights_only`` unless ``trust``; failures as one line."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=not trust)
+    except Exception as err:  # any unpickling failure: the file is the user's to fix
+        found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(err))
+        if found and not trust:
+            raise InputError(
+                f"{label} {file} contains pickled Python objects ({found.group(1)}), which can run "
+                "code; pass --trust-checkpoint only if you trust its source, or save a plain "
+                "state_dict instead"
+            ) from None
+        raise InputError(
+            f"{label} {file}: cannot read PyTorch checkpoint ({one_line(err)[:300]}); it is "
+            "truncated or corrupt, save or copy it again"
+        ) from None
+
+
+def read_file(file: Path, *, trust: bool, label: str) -> dict[str, Tensor]:
+    """The state dict of one weights file (unwrapped, prefixes kept)."""
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise InputError(
+                f"{label} {file}: cannot read safetensors file ({one_line(err)}); it is truncated "
+                "or corrupt, save or copy it again"
+            ) from None
+    return state_of(load_torch(file, trust=trust, label=label), file, label)
+
+
+def _has_tensors(obj: object) -> bool:
+    return isinstance(obj, Mapping) and any(isinstance(v, Tensor) for v in obj.values())
+
+
+def state_of(obj: object, file: Path, label: str) -> dict[str, Tensor]:
+    """The tensors of a loaded object: a module's state, or a (nested) state dict."""
+    while True:
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+        if not isinstance(obj, Mapping):
+            raise InputError(
+                f"{label} {file} holds a {type(obj).__name__}, not a state dict; save "
+                "model.state_dict() (or a dict with it under 'state_dict')"
+            )
+        nested = [obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping | nn.Module)]
+        if not nested and not _has_tensors(obj):
+            nested = [v for v in obj.values() if _has_tensors(v)]
+            nested = nested if len(nested) == 1 else []
+        if not nested:
+            break
+        obj = nested[0]
+    state = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not state:
+        keys = ", ".join(map(str, list(obj)[:5])) or "none"
+        raise InputError(
+            f"{label} {file} holds no tensors (top-level keys: {keys}); expected a state dict, "
+            "possibly under 'state_dict', 'model' or 'model_state_dict'"
+        )
+    return state
+
+
+def _read_sharded(index: Path, trust: bool, label: str) -> tuple[dict[str, Tensor], str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise InputError(
+            f"{label} {index}: not a shard index with a 'weight_map' ({one_line(err)}); "
+            "save the checkpoint again"
+        ) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(
+            f"{label} {index}: 'weight_map' must map tensor names to shard file names; "
+            "save the checkpoint again"
+        )
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise InputError(
+                f"{label} {index}: shard {shard.name} is missing; copy every shard next to the index"
+            )
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        state.update(read_file(shard, trust=trust, label=label))
+    missing = [k for k in weight_map if k not in state]
+    if missing:
+        raise InputError(
+            f"{label} {index}: {len(missing)} tensors listed in the index are in no shard "
+            f"(first: {missing[0]!r}); save the checkpoint again"
+        )
+    return state, sha256_of(shards)
+
+
+def strip_prefixes(
+    state: dict[str, Tensor], prefixes: Sequence[str] = PREFIXES
+) -> dict[str, Tensor]:
+    """``state`` without the ``prefixes`` that every key carries (repeatedly)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in prefixes:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped = True
+    return state

@@ -1,0 +1,85 @@
+"""The import direction of the package (data flows one way, SPEC §2).
+
+Every ``hessfine`` import in the source tree, including imports inside functions, is checked
+against the layers: ``bounds`` (pure math) < ``figures`` (tables and plots) and the *loading*
+layer of ``analysis`` (errors, sources, checkpoints, data, models, results) < ``finetune`` and
+``analysis``' pipelines (measure, compare, ...) < orchestration (the command lines and the demo).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = ("bounds", "analysis", "figures", "finetune")
+LOADING = {
+    "hessfine.analysis",
+    "hessfine.analysis.errors",
+    "hessfine.analysis.checkpoints",
+    "hessfine.analysis.data",
+    "hessfine.analysis.models",
+    "hessfine.analysis.results",
+}
+ORCHESTRATION = {"hessfine.analysis.cli", "hessfine.analysis.demo", "hessfine.finetune.cli"}
+
+
+def _layer(module: str) -> int:
+    """0 bounds, 1 figures, 2 loading, 3 finetune and analysis pipelines, 4 orchestration."""
+    if module in ORCHESTRATION:
+        return 4
+    if module.startswith("hessfine.bounds"):
+        return 0
+    if module.startswith("hessfine.figures"):
+        return 1
+    if module in LOADING or module.startswith("hessfine.analysis.sources"):
+        return 2
+    return 3
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for folder in FOLDERS:
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            found["hessfine." + ".".join(parts)] = path
+    return found
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {n for n in names if n.startswith("hessfine.")}
+
+
+def _allowed(importer: str, imported: str) -> bool:
+    low, high = _layer(importer), _layer(imported)
+    if low == 3 and high == 3:
+        # finetune and the analysis pipelines do not import each other
+        return importer.split(".")[1] == imported.split(".")[1]
+    return high <= low and not (low == 1 and high == 2)
+
+
+MODULES = _modules()
+
+
+def test_the_layers_are_found() -> None:
+    assert "hessfine.analysis.sources.files" in MODULES
+    assert {m for m in ORCHESTRATION | LOADING} <= MODULES.keys()
+    assert not _allowed("hessfine.analysis.data", "hessfine.finetune.runs")
+    assert not _allowed("hessfine.finetune.runs", "hessfine.analysis.measure")
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_flow_one_way(module: str) -> None:
+    known = [m for m in _imports(MODULES[module]) if m in MODULES]
+    wrong = [m for m in known if not _allowed(module, m)]
+    assert not wrong, f"{module} imports {wrong} against the layering in this file's docstring"
