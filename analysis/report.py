@@ -239,7 +239,7 @@ def _methods_section(
     ]
     shown = [HDM, SUM_DISTANCE, "trace_distance_measure", *prior_columns(methods)]
     for row in table_corr:
-        if row["measure"] not in shown:
+        if row["measure"] not in shown or not finite(row.get("spearman_rho")):
             continue
         name = (
             prior_name(row["measure"])
