@@ -211,10 +211,11 @@ def _epoch(row: Row) -> float:
 
 
 def _series(rows: Sequence[Row], style: Style) -> dict[tuple[str, Any], list[Row]]:
-    """Rows of one run (label, seed), sorted by epoch."""
+    """Rows of one run, sorted by epoch: keyed by label and run directory (label and seed when
+    the run is unknown), so runs of one method at other radii or noise rates stay apart."""
     runs: dict[tuple[str, Any], list[Row]] = defaultdict(list)
     for row in rows:
-        runs[(style.label(row), row.get("seed"))].append(row)
+        runs[(style.label(row), row.get("run") or row.get("seed"))].append(row)
     return {key: sorted(value, key=_epoch) for key, value in runs.items()}
 
 
@@ -413,6 +414,8 @@ def panel_layers(ax: Axes, layers: Sequence[Row], style: Style, column: str) -> 
     positive = [v for r in layers if finite(r.get(column)) and (v := r[column]) > 0]
     if positive and max(positive) / min(positive) > 50:
         ax.set_yscale("log")
+        ax.autoscale_view()
+        _log_axis(ax.yaxis)
     if column == "sqrt_quadratic_form_max":
         ax.set_ylabel(r"$\sqrt{\mathcal{H}_i}$")
         ax.set_title(r"per-layer $\sqrt{\mathcal{H}_i}$ (final checkpoints)")
