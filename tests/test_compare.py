@@ -378,3 +378,29 @@ def test_figures_command_redraws_from_tables_and_measurements(study: Path) -> No
         compare.figures_run(
             _parse(compare.figures_add_arguments, [str(study / "nope"), "--out", str(out)])
         )
+
+
+def test_compare_report_writes_report_md(study: Path) -> None:
+    out = study / "cmp-report"
+    args = _parse(
+        compare.add_arguments,
+        [
+            str(study / "measurements"),
+            "--out",
+            str(out),
+            "--format",
+            "png",
+            "--report",
+            "--bootstrap",
+            "20",
+            "--no-figures",
+        ],
+    )
+    assert compare.run(args) == 0
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "## The paper's claims in this run" in text and "](noise_study.png)" in text
+    assert (out / "study_noise.csv").is_file()  # the fixture's runs trained on noisy labels
+    with pytest.raises(InputError, match="--bootstrap"):
+        compare.run(
+            _parse(compare.add_arguments, [str(study), "--out", str(out), "--bootstrap", "-1"])
+        )
