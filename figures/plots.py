@@ -592,6 +592,7 @@ def _save(fig: Figure, out_dir: Path, stem: str, formats: Sequence[str]) -> list
         path = out_dir / f"{stem}.{fmt}"
         handle, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{stem}.", suffix=f".{fmt}")
         os.close(handle)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a figure is as readable as any file
         try:
             fig.savefig(tmp, format=fmt, dpi=150)
             os.replace(tmp, path)
@@ -603,6 +604,8 @@ def _save(fig: Figure, out_dir: Path, stem: str, formats: Sequence[str]) -> list
 
 
 Panel = Callable[[Axes], bool]
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _figure_of_panels(
