@@ -66,6 +66,7 @@ import torch
 from hessfine.analysis.compare import compare
 from hessfine.analysis.data import load_data
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.results import write_json_atomic, write_text_atomic
 from hessfine.finetune.label_noise import corrupt_labels, noise_confusion
 from hessfine.finetune.methods import (
     CONSISTENT_METHODS,
@@ -307,7 +308,7 @@ def pretrain(out: Path, settings: DemoSettings, seed: int) -> tuple[Path, dict[s
         "digits28_test_accuracy_zero_shot": zero_shot,
         "cpu_s": time.process_time() - start,
     }
-    record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(record_path, record)
     return path, reference, record
 
 
@@ -563,9 +564,8 @@ def run_demo(
     source = out / "comparison" / "report.md"
     timing = "\n".join(f"- {k}: {v:.0f} s" for k, v in seconds.items())
     text = source.read_text(encoding="utf-8") + f"\n## Time of this demo\n\n{timing}\n"
-    source.write_text(text, encoding="utf-8")
-    report = out / "report.md"
-    report.write_text(text.replace("](", "](comparison/"), encoding="utf-8")
+    write_text_atomic(source, text)
+    report = write_text_atomic(out / "report.md", text.replace("](", "](comparison/"))
     return DemoResult(
         out=out,
         runs=[r.directory for r in runs.values()],
