@@ -13,10 +13,10 @@ measurement (its ``manifest`` and ``epoch`` entries) are used. Written:
 * ``correlations.csv`` — for every bound or measure column m and the target column g (by
   default the generalization gap in loss, test − train): Pearson's r, Spearman's ρ and
   Kendall's τ over the measurements where both are finite, with two-sided p-values, the number
-  of pairs n and of runs, and 95% bootstrap intervals that resample runs, not checkpoints
-  (:mod:`hessfine.analysis.correlation`); over all rows and, for the Hessian, trace and prior
-  distance measures, within each method (column ``group``). A correlation needs n ≥ 3 and both
-  columns non-constant; otherwise its cells are empty.
+  of pairs n and of runs, over all rows and, for the Hessian, trace and prior distance measures
+  and Σ‖v_i‖_F, also within each method (column ``group``) and with 95% bootstrap intervals that
+  resample runs, not checkpoints (:mod:`hessfine.analysis.correlation`). A correlation needs
+  n ≥ 3 and both columns non-constant; otherwise its cells are empty.
 * the figures of :func:`hessfine.figures.plots.draw_all`;
 * with ``--report``, the study figures and ``report.md`` of :mod:`hessfine.analysis.report`.
 
@@ -480,9 +480,10 @@ def correlations(
 
     Each result: ``measure``, ``target``, ``group``, ``n`` (pairs with both values finite),
     ``runs`` (distinct runs among them), ``pearson_r``, ``spearman_rho``, ``kendall_tau`` with
-    their two-sided p-values (``*_p``) and 95% intervals (``*_ci_low``, ``*_ci_high``) from
-    ``bootstrap`` replicates that resample runs (:func:`hessfine.analysis.correlation.correlate`);
-    None when n < 3, a column is constant or (intervals) fewer than 2 runs.
+    their two-sided p-values (``*_p``) and, for the measures that are also given per method, 95%
+    intervals (``*_ci_low``, ``*_ci_high``) from ``bootstrap`` replicates that resample runs
+    (:func:`hessfine.analysis.correlation.correlate`); None when n < 3, a column is constant or
+    (intervals) fewer than 2 runs.
     """
     from hessfine.analysis.correlation import correlate
 
@@ -510,7 +511,7 @@ def correlations(
                 [p[0] for p in points],
                 [p[1] for p in points],
                 runs=[p[2] for p in points],
-                bootstrap=bootstrap,
+                bootstrap=bootstrap if column in within else 0,
                 seed=seed,
             )
             result: Row = {"measure": column, "target": target, "group": group}

@@ -61,6 +61,8 @@ __all__ = ["PRIOR_RATIO", "REPORT", "SCALE_RATIO", "scale_verdict", "write_repor
 REPORT = "report.md"
 SCALE_RATIO = 10.0
 PRIOR_RATIO = 100.0
+#: A method whose test accuracy has a larger standard deviation over seeds is listed as unstable.
+UNSTABLE_STD = 0.1
 HOLDS, FAILS, UNTESTED = "holds", "does not hold", "not tested"
 SUM_DISTANCE = "sum_distance"
 
@@ -371,6 +373,17 @@ def _noise_section(
                     HOLDS if measure["robust"] < measure["plain"] else FAILS,
                 )
             )
+    unstable = sorted(
+        f"{label} ({setting}: ± {stats[ACCURACY]['std']:.2f})"
+        for (setting, label), stats in summary.items()
+        if ACCURACY in stats and stats[ACCURACY]["std"] > UNSTABLE_STD
+    )
+    if unstable:
+        lines += [
+            f"Test accuracy varies by more than {UNSTABLE_STD:g} (standard deviation) across "
+            f"seeds for: {', '.join(unstable)}.",
+            "",
+        ]
     lines += _figure(written, "noise_study", "Test accuracy and Hessian measure under label noise")
     return lines, table, claims
 

@@ -209,7 +209,7 @@ def figure_radius(rows: Sequence[Row]) -> Figure | None:
     ax.axhline(0.0, color="0.6", linewidth=0.8)
     seeds = max(e[HDM]["count"] for e in profile if HDM in e)
     method = rows[0].get("method", "")
-    ax.set_xlabel(f"radius of the {method} (first extractor layer; head in proportion)")
+    ax.set_xlabel(f"{method} radius (extractor layers; head radius in proportion)")
     ax.set_ylabel("value (mean ± std over seeds)")
     ax.set_title(f"Generalization measures against the radius ({seeds} seeds, clean labels)")
     ax.legend(fontsize="small", loc="upper left", frameon=False)
@@ -244,9 +244,9 @@ def figure_measure_vs_gap(rows: Sequence[Row], summary: str = "") -> Figure | No
             ax.plot(grid, fit[0] * grid + fit[1], color=color, linewidth=1.4)
     low, high = min(xs_all), max(xs_all)
     ys_all = [r[GAP] for r in rows]
-    grid = np.linspace(low, high, 20)
+    grid = np.linspace(low, high, 50)
     inside = (grid >= min(ys_all)) & (grid <= max(ys_all))
-    if inside.any():
+    if inside.mean() >= 0.1:  # the line gap = measure crosses a tenth of the frame or more
         ax.plot(grid[inside], grid[inside], "--", color="0.4", linewidth=1, label="gap = measure")
     ax.set_xlabel(r"Hessian distance measure $\sum_i\sqrt{C\,\mathcal{H}_i/n}$")
     ax.set_ylabel("generalization gap (test − train loss)")

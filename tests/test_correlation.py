@@ -66,3 +66,13 @@ def test_undefined_cases() -> None:
     constant = correlate([1.0, 1.0, 1.0], [1.0, 2.0, 3.0], runs=range(3), bootstrap=50)
     assert constant["spearman"] is None and constant["runs"] == 3
     assert correlate([], [], runs=[], bootstrap=10)["n"] == 0
+
+
+def test_replicate_statistics_match_scipy_with_ties() -> None:
+    from hessfine.analysis.correlation import _replicate
+
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 5, 40).astype(float), rng.integers(0, 4, 40).astype(float)
+    assert _replicate("kendall", x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
+    assert _replicate("spearman", x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert _replicate("pearson", x, y) == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
