@@ -44,6 +44,7 @@ from hessfine.figures.plots import (
     GAP,
     HDM,
     METHOD_ORDER,
+    _log_axis,
     _log_tick,
     _save,
     method_color,
@@ -311,9 +312,21 @@ def figure_noise(rows: Sequence[Row]) -> Figure | None:
         Patch(facecolor="white", edgecolor="black", hatch=hatches[k % 4], label=setting)
         for k, setting in enumerate(settings)
     ]
-    axes[0].legend(handles=handles, fontsize="small", ncols=len(settings), loc="lower left")
+    axes[0].legend(
+        handles=handles,
+        fontsize="small",
+        ncols=len(settings),
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        frameon=False,
+    )
+    measures = [s[HDM]["mean"] for s in summary.values() if HDM in s and s[HDM]["mean"] > 0]
+    if measures and max(measures) / min(measures) > 50:
+        axes[1].set_yscale("log")
+        axes[1].autoscale_view()
+        _log_axis(axes[1].yaxis)
     axes[1].set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    axes[0].set_title("Fine-tuning under label noise (final checkpoints)")
+    axes[0].set_title("Fine-tuning under label noise (final checkpoints)", loc="left")
     return fig
 
 
