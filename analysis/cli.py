@@ -285,7 +285,11 @@ def _subcommands() -> dict[str, tuple[str, Callable, Callable]]:
             compare.figures_add_arguments,
             compare.figures_run,
         ),
-        "demo": ("everything end to end on scikit-learn's digits", demo.add_arguments, demo.run),
+        "demo": (
+            "the paper's study end to end: MNIST → UCI digits, no downloads",
+            demo.add_arguments,
+            demo.run,
+        ),
         "crosscheck": (
             "compare traces and eigenvalues with PyHessian",
             crosscheck.add_arguments,
