@@ -204,9 +204,17 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     add("--trust-checkpoint", action="store_true", help="allow pickled objects (runs their code)")
     add("--verbose", action="store_true", help="print the layer alignment table")
     add("--quiet", action="store_true", help="no progress bars")
+    add(
+        "--distribute",
+        default="examples",
+        choices=["examples", "checkpoints"],
+        help="under torchrun: share each checkpoint's examples (default) or spread a directory "
+        "of runs over the processes, one checkpoint per process at a time",
+    )
 
 
 def _run_measure(args: argparse.Namespace) -> int:
+    from hessfine.analysis.distributed import detect
     from hessfine.analysis.measure import MeasureSettings, measure_path
     from hessfine.analysis.models import parse_model_kwargs
 
@@ -239,21 +247,30 @@ def _run_measure(args: argparse.Namespace) -> int:
         seed=args.seed,
         image_size=args.image_size,
     )
-    written = measure_path(
-        args.checkpoint,
-        out=args.out,
-        settings=settings,
-        quiet=args.quiet,
-        verbose=args.verbose,
-        reference=args.reference,
-        data=args.data,
-        eval_data=args.eval_data,
-        model=args.model,
-        model_kwargs=None if args.model_kwargs is None else parse_model_kwargs(args.model_kwargs),
-        trust=args.trust_checkpoint,
-        input_columns=None if args.input_columns is None else tuple(args.input_columns),
-        label_column=args.label_column,
-    )
+    settings.validate()
+    context = detect(args.device)
+    try:
+        written = measure_path(
+            args.checkpoint,
+            out=args.out,
+            settings=settings,
+            quiet=args.quiet,
+            verbose=args.verbose,
+            context=context,
+            distribute=args.distribute,
+            reference=args.reference,
+            data=args.data,
+            eval_data=args.eval_data,
+            model=args.model,
+            model_kwargs=None
+            if args.model_kwargs is None
+            else parse_model_kwargs(args.model_kwargs),
+            trust=args.trust_checkpoint,
+            input_columns=None if args.input_columns is None else tuple(args.input_columns),
+            label_column=args.label_column,
+        )
+    finally:
+        context.close()
     if not args.quiet:
         for path in written:
             print(f"wrote {path}")
@@ -286,7 +303,11 @@ def _subcommands() -> dict[str, tuple[str, Callable, Callable]]:
             compare.figures_add_arguments,
             compare.figures_run,
         ),
-        "demo": ("everything end to end on scikit-learn's digits", demo.add_arguments, demo.run),
+        "demo": (
+            "the paper's study end to end: MNIST → UCI digits, no downloads",
+            demo.add_arguments,
+            demo.run,
+        ),
         "crosscheck": (
             "compare traces and eigenvalues with PyHessian",
             crosscheck.add_arguments,

