@@ -566,6 +566,14 @@ def markdown(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str | None, result: dict) -> None:
+    """Write ``result`` with the torch version and thread count to ``path`` (if given)."""
+    if path:
+        with open(path, "w") as fh:
+            meta = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+            json.dump({**meta, **result}, fh, indent=2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", choices=["resnet18", "vit", "all"], default="all")
@@ -591,13 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.positive_speed:
         result = positive_speed(args.samples)
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(
-                    {"torch": torch.__version__, "threads": torch.get_num_threads(), **result},
-                    fh,
-                    indent=2,
-                )
+        write_json(args.out, result)
         print(positive_markdown(result))
         return 0
     cases = ["resnet18", "vit"] if args.case == "all" else [args.case]

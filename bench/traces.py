@@ -51,7 +51,7 @@ from hessfine.bounds.traces import gauss_newton_traces, layer_traces
 from torch import nn
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from quadratic_forms import build_case  # noqa: E402
+from quadratic_forms import build_case, write_json  # noqa: E402
 
 
 def _timed(fn):
@@ -231,19 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.eigen_steps:
         result = eigen_speed(args.samples, args.eigen_steps)
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(result, fh, indent=2)
+        write_json(args.out, result)
         print(json.dumps(result, indent=2))
         return 0
     result = run(args.samples, args.probes)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(
-                {"torch": torch.__version__, "threads": torch.get_num_threads(), **result},
-                fh,
-                indent=2,
-            )
+    write_json(args.out, result)
     print(markdown(result))
     return 0
 
