@@ -161,7 +161,7 @@ def _merge_form(parts: Sequence[QuadraticForm]) -> QuadraticForm:
 
 
 def merge_diagnostics(parts: Sequence[Mapping[str, Any]], counts: Sequence[int]) -> dict:
-    """Per key: ``*_fraction`` by count-weighted mean, other numbers by max (worst case),
+    """Per key: ``*_fraction`` and ``*_mean`` by count-weighted mean, other numbers by max (worst case),
     everything else (flags, names: equal on every process) from the first process."""
     out: dict[str, Any] = {}
     total = max(sum(counts), 1)
@@ -170,7 +170,7 @@ def merge_diagnostics(parts: Sequence[Mapping[str, Any]], counts: Sequence[int])
         first = values[0]
         if isinstance(first, bool) or not isinstance(first, int | float):
             out[key] = first
-        elif key.endswith("_fraction"):
+        elif key.endswith(("_fraction", "_mean")):
             out[key] = sum(v * c for v, c in zip(values, counts, strict=False)) / total
         else:
             out[key] = max(values)

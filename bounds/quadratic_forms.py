@@ -200,7 +200,8 @@ def positive_forms(
     :func:`hessfine.bounds.lanczos.positive_quadrature` with per-example HVPs of the examples
     still running: each example stops once its Gauss–Radau estimate has converged to ``rtol``
     times the largest value, or once it provably (up to its error estimate) cannot attain the
-    maximum, or after ``steps`` steps. ``floor`` is a value already attained (earlier batches).
+    maximum (within the batch, so that results do not depend on how batches are split over
+    processes), or after ``steps`` steps. ``floor`` is a value already attained elsewhere.
     Examples are processed in chunks so that the Lanczos basis stays within memory.
     """
     dim = v.numel()
@@ -368,12 +369,9 @@ def _example_forms(
                     y,
                     steps=lanczos_steps,
                     rtol=positive_rtol,
-                    floor=diagnostics[name].get("_floor", float("-inf")),
                 )
                 values = result.values
-                _fold_lanczos_diagnostics(
-                    diagnostics[name], result, lanczos_steps, positive_rtol, reductions[name].max
-                )
+                _fold_lanczos_diagnostics(diagnostics[name], result, lanczos_steps, positive_rtol)
             reductions[name].update(values, start=first)
             if progress is not None:
                 progress(1)
@@ -381,7 +379,7 @@ def _example_forms(
         name: reductions[name].form(
             name,
             routes.get(name, estimator),
-            _finish_diagnostics(diagnostics[name], reductions[name].max),
+            _finish_diagnostics(diagnostics[name]),
         )
         for name in names
     }
@@ -414,15 +412,16 @@ def _choose_routes(
 
 
 def _fold_lanczos_diagnostics(
-    diagnostics: dict, result: PositiveQuadrature, cap: int, rtol: float, previous_max: float
+    diagnostics: dict, result: PositiveQuadrature, cap: int, rtol: float
 ) -> None:
     """Accumulate the convergence report of the positive part over batches.
 
-    Reported (per layer): the step cap and tolerance; steps per example (mean, max, and on the
-    example attaining the maximum); ``relative_change_half_steps``, the largest error estimate
-    |R_k − R_⌈k/2⌉| of a non-pruned example relative to the maximum; the error estimate at the
-    maximum; the fractions pruned and exhausted; and ``lower_bound_max`` = max_x max(vᵀH v, 0),
-    a rigorous lower bound of the true 𝓗_i.
+    Reported (per layer): the step cap and tolerance; Lanczos steps per example (mean, max);
+    ``change_half_steps``, the largest error estimate |R_k − R_⌈k/2⌉| of a non-pruned example
+    (absolute, in the units of the values: the reported max is within about this of the
+    converged value); the fractions pruned and exhausted; and ``lower_bound_max`` =
+    max_x max(vᵀH v, 0), a rigorous lower bound of the true 𝓗_i. Every entry is a max, a
+    count-weighted mean or fraction, so that per-process reports merge exactly.
     """
     d = diagnostics
     d["lanczos_max_steps"] = cap
@@ -435,23 +434,15 @@ def _fold_lanczos_diagnostics(
     d["_exhausted"] = d.get("_exhausted", 0) + int(result.exhausted.sum())
     d["_count"] = d.get("_count", 0) + result.values.numel()
     d["_lower"] = max(d.get("_lower", 0.0), float(result.lower.max()))
-    d["_floor"] = max(d.get("_floor", float("-inf")), float((result.values - result.errors).max()))
-    best = int(result.values.argmax())
-    if float(result.values[best]) > previous_max:
-        d["_at_max"] = (float(result.errors[best]), int(result.steps[best]))
 
 
-def _finish_diagnostics(diagnostics: dict, top: float) -> dict:
+def _finish_diagnostics(diagnostics: dict) -> dict:
     out = {k: v for k, v in diagnostics.items() if not k.startswith("_")}
     if "_count" in diagnostics:
         count = diagnostics["_count"]
-        error_at_max, steps_at_max = diagnostics["_at_max"]
-        scale = max(abs(top), 1e-300)
         out["lanczos_steps_mean"] = diagnostics["_steps"] / count
         out["lanczos_steps_max"] = diagnostics["_steps_max"]
-        out["lanczos_steps_at_max"] = steps_at_max
-        out["relative_change_half_steps"] = diagnostics["_err"] / scale
-        out["relative_error_estimate_at_max"] = error_at_max / scale
+        out["change_half_steps"] = diagnostics["_err"]
         out["pruned_fraction"] = diagnostics["_pruned"] / count
         out["krylov_exhausted_fraction"] = diagnostics["_exhausted"] / count
         out["lower_bound_max"] = diagnostics["_lower"]
