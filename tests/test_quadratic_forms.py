@@ -201,3 +201,7 @@ def test_unknown_estimator_is_rejected():
     _, fm, params, directions, _, _, batches = setup("cnn")
     with pytest.raises(ValueError, match="unknown estimator"):
         quadratic_forms(fm, params, directions, batches, estimator="exact")
+
+
+def test_certification_tolerance_is_looser_for_float32():
+    assert certification_tolerance(torch.float32) > certification_tolerance(torch.float64) > 0
