@@ -111,9 +111,9 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--lanczos-steps",
         type=int,
-        default=32,
+        default=128,
         metavar="K",
-        help="Lanczos steps for the positive part (default 32)",
+        help="most Lanczos steps per example for the positive part (default 128)",
     )
     add(
         "--samples",
@@ -149,6 +149,22 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--trace-probes", type=int, default=100, metavar="P", help="Hutchinson probes (default 100)"
+    )
+    add(
+        "--positive-trace-probes",
+        type=int,
+        default=16,
+        metavar="P",
+        help="SLQ probes per example for the positive-part trace max on large smooth layers "
+        "(default 16; layers with at most P·K weights are exact)",
+    )
+    add(
+        "--positive-rtol",
+        type=float,
+        default=1e-2,
+        metavar="R",
+        help="accuracy of the positive part relative to the layer max at which an example's "
+        "Lanczos stops (default 1e-2; 0 = always K steps)",
     )
     add("--trace-method", default="hutchinson", choices=["hutchinson", "hutch++"])
     add("--eigen", type=int, default=0, metavar="K", help="top-K eigenvalues per layer and overall")
@@ -206,6 +222,7 @@ def _run_measure(args: argparse.Namespace) -> int:
         estimator=args.estimator,
         task=args.task,
         lanczos_steps=args.lanczos_steps,
+        positive_rtol=args.positive_rtol,
         samples=args.samples,
         sample_order=args.sample_order,
         batch_size=args.batch_size,
@@ -214,6 +231,7 @@ def _run_measure(args: argparse.Namespace) -> int:
         head_reference=args.head_reference,
         trace=args.trace,
         trace_probes=args.trace_probes,
+        positive_trace_probes=args.positive_trace_probes,
         trace_method=args.trace_method,
         eigen=args.eigen,
         density=args.density,

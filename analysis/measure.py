@@ -111,7 +111,8 @@ class MeasureSettings:
 
     estimator: Estimator = "auto"
     task: Task = "classification"
-    lanczos_steps: int = 32
+    lanczos_steps: int = 128
+    positive_rtol: float = 1e-2
     samples: int | None = 256
     sample_order: SampleOrder = "stratified"
     batch_size: int | None = None
@@ -120,6 +121,7 @@ class MeasureSettings:
     head_reference: str = "zero"
     trace: bool = False
     trace_probes: int = 100
+    positive_trace_probes: int = 16
     trace_method: Literal["hutchinson", "hutch++"] = "hutchinson"
     eigen: int = 0
     density: bool = False
@@ -176,6 +178,14 @@ class MeasureSettings:
             ),
             (self.lanczos_steps > 0, f"--lanczos-steps must be positive, got {self.lanczos_steps}"),
             (self.trace_probes > 1, f"--trace-probes must be at least 2, got {self.trace_probes}"),
+            (
+                self.positive_trace_probes > 1,
+                f"--positive-trace-probes must be at least 2, got {self.positive_trace_probes}",
+            ),
+            (
+                0 <= self.positive_rtol < 1,
+                f"--positive-rtol must be in [0, 1), got {self.positive_rtol}",
+            ),
             (self.eigen >= 0, f"--eigen must be ≥ 0, got {self.eigen}"),
             (self.noise_draws > 1, f"--noise-draws must be at least 2, got {self.noise_draws}"),
             (
@@ -416,7 +426,9 @@ class _Measurement:
                     len(self.layers) * self._local_batches(),
                     "layer·batch",
                     certified=certified,
+                    probes=s.positive_trace_probes,
                     lanczos_steps=s.lanczos_steps,
+                    rtol=s.positive_rtol,
                 )
                 positive = merge_positive(positive, self._local_examples(), self.ctx)
             self.timings["trace_s"] = time.perf_counter() - t
@@ -590,6 +602,7 @@ class _Measurement:
                 self._local(self.hessian_data, self.count),
                 estimator=s.estimator,
                 lanczos_steps=s.lanczos_steps,
+                positive_rtol=s.positive_rtol,
                 reference_batch_size=self.batch_size,
                 generator=keyed_generator(s.seed, "quadratic forms"),
                 certify_on=first_x,
