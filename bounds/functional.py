@@ -48,7 +48,7 @@ language model with padded batches.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -344,11 +344,6 @@ def with_layer(params: Mapping[str, Tensor], name: str, value: Tensor) -> dict[s
     out = dict(params)
     out[name] = value
     return out
-
-
-def materialize(batches: Iterable[Batch]) -> list[Batch]:
-    """Consume an iterable of batches into a list (estimators that need several passes)."""
-    return list(batches)
 
 
 class NondeterministicModelError(ValueError):

@@ -365,6 +365,18 @@ def dense_mean_hessian(
         return torch.autograd.functional.hessian(mean_loss, w, vectorize=True)
 
 
+def diagonal_blocks(
+    H: Tensor, params: Mapping[str, Tensor], layers: Sequence[str]
+) -> dict[str, Tensor]:
+    """The diagonal blocks H_ii of a Hessian over the concatenated ``layers`` (in that order)."""
+    out, offset = {}, 0
+    for name in layers:
+        d = params[name].numel()
+        out[name] = H[offset : offset + d, offset : offset + d]
+        offset += d
+    return out
+
+
 def dense_batch_mean_hessians(
     module: nn.Module,
     params: Mapping[str, Tensor],

@@ -11,7 +11,13 @@ from hessfine.bounds.noise_stability import (
     trace_prediction,
 )
 
-from tests.oracles import TINY_LAYERS, TINY_NETWORKS, dense_mean_hessian, tiny_data
+from tests.oracles import (
+    TINY_LAYERS,
+    TINY_NETWORKS,
+    dense_mean_hessian,
+    diagonal_blocks,
+    tiny_data,
+)
 
 
 def setup(network, n=8):
@@ -23,13 +29,7 @@ def setup(network, n=8):
 
 def dense_diagonal_blocks(module, params, layers, x, y):
     """Diagonal blocks H̄_ii of the dense mean-loss Hessian (float64)."""
-    H = dense_mean_hessian(module, params, layers, x, y)
-    out, offset = {}, 0
-    for name in layers:
-        d = params[name].numel()
-        out[name] = H[offset : offset + d, offset : offset + d]
-        offset += d
-    return out
+    return diagonal_blocks(dense_mean_hessian(module, params, layers, x, y), params, layers)
 
 
 def gen(seed=0):

@@ -117,6 +117,7 @@ def test_certificate_invariants(network):
     cert, (params, reference, layers) = certificate(network, 128, draws=2)
     assert cert.empirical_error <= cert.empirical_error_upper <= cert.bound <= 1.0
     assert cert.trials == 2 * 128 and cert.scale in cert.grid
+    assert cert.grid == DEFAULT_GRID == tuple(2.0**k for k in range(-4, 3))
     assert cert.bound == min(p.bound for p in cert.per_scale)
     kl = 0.5 * sum(
         float((params[k] - reference[k]).double().norm()) ** 2 / cert.sigmas[k] ** 2 for k in layers
@@ -242,22 +243,71 @@ def test_monte_carlo_draws_are_independent_across_examples_and_passes():
     # n copies of one example with zero margin (W = 0): every draw misclassifies it with
     # probability ½. With an independent draw per example and per pass, the error rate ê over
     # D passes of n examples has variance 1/(4 D n); one draw shared by the examples of a pass
-    # (or reused across passes) inflates it n-fold (D-fold). Every grid scale is a fresh,
-    # independent estimate: Σ (ê − ½)² · 4Dn over scales and seeds is χ² with that many degrees
-    # of freedom under independence.
-    n, d, draws = 16, 3, 16
+    # (or reused across passes) inflates it n-fold (D-fold). Seeds give independent estimates
+    # (one grid scale each: the scales share their draws), so Σ_seeds (ê − ½)² · 4Dn is χ² with
+    # one degree of freedom per seed under independence.
+    n, d, draws, seeds = 16, 3, 16, 16
     x = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64).expand(n, d).clone()
     y = torch.ones(n, dtype=torch.long)
     weight = torch.zeros(2, d, dtype=torch.float64)
     reference = torch.full((2, d), 0.3, dtype=torch.float64)
-    statistic, dof = 0.0, 0
-    for seed in range(4):
+    statistic = 0.0
+    for seed in range(seeds):
         cert = linear_certificate(
-            weight, reference, x, y, curvature=1.0, grid=DEFAULT_GRID, draws=draws, seed=seed
+            weight, reference, x, y, curvature=1.0, grid=(1.0,), draws=draws, seed=seed
         )
         assert cert.deterministic_error == 1.0  # argmax of equal logits is class 0
-        for point in cert.per_scale:
-            statistic += (point.empirical_error - 0.5) ** 2 * 4 * draws * n
-            dof += 1
-    assert stats.chi2.sf(statistic, dof) > 1e-4
-    assert stats.chi2.cdf(statistic, dof) > 1e-4
+        statistic += (cert.empirical_error - 0.5) ** 2 * 4 * draws * n
+    assert stats.chi2.sf(statistic, seeds) > 1e-4
+    assert stats.chi2.cdf(statistic, seeds) > 1e-4
+
+
+def test_unchanged_layer_is_a_point_mass_and_validation():
+    # A layer with v_i = 0 stays unperturbed: σ = 0, lattice None, prior cost log 3, no KL.
+    fm, params = FunctionalModel.from_module(TINY_NETWORKS["mlp_gelu"]())
+    layers = TINY_LAYERS["mlp_gelu"]
+    reference = perturbed_reference(params, layers[:2], scale=0.05)
+    x, y = tiny_data("mlp_gelu", 16)
+    cert = pac_bayes_certificate(
+        fm,
+        params,
+        reference,
+        layers,
+        [(x, y)],
+        n=16,
+        curvature=dict.fromkeys(layers, 0.1),
+        grid=(1.0,),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert cert.sigmas[layers[2]] == 0.0 and cert.lattice[layers[2]] is None
+    assert cert.prior_cost == pytest.approx(
+        math.log(3.0) + sum(lattice_prior_cost(cert.lattice[k]) for k in layers[:2])
+    )
+    kl = 0.5 * sum(
+        float((params[k] - reference[k]).double().norm()) ** 2 / cert.sigmas[k] ** 2
+        for k in layers[:2]
+    )
+    assert cert.kl == pytest.approx(kl)
+    for delta in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="delta"):
+            binomial_upper_bound(1, 10, delta)
+    with pytest.raises(ValueError, match="trials"):
+        binomial_upper_bound(0, 0, 0.1)
+
+
+def test_certificate_option_boundaries():
+    # n = 8 is Maurer's smallest admissible size; δ = 1 and an empty or non-positive grid are not.
+    cert, _ = certificate("mlp_gelu", 8, draws=1, grid=(1.0,))
+    assert cert.n == 8 and 0.0 <= cert.bound <= 1.0
+    for kwargs, message in (
+        ({"delta": 1.0}, "delta"),
+        ({"grid": ()}, "grid"),
+        ({"grid": (1.0, -1.0)}, "grid"),
+        ({"grid": (0.0,)}, "grid"),
+        ({"grid": (math.inf,)}, "grid"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            certificate("mlp_gelu", 8, draws=1, **kwargs)
+    for q, p in ((1.5, 0.5), (0.5, 1.5), (-0.1, 0.5), (0.5, -0.1)):
+        with pytest.raises(ValueError, match="kl_bernoulli"):
+            kl_bernoulli(q, p)
