@@ -397,7 +397,9 @@ def test_compare_command_target_and_no_figures(study: Path) -> None:
         pairs = [
             (float(r[result["measure"]]), float(r[target]))
             for r in rows
-            if r[result["measure"]] not in ("", "nan") and r[target] not in ("", "nan")
+            if r[result["measure"]] not in ("", "nan")
+            and r[target] not in ("", "nan")
+            and result["group"] in ("all", f"method={r['method']}")
         ]
         pairs = [(a, b) for a, b in pairs if np.isfinite(a) and np.isfinite(b)]
         assert int(result["n"]) == len(pairs)

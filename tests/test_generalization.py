@@ -241,3 +241,10 @@ def test_prior_distance_measures_reject_each_bad_option(options):
     w, v = [torch.eye(2)], [torch.ones(2, 2)]
     with pytest.raises(ValueError):
         prior_distance_measures(w, v, **{"n": 4, **options})
+
+
+def test_prior_distance_measures_need_the_same_layers():
+    with pytest.raises(ValueError, match="same layers"):
+        prior_distance_measures({"a": torch.eye(2)}, {"b": torch.ones(2, 2)}, n=4)
+    with pytest.raises(ValueError, match="same layers"):
+        prior_distance_measures({"a": torch.eye(2)}, [torch.ones(2, 2)], n=4)

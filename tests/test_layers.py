@@ -21,6 +21,7 @@ LOADING = {
     "hessfine.analysis.errors",
     "hessfine.analysis.checkpoints",
     "hessfine.analysis.data",
+    "hessfine.analysis.digit_sets",
     "hessfine.analysis.models",
     "hessfine.analysis.results",
 }

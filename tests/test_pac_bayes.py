@@ -303,6 +303,7 @@ def test_certificate_option_boundaries():
         ({"delta": 1.0}, "delta"),
         ({"grid": ()}, "grid"),
         ({"grid": (1.0, -1.0)}, "grid"),
+        ({"grid": (0.0,)}, "grid"),
         ({"grid": (math.inf,)}, "grid"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -218,6 +218,10 @@ def test_unknown_estimator_is_rejected():
         quadratic_forms(fm, params, directions, batches, estimator="exact")
 
 
+def test_certification_tolerance_is_looser_for_float32():
+    assert certification_tolerance(torch.float32) > certification_tolerance(torch.float64) > 0
+
+
 @pytest.mark.parametrize("rtol", [1e-2, 1e-4])
 def test_adaptive_positive_part_reaches_its_tolerance_at_the_max(rtol):
     module, fm, params, directions, x, y, batches = setup("attention")

@@ -348,3 +348,23 @@ def test_positive_trace_defaults_seeds_and_example_chunks(monkeypatch):
         dense = torch.linalg.eigvalsh(H).clamp(min=0).sum(dim=1)
         assert chunked[name].argmax == int(dense.argmax())
         assert chunked[name].max == pytest.approx(float(dense.max()), rel=1e-9)
+
+
+def test_scaled_hutchinson_estimates_the_scaled_trace():
+    # Tr[D H̄_ii D] = Σ_j D_j² (H̄_ii)_jj with probes z ⊙ D (the relative-noise traces).
+    module, fm, params, layers, x, y = setup("mlp_gelu")
+    H = dense_mean_hessian(module, params, layers, x, y)
+    scaling = {name: params[name].abs() + 0.5 for name in layers}
+    g = torch.Generator().manual_seed(0)
+    est = layer_traces(fm, params, layers, [(x, y)], probes=400, generator=g, scaling=scaling)
+    offset = 0
+    for name in layers:
+        d = params[name].numel()
+        block = H[offset : offset + d, offset : offset + d]
+        offset += d
+        exact = float((scaling[name].reshape(-1) ** 2 * block.diagonal()).sum())
+        assert est[name].method in ("hutchinson-scaled", "hutchinson-ggn-scaled")
+        assert abs(est[name].mean - exact) <= 4.5 * est[name].stderr
+        assert est[name].stderr < 0.5 * abs(exact)
+    with pytest.raises(ValueError, match="hutchinson"):
+        layer_traces(fm, params, layers, [(x, y)], probes=4, method="hutch++", scaling=scaling)
