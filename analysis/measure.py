@@ -994,6 +994,7 @@ class _Measurement:
                     self._local(data, len(data)),
                     estimator=s.estimator,
                     lanczos_steps=s.lanczos_steps,
+                    positive_rtol=s.positive_rtol,
                     reference_batch_size=self.batch_size,
                     generator=keyed_generator(s.seed, stage),
                     certify_on=first_x,

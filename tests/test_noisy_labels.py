@@ -205,7 +205,13 @@ def smooth_noisy_run(tmp_path, network="mlp_gelu"):
 def test_measure_gives_the_consistent_loss_forms_of_the_dense_oracle(tmp_path, network):
     module, params, reference, x, clean, noisy, inverse = smooth_noisy_run(tmp_path, network)
     settings = MeasureSettings(
-        samples=None, dtype="float64", batch_size=8, estimator="auto", trace=True, trace_probes=2
+        samples=None,
+        dtype="float64",
+        batch_size=8,
+        estimator="auto",
+        trace=True,
+        trace_probes=2,
+        positive_rtol=0.0,
     )
     result = measure(
         tmp_path / "run" / "epoch_001.safetensors", out=tmp_path / "m", settings=settings
