@@ -2,16 +2,22 @@
 
 :func:`load_checkpoint` is the one entry point for every source; each source has its own reader
 in :mod:`hessfine.analysis.sources` (weights files, Hugging Face directories, directories of
-runs, ...). A *single checkpoint directory* is, by the first rule that applies:
+runs, Trainer, PEFT and Lightning outputs). A *single checkpoint directory* is, by the first rule
+that applies:
 
-1. a directory whose manifest ``hessfine.json`` has a ``"checkpoint"`` entry (a path relative to
+1. a PEFT adapter directory (:mod:`hessfine.analysis.sources.peft`): it needs the base weights,
+   so its :class:`Checkpoint` has ``adapter`` set and an empty state until
+   :func:`apply_adapter` merges it with the reference;
+2. a directory whose manifest ``hessfine.json`` has a ``"checkpoint"`` entry (a path relative to
    the directory) — that file is the checkpoint, even when other weights files lie beside it;
-2. a Hugging Face layout (:mod:`hessfine.analysis.sources.hf`);
-3. a directory whose only checkpoint (see :func:`find_checkpoints`) is one weights file directly
+3. a Hugging Face layout (:mod:`hessfine.analysis.sources.hf`), e.g. a Trainer's
+   ``checkpoint-N/`` (its ``trainer_state.json`` read by :mod:`hessfine.analysis.sources.trainer`);
+4. a directory whose only checkpoint (see :func:`find_checkpoints`) is one weights file directly
    inside it.
 
 Any other directory with checkpoints below it is a *directory of runs*
-(:mod:`hessfine.analysis.sources.runs`).
+(:mod:`hessfine.analysis.sources.runs`). A Lightning ``.ckpt`` file is read by
+:mod:`hessfine.analysis.sources.lightning`.
 
 Alignment (SPEC §1, §3.3). For the selected layers W_1..W_L, ``v_i = W_i − W_i^(s)``. A layer
 missing from the reference, or there with another shape, is a new *head*: its W^(s) is zero (the
@@ -34,7 +40,7 @@ import fnmatch
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,12 +50,19 @@ from hessfine.analysis.sources.files import (
     INDEX_SUFFIXES,
     PREFIXES,
     WEIGHT_SUFFIXES,
+    load_torch,
     read_weights,
     sha256_of,
+    state_of,
+    strip_prefixes,
+    weights_digest,
 )
 from hessfine.analysis.sources.hf import hf_weights
+from hessfine.analysis.sources.lightning import attribute_prefix, is_lightning, lightning_record
 from hessfine.analysis.sources.manifest import MANIFEST, read_manifest
+from hessfine.analysis.sources.peft import ADAPTER_CONFIG, LoraAdapter, adapter_file, read_adapter
 from hessfine.analysis.sources.runs import find_checkpoints, is_run_collection
+from hessfine.analysis.sources.trainer import trainer_record
 from torch import Tensor, nn
 
 __all__ = [
@@ -59,6 +72,8 @@ __all__ = [
     "AlignmentRow",
     "Checkpoint",
     "align",
+    "apply_adapter",
+    "checkpoint_digest",
     "find_checkpoints",
     "is_run_collection",
     "load_checkpoint",
@@ -78,6 +93,12 @@ class Checkpoint:
     order, for a sharded checkpoint); ``manifest`` is the content of ``hessfine.json`` beside it
     (``{}`` when absent); ``directory`` is the checkpoint directory — the directory given, or the
     file's parent when that holds ``hessfine.json`` or ``config.json`` — else ``None``.
+
+    ``training`` is what the training tool recorded (``tool``, ``step``, ``epoch``; a Trainer's
+    ``logged`` losses, Lightning's ``hyper_parameters``), ``{}`` when nothing. ``adapter`` is a
+    PEFT adapter not yet merged (:func:`apply_adapter`); a merged one has ``deltas`` (exact
+    float64 W − W_base of the adapted weights), their ``distances`` (from the factors) and its
+    default ``layers``. ``prefixes`` are extra key prefixes that :func:`align` may remove.
     """
 
     path: Path
@@ -85,6 +106,12 @@ class Checkpoint:
     sha256: str
     manifest: dict[str, Any]
     directory: Path | None
+    training: dict[str, Any] = field(default_factory=dict)
+    adapter: LoraAdapter | None = None
+    deltas: dict[str, Tensor] | None = None
+    distances: dict[str, float] | None = None
+    layers: tuple[str, ...] | None = None
+    prefixes: tuple[str, ...] = ()
 
 
 def load_checkpoint(
@@ -99,6 +126,18 @@ def load_checkpoint(
     given = Path(path).expanduser()
     if not given.exists():
         raise InputError(f"{label} {given}: no such file or directory; check the path")
+    adapter_dir = _adapter_directory(given)
+    if adapter_dir is not None:
+        adapter, digest = read_adapter(adapter_dir, trust=trust, label=label)
+        return Checkpoint(
+            adapter.file,
+            {},
+            digest,
+            read_manifest(adapter_dir),
+            adapter_dir,
+            training=trainer_record(adapter_dir),
+            adapter=adapter,
+        )
     if given.is_dir():
         manifest = read_manifest(given)
         file = _resolve_directory(given, manifest, label)
@@ -108,8 +147,59 @@ def load_checkpoint(
         manifest = read_manifest(given.parent)
         has_config = (given.parent / "config.json").is_file()
         directory = given.parent if manifest or has_config else None
-    state, digest = read_weights(file, trust=trust, label=label)
-    return Checkpoint(file, state, digest, manifest, directory)
+    if file.suffix == ".ckpt":
+        obj = load_torch(file, trust=trust, label=label)
+        state = strip_prefixes(state_of(obj, file, label))
+        digest = sha256_of([file])
+        if is_lightning(obj):
+            prefix = attribute_prefix(state)
+            return Checkpoint(
+                file,
+                state,
+                digest,
+                manifest,
+                directory,
+                training=lightning_record(obj),
+                prefixes=() if prefix is None else (prefix,),
+            )
+    else:
+        state, digest = read_weights(file, trust=trust, label=label)
+    training = trainer_record(directory) if directory is not None else {}
+    return Checkpoint(file, state, digest, manifest, directory, training=training)
+
+
+def apply_adapter(checkpoint: Checkpoint, base: Checkpoint) -> Checkpoint:
+    """The PEFT adapter ``checkpoint`` merged into the weights of ``base`` (its reference)."""
+    if checkpoint.adapter is None:
+        return checkpoint
+    state, deltas, distances, layers = checkpoint.adapter.merged(
+        base.state, f"checkpoint {checkpoint.directory}"
+    )
+    return replace(
+        checkpoint,
+        state=state,
+        adapter=None,
+        deltas=deltas,
+        distances=distances,
+        layers=tuple(layers),
+    )
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """The ``sha256`` that :func:`load_checkpoint` would record, without reading tensors."""
+    given = Path(path).expanduser()
+    adapter_dir = _adapter_directory(given)
+    if adapter_dir is not None:
+        return sha256_of([adapter_file(adapter_dir), adapter_dir / ADAPTER_CONFIG])
+    label = "checkpoint"
+    file = _resolve_directory(given, read_manifest(given), label) if given.is_dir() else given
+    return weights_digest(file, label=label)
+
+
+def _adapter_directory(path: Path) -> Path | None:
+    directory = path if path.is_dir() else path.parent
+    file = adapter_file(directory)
+    return directory if file is not None and (path.is_dir() or path == file) else None
 
 
 def load_head_reference(spec: str, *, trust: bool = False) -> dict[str, Tensor] | None:
@@ -285,9 +375,7 @@ def _label_state(value: Checkpoint | Mapping[str, Tensor], label: str) -> tuple[
     return label, {str(k): v for k, v in value.items() if isinstance(v, Tensor)}
 
 
-def _fit_prefix(
-    state: dict[str, Tensor], wanted: set[str], prefixes: Sequence[str]
-) -> dict[str, Tensor]:
+def _fit_prefix(state: dict[str, Any], wanted: set[str], prefixes: Sequence[str]) -> dict[str, Any]:
     """``state`` with a key prefix added or removed when that matches more of ``wanted``."""
     best, hits = state, len(wanted & state.keys())
     for prefix in prefixes:
@@ -343,8 +431,9 @@ def align(
     reference's tensor when it has the same shape ("reference"); otherwise the layer is a new
     head and W^(s)_i is zero ("head-zero", v_i = W_i as in the paper's code) or
     ``head_reference[name]`` ("head-file", same shape required). At least one selected layer must
-    come from the reference. Everything is checked before the model is modified, so a failed
-    alignment leaves the model as it was.
+    come from the reference. A merged PEFT adapter's exact changes (``finetuned.deltas``) are v_i
+    for the layers they cover, with the distances computed from the factors. Everything is
+    checked before the model is modified, so a failed alignment leaves the model as it was.
     """
     ft_label, ft_state = _label_state(finetuned, "checkpoint")
     ref_label, ref_state = _label_state(reference, "reference")
@@ -352,6 +441,19 @@ def align(
     buffers = dict(model.named_buffers())
     base = getattr(model, "base_model_prefix", "")
     prefixes = (*PREFIXES, f"{base}.") if isinstance(base, str) and base else PREFIXES
+    exact: dict[str, tuple[Tensor, float]] = {}
+    for given in (finetuned, reference):
+        if isinstance(given, Checkpoint) and given.adapter is not None:
+            raise InputError(
+                f"{given.directory} is a PEFT adapter without its base model; measure it with "
+                "hessfine measure ADAPTER --reference BASE, or merge it first"
+            )
+    if isinstance(finetuned, Checkpoint):
+        prefixes = (*prefixes, *finetuned.prefixes)
+        if finetuned.deltas is not None:
+            distances = finetuned.distances or {}
+            exact = {k: (v, distances[k]) for k, v in finetuned.deltas.items()}
+            exact = _fit_prefix(exact, set(params), prefixes)
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise InputError("no layers selected; pass --layers GLOB patterns that match weights")
@@ -409,7 +511,12 @@ def align(
     for name, (start, source) in starts.items():
         weight = params[name].detach()
         start = start.detach().to(dtype=weight.dtype, device=weight.device)
-        direction = weight - start
+        if name in exact and source == "reference":
+            delta, distance = exact[name]
+            direction = delta.to(dtype=weight.dtype, device=weight.device)
+        else:
+            direction = weight - start
+            distance = float(torch.linalg.vector_norm(direction, dtype=torch.float64))
         reference_weights[name] = start
         directions[name] = direction
         rows.append(
@@ -418,7 +525,7 @@ def align(
                 shape=tuple(weight.shape),
                 numel=weight.numel(),
                 source=source,
-                distance=float(torch.linalg.vector_norm(direction, dtype=torch.float64)),
+                distance=distance,
             )
         )
     return Alignment(

@@ -22,6 +22,8 @@ examples:
   hessfine measure runs/ --out results --samples 128 --trace --eigen 3   # every run, resumable
   hessfine measure ft.pt --reference pre.pt --model mymodels.py:build --data train.pt \\
       --out out --noise-sigma 1e-3 3e-3 1e-2 --certificate
+  hessfine measure gpt2_ft/ --reference gpt2_base/ --model hf --task causal-lm \
+      --data tokens.pt --out out/lm      # tokens.pt: {'x': {'input_ids', 'attention_mask'}}
 """
 
 
@@ -69,8 +71,19 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoint", metavar="CHECKPOINT", help="fine-tuned checkpoint file or directory (of runs)"
     )
     add("--reference", metavar="REF", help="pretrained checkpoint (default: from the run manifest)")
-    add("--data", metavar="TRAIN", help="training data: ImageFolder dir, .pt, .npz, digits:train")
+    add(
+        "--data",
+        metavar="TRAIN",
+        help="training data: ImageFolder dir, .pt, .npz, datasets DIR[:SPLIT], digits:train",
+    )
     add("--eval-data", metavar="EVAL", help="evaluation data, for the measured generalization gap")
+    add(
+        "--input-columns",
+        nargs="+",
+        metavar="COL",
+        help="datasets directory: input columns (default input_ids attention_mask)",
+    )
+    add("--label-column", metavar="COL", help="datasets directory: label column (default label)")
     add("--out", required=True, metavar="DIR", help="output directory")
     add(
         "--model",
@@ -88,18 +101,27 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "block", "positive", "ggn", "reference-code"],
     )
     add(
+        "--task",
+        default="classification",
+        choices=["classification", "causal-lm"],
+        help="classification (one label per example) or causal-lm: one example is one sequence, "
+        "its loss the mean next-token cross-entropy over label positions (-100 ignored); y holds "
+        "unshifted labels (N, T), or is absent (input_ids masked by attention_mask)",
+    )
+    add(
         "--lanczos-steps",
         type=int,
-        default=32,
+        default=128,
         metavar="K",
-        help="Lanczos steps for the positive part (default 32)",
+        help="most Lanczos steps per example for the positive part (default 128)",
     )
     add(
         "--samples",
         type=_samples,
         default=256,
         metavar="N|all",
-        help="examples for the Hessian maxima (default 256)",
+        help="examples for the Hessian maxima, traces, eigenvalues and noise (default 256; "
+        "see --sample-order)",
     )
     add(
         "--sample-order",
@@ -127,6 +149,22 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--trace-probes", type=int, default=100, metavar="P", help="Hutchinson probes (default 100)"
+    )
+    add(
+        "--positive-trace-probes",
+        type=int,
+        default=16,
+        metavar="P",
+        help="SLQ probes per example for the positive-part trace max on large smooth layers "
+        "(default 16; layers with at most P·K weights are exact)",
+    )
+    add(
+        "--positive-rtol",
+        type=float,
+        default=1e-2,
+        metavar="R",
+        help="accuracy of the positive part relative to the layer max at which an example's "
+        "Lanczos stops (default 1e-2; 0 = always K steps)",
     )
     add("--trace-method", default="hutchinson", choices=["hutchinson", "hutch++"])
     add("--eigen", type=int, default=0, metavar="K", help="top-K eigenvalues per layer and overall")
@@ -166,15 +204,25 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     add("--trust-checkpoint", action="store_true", help="allow pickled objects (runs their code)")
     add("--verbose", action="store_true", help="print the layer alignment table")
     add("--quiet", action="store_true", help="no progress bars")
+    add(
+        "--distribute",
+        default="examples",
+        choices=["examples", "checkpoints"],
+        help="under torchrun: share each checkpoint's examples (default) or spread a directory "
+        "of runs over the processes, one checkpoint per process at a time",
+    )
 
 
 def _run_measure(args: argparse.Namespace) -> int:
+    from hessfine.analysis.distributed import detect
     from hessfine.analysis.measure import MeasureSettings, measure_path
     from hessfine.analysis.models import parse_model_kwargs
 
     settings = MeasureSettings(
         estimator=args.estimator,
+        task=args.task,
         lanczos_steps=args.lanczos_steps,
+        positive_rtol=args.positive_rtol,
         samples=args.samples,
         sample_order=args.sample_order,
         batch_size=args.batch_size,
@@ -183,6 +231,7 @@ def _run_measure(args: argparse.Namespace) -> int:
         head_reference=args.head_reference,
         trace=args.trace,
         trace_probes=args.trace_probes,
+        positive_trace_probes=args.positive_trace_probes,
         trace_method=args.trace_method,
         eigen=args.eigen,
         density=args.density,
@@ -198,19 +247,30 @@ def _run_measure(args: argparse.Namespace) -> int:
         seed=args.seed,
         image_size=args.image_size,
     )
-    written = measure_path(
-        args.checkpoint,
-        out=args.out,
-        settings=settings,
-        quiet=args.quiet,
-        verbose=args.verbose,
-        reference=args.reference,
-        data=args.data,
-        eval_data=args.eval_data,
-        model=args.model,
-        model_kwargs=None if args.model_kwargs is None else parse_model_kwargs(args.model_kwargs),
-        trust=args.trust_checkpoint,
-    )
+    settings.validate()
+    context = detect(args.device)
+    try:
+        written = measure_path(
+            args.checkpoint,
+            out=args.out,
+            settings=settings,
+            quiet=args.quiet,
+            verbose=args.verbose,
+            context=context,
+            distribute=args.distribute,
+            reference=args.reference,
+            data=args.data,
+            eval_data=args.eval_data,
+            model=args.model,
+            model_kwargs=None
+            if args.model_kwargs is None
+            else parse_model_kwargs(args.model_kwargs),
+            trust=args.trust_checkpoint,
+            input_columns=None if args.input_columns is None else tuple(args.input_columns),
+            label_column=args.label_column,
+        )
+    finally:
+        context.close()
     if not args.quiet:
         for path in written:
             print(f"wrote {path}")
@@ -243,7 +303,11 @@ def _subcommands() -> dict[str, tuple[str, Callable, Callable]]:
             compare.figures_add_arguments,
             compare.figures_run,
         ),
-        "demo": ("everything end to end on scikit-learn's digits", demo.add_arguments, demo.run),
+        "demo": (
+            "the paper's study end to end: MNIST → UCI digits, no downloads",
+            demo.add_arguments,
+            demo.run,
+        ),
         "crosscheck": (
             "compare traces and eigenvalues with PyHessian",
             crosscheck.add_arguments,

@@ -11,23 +11,33 @@ measurement (its ``manifest`` and ``epoch`` entries) are used. Written:
 * ``layers.csv``, ``noise_stability.csv`` — the per-layer and per-σ long tables of
   :mod:`hessfine.figures.tables`;
 * ``correlations.csv`` — for every bound or measure column m and the target column g (by
-  default the generalization gap in loss, test − train): Pearson's r (linear) and Spearman's ρ
-  (rank) correlation over the measurements where both are finite, with their two-sided
-  p-values (``scipy.stats.pearsonr``/``spearmanr``) and the number of pairs n. A correlation
-  needs n ≥ 3 and both columns non-constant; otherwise its cells are empty.
-* the figures of :func:`hessfine.figures.plots.draw_all`.
+  default the generalization gap in loss, test − train): Pearson's r, Spearman's ρ and
+  Kendall's τ over the measurements where both are finite, with two-sided p-values, the number
+  of pairs n and of runs, over all rows and, for the Hessian, trace and prior distance measures
+  and Σ‖v_i‖_F, also within each method (column ``group``) and with 95% bootstrap intervals that
+  resample runs, not checkpoints (:mod:`hessfine.analysis.correlation`). A correlation needs
+  n ≥ 3 and both columns non-constant; otherwise its cells are empty.
+* the figures of :func:`hessfine.figures.plots.draw_all`;
+* with ``--report``, the study figures and ``report.md`` of :mod:`hessfine.analysis.report`.
 
 Ju, Li & Zhang (ICML 2022, Sec. 3 and Fig. 1) make this comparison to show that the Hessian
 distance measure Σ_i sqrt(C·𝓗_i/n) correlates with the gap across methods and epochs and
 matches its scale, while the distance-based bounds of prior work are orders of magnitude larger.
 
 ``comparison.csv`` columns: ``measurement`` (path of the file), ``checkpoint``, ``method``,
-``epoch``, ``seed``, ``noise_rate``, ``final_checkpoint`` (1 for the run's final model — its
+``epoch`` (a float for a Trainer checkpoint, 0-based for Lightning), ``step`` (the training tool's
+global step), ``seed``, ``noise_rate``, ``noise_kind`` (``symmetric``, ``pair``, ...), ``radius`` and
+``head_radius`` (the distance-constraint radii of the extractor's first layer and of the head, for
+the methods that constrain, else empty), ``confusion_source`` (the F of the consistent loss in
+training: ``given`` or ``dual-t``, else empty), ``noise_matrix_source`` (the F of the noisy-label
+bound: ``known``, ``dual-t`` or ``none``), ``final_checkpoint`` (1 for the run's final model — its
 ``best_epoch`` when the manifest names one, else its last checkpoint — 0 for other epochs, empty
 without a manifest), ``reference``, ``model``, ``run`` (the run directory of the manifest),
 ``estimator``, ``n``, ``n_eval``, ``n_hessian_samples``, ``C``, ``epsilon``, ``train_loss``, ``eval_loss``, ``max_loss``, ``train_accuracy``, ``eval_accuracy``,
 ``generalization_gap_loss`` (eval − train loss), ``generalization_gap_accuracy`` (train − eval
-accuracy), ``hessian_distance_measure``, ``theorem_2_1``, ``trace_corollary``,
+accuracy), ``gap_against`` (``clean training labels`` for a run with recorded label noise, whose
+``train_*`` columns are then on the clean labels), ``train_loss_noisy``, ``train_accuracy_noisy``
+and ``train_loss_consistent`` (on the noisy labels trained on; empty without noise), ``hessian_distance_measure``, ``theorem_2_1``, ``trace_corollary``,
 ``trace_distance_measure`` (the trace corollary's complexity term Σ_i α_i·sqrt(C·max_x Tr[H_i⁺(x)]/n), comparable with the
 gap as the Hessian distance measure is, while ``theorem_2_1`` and ``trace_corollary`` bound the
 test loss),
@@ -39,8 +49,11 @@ every other scalar entry of ``bounds`` under its own name (e.g. the noisy-label 
 ``sum_trace_mean`` (Σ_i mean_x Tr[H_i(x)], when traces were measured), for each noise level σ
 ``noise_stability_sigma_σ``, ``noise_stability_stderr_sigma_σ`` and
 ``noise_trace_prediction_sigma_σ``, the scalar entries of ``bounds.pac_bayes_certificate`` as
-``pac_bayes_NAME``, ``total_s`` (measurement wall time), and every column of the run's
-``metrics.csv`` as ``metrics_COLUMN``.
+``pac_bayes_NAME``, for a Hugging Face Trainer checkpoint the losses the Trainer logged at or
+nearest its step (``trainer_loss``, ``trainer_loss_step``, ``trainer_eval_loss`` and every other
+``trainer_eval_*`` metric, ``trainer_eval_step``; :mod:`hessfine.analysis.sources.trainer`),
+``total_s`` (measurement wall time), and every column of the run's ``metrics.csv`` as
+``metrics_COLUMN``.
 
 All files are written atomically (a temporary file renamed over the target).
 
@@ -60,7 +73,6 @@ import io
 import json
 import math
 import re
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,10 +99,16 @@ PARENT_LEVELS = 3
 
 LEADING_COLUMNS = (
     *KEY_COLUMNS,
+    "step",
+    "noise_matrix_source",
     "reference",
     "model",
     "run",
     "estimator",
+    "noise_kind",
+    "radius",
+    "head_radius",
+    "confusion_source",
     "n",
     "n_eval",
     "n_hessian_samples",
@@ -134,7 +152,7 @@ class Record:
     measurement: dict[str, Any]
     manifest_path: Path | None
     manifest: dict[str, Any]
-    epoch: int | None
+    epoch: int | float | None
     metrics: dict[str, Any]
 
 
@@ -245,7 +263,7 @@ def load_records(paths: Iterable[str | Path]) -> list[Record]:
         recorded_epoch = measurement.get("epoch")
         epoch = (
             recorded_epoch
-            if isinstance(recorded_epoch, int)
+            if isinstance(recorded_epoch, int | float) and not isinstance(recorded_epoch, bool)
             else _epoch(measurement.get("checkpoint"), checkpoint, manifest)
         )
         run_dir = manifest_path.parent if manifest_path is not None else None
@@ -279,6 +297,20 @@ def _noise_rate(label_noise: object) -> float | None:
     return None
 
 
+def _noise_kind(label_noise: object) -> str | None:
+    if isinstance(label_noise, Mapping) and isinstance(label_noise.get("kind"), str):
+        return label_noise["kind"]
+    return None
+
+
+def _config_value(manifest: Mapping[str, Any], name: str) -> float | None:
+    """A radius of the run's config, for the methods whose constraint uses it (the manifest's
+    ``radii`` is set exactly for those); None for the others."""
+    config = manifest.get("config") or {}
+    value = config.get(name) if isinstance(config, Mapping) else None
+    return float(value) if manifest.get("radii") and finite(value) else None
+
+
 def _sigma_name(sigma: object) -> str:
     return f"{sigma:g}" if finite(sigma) else str(sigma)
 
@@ -299,9 +331,15 @@ def flat_row(record: Record) -> Row:
         "checkpoint": m.get("checkpoint"),
         "method": manifest.get("method"),
         "epoch": record.epoch,
+        "step": m.get("step"),
         "final_checkpoint": _is_final(record),
         "seed": manifest.get("seed"),
         "noise_rate": _noise_rate(manifest.get("label_noise")),
+        "noise_matrix_source": bounds.get("noise_matrix_source") or "none",
+        "noise_kind": _noise_kind(manifest.get("label_noise")),
+        "radius": _config_value(manifest, "radius"),
+        "head_radius": _config_value(manifest, "head_radius"),
+        "confusion_source": (manifest.get("confusion_used") or {}).get("source"),
         "reference": m.get("reference"),
         "model": m.get("model"),
         "run": str(record.manifest_path.parent) if record.manifest_path is not None else None,
@@ -316,6 +354,10 @@ def flat_row(record: Record) -> Row:
         "max_loss": loss.get("max"),
         "train_accuracy": accuracy.get("train"),
         "eval_accuracy": accuracy.get("eval"),
+        "train_loss_noisy": loss.get("train_noisy"),
+        "train_loss_consistent": loss.get("train_consistent"),
+        "train_accuracy_noisy": accuracy.get("train_noisy"),
+        "gap_against": gap.get("against"),
         "generalization_gap_loss": gap.get("loss"),
         "generalization_gap_accuracy": gap.get("accuracy"),
         "hessian_distance_measure": bounds.get("hessian_distance_measure"),
@@ -348,6 +390,9 @@ def flat_row(record: Record) -> Row:
         for name, value in certificate.items():
             if finite(value):
                 row[f"pac_bayes_{name}"] = value
+    logged = (m.get("training") or {}).get("logged") or {}
+    for name, value in logged.items():
+        row[f"trainer_{name}"] = value
     row["total_s"] = ((m.get("provenance") or {}).get("timings") or {}).get("total_s")
     for name, value in record.metrics.items():
         row[f"metrics_{name}"] = value
@@ -431,35 +476,70 @@ def measure_columns(rows: Sequence[Row]) -> list[str]:
     ]
 
 
-def correlations(rows: Sequence[Row], target: str = "generalization_gap_loss") -> list[Row]:
-    """Pearson and Spearman correlation of every measure column with ``target``.
+#: Measures whose correlation with the gap is also given within each method.
+WITHIN_METHOD = ("hessian_distance_measure", "sum_distance", "trace_distance_measure")
+_NAMES = {"pearson": "pearson_r", "spearman": "spearman_rho", "kendall": "kendall_tau"}
 
-    Each result: ``measure``, ``target``, ``n`` (pairs with both values finite),
-    ``pearson_r``, ``pearson_p``, ``spearman_rho``, ``spearman_p`` (two-sided p-values; None
-    when n < 3 or a column is constant).
+
+def _run_of(row: Row) -> object:
+    return row.get("run") or row.get("measurement")
+
+
+def correlations(
+    rows: Sequence[Row],
+    target: str = "generalization_gap_loss",
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> list[Row]:
+    """Pearson, Spearman and Kendall correlation of every measure column with ``target``, over
+    all rows (``group`` = ``all``) and, for :data:`WITHIN_METHOD` and the prior distance
+    measures, within each method (``group`` = ``method=NAME``).
+
+    Each result: ``measure``, ``target``, ``group``, ``n`` (pairs with both values finite),
+    ``runs`` (distinct runs among them), ``pearson_r``, ``spearman_rho``, ``kendall_tau`` with
+    their two-sided p-values (``*_p``) and, for the measures that are also given per method, 95%
+    intervals (``*_ci_low``, ``*_ci_high``) from ``bootstrap`` replicates that resample runs
+    (:func:`hessfine.analysis.correlation.correlate`); None when n < 3, a column is constant or
+    (intervals) fewer than 2 runs.
     """
-    from scipy import stats
+    from hessfine.analysis.correlation import correlate
 
     results = []
-    for column in measure_columns(rows):
-        pairs = [
-            (float(row[column]), float(row[target]))
-            for row in rows
-            if finite(row.get(column)) and finite(row.get(target))
-        ]
-        result: Row = {"measure": column, "target": target, "n": len(pairs)}
-        xs = [p[0] for p in pairs]
-        ys = [p[1] for p in pairs]
-        defined = len(pairs) >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", stats.ConstantInputWarning)
-            pearson = stats.pearsonr(xs, ys) if defined else None
-            spearman = stats.spearmanr(xs, ys) if defined else None
-        result["pearson_r"] = float(pearson.statistic) if pearson else None
-        result["pearson_p"] = float(pearson.pvalue) if pearson else None
-        result["spearman_rho"] = float(spearman.statistic) if spearman else None
-        result["spearman_p"] = float(spearman.pvalue) if spearman else None
-        results.append(result)
+    columns = measure_columns(rows)
+    methods = sorted({str(r["method"]) for r in rows if r.get("method")})
+    groups: list[tuple[str, list[str], Sequence[Row]]] = [("all", columns, rows)]
+    within = [
+        c
+        for c in columns
+        if c in WITHIN_METHOD or (c.startswith("distance_measure_") and not c.endswith("_log10"))
+    ]
+    if len(methods) > 1:
+        for method in methods:
+            subset = [r for r in rows if r.get("method") == method]
+            groups.append((f"method={method}", within, subset))
+    for group, group_columns, subset in groups:
+        for column in group_columns:
+            points = [
+                (float(row[column]), float(row[target]), _run_of(row))
+                for row in subset
+                if finite(row.get(column)) and finite(row.get(target))
+            ]
+            found = correlate(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                runs=[p[2] for p in points],
+                bootstrap=bootstrap if column in within else 0,
+                seed=seed,
+            )
+            result: Row = {"measure": column, "target": target, "group": group}
+            result["n"], result["runs"] = found["n"], found["runs"]
+            for name, key in _NAMES.items():
+                result[key] = found[name]
+                result[f"{name}_p"] = found[f"{name}_p"]
+                result[f"{key}_ci_low"] = found[f"{name}_ci_low"]
+                result[f"{key}_ci_high"] = found[f"{name}_ci_high"]
+            results.append(result)
     return results
 
 
@@ -480,15 +560,20 @@ def compare(
     target: str = "generalization_gap_loss",
     formats: Sequence[str] = ("png", "pdf"),
     figures: bool = True,
+    bootstrap: int = 1000,
+    report: bool = False,
+    settings: Mapping[str, Any] | None = None,
 ) -> Comparison:
-    """Collect, write the four tables and draw the figures into ``out``."""
+    """Collect, write the four tables and draw the figures into ``out``; with ``report`` also
+    the study figures and ``report.md`` (:mod:`hessfine.analysis.report`; ``settings`` are
+    printed in its settings section)."""
     records = load_records(paths)
     pairs = sorted(((flat_row(r), r) for r in records), key=lambda p: _sort_key(p[0]))
     rows = [p[0] for p in pairs]
     out = Path(out)
     layers = [lr for row, r in pairs for lr in layer_rows(r.measurement, row)]
     noise = [nr for row, r in pairs for nr in noise_rows(r.measurement, row)]
-    corr = correlations(rows, target)
+    corr = correlations(rows, target, bootstrap=bootstrap)
     tables = [
         write_comparison(rows, out),
         write_csv(layers, out / LAYERS_TABLE, leading=KEY_COLUMNS),
@@ -496,6 +581,14 @@ def compare(
         write_csv(corr, out / CORRELATIONS_TABLE),
     ]
     drawn = _draw(out / COMPARISON_TABLE, out, formats) if figures else []
+    if report:
+        from hessfine.analysis.report import write_report
+
+        written = write_report(
+            rows, out, formats=formats, bootstrap=bootstrap, settings=settings or {}
+        )
+        tables += [p for p in written if p.suffix in (".csv", ".md")]
+        drawn += [p for p in written if p.suffix not in (".csv", ".md")]
     return Comparison(rows, corr, tables, drawn)
 
 
@@ -506,18 +599,22 @@ def _draw(table: Path, out: Path, formats: Sequence[str]) -> list[Path]:
 
 
 def format_correlations(rows: Sequence[Row]) -> str:
-    """A fixed-width text table of correlation results."""
+    """A fixed-width text table of the correlations over all rows, with 95% intervals."""
 
-    def cell(value: object) -> str:
-        return f"{value:+.3f}" if finite(value) else "    -"
+    def cell(r: Row, key: str) -> str:
+        if not finite(r.get(key)):
+            return "-"
+        low, high = r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")
+        interval = f" [{low:+.2f}, {high:+.2f}]" if finite(low) and finite(high) else ""
+        return f"{r[key]:+.2f}{interval}"
 
-    lines = [f"{'measure':<44} {'n':>4} {'pearson':>8} {'p':>8} {'spearman':>8} {'p':>8}"]
+    lines = [f"{'measure':<40} {'n':>4} {'pearson':>20} {'spearman':>20} {'kendall':>20}"]
     for r in rows:
-        p1 = f"{r['pearson_p']:.1e}" if finite(r["pearson_p"]) else "-"
-        p2 = f"{r['spearman_p']:.1e}" if finite(r["spearman_p"]) else "-"
+        if r.get("group", "all") != "all":
+            continue
         lines.append(
-            f"{r['measure']:<44} {r['n']:>4} {cell(r['pearson_r']):>8} {p1:>8} "
-            f"{cell(r['spearman_rho']):>8} {p2:>8}"
+            f"{r['measure']:<40} {r['n']:>4} {cell(r, 'pearson_r'):>20} "
+            f"{cell(r, 'spearman_rho'):>20} {cell(r, 'kendall_tau'):>20}"
         )
     return "\n".join(lines)
 
@@ -530,7 +627,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Collect measurement.json files (recursively), join them with their fine-tuning runs "
         "(hessfine.json, metrics.csv) and write comparison.csv, layers.csv, "
-        "noise_stability.csv, correlations.csv (Pearson and Spearman correlation of every "
+        "noise_stability.csv, correlations.csv (Pearson, Spearman and Kendall correlation of every "
         "bound with the measured generalization gap) and paper-style figures."
     )
     parser.epilog = (
@@ -554,12 +651,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="figure formats (default png pdf)",
     )
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="also write the study figures and report.md (hessfine.analysis.report)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="B",
+        help="bootstrap replicates (resampling runs) for the correlation intervals (default 1000)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hessfine compare``; print what was written and the correlations; return 0."""
+    if args.bootstrap < 0:
+        raise InputError(f"--bootstrap {args.bootstrap}: give a number of replicates ≥ 0")
     result = compare(
-        args.runs, args.out, target=args.target, formats=args.formats, figures=not args.no_figures
+        args.runs,
+        args.out,
+        target=args.target,
+        formats=args.formats,
+        figures=not args.no_figures,
+        bootstrap=args.bootstrap,
+        report=args.report,
     )
     print(f"{len(result.rows)} measurements → {args.out}")
     print(format_correlations(result.correlations))

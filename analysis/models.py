@@ -12,11 +12,13 @@ Specs:
   valid names: ``python -c "import timm; print(timm.list_models())"``.
 - ``hf:DIR`` or ``hf`` — a Hugging Face directory holding ``config.json`` (``hf`` alone means the
   checkpoint directory, passed as ``hf_directory``). The class is the one named in
-  ``config.architectures``, else ``AutoModelForSequenceClassification`` or
-  ``AutoModelForImageClassification``; kwargs override config attributes. Attention defaults to
-  the ``eager`` implementation (plain tensor ops), because fused attention kernels lack the
-  forward-mode and double-backward derivatives the Hessian estimators need (SPEC §1.3); pass
-  ``{"attn_implementation": "sdpa"}`` to change it. Remote code is never executed.
+  ``config.architectures`` (e.g. ``BertForSequenceClassification``, ``GPT2LMHeadModel``), else
+  ``AutoModelForSequenceClassification``, ``AutoModelForImageClassification`` or
+  ``AutoModelForCausalLM``; kwargs override config attributes. Attention is transformers' default
+  implementation (``sdpa`` today; ``{"attn_implementation": "eager"}`` selects another); the
+  estimators run it with the differentiable math kernel and pass attention masks already
+  expanded (:mod:`hessfine.bounds.functional`), and the measurement records the implementation.
+  Remote code is never executed.
 - ``path/to/file.py:FACTORY`` — the file is imported by path and ``FACTORY(**kwargs)`` called.
 - ``package.module:FACTORY`` — ``importlib.import_module`` (the current directory is searched
   too), then ``FACTORY(**kwargs)``.
@@ -200,10 +202,11 @@ def _huggingface(spec: str, directory: Path, options: dict[str, Any]) -> nn.Modu
             f"--model {spec!r}: {directory} has no config.json; point it at a Hugging Face "
             "model directory (as written by save_pretrained)"
         )
-    attention = options.pop("attn_implementation", "eager")
+    attention = options.pop("attn_implementation", None)
+    chosen = {} if attention is None else {"attn_implementation": attention}
     try:
         config = transformers.AutoConfig.from_pretrained(
-            str(directory), local_files_only=True, attn_implementation=attention
+            str(directory), local_files_only=True, **chosen
         )
     except Exception as err:  # malformed or unsupported config.json
         raise InputError(
@@ -222,13 +225,15 @@ def _huggingface(spec: str, directory: Path, options: dict[str, Any]) -> nn.Modu
     for auto in (
         transformers.AutoModelForSequenceClassification,
         transformers.AutoModelForImageClassification,
+        transformers.AutoModelForCausalLM,
     ):
         try:
             return auto.from_config(config)
         except ValueError as err:  # this auto class does not cover the config type
             errors.append(_one_line(err))
     raise InputError(
-        f"--model {spec!r}: no classification model for config type {type(config).__name__} "
+        f"--model {spec!r}: no classification or causal-LM model for config type "
+        f"{type(config).__name__} "
         f"({errors[0]}); set 'architectures' in config.json to a transformers class name"
     )
 

@@ -34,12 +34,21 @@ therefore passes the mask already expanded: an additive (N, 1, T, T) float mask,
 may attend key s (key not padding, and s ≤ t for causal models) and the dtype's most negative
 value elsewhere — the mask transformers itself builds, which it then uses as given whatever the
 attention implementation. The expansion is elementwise, so it is the same inside and outside
-``vmap``, and it leaves the logits unchanged.
+``vmap``, and it leaves the logits unchanged. It is full bidirectional or full causal
+attention: a model with sliding-window layers (Mistral, Gemma 2) is reproduced exactly only for
+sequences shorter than its window. Of the routes considered this one keeps every
+estimator as it is (vmapped per-example products, exact for any operation); the vmap-free
+alternative — per-example weight copies injected by forward hooks, out + op(x; U_n), so that one
+forward-over-reverse pass over the batch yields H_n u_n — needs a hook per layer type (Linear,
+Conv, Conv1D) and misses weights used any other way (``nn.MultiheadAttention``'s
+``in_proj_weight``). The tests check the route against dense float64 Hessians of each example run
+alone through transformers' own mask code, for BERT, RoBERTa, DistilBERT, GPT-2, ViT and a GPT-2
+language model with padded batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -178,7 +187,7 @@ class CausalLMLoss:
     ignore_index: int = -100
 
     def _shifted(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Logits z_t, targets y_{t+1} (ignored ones set to 0) and weights 1/m on label positions."""
+        """Logits z_t, targets y_{t+1} (ignored ones set to 0), weights 1/m on label positions."""
         if y is None:
             raise ValueError("the causal-LM curvature depends on the label positions: pass y")
         logits, labels = z[:, :-1], y[:, 1:]
@@ -203,9 +212,8 @@ class CausalLMLoss:
         logits, _, weights = self._shifted(z, y)
         n, steps, vocab = logits.shape
         per_token = softmax_ce_curvature_factors(logits) * weights.sqrt().unsqueeze(-1)
-        factors = z.new_zeros(steps, vocab, n, steps + 1, vocab)
-        index = torch.arange(steps, device=z.device)
-        factors[index, :, :, index] = per_token.permute(2, 0, 1, 3)
+        place = torch.eye(steps, steps + 1, dtype=z.dtype, device=z.device)
+        factors = torch.einsum("cntv,ts->tcnsv", per_token, place)
         return factors.reshape(steps * vocab, n, steps + 1, vocab)
 
     def correct(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -336,11 +344,6 @@ def with_layer(params: Mapping[str, Tensor], name: str, value: Tensor) -> dict[s
     out = dict(params)
     out[name] = value
     return out
-
-
-def materialize(batches: Iterable[Batch]) -> list[Batch]:
-    """Consume an iterable of batches into a list (estimators that need several passes)."""
-    return list(batches)
 
 
 class NondeterministicModelError(ValueError):

@@ -10,12 +10,16 @@ v_i = vec(W_i − W_i^(s)), training-set size n, loss bound C, training loss L̂
       L(f) ≤ (1+ε)·L̂(f) + (1+ε)·HDM.
 * Trace corollary (distance-constrained fine-tuning, ‖v_i‖ ≤ α_i ⇒ 𝓗_i ≤ α_i² max_x Tr[H_i⁺(x)]):
       L(f) ≤ (1+ε)·L̂(f) + (1+ε)·Σ_i α_i·sqrt(C · max_x Tr[H_i⁺(x)] / n).
-* Noisy labels (class-conditional noise with row-stochastic confusion matrix F): the consistent
-  loss ℓ̄(f(x), ỹ) = Σ_j (F⁻¹)[ỹ, j] ℓ(f(x), j) is bounded by C·κ(F) with
+* Noisy labels (class-conditional noise with row-stochastic confusion matrix F; Ju, Li & Zhang
+  2022, the theorem for the consistent loss): the consistent loss
+  ℓ̄(f(x), ỹ) = Σ_j (F⁻¹)[ỹ, j] ℓ(f(x), j) is bounded by C·κ(F) with
       κ(F) = max_row Σ_j |(F⁻¹)[row, j]|  (the ∞-norm of F⁻¹),
-  so the noisy-label bounds are the bounds above with C replaced by C·κ(F) and L̂ the consistent
-  loss on the noisy training labels (Ju, Li & Zhang 2022, Sec. 3). Exactly, the 𝓗_i should then be
-  those of the consistent loss; the values passed in are used as given.
+  and the bound on the clean test loss is
+      L(f) ≤ (1+ε)·L̄̂(f) + (1+ε)·Σ_i sqrt(κ(F)·C·𝓗̄_i / n)   (+ ξ),
+  with L̄̂ the mean consistent loss on the noisy training labels and 𝓗̄_i the quadratic forms of
+  ℓ̄'s own Hessian. 𝓗̄_i = 𝓗_i on piecewise-linear networks (∇²_z ℓ̄ = ∇²_z ℓ because the rows of
+  F⁻¹ sum to one, and the residual Σ_c (∂ℓ̄/∂z_c)·∇²z_c vanishes); on smooth networks they differ
+  and must be passed as ``noisy_layer_max`` (docs/bounds.md, "Label noise").
 * Prior distance-based measures, for comparison (Fig. 1 of the paper), in
   :func:`prior_distance_measures`.
 
@@ -76,17 +80,21 @@ def trace_corollary(
     return (1.0 + epsilon) * float(train_loss) + (1.0 + epsilon) * term
 
 
-def consistent_loss_factor(F: Tensor) -> float:
-    """κ(F) = max_row Σ_j |(F⁻¹)[row, j]| for a k×k confusion matrix F (F[y, z] = P(z | y)).
+def noise_matrix_inverse(F: Tensor, k: int | None = None) -> Tensor:
+    """F⁻¹ (float64) of a k×k noise matrix F, after checking it is square, finite, invertible.
 
-    Example (symmetric noise at rate ρ = 0.2 with k = 2 classes, κ = 1/(1 − 2ρ)):
-        >>> round(consistent_loss_factor(torch.tensor([[0.8, 0.2], [0.2, 0.8]])), 6)
-        1.666667
+    Example:
+        >>> noise_matrix_inverse(torch.tensor([[0.8, 0.2], [0.2, 0.8]])).mul(3).round().tolist()
+        [[4.0, -1.0], [-1.0, 4.0]]
     """
     F = torch.as_tensor(F, dtype=torch.float64)
     if F.dim() != 2 or F.shape[0] != F.shape[1] or F.shape[0] < 2:
         raise ValueError(
             f"confusion matrix must be square k×k with k ≥ 2, got shape {tuple(F.shape)}"
+        )
+    if k is not None and F.shape[0] != k:
+        raise ValueError(
+            f"confusion matrix is {F.shape[0]}×{F.shape[0]}, the model has {k} classes"
         )
     if not torch.isfinite(F).all():
         raise ValueError("confusion matrix has non-finite entries")
@@ -96,7 +104,17 @@ def consistent_loss_factor(F: Tensor) -> float:
             f"confusion matrix is singular (condition number {float(cond):.3g}); the consistent "
             "loss needs an invertible F — lower the noise rate or re-estimate F"
         )
-    return float(torch.linalg.inv(F).abs().sum(dim=1).max())
+    return torch.linalg.inv(F)
+
+
+def consistent_loss_factor(F: Tensor) -> float:
+    """κ(F) = max_row Σ_j |(F⁻¹)[row, j]| for a k×k confusion matrix F (F[y, z] = P(z | y)).
+
+    Example (symmetric noise at rate ρ = 0.2 with k = 2 classes, κ = 1/(1 − 2ρ)):
+        >>> round(consistent_loss_factor(torch.tensor([[0.8, 0.2], [0.2, 0.8]])), 6)
+        1.666667
+    """
+    return float(noise_matrix_inverse(F).abs().sum(dim=1).max())
 
 
 def as_matrix(weight: Tensor) -> Tensor:
@@ -213,6 +231,7 @@ class Bounds:
     hessian_distance_measure_noisy_labels: float | None = None
     theorem_2_1_noisy_labels: float | None = None
     trace_corollary_noisy_labels: float | None = None
+    noise_matrix_source: str | None = None
     settings: Mapping[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -237,6 +256,9 @@ def assemble_bounds(
     epsilon: float = 0.0,
     confusion: Tensor | None = None,
     consistent_train_loss: float | None = None,
+    noisy_layer_max: Mapping[str, float] | None = None,
+    noisy_trace_positive_max: Mapping[str, float] | None = None,
+    noise_matrix_source: str | None = None,
     certificate: object | None = None,
     margin: float = 1.0,
     input_norm: float = 1.0,
@@ -248,13 +270,19 @@ def assemble_bounds(
         train_loss: L̂, the mean training loss.
         layer_max: 𝓗_i per layer (``quadratic_form.max``).
         distances: ‖v_i‖_F per layer, the default α_i of the trace corollary.
-        weights, directions: W_i and v_i per layer, for the prior distance measures.
+        weights, directions: W_i and v_i per layer, for the prior distance measures (none when
+            empty).
         trace_positive_max: max_x Tr[H_i⁺(x)] per layer; the trace corollary is None without it.
         alphas: radii α_i (default ``distances``).
         C, n, epsilon: loss bound, training-set size, ε.
         confusion: the k×k matrix F; adds the noisy-label versions (C → C·κ(F)).
-        consistent_train_loss: L̂ of the consistent loss for the noisy-label versions
-            (default ``train_loss``).
+        consistent_train_loss: L̂ of the consistent loss ℓ̄ on the noisy training labels, for
+            the noisy-label versions (default ``train_loss``).
+        noisy_layer_max: 𝓗_i of ℓ̄ on the noisy labels (default ``layer_max``, which equals it
+            on piecewise-linear networks; see the module docs).
+        noisy_trace_positive_max: max_x Tr[H_i⁺(x)] of ℓ̄, for the noisy-label trace corollary
+            (None: that corollary is not computed).
+        noise_matrix_source: where F comes from (e.g. ``known``, ``dual-t``), recorded as is.
         certificate: a :class:`hessfine.bounds.pac_bayes.Certificate` (anything with ``to_json()``) or a
             mapping, stored as ``pac_bayes_certificate``.
         margin, input_norm, delta: γ, B and δ of the Neyshabur et al. measure.
@@ -266,8 +294,12 @@ def assemble_bounds(
         if trace_positive_max is None
         else trace_corollary(train_loss, trace_positive_max, alphas, C=C, n=n, epsilon=epsilon)
     )
-    measures = prior_distance_measures(
-        weights, directions, n=n, margin=margin, input_norm=input_norm, delta=delta
+    measures = (
+        prior_distance_measures(
+            weights, directions, n=n, margin=margin, input_norm=input_norm, delta=delta
+        )
+        if weights
+        else {}
     )
     cert = None
     if certificate is not None:
@@ -276,16 +308,18 @@ def assemble_bounds(
     if confusion is not None:
         factor = consistent_loss_factor(confusion)
         loss = train_loss if consistent_train_loss is None else consistent_train_loss
-        hdm_noisy = hessian_distance_measure(layer_max, C=C * factor, n=n)
+        forms = layer_max if noisy_layer_max is None else noisy_layer_max
+        hdm_noisy = hessian_distance_measure(forms, C=C * factor, n=n)
         noisy = {
             "noisy_label_factor": factor,
             "hessian_distance_measure_noisy_labels": hdm_noisy,
             "theorem_2_1_noisy_labels": theorem_2_1(loss, hdm_noisy, epsilon=epsilon),
             "trace_corollary_noisy_labels": None
-            if trace_positive_max is None
+            if noisy_trace_positive_max is None
             else trace_corollary(
-                loss, trace_positive_max, alphas, C=C * factor, n=n, epsilon=epsilon
+                loss, noisy_trace_positive_max, alphas, C=C * factor, n=n, epsilon=epsilon
             ),
+            "noise_matrix_source": noise_matrix_source,
         }
     return Bounds(
         C=float(C),

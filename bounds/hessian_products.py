@@ -80,6 +80,59 @@ def mean_loss_hvp(
     return apply
 
 
+def block_diagonal_hvp(
+    fmodel: FunctionalModel,
+    params: Mapping[str, Tensor],
+    layers: Sequence[str],
+    batches: Sequence[Batch],
+    *,
+    shard: Shard = LOCAL,
+    progress: Callable[[float], None] | None = None,
+) -> Callable[[Mapping[str, Tensor]], dict[str, Tensor]]:
+    """u ↦ (H̄_ii u_i)_i for any subset of ``layers``: the diagonal blocks' products together.
+
+    Per batch one forward and one backward pass with ``create_graph`` give g(W); then layer i
+    costs one double-backward pass ∇_{W_i}(g_i · u_i), which only reaches back to W_i (cheaper
+    than a full product for late layers). u maps some layers to vectors shaped like the weight.
+    """
+    layers = list(layers)
+    total = shard.total(sum(y.shape[0] for _, y in batches))
+
+    def apply(u: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        names = [name for name in layers if name in u]
+        out = {name: torch.zeros_like(u[name]) for name in names}
+        for x, y in batches:
+            weights = {name: params[name].detach().requires_grad_(True) for name in layers}
+            with torch.enable_grad():
+                loss = fmodel.losses({**params, **weights}, x, y).sum()
+                grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True)
+                grads = dict(zip(layers, grads, strict=True))
+                for j, name in enumerate(names):
+                    if grads[name].requires_grad:
+                        (h,) = torch.autograd.grad(
+                            grads[name],
+                            weights[name],
+                            u[name],
+                            retain_graph=j < len(names) - 1,
+                            allow_unused=True,
+                        )
+                        if h is not None:
+                            out[name] += h.detach()
+                    if progress is not None:
+                        progress(1 / len(batches))
+        if shard.world_size > 1:
+            summed = shard.sum(torch.cat([out[name].reshape(-1) for name in names]))
+            out = {
+                name: part.view_as(out[name])
+                for name, part in zip(
+                    names, summed.split([out[n].numel() for n in names]), strict=True
+                )
+            }
+        return {name: out[name] / total for name in names}
+
+    return apply
+
+
 def flatten(u: Mapping[str, Tensor], layers: Sequence[str]) -> Tensor:
     """(P, *shape) per layer → (P, D) with the layers concatenated in order."""
     return torch.cat([u[name].reshape(u[name].shape[0], -1) for name in layers], dim=1)

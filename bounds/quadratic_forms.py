@@ -14,9 +14,11 @@ The estimators (SPEC §4):
   examples of the batch (exact for every operation, unlike nested forward mode, SPEC §1.3).
 * ``ggn``: v_iᵀ G_i(x) v_i = z'ᵀ ∇²_z ℓ z' with a single JVP (the Gauss–Newton block); ∇²_z ℓ is
   the model's loss's curvature in the logits (diag p − p pᵀ for cross-entropy).
-* ``positive``: v_iᵀ H_i⁺(x) v_i by Lanczos quadrature started from v_i (:mod:`hessfine.bounds.lanczos`),
-  with per-example Hessian-vector products vmapped over the batch; exact once the number of
-  steps reaches the block's dimension.
+* ``positive``: v_iᵀ H_i⁺(x) v_i by adaptive Lanczos quadrature started from v_i (the
+  Gauss–Radau rule with a node at 0, :func:`hessfine.bounds.lanczos.positive_quadrature`), with
+  per-example Hessian-vector products vmapped over the examples still running: each example
+  stops once converged to ``positive_rtol`` of the layer's maximum or once it cannot attain the
+  maximum; exact once its Krylov space is exhausted.
 * ``auto``: the ``positive`` semantics. A layer whose logits are piecewise linear in W_i (every
   operation after it is ReLU, max-pooling, eval-mode BatchNorm, residual addition, pooling…) has
   z'' ≡ 0, so H_i(x) = G_i(x) is positive semi-definite and H_i⁺ = H_i: the single-JVP Gauss–Newton
@@ -45,7 +47,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -55,11 +57,12 @@ from hessfine.bounds.functional import (
     FunctionalModel,
     Inputs,
     batch_size,
+    index_inputs,
     slice_inputs,
     unsqueeze_inputs,
 )
 from hessfine.bounds.functional import with_layer as _with_layer
-from hessfine.bounds.lanczos import lanczos, quadrature
+from hessfine.bounds.lanczos import PositiveQuadrature, positive_quadrature
 from hessfine.bounds.safe_autodiff import differentiable
 from hessfine.bounds.sharding import LOCAL, Shard
 from torch import Tensor
@@ -180,16 +183,6 @@ def block_forms_hvp(
     return (per_example_hvp(fmodel, params, name, x, y)(flat) * flat).sum(dim=1)
 
 
-@dataclass(frozen=True)
-class PositiveForms:
-    """Lanczos-quadrature values of v_iᵀ H_i⁺(x) v_i for a batch, with convergence data."""
-
-    values: Tensor
-    half_values: Tensor
-    exhausted: Tensor
-    steps: int
-
-
 def positive_forms(
     fmodel: FunctionalModel,
     params: Mapping[str, Tensor],
@@ -199,28 +192,36 @@ def positive_forms(
     y: Tensor,
     *,
     steps: int,
-) -> PositiveForms:
-    """v_iᵀ H_i⁺(x) v_i for every example by Lanczos quadrature started from v_i.
+    rtol: float = 1e-2,
+    floor: float = float("-inf"),
+) -> PositiveQuadrature:
+    """v_iᵀ H_i⁺(x) v_i for every example by adaptive Lanczos quadrature started from v_i.
 
-    ``half_values`` are the same quadratures truncated at half the steps, for the convergence
-    report; examples are processed in chunks so that the Lanczos basis stays within memory.
+    :func:`hessfine.bounds.lanczos.positive_quadrature` with per-example HVPs of the examples
+    still running: each example stops once its Gauss–Radau estimate has converged to ``rtol``
+    times the largest value, or once it provably (up to its error estimate) cannot attain the
+    maximum, or after ``steps`` steps. ``floor`` is a value already attained (earlier batches).
+    Examples are processed in chunks so that the Lanczos basis stays within memory.
     """
     dim = v.numel()
     steps = min(steps, dim)
     n = batch_size(x)
     chunk = max(1, min(n, _ELEMENT_BUDGET // max(steps * dim, 1)))
-    values, halves, exhausted = [], [], []
+    parts = []
     for start in range(0, n, chunk):
         xs = slice_inputs(x, start, start + chunk)
         ys = y[start : start + chunk]
-        count = ys.shape[0]
-        matvec = per_example_hvp(fmodel, params, name, xs, ys)
-        result = lanczos(matvec, v.reshape(1, -1).expand(count, -1).clone(), steps=steps)
-        positive = lambda lam: lam.clamp(min=0.0)  # noqa: E731
-        values.append(quadrature(result, positive))
-        halves.append(quadrature(result, positive, k=max(1, steps // 2)))
-        exhausted.append(result.exhausted)
-    return PositiveForms(torch.cat(values), torch.cat(halves), torch.cat(exhausted), steps)
+
+        def matvec(q: Tensor, members: Tensor, xs: Inputs = xs, ys: Tensor = ys) -> Tensor:
+            return per_example_hvp(fmodel, params, name, index_inputs(xs, members), ys[members])(q)
+
+        start_vectors = v.reshape(1, -1).expand(ys.shape[0], -1).clone()
+        part = positive_quadrature(matvec, start_vectors, max_steps=steps, rtol=rtol, floor=floor)
+        floor = max(floor, float((part.values - part.errors).max()))
+        parts.append(part)
+    return PositiveQuadrature(
+        *(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(PositiveQuadrature))
+    )
 
 
 def certify_piecewise_linear(
@@ -277,7 +278,8 @@ def quadratic_forms(
     batches: Iterable[Batch],
     *,
     estimator: Estimator = "auto",
-    lanczos_steps: int = 32,
+    lanczos_steps: int = 128,
+    positive_rtol: float = 1e-2,
     reference_batch_size: int = 4,
     check_examples: int = 1,
     generator: torch.Generator | None = None,
@@ -289,6 +291,9 @@ def quadratic_forms(
 
     ``params`` is the full parameter dict of the fine-tuned network, ``directions`` maps each
     selected layer to v_i (same shape as the weight). ``batches`` yields (x, y) in example order.
+    For the positive part, ``lanczos_steps`` caps the Lanczos steps per example and
+    ``positive_rtol`` is the accuracy, relative to the layer's maximum, at which an example stops
+    (0: always ``lanczos_steps`` steps); see :func:`positive_forms`.
     ``certify_on``: the inputs whose first example(s) certify the layers (default: the first
     batch). With a ``shard`` the batches are this process's share (whole batches of the global
     stream; for ``reference-code`` of exactly ``reference_batch_size``), ``argmax`` is global and
@@ -309,6 +314,7 @@ def quadratic_forms(
             batches,
             estimator=estimator,
             lanczos_steps=lanczos_steps,
+            positive_rtol=positive_rtol,
             check_examples=check_examples,
             generator=generator,
             certify_on=certify_on,
@@ -325,6 +331,7 @@ def _example_forms(
     *,
     estimator: str,
     lanczos_steps: int,
+    positive_rtol: float,
     check_examples: int,
     generator: torch.Generator,
     certify_on: Inputs | None,
@@ -352,15 +359,29 @@ def _example_forms(
             elif route == "hvp":
                 values = block_forms_hvp(fmodel, params, name, v, x, y)
             else:
-                result = positive_forms(fmodel, params, name, v, x, y, steps=lanczos_steps)
+                result = positive_forms(
+                    fmodel,
+                    params,
+                    name,
+                    v,
+                    x,
+                    y,
+                    steps=lanczos_steps,
+                    rtol=positive_rtol,
+                    floor=diagnostics[name].get("_floor", float("-inf")),
+                )
                 values = result.values
-                _fold_lanczos_diagnostics(diagnostics[name], result)
+                _fold_lanczos_diagnostics(
+                    diagnostics[name], result, lanczos_steps, positive_rtol, reductions[name].max
+                )
             reductions[name].update(values, start=first)
             if progress is not None:
                 progress(1)
     return {
         name: reductions[name].form(
-            name, routes.get(name, estimator), _finish_diagnostics(diagnostics[name])
+            name,
+            routes.get(name, estimator),
+            _finish_diagnostics(diagnostics[name], reductions[name].max),
         )
         for name in names
     }
@@ -392,20 +413,48 @@ def _choose_routes(
     return routes
 
 
-def _fold_lanczos_diagnostics(diagnostics: dict, result: PositiveForms) -> None:
-    change = (result.values - result.half_values).abs()
-    scale = result.values.abs().max().clamp_min(1e-30)
-    diagnostics["lanczos_steps"] = result.steps
-    diagnostics["_change"] = max(diagnostics.get("_change", 0.0), float(change.max() / scale))
-    diagnostics["_exhausted"] = diagnostics.get("_exhausted", 0) + int(result.exhausted.sum())
-    diagnostics["_count"] = diagnostics.get("_count", 0) + result.exhausted.numel()
+def _fold_lanczos_diagnostics(
+    diagnostics: dict, result: PositiveQuadrature, cap: int, rtol: float, previous_max: float
+) -> None:
+    """Accumulate the convergence report of the positive part over batches.
+
+    Reported (per layer): the step cap and tolerance; steps per example (mean, max, and on the
+    example attaining the maximum); ``relative_change_half_steps``, the largest error estimate
+    |R_k − R_⌈k/2⌉| of a non-pruned example relative to the maximum; the error estimate at the
+    maximum; the fractions pruned and exhausted; and ``lower_bound_max`` = max_x max(vᵀH v, 0),
+    a rigorous lower bound of the true 𝓗_i.
+    """
+    d = diagnostics
+    d["lanczos_max_steps"] = cap
+    d["positive_rtol"] = rtol
+    kept = ~result.pruned
+    d["_err"] = max(d.get("_err", 0.0), float(result.errors[kept].max()) if kept.any() else 0.0)
+    d["_steps"] = d.get("_steps", 0) + int(result.steps.sum())
+    d["_steps_max"] = max(d.get("_steps_max", 0), int(result.steps.max()))
+    d["_pruned"] = d.get("_pruned", 0) + int(result.pruned.sum())
+    d["_exhausted"] = d.get("_exhausted", 0) + int(result.exhausted.sum())
+    d["_count"] = d.get("_count", 0) + result.values.numel()
+    d["_lower"] = max(d.get("_lower", 0.0), float(result.lower.max()))
+    d["_floor"] = max(d.get("_floor", float("-inf")), float((result.values - result.errors).max()))
+    best = int(result.values.argmax())
+    if float(result.values[best]) > previous_max:
+        d["_at_max"] = (float(result.errors[best]), int(result.steps[best]))
 
 
-def _finish_diagnostics(diagnostics: dict) -> dict:
+def _finish_diagnostics(diagnostics: dict, top: float) -> dict:
     out = {k: v for k, v in diagnostics.items() if not k.startswith("_")}
     if "_count" in diagnostics:
-        out["relative_change_half_steps"] = diagnostics["_change"]
-        out["krylov_exhausted_fraction"] = diagnostics["_exhausted"] / diagnostics["_count"]
+        count = diagnostics["_count"]
+        error_at_max, steps_at_max = diagnostics["_at_max"]
+        scale = max(abs(top), 1e-300)
+        out["lanczos_steps_mean"] = diagnostics["_steps"] / count
+        out["lanczos_steps_max"] = diagnostics["_steps_max"]
+        out["lanczos_steps_at_max"] = steps_at_max
+        out["relative_change_half_steps"] = diagnostics["_err"] / scale
+        out["relative_error_estimate_at_max"] = error_at_max / scale
+        out["pruned_fraction"] = diagnostics["_pruned"] / count
+        out["krylov_exhausted_fraction"] = diagnostics["_exhausted"] / count
+        out["lower_bound_max"] = diagnostics["_lower"]
     return out
 
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 from hessfine.bounds.functional import Batch, FunctionalModel
-from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
-from hessfine.bounds.lanczos import lanczos, ritz_values
+from hessfine.bounds.hessian_products import block_diagonal_hvp, flat_operator, mean_loss_hvp
+from hessfine.bounds.lanczos import LanczosResult, lanczos, lanczos_many, ritz_values
 from hessfine.bounds.safe_autodiff import differentiable
 from hessfine.bounds.sharding import LOCAL, Shard
 from hessfine.bounds.traces import rademacher
@@ -90,7 +90,11 @@ def _top(
     dim = sum(params[name].numel() for name in layers)
     steps = min(dim, steps if steps is not None else max(2 * k + 20, 40))
     start = rademacher((1, dim), generator=generator, like=first)
-    result = lanczos(matvec, start, steps=steps)
+    return _eigenvalues(lanczos(matvec, start, steps=steps), k)
+
+
+def _eigenvalues(result: LanczosResult, k: int) -> Eigenvalues:
+    """The top-k Ritz values of a one-member Lanczos run with their residual bounds."""
     used = int(result.steps[0])
     theta, bounds = ritz_values(result)
     take = min(k, used)
@@ -116,16 +120,30 @@ def top_eigenvalues(
 ) -> dict[str, Eigenvalues]:
     """The k largest eigenvalues of every layer's diagonal block of the mean-loss Hessian.
 
-    With a ``shard`` the Hessian products are summed over processes (every process runs the
-    same Lanczos); ``progress`` counts Lanczos steps.
+    The layers' Lanczos runs go in lockstep (:func:`hessfine.bounds.lanczos.lanczos_many`): at
+    each step the block products H_ii q_i of all running layers share one forward and one
+    backward pass per batch, each then costing one double-backward pass that reaches back to
+    its own layer only (:func:`hessfine.bounds.hessian_products.block_diagonal_hvp`). With a ``shard`` the Hessian
+    products are summed over processes (every process runs the same Lanczos); ``progress``
+    counts Lanczos steps.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     batches = list(batches)
+    layers = list(layers)
+    starts = [
+        rademacher((1, params[n].numel()), generator=generator, like=params[n]) for n in layers
+    ]
+    hvp = block_diagonal_hvp(fmodel, params, layers, batches, shard=shard, progress=progress)
+
+    def blocks(running: list[int], qs: list[Tensor]) -> list[Tensor]:
+        u = {layers[i]: q[0].view_as(params[layers[i]]) for i, q in zip(running, qs, strict=True)}
+        out = hvp(u)
+        return [out[layers[i]].reshape(1, -1) for i in running]
+
+    default = max(2 * k + 20, 40)
     with differentiable():
-        return {
-            name: _top(fmodel, params, [name], batches, k, steps, generator, shard, progress)
-            for name in layers
-        }
+        results = lanczos_many(blocks, starts, steps=steps if steps is not None else default)
+    return {name: _eigenvalues(result, k) for name, result in zip(layers, results, strict=True)}
 
 
 def whole_top_eigenvalues(
@@ -181,7 +199,9 @@ def spectral_density(
     weights = vectors[:, 0, :] ** 2
     low, high = float(theta.min()), float(theta.max())
     margin = max(high - low, 1e-12) * 0.05
-    grid = torch.linspace(low - margin, high + margin, points, dtype=torch.float64)
+    grid = torch.linspace(
+        low - margin, high + margin, points, dtype=torch.float64, device=theta.device
+    )
     sigma = bandwidth * max(high - low, 1e-12)
     kernel = torch.exp(-((grid[:, None, None] - theta[None]) ** 2) / (2 * sigma**2))
     kernel = kernel / (sigma * (2 * torch.pi) ** 0.5)

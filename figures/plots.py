@@ -89,6 +89,25 @@ METHOD_COLORS = {
     "consistent": 9,
 }
 UNLABELLED = "unlabelled"
+
+
+def method_color(method: str) -> tuple[float, float, float]:
+    """The colour of a method, the same in every figure: a fixed entry of seaborn's
+    colour-blind-safe ``colorblind`` palette for the methods of :data:`METHOD_COLORS`, the two
+    unused entries (orange, pink) for the next methods in alphabetical order of name (a stable
+    hash for the rest), grey for unlabelled rows."""
+    palette = sns.color_palette("colorblind", 10)
+    if method in METHOD_COLORS:
+        return palette[METHOD_COLORS[method]]
+    if method == UNLABELLED:
+        return (0.3, 0.3, 0.3)
+    spare = [i for i in range(len(palette)) if i not in METHOD_COLORS.values()]
+    extra = {"sam": spare[0], "nso": spare[1]}
+    if method in extra:
+        return palette[extra[method]]
+    return palette[sum(map(ord, method)) % len(palette)]
+
+
 GAP = "generalization_gap_loss"
 HDM = "hessian_distance_measure"
 DISTANCE_PREFIX = "distance_measure_"
@@ -104,12 +123,43 @@ LABELS = {
 }
 
 
+#: How the prior distance measures of ``bounds.distance_measures`` are written; other keys are
+#: written by :func:`prior_name`'s rule.
+PRIOR_NAMES = {
+    "li_zhang_2021": "Li & Zhang 2021",
+    "neyshabur_2018": "Neyshabur et al. 2018",
+    "neyshabur_2018_complexity": "Neyshabur et al. 2018 (complexity term)",
+    "spectral_product_distance": "spectral-product distance (Gouk et al. 2021 style)",
+}
+
+
+def prior_name(key: str) -> str:
+    """A prior distance measure's key written as a citation: ``li_zhang_2021`` → "Li & Zhang
+    2021"; an unknown key ending in a year keeps its words, capitalised, e.g.
+    ``spectral_product_gouk_2021`` → "Spectral product (Gouk 2021)".
+
+    Example:
+        >>> prior_name("neyshabur_2018"), prior_name("spectral_product_gouk_2021")
+        ('Neyshabur et al. 2018', 'Spectral product (Gouk 2021)')
+    """
+    key = key.removeprefix(DISTANCE_PREFIX)
+    if key in PRIOR_NAMES:
+        return PRIOR_NAMES[key]
+    words = key.split("_")
+    if len(words) >= 3 and words[-1].isdigit():
+        *what, author, year = words
+        return f"{' '.join(what).capitalize()} ({author.capitalize()} {year})"
+    if len(words) >= 2 and words[-1].isdigit():
+        return f"{' '.join(words[:-1]).title()} {words[-1]}"
+    return key.replace("_", " ")
+
+
 def label_of(column: str) -> str:
     """Axis label of a table column."""
     if column in LABELS:
         return LABELS[column]
     if column.startswith(DISTANCE_PREFIX):
-        return "distance bound: " + column[len(DISTANCE_PREFIX) :].replace("_", " ")
+        return "distance measure: " + prior_name(column)
     return column.replace("_", " ")
 
 
@@ -132,13 +182,10 @@ class Style:
             return rank, label
 
         ordered = sorted(labels, key=order)
-        palette = sns.color_palette("colorblind", 10)
         if several:
             colors = sns.color_palette("colorblind", max(len(ordered), 1))
             return cls(dict(zip(ordered, colors, strict=False)), several)
-        fixed = {m: palette[i] for m, i in METHOD_COLORS.items()}
-        spare = iter(palette[i] for i in range(len(palette)) if i not in METHOD_COLORS.values())
-        colors = {label: fixed.get(label) or next(spare, "0.3") for label in ordered}
+        colors = {label: method_color(label.split(" (")[0]) for label in ordered}
         return cls(colors, several)
 
     def label(self, row: Row) -> str:
@@ -164,10 +211,11 @@ def _epoch(row: Row) -> float:
 
 
 def _series(rows: Sequence[Row], style: Style) -> dict[tuple[str, Any], list[Row]]:
-    """Rows of one run (label, seed), sorted by epoch."""
+    """Rows of one run, sorted by epoch: keyed by label and run directory (label and seed when
+    the run is unknown), so runs of one method at other radii or noise rates stay apart."""
     runs: dict[tuple[str, Any], list[Row]] = defaultdict(list)
     for row in rows:
-        runs[(style.label(row), row.get("seed"))].append(row)
+        runs[(style.label(row), row.get("run") or row.get("seed"))].append(row)
     return {key: sorted(value, key=_epoch) for key, value in runs.items()}
 
 
@@ -249,11 +297,32 @@ def panel_gap_vs(ax: Axes, rows: Sequence[Row], column: str, style: Style) -> bo
 
 
 def _log_axis(axis: Any) -> None:
-    """Log-scale ticks at 1, 2 and 5 per decade labelled as plain numbers (no crowded minor
-    labels when the data span less than a decade)."""
-    axis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    """Log-scale ticks that never crowd: at 1, 2 and 5 per decade when the axis spans at most
+    one decade, at 1 and 3 up to two decades, else at powers of ten only (every k-th decade
+    beyond six); plain numbers between 0.001 and 10⁴, powers of ten outside. Reads the axis's
+    current limits, so call it after setting them."""
+    low, high = sorted(axis.get_view_interval())
+    decades = math.log10(high / low) if low > 0 and high > low else 1.0
+    if decades <= 1.0:
+        subs: tuple[float, ...] = (1.0, 2.0, 5.0)
+    elif decades <= 2.0:
+        subs = (1.0, 3.0)
+    else:
+        subs = (1.0,)
+    axis.set_major_locator(LogLocator(base=10.0, subs=subs, numticks=7))
+    axis.set_major_formatter(FuncFormatter(_log_tick))
     axis.set_minor_formatter(NullFormatter())
+
+
+def _log_tick(value: float, _: object = None) -> str:
+    if value <= 0:
+        return ""
+    if 1e-3 <= value < 1e4:
+        return f"{value:g}"
+    exponent = math.log10(value)
+    if abs(exponent - round(exponent)) < 1e-9:
+        return f"$10^{{{round(exponent)}}}$"
+    return f"{value:.0e}"
 
 
 def _padded(values: Sequence[float]) -> tuple[float, float]:
@@ -345,6 +414,8 @@ def panel_layers(ax: Axes, layers: Sequence[Row], style: Style, column: str) -> 
     positive = [v for r in layers if finite(r.get(column)) and (v := r[column]) > 0]
     if positive and max(positive) / min(positive) > 50:
         ax.set_yscale("log")
+        ax.autoscale_view()
+        _log_axis(ax.yaxis)
     if column == "sqrt_quadratic_form_max":
         ax.set_ylabel(r"$\sqrt{\mathcal{H}_i}$")
         ax.set_title(r"per-layer $\sqrt{\mathcal{H}_i}$ (final checkpoints)")
@@ -498,7 +569,7 @@ def panel_epochs(
 
 def _short_label(column: str) -> str:
     return {HDM: "Hessian distance measure", GAP: "gap"}.get(
-        column, label_of(column).removeprefix("distance bound: ")
+        column, label_of(column).removeprefix("distance measure: ")
     )
 
 
@@ -521,6 +592,7 @@ def _save(fig: Figure, out_dir: Path, stem: str, formats: Sequence[str]) -> list
         path = out_dir / f"{stem}.{fmt}"
         handle, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{stem}.", suffix=f".{fmt}")
         os.close(handle)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a figure is as readable as any file
         try:
             fig.savefig(tmp, format=fmt, dpi=150)
             os.replace(tmp, path)
@@ -532,6 +604,8 @@ def _save(fig: Figure, out_dir: Path, stem: str, formats: Sequence[str]) -> list
 
 
 Panel = Callable[[Axes], bool]
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _figure_of_panels(

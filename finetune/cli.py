@@ -86,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     what.add_argument("--data", required=True, metavar="TRAIN", help="training data spec")
     what.add_argument("--eval-data", metavar="EVAL", help="evaluation data spec (test split)")
+    what.add_argument(
+        "--input-columns", nargs="+", metavar="COL", help="datasets directory: input columns"
+    )
+    what.add_argument("--label-column", metavar="COL", help="datasets directory: label column")
     what.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
     what.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     what.add_argument(
@@ -292,11 +296,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--estimate-confusion applies to --method consistent or robust only")
     device = resolve_device(args.device)
 
-    train = load_data(args.data, trust=args.trust_checkpoint, label="--data")
+    columns = {"input_columns": args.input_columns, "label_column": args.label_column}
+    train = load_data(args.data, trust=args.trust_checkpoint, label="--data", **columns)
     evaluation = (
         None
         if args.eval_data is None
-        else load_data(args.eval_data, trust=args.trust_checkpoint, label="--eval-data")
+        else load_data(args.eval_data, trust=args.trust_checkpoint, label="--eval-data", **columns)
     )
     train_x = _inputs(train, "--data")
     eval_x = None if evaluation is None else _inputs(evaluation, "--eval-data")

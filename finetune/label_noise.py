@@ -38,7 +38,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
+from hessfine.bounds.functional import ConsistentCrossEntropy
+from hessfine.bounds.generalization import consistent_loss_factor
 from torch import Tensor
 
 __all__ = [
@@ -180,7 +181,7 @@ def inverse_confusion(F: Tensor) -> Tensor:
 
 def correction_factor(F: Tensor) -> float:
     """max_row Σ_j |(F⁻¹)[row, j]|: the consistent loss is at most this times max_j ℓ(f(x), j)."""
-    return inverse_confusion(F).abs().sum(dim=1).max().item()
+    return consistent_loss_factor(check_confusion(F))
 
 
 def consistent_loss(
@@ -202,8 +203,7 @@ def consistent_loss(
     """
     if inverse is None:
         inverse = inverse_confusion(check_confusion(F, logits.shape[-1]))
-    weights = inverse.to(device=logits.device, dtype=logits.dtype)[noisy_y]
-    return (weights * -nnf.log_softmax(logits, dim=-1)).sum(dim=-1)
+    return ConsistentCrossEntropy(inverse.to(device=logits.device))(logits, noisy_y)
 
 
 def _anchor_rows(probs: Tensor, quantile: float) -> Tensor:

@@ -45,8 +45,8 @@ The methods (the objective, and for ``sam``/``nso`` the gradient rule):
   cancels the first-order noise exactly (:func:`nso_gradient`).
 
 BatchNorm statistics under ``sam``/``nso``: running statistics are updated by one forward pass
-per step, as in plain training — at W for ``sam`` (the ascent pass leaves them untouched) and at
-W + ε₁ for ``nso`` (the other perturbed passes leave them untouched).
+per step at W, as in plain training (for ``nso`` an extra forward pass without gradients); the
+ascent pass and the perturbed passes leave them untouched.
 
 Layers and radii. The constrained layers are those the analysis measures by default
 (:func:`hessfine.analysis.checkpoints.select_layers`: the ≥2-D weights of Linear, Conv and attention
@@ -85,7 +85,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
@@ -515,7 +515,9 @@ def nso_gradient(
     ``model.parameters()`` order (trainable ones), as ``sigma * torch.randn(shape,
     generator=generator)``, then moved to the parameter's device and dtype. Leaves the average in
     every ``.grad`` with the weights back at W, and returns the mean of the 2k perturbed losses
-    (detached). Buffers are updated by the W + ε₁ pass only. ``.grad`` must be empty on entry.
+    (detached). A model with buffers (BatchNorm) first runs one forward pass at W without
+    gradients, which updates its running statistics; the perturbed passes leave them untouched
+    (as the authors' code does). ``.grad`` must be empty on entry.
 
     Expected value: ∇E_ε[L(W+ε)] = ∇[L(W) + (σ²/2)·Tr ∇²L(W)] + O(σ⁴) — noise stability with
     the trace penalty of Ju, Li & Zhang (2022); antithetic pairs cancel the first-order term.
@@ -530,32 +532,34 @@ def nso_gradient(
         True
     """
     params = _trainable(model)
+    if any(True for _ in model.buffers()):
+        with torch.no_grad():
+            closure()  # running statistics from the weights W themselves, as in plain training
     total = torch.zeros((), dtype=torch.float64)
     sums = [torch.zeros_like(p) for p in params]
-    for draw in range(draws):
-        noise = [
-            (sigma * torch.randn(p.shape, generator=generator)).to(device=p.device, dtype=p.dtype)
-            for p in params
-        ]
-        for sign in (1.0, -1.0):
-            keep = _buffers_kept(model) if (draw, sign) != (0, 1.0) else nullcontext()
-            with torch.no_grad():
-                for p, e in zip(params, noise, strict=True):
-                    p.add_(e, alpha=sign)
-            try:
-                with keep:
-                    loss = closure()
-                    loss.backward()
-            finally:
+    with _buffers_kept(model):
+        for _ in range(draws):
+            noise = [
+                (sigma * torch.randn(p.shape, generator=generator)).to(p.device, p.dtype)
+                for p in params
+            ]
+            for sign in (1.0, -1.0):
                 with torch.no_grad():
                     for p, e in zip(params, noise, strict=True):
-                        p.sub_(e, alpha=sign)
-            total += loss.detach().double().cpu()
-            with torch.no_grad():
-                for acc, p in zip(sums, params, strict=True):
-                    if p.grad is not None:
-                        acc.add_(p.grad)
-                        p.grad = None
+                        p.add_(e, alpha=sign)
+                try:
+                    loss = closure()
+                    loss.backward()
+                finally:
+                    with torch.no_grad():
+                        for p, e in zip(params, noise, strict=True):
+                            p.sub_(e, alpha=sign)
+                total += loss.detach().double().cpu()
+                with torch.no_grad():
+                    for acc, p in zip(sums, params, strict=True):
+                        if p.grad is not None:
+                            acc.add_(p.grad)
+                            p.grad = None
     count = 2 * draws
     for p, acc in zip(params, sums, strict=True):
         p.grad = acc / count

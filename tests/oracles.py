@@ -7,7 +7,8 @@ against these quantities (SPEC §6).
 
 Notation (SPEC §1). For one example (x, y) with loss ℓ(f_W(x), y) (cross-entropy unless an oracle
 loss — :func:`causal_lm_loss`, :func:`consistent_loss` — is passed; inputs are tensors or dicts of
-tensors, outputs tensors or objects with ``.logits``) and selected layer i with flattened weight w_i:
+tensors, outputs tensors or objects with ``.logits``) and selected layer i with flattened
+weight w_i:
 
 * H_i(x) = ∇²_{w_i} ℓ — the i-th diagonal block of the per-example Hessian;
 * G_i(x) = J_iᵀ (diag(p) − p pᵀ) J_i — its Gauss–Newton part, J_i = ∂ logits / ∂ w_i, p = softmax;
@@ -241,8 +242,9 @@ def count(x: Inputs) -> int:
 
 def _logits(module: nn.Module, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
     if isinstance(x, Tensor):
-        return functional_call(module, dict(params), (x,))
-    out = functional_call(module, dict(params), (), dict(x))
+        out = functional_call(module, dict(params), (x,))
+    else:
+        out = functional_call(module, dict(params), (), dict(x))
     return out if isinstance(out, Tensor) else out.logits
 
 
@@ -312,6 +314,16 @@ def dense_ggn_blocks(
             J = J.reshape(z.numel(), -1)
             blocks.append(J.T @ A.reshape(z.numel(), z.numel()) @ J)
     return torch.stack(blocks)
+
+
+def assert_matches(form: object, values: Tensor) -> None:
+    """An estimator's per-layer reduction (max, mean, argmax, count) equals the oracle's values."""
+    import pytest
+
+    assert form.max == pytest.approx(float(values.max()), rel=1e-6, abs=1e-12)
+    assert form.mean == pytest.approx(float(values.mean()), rel=1e-6, abs=1e-12)
+    assert form.argmax == int(values.argmax())
+    assert form.count == values.numel()
 
 
 def positive_part(H: Tensor) -> Tensor:
@@ -388,3 +400,94 @@ def dense_batch_mean_hessians(
         )
         for s in range(0, count(x), batch_size)
     ]
+
+
+# ------------------------------------------------------------------ tiny Hugging Face models
+#: Sequence lengths of the tiny text batches: padding differs between examples.
+HF_LENGTHS = (6, 4, 2, 5, 3)
+
+
+def tiny_text_inputs(vocab: int, pad: int, *, seed: int = 0) -> dict[str, Tensor]:
+    """Right-padded ``input_ids``/``attention_mask`` for len(HF_LENGTHS) sequences of length 6."""
+    g = torch.Generator().manual_seed(seed)
+    steps = max(HF_LENGTHS)
+    mask = (torch.arange(steps)[None, :] < torch.tensor(HF_LENGTHS)[:, None]).long()
+    ids = torch.randint(2, vocab, (len(HF_LENGTHS), steps), generator=g)
+    return {"input_ids": ids.masked_fill(mask == 0, pad), "attention_mask": mask}
+
+
+def tiny_hf(name: str, *, seed: int = 0) -> tuple[nn.Module, Inputs, Tensor, list[str]]:
+    """A float64 random Hugging Face model with a batch and a few small layers to measure.
+
+    ``name``: bert, roberta, distilbert, gpt2 (sequence classification), vit, gpt2-lm (causal
+    LM, labels with prompt positions and padding at −100). Returns (model, x, y, layers).
+    """
+    import transformers as tf
+
+    small = {"num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "bert":
+            config = tf.BertConfig(hidden_size=4, vocab_size=20, num_labels=3, **small)
+            model, pad = tf.BertForSequenceClassification(config), 0
+            layers = ["bert.encoder.layer.0.attention.self.query.weight", "classifier.weight"]
+        elif name == "roberta":
+            config = tf.RobertaConfig(
+                hidden_size=4, vocab_size=20, num_labels=3, pad_token_id=1, **small
+            )
+            model, pad = tf.RobertaForSequenceClassification(config), 1
+            layers = [
+                "roberta.encoder.layer.0.attention.self.value.weight",
+                "classifier.out_proj.weight",
+            ]
+        elif name == "distilbert":
+            config = tf.DistilBertConfig(
+                dim=4, n_layers=1, n_heads=2, hidden_dim=8, vocab_size=20, num_labels=3
+            )
+            model, pad = tf.DistilBertForSequenceClassification(config), 0
+            layers = ["distilbert.transformer.layer.0.attention.k_lin.weight", "classifier.weight"]
+        elif name in ("gpt2", "gpt2-lm"):
+            config = tf.GPT2Config(
+                n_embd=4,
+                n_layer=1,
+                n_head=2,
+                n_inner=4,
+                vocab_size=20,
+                n_positions=16,
+                num_labels=3,
+                pad_token_id=0,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+            lm = name == "gpt2-lm"
+            model = (tf.GPT2LMHeadModel if lm else tf.GPT2ForSequenceClassification)(config)
+            pad = 0
+            layers = ["transformer.h.0.attn.c_proj.weight"] + (
+                ["transformer.h.0.mlp.c_proj.weight"] if lm else ["score.weight"]
+            )
+        elif name == "vit":
+            config = tf.ViTConfig(
+                image_size=4, patch_size=2, num_channels=1, hidden_size=4, num_labels=3, **small
+            )
+            model = tf.ViTForImageClassification(config)
+            layers = [
+                "vit.embeddings.patch_embeddings.projection.weight",
+                "vit.layers.0.attention.q_proj.weight",
+                "classifier.weight",
+            ]
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(len(HF_LENGTHS), 1, 4, 4, generator=g, dtype=DTYPE)
+            y = torch.randint(0, CLASSES, (len(HF_LENGTHS),), generator=g)
+            return model.to(DTYPE).eval(), x, y, layers
+        else:
+            raise ValueError(f"unknown tiny Hugging Face model {name!r}")
+    x = tiny_text_inputs(20, pad, seed=seed)
+    if name == "gpt2-lm":
+        y = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+        y[:, :2] = -100  # prompt positions carry no label
+        y[2, 1] = x["input_ids"][2, 1]  # the shortest sequence keeps a single label
+    else:
+        y = torch.randint(
+            0, CLASSES, (len(HF_LENGTHS),), generator=torch.Generator().manual_seed(seed)
+        )
+    return model.to(DTYPE).eval(), x, y, layers

@@ -258,6 +258,9 @@ def test_correlations_match_scipy_and_closed_forms() -> None:
     assert result["pearson_p"] == pytest.approx(pearson.pvalue, rel=1e-9)
     assert result["spearman_rho"] == pytest.approx(spearman.statistic, abs=1e-12)
     assert result["spearman_p"] == pytest.approx(spearman.pvalue, rel=1e-9)
+    kendall = stats.kendalltau(xs, ys)
+    assert result["kendall_tau"] == pytest.approx(kendall.statistic, abs=1e-12)
+    assert result["kendall_p"] == pytest.approx(kendall.pvalue, rel=1e-9)
     # independent oracles: numpy's correlation coefficient, and Pearson of the ranks (no ties)
     assert result["pearson_r"] == pytest.approx(np.corrcoef(xs, ys)[0, 1], abs=1e-12)
     ranks = np.argsort(np.argsort(xs)), np.argsort(np.argsort(ys))
@@ -346,15 +349,11 @@ def test_compare_command_writes_tables_and_figures(study: Path, capsys) -> None:
     assert len(layers) == 2 * len(METHODS) * len(EPOCHS)
     assert {r["method"] for r in layers} == set(METHODS)
     correlations = read_csv(out / "correlations.csv")
-    assert list(correlations[0]) == [
-        "measure",
-        "target",
-        "n",
-        "pearson_r",
-        "pearson_p",
-        "spearman_rho",
-        "spearman_p",
-    ]
+    assert list(correlations[0])[:5] == ["measure", "target", "group", "n", "runs"]
+    for name in ("pearson_r", "spearman_rho", "kendall_tau"):
+        assert {name, f"{name}_ci_low", f"{name}_ci_high"} <= set(correlations[0])
+    groups = {r["group"] for r in correlations}
+    assert groups == {"all"} | {f"method={m}" for m in METHODS}
     assert (out / "gap_vs_bounds.png").stat().st_size > 0
     assert (out / "overview.png").is_file()
     assert "hessian_distance_measure" in capsys.readouterr().out
@@ -398,7 +397,9 @@ def test_compare_command_target_and_no_figures(study: Path) -> None:
         pairs = [
             (float(r[result["measure"]]), float(r[target]))
             for r in rows
-            if r[result["measure"]] not in ("", "nan") and r[target] not in ("", "nan")
+            if r[result["measure"]] not in ("", "nan")
+            and r[target] not in ("", "nan")
+            and result["group"] in ("all", f"method={r['method']}")
         ]
         pairs = [(a, b) for a, b in pairs if np.isfinite(a) and np.isfinite(b)]
         assert int(result["n"]) == len(pairs)
@@ -407,3 +408,29 @@ def test_compare_command_target_and_no_figures(study: Path) -> None:
             assert float(result["pearson_r"]) == pytest.approx(stats.pearsonr(xs, ys)[0], abs=1e-9)
             checked += 1
     assert checked > 0
+
+
+def test_compare_report_writes_report_md(study: Path) -> None:
+    out = study / "cmp-report"
+    args = _parse(
+        compare.add_arguments,
+        [
+            str(study / "measurements"),
+            "--out",
+            str(out),
+            "--format",
+            "png",
+            "--report",
+            "--bootstrap",
+            "20",
+            "--no-figures",
+        ],
+    )
+    assert compare.run(args) == 0
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "## The paper's claims in this run" in text and "](noise_study.png)" in text
+    assert (out / "study_noise.csv").is_file()  # the fixture's runs trained on noisy labels
+    with pytest.raises(InputError, match="--bootstrap"):
+        compare.run(
+            _parse(compare.add_arguments, [str(study), "--out", str(out), "--bootstrap", "-1"])
+        )

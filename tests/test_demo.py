@@ -1,4 +1,4 @@
-"""Tests of hessfine.analysis.demo: its pieces (fast) and the quick demo end to end."""
+"""Tests of hessfine.analysis.demo: its pieces with tiny settings, and one tiny run end to end."""
 
 from __future__ import annotations
 
@@ -12,120 +12,119 @@ import pytest
 import torch
 from hessfine.analysis import demo
 from hessfine.analysis.data import load_data
+from hessfine.finetune.methods import CONSISTENT_METHODS, METHODS
 from hessfine.finetune.runs import RunResult
 
-TINY = dataclasses.replace(demo.QUICK, width=4, pretrain_epochs=1, epochs=2, n_train=40, samples=16)
+TINY = dataclasses.replace(
+    demo.QUICK,
+    name="tiny",
+    width=2,
+    pretrain_images=64,
+    pretrain_epochs=1,
+    n_train=40,
+    epochs=2,
+    checkpoints=2,
+    radii=(0.1, 1.0),
+    radius=1.0,
+    methods=("plain", "distance-constraint"),
+    noise_methods=("plain", "robust"),
+    bootstrap=20,
+)
 
 
-def test_subset_keeps_file_order_and_relabels() -> None:
-    x = torch.arange(8.0).reshape(8, 1)
-    y = torch.tensor([5, 0, 9, 7, 5, 1, 6, 8])
-    sx, sy = demo._subset(x, y, demo.TARGET_CLASSES)
-    assert sx.squeeze(1).tolist() == [0.0, 2.0, 3.0, 4.0, 6.0, 7.0]
-    assert sy.tolist() == [0, 4, 2, 0, 1, 3]
+def test_plan_covers_the_three_studies_once() -> None:
+    jobs = demo.plan(demo.DEFAULT)
+    keys = [j.key for j in jobs]
+    assert len(keys) == len(set(keys))
+    sweep = [j for j in jobs if j.method == demo.SWEPT_METHOD and j.noise is None]
+    assert {j.radius for j in sweep} == set(demo.DEFAULT.radii)
+    assert len(sweep) == len(demo.DEFAULT.radii) * demo.DEFAULT.sweep_seeds
+    # the methods study shares the sweep's runs at its radius and measures all their epochs
+    measured_all = {j.radius for j in sweep if j.all_checkpoints}
+    assert measured_all == {demo.DEFAULT.radius}
+    clean = {j.method for j in jobs if j.noise is None}
+    assert clean == set(METHODS) - CONSISTENT_METHODS  # F = I: consistent ≡ plain
+    for noise in demo.DEFAULT.noise:
+        noisy = [j for j in jobs if j.noise == noise]
+        assert {j.method for j in noisy} == set(METHODS)
+        assert {j.method for j in noisy if j.dual_t} == {demo.DUAL_T}
+        assert len(noisy) == (len(METHODS) + 1) * demo.DEFAULT.seeds
+        assert not any(j.all_checkpoints for j in noisy)
+    assert len(demo.plan(demo.FULL)) > len(jobs)
+    assert all(j.seed >= 5 for j in demo.plan(demo.DEFAULT, seed=5))
 
 
-def test_target_data_files_are_readable_measure_inputs(tmp_path: Path) -> None:
-    data = demo.target_data(tmp_path, demo.QUICK, seed=0)
-    train, test = load_data(str(data.train_file)), load_data(str(data.test_file))
-    assert tuple(train.x.shape) == (demo.QUICK.n_train, 1, 8, 8)
-    assert torch.equal(train.y, data.train_y_noisy)
-    assert set(train.y.tolist()) <= set(range(5)) and set(test.y.tolist()) <= set(range(5))
-    clean = load_data(str(tmp_path / "data" / "train_clean.pt"))
-    assert torch.equal(clean.x, train.x)
-    flipped = (clean.y != train.y).double().mean().item()
-    assert abs(flipped - demo.QUICK.noise_rate) < 0.08
-    # the test set is every test image of digits 5-9, relabelled
-    digits = load_data("digits:test")
-    assert len(test) == int((digits.y >= 5).sum())
-    assert torch.equal(test.y, digits.y[digits.y >= 5] - 5)
-    again = demo.target_data(tmp_path / "again", demo.QUICK, seed=0)
-    assert torch.equal(again.train_y_noisy, data.train_y_noisy)  # seeded
+def test_method_config_scales_the_head_radius_and_passes_f() -> None:
+    noise = demo.Noise("pair", 0.2)
+    f = torch.eye(10, dtype=torch.float64) * 0.8 + torch.roll(torch.eye(10), 1, 1) * 0.2
+    job = demo.Job("robust", 3, 0.3, noise)
+    config = demo.method_config(job, demo.DEFAULT, f)
+    assert config.head_radius == pytest.approx(demo.DEFAULT.head_ratio * 0.3)
+    assert config.radius == 0.3 and config.seed == 3 and config.lr == demo.DEFAULT.lr
+    assert torch.allclose(config.confusion_matrix(), f.double())
+    assert config.save_every == demo.DEFAULT.epochs  # final checkpoint only
+    dual = demo.method_config(dataclasses.replace(job, dual_t=True), demo.DEFAULT, f)
+    assert dual.estimate_confusion and dual.confusion is None
+    traced = demo.method_config(demo.Job("plain", 0, 1.0, all_checkpoints=True), demo.DEFAULT, None)
+    assert traced.save_every == demo.DEFAULT.epochs // demo.DEFAULT.checkpoints
 
 
-def test_pretrained_reference_has_no_head(tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
-    path, reference = demo.pretrain(tmp_path, TINY, seed=0)
-    stored = load_file(str(path))
-    assert set(stored) == set(reference)
-    assert not any(k.startswith("head.") for k in stored)
-    assert "conv1.weight" in stored and "bn1.running_mean" in stored
-
-
-def test_method_configs() -> None:
-    robust = demo.method_config("robust", demo.FULL, seed=3)
-    assert robust.confusion is not None and robust.lr == demo.CONSISTENT_LR["robust"]
-    assert robust.confusion[0][0] == pytest.approx(1 - demo.FULL.noise_rate)
-    plain = demo.method_config("plain", demo.FULL, seed=3)
-    assert plain.confusion is None and plain.lr == demo.FULL.lr and plain.seed == 3
-    assert plain.save_every == demo.FULL.measure_every
-    assert demo.method_config("plain", demo.QUICK, seed=0).save_every == demo.QUICK.epochs
+def test_target_data_is_seeded_per_seed(tmp_path: Path) -> None:
+    a, b = demo.target_data(tmp_path, TINY, 0), demo.target_data(tmp_path, TINY, 1)
+    assert tuple(a.x.shape) == (TINY.n_train, 1, 28, 28)
+    assert not torch.equal(a.x, b.x)
+    again = demo.target_data(tmp_path / "again", TINY, 0)
+    assert torch.equal(again.x, a.x) and torch.equal(again.y, a.y)
+    stored = load_data(str(a.file))
+    assert torch.equal(stored.y, a.y)
 
 
-def _run(tmp_path: Path, epochs: list[int], best: int | None) -> RunResult:
-    checkpoints = [tmp_path / f"epoch_{e:03d}.safetensors" for e in epochs]
-    manifest = {
-        "checkpoints": [
-            {"file": p.name, "epoch": e} for p, e in zip(checkpoints, epochs, strict=True)
-        ]
-    }
-    return RunResult(tmp_path, checkpoints, [], {**manifest, "best_epoch": best})
+def test_noisy_labels_follow_the_setting() -> None:
+    y = torch.arange(10).repeat(500)
+    symmetric, f = demo.noisy_labels(y, demo.Noise("symmetric", 0.4), seed=0)
+    assert abs((symmetric != y).double().mean().item() - 0.4) < 0.03
+    assert f[0, 0] == pytest.approx(0.6)
+    pair, _ = demo.noisy_labels(y, demo.Noise("pair", 0.2), seed=0)
+    flipped = pair != y
+    assert torch.equal(pair[flipped], (y[flipped] + 1) % 10)
+    assert torch.equal(demo.noisy_labels(y, demo.Noise("pair", 0.2), seed=0)[0], pair)
+
+
+def test_pretraining_is_cached_and_redone_for_other_settings(tmp_path: Path) -> None:
+    path, reference, record = demo.pretrain(tmp_path, TINY, seed=0)
+    assert not any(k.startswith("head.") for k in reference)
+    assert "stem.weight" in reference and "block3.bn2.running_var" in reference
+    assert 0.0 <= record["digits28_test_accuracy_zero_shot"] <= 1.0
+    stamp = path.stat().st_mtime_ns
+    _, cached, again = demo.pretrain(tmp_path, TINY, seed=0)
+    assert path.stat().st_mtime_ns == stamp and again == record
+    assert all(torch.equal(cached[k], reference[k]) for k in reference)
+    _, other, _ = demo.pretrain(tmp_path, dataclasses.replace(TINY, pretrain_epochs=2), seed=0)
+    assert not torch.equal(other["stem.weight"], reference["stem.weight"])
 
 
 def test_checkpoints_to_measure(tmp_path: Path) -> None:
-    run = _run(tmp_path, [10, 20, 30], None)
-    assert [p.name for p in demo.checkpoints_to_measure(run, demo.QUICK)] == [
-        "epoch_030.safetensors"
+    def run(epochs: list[int], best: int | None) -> RunResult:
+        files = [tmp_path / f"epoch_{e:03d}.safetensors" for e in epochs]
+        entries = [{"file": p.name, "epoch": e} for p, e in zip(files, epochs, strict=True)]
+        return RunResult(tmp_path, files, [], {"checkpoints": entries, "best_epoch": best})
+
+    final_only = demo.Job("plain", 0, 1.0)
+    every = demo.Job("plain", 0, 1.0, all_checkpoints=True)
+    assert [p.name for p in demo.checkpoints_to_measure(final_only, run([5, 10], None))] == [
+        "epoch_010.safetensors"
     ]
-    assert len(demo.checkpoints_to_measure(run, demo.FULL)) == 3
-    stopped = _run(tmp_path, [7, 10], 7)
-    assert [p.name for p in demo.checkpoints_to_measure(stopped, demo.QUICK)] == [
-        "epoch_007.safetensors"
-    ]
+    assert len(demo.checkpoints_to_measure(every, run([5, 10, 15], None))) == 3
+    stopped = demo.checkpoints_to_measure(final_only, run([5, 7, 10], 7))
+    assert [p.name for p in stopped] == ["epoch_007.safetensors"]
 
 
-def test_measure_argv_follows_the_measure_command() -> None:
-    data = demo.TargetData(*([torch.zeros(1)] * 5), Path("d/train.pt"), Path("d/test.pt"))
-    argv = demo.measure_argv(
-        Path("r/epoch_040.safetensors"), Path("p.safetensors"), data, Path("m"), demo.FULL, 0
-    )
-    assert argv[:2] == ["measure", "r/epoch_040.safetensors"]
-
-    def option(name: str) -> str:
-        return argv[argv.index(name) + 1]
-
-    assert option("--reference") == "p.safetensors" and option("--data") == "d/train.pt"
-    assert option("--eval-data") == "d/test.pt" and option("--model") == demo.MODEL_SPEC
-    assert json.loads(option("--model-kwargs")) == {"num_classes": 5, "width": demo.FULL.width}
-    assert option("--samples") == "all" and "--trace" in argv and "--noise-sigma" in argv
-    quick = demo.measure_argv(Path("c"), Path("p"), data, Path("m"), demo.QUICK, 0)
-    assert "--trace" not in quick and quick[quick.index("--samples") + 1] == "all"
-
-
-def test_summary_table_uses_final_checkpoints() -> None:
-    rows = [
-        {"method": "early-stopping", "epoch": 8, "final_checkpoint": 1, "eval_accuracy": 0.8},
-        {"method": "early-stopping", "epoch": 10, "final_checkpoint": 0, "eval_accuracy": 0.5},
-        {
-            "method": "plain",
-            "epoch": 40,
-            "final_checkpoint": 1,
-            "eval_accuracy": 0.7,
-            "theorem_2_1": 1.25,
-        },
-    ]
-    lines = demo.summary_table(rows).splitlines()
-    assert lines[2].split()[0] == "plain" and "1.250" in lines[2]  # the demo's method order
-    assert lines[3].split()[:4] == ["early-stopping", "8", "-", "0.800"]
-
-
-def test_add_arguments_defaults() -> None:
+def test_add_arguments() -> None:
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     args = parser.parse_args([])
-    assert args.out == Path("hessfine-demo") and not args.quick and args.seed == 0
-    assert parser.parse_args(["--quick", "--out", "x"]).quick
+    assert args.out == Path("hessfine-demo") and args.study == "default" and not args.quick
+    assert parser.parse_args(["--study", "full"]).study == "full"
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -133,14 +132,41 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_quick_demo_end_to_end(tmp_path: Path) -> None:
-    result = demo.run_demo(tmp_path, quick=True)
+def test_tiny_demo_end_to_end(tmp_path: Path) -> None:
+    result = demo.run_demo(tmp_path, settings=TINY)
     rows = _read(result.comparison)
-    assert sorted(r["method"] for r in rows) == sorted(demo.QUICK_METHODS)
+    jobs = demo.plan(TINY)
+    assert len(result.runs) + len(result.failures) == len(jobs)
     for row in rows:
-        assert row["n"] == str(demo.QUICK.n_train)
-        assert float(row["hessian_distance_measure"]) > 0
-        assert float(row["theorem_2_1"]) >= float(row["train_loss"])
-    assert result.figure is not None and result.figure.stat().st_size > 10_000
-    assert (tmp_path / "comparison" / "correlations.csv").is_file()
-    assert all(m in result.table for m in demo.QUICK_METHODS)
+        assert row["n"] == str(TINY.n_train)
+        gap = float(row["eval_loss"]) - float(row["train_loss"])
+        assert float(row["generalization_gap_loss"]) == pytest.approx(gap, abs=1e-9)
+        constrained = row["method"] in ("distance-constraint", "robust")
+        assert (row["radius"] != "") == constrained
+        if constrained:
+            assert float(row["head_radius"]) == pytest.approx(
+                TINY.head_ratio * float(row["radius"])
+            )
+        assert (row["noise_kind"] == "symmetric") == (row["noise_rate"] not in ("", "0", "0.0"))
+    dual = [r for r in rows if r["confusion_source"] == "dual-t"]
+    assert {r["method"] for r in dual} <= {"robust"}
+    assert {r["confusion_source"] for r in rows if r["method"] == "robust"} >= {"given"}
+    # the distance constraint holds in the measured checkpoints: every layer inside its ball
+    radii = {r["measurement"]: r for r in rows if r["radius"]}
+    for layer in _read(tmp_path / "comparison" / "layers.csv"):
+        row = radii.get(layer["measurement"])
+        if row is not None:
+            limit = row["head_radius"] if layer["layer"].startswith("head") else row["radius"]
+            assert float(layer["distance"]) <= float(limit) * (1 + 1e-5)
+    for stem in ("fig1_radius", "measure_vs_gap", "noise_study", "overview"):
+        assert (tmp_path / "comparison" / f"{stem}.png").stat().st_size > 10_000
+    report = result.report.read_text(encoding="utf-8")
+    assert "](comparison/fig1_radius.png)" in report
+    verdicts = [
+        line.rsplit("|", 2)[-2].strip() for line in report.splitlines() if line.startswith("| 1.")
+    ]
+    assert verdicts and all(
+        v.strip("*") in ("holds", "does not hold", "not tested") for v in verdicts
+    )
+    record = json.loads((tmp_path / "pretrained.json").read_text(encoding="utf-8"))
+    assert f"{record['mnist_test_accuracy']:.3f}" in report

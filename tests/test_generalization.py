@@ -145,18 +145,23 @@ def test_assemble_bounds_recomputes_every_field():
     C, n, eps = 2.5, 1000, 0.05
     confusion = symmetric_confusion(3, 0.3)
     factor = (1 + 1 * 0.15) / (1 - 0.45)
+    common = {
+        "train_loss": 0.4,
+        "layer_max": layer_max,
+        "distances": dist,
+        "weights": w,
+        "directions": v,
+        "trace_positive_max": trace_max,
+        "C": C,
+        "n": n,
+        "confusion": confusion,
+    }
     out = assemble_bounds(
-        train_loss=0.4,
-        layer_max=layer_max,
-        distances=dist,
-        weights=w,
-        directions=v,
-        trace_positive_max=trace_max,
-        C=C,
-        n=n,
+        **common,
         epsilon=eps,
-        confusion=confusion,
         consistent_train_loss=0.6,
+        noisy_trace_positive_max=trace_max,
+        noise_matrix_source="known",
         certificate={"bound": 0.5},
     )
     assert isinstance(out, Bounds)
@@ -173,7 +178,15 @@ def test_assemble_bounds_recomputes_every_field():
     assert out.trace_corollary_noisy_labels == pytest.approx(
         (1 + eps) * (0.6 + trace_term * math.sqrt(factor))
     )
+    assert out.noise_matrix_source == "known"
     assert out.distance_measures == prior_distance_measures(w, v, n=n)
+    # 𝓗_i of the consistent loss replace the clean ones where given; no ℓ̄ traces, no corollary.
+    noisy_forms = {"a": 2.0, "b": 0.5}
+    other = assemble_bounds(**common, consistent_train_loss=-0.1, noisy_layer_max=noisy_forms)
+    hdm_bar = sum(math.sqrt(C * factor * noisy_forms[k] / n) for k in noisy_forms)
+    assert other.hessian_distance_measure_noisy_labels == pytest.approx(hdm_bar)
+    assert other.theorem_2_1_noisy_labels == pytest.approx(-0.1 + hdm_bar)
+    assert other.trace_corollary_noisy_labels is None and other.trace_corollary is not None
     payload = json.loads(json.dumps(out.to_json()))
     for key in ("C", "n", "epsilon", "hessian_distance_measure", "theorem_2_1", "trace_corollary"):
         assert key in payload

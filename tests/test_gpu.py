@@ -56,10 +56,13 @@ def test_measure_on_cuda_matches_cpu(tmp_path, monkeypatch):
             "1e-3",
             "--noise-draws",
             "20",
+            "--density",
+            "--certificate",
         ]
         assert main(argv) == 0
         results[device] = json.loads((out / "measurement.json").read_text())
     assert results["cuda"]["settings"]["device"].startswith("cuda")
+    assert results["cuda"]["settings"]["tf32"] is False
     for cpu, gpu in zip(results["cpu"]["layers"], results["cuda"]["layers"], strict=True):
         assert gpu["quadratic_form"]["max"] == pytest.approx(cpu["quadratic_form"]["max"], rel=1e-8)
         assert gpu["method"] == cpu["method"]

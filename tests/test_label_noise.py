@@ -1,5 +1,6 @@
 """Label-noise generation, the backward-corrected loss and the Dual-T estimator."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as nnf
@@ -10,6 +11,7 @@ from hessfine.finetune.label_noise import (
     corrupt_labels,
     estimate_confusion_dual_t,
     inverse_confusion,
+    load_confusion,
     noise_confusion,
     pair_flip_confusion,
     symmetric_confusion,
@@ -197,3 +199,21 @@ def test_dual_t_input_checks():
         estimate_confusion_dual_t(torch.rand(4, 3), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="quantile"):
         estimate_confusion_dual_t(torch.rand(4, 3), torch.zeros(4, dtype=torch.long), quantile=0)
+
+
+def test_load_confusion_reads_three_formats_and_refuses_the_rest(tmp_path):
+    matrix = pair_flip_confusion(4, 0.25)
+    np.save(tmp_path / "F.npy", matrix.numpy())
+    np.savetxt(tmp_path / "F.csv", matrix.numpy(), delimiter=",")
+    torch.save(matrix.float(), tmp_path / "F.pt")
+    for name in ("F.npy", "F.csv", "F.pt"):
+        torch.testing.assert_close(load_confusion(tmp_path / name, 4), matrix, atol=1e-7, rtol=0)
+    torch.save({"F": matrix}, tmp_path / "dict.pt")
+    (tmp_path / "F.txt").write_text("1")
+    for name, message in [
+        ("dict.pt", "not a tensor"),
+        ("F.txt", "use .npy, .csv or .pt"),
+        ("F.npy", "expected 3×3"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_confusion(tmp_path / name, 3 if name == "F.npy" else None)

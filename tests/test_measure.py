@@ -154,6 +154,7 @@ def test_cli_values_match_dense_hessian(tiny_pair, estimator):
         assert layer["quadratic_form"]["max"] == pytest.approx(float(dense.max()), rel=1e-6)
         assert layer["quadratic_form"]["mean"] == pytest.approx(float(dense.mean()), rel=1e-6)
         assert layer["quadratic_form"]["argmax"] == int(dense.argmax())
+        assert layer["quadratic_form"]["argmax_index"] == int(index[dense.argmax()])
         assert layer["distance"] == pytest.approx(float(v.norm()), rel=1e-9)
     bounds = result["bounds"]
     n, C = 12, result["loss"]["max"]

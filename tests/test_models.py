@@ -88,7 +88,11 @@ def test_timm_missing_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_hf_directory(hf_dir) -> None:
     model = build_model(f"hf:{hf_dir}")
     assert type(model).__name__ == "BertForSequenceClassification"
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"  # transformers' default, not forced
+    assert (
+        build_model(f"hf:{hf_dir}", {"attn_implementation": "eager"}).config._attn_implementation
+        == "eager"
+    )
     assert model.classifier.out_features == 3
     _float32_eval(model)
     out = model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 3))

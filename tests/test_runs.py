@@ -339,6 +339,8 @@ def small_data(tmp_path_factory):
 def run_cli(tmp_path, small_data, *argv):
     data, ref = small_data
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "hessfine.json").write_text("{}")  # a previous run: replaced thanks to --overwrite
     args = parse(
         "--model",
         SPEC,
@@ -358,6 +360,7 @@ def run_cli(tmp_path, small_data, *argv):
         "16",
         "--device",
         "cpu",
+        "--overwrite",
         *argv,
     )
     assert cli.run(args) == 0
@@ -428,6 +431,24 @@ def test_cli_flags_reach_the_config_manifest_and_metrics(tmp_path, small_data, a
     if config["method"] == "consistent":
         assert run.manifest["label_noise"]["seed"] == 5
         assert run.manifest["confusion_used"]["source"] == "given"
+
+
+def test_cli_estimate_confusion_uses_dual_t(tmp_path, capsys):
+    ref = reference_file(tmp_path, num_classes=5)
+    args = parse(
+        *("--model", SPEC, "--model-kwargs", '{"width": 4}', "--reference", str(ref)),
+        *("--data", "digits:test", "--method", "robust", "--estimate-confusion"),
+        *("--label-noise", "pair", "--noise-rate", "0.2", "--epochs", "3", "--lr", "0.1"),
+        *("--device", "cpu", "--out", str(tmp_path / "run")),
+    )
+    assert cli.run(args) == 0
+    manifest = read_run(tmp_path / "run").manifest
+    assert manifest["config"]["estimate_confusion"] is True
+    used = torch.tensor(manifest["confusion_used"]["matrix"], dtype=torch.float64)
+    assert manifest["confusion_used"]["source"] == "dual-t"
+    torch.testing.assert_close(used.sum(dim=1), torch.ones(10, dtype=torch.float64))
+    applied = torch.tensor(manifest["label_noise"]["confusion_matrix"], dtype=torch.float64)
+    assert not torch.allclose(used, applied)
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".csv", ".pt"])

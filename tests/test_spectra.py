@@ -87,3 +87,18 @@ def test_density_moments_match_the_dense_spectrum_below_full_dimension():
         power = torch.linalg.matrix_power(H, m)
         sd = math.sqrt(2 * (power.pow(2).sum() - power.diagonal().pow(2).sum())) / D / runs**0.5
         assert abs(got - expected) <= 4.5 * sd + 1e-9 * abs(expected), (m, got, expected, sd)
+
+
+def test_lockstep_layers_equal_one_layer_at_a_time():
+    module = TINY_NETWORKS["mlp_gelu"]()
+    fm, params = FunctionalModel.from_module(module)
+    layers = TINY_LAYERS["mlp_gelu"]
+    x, y = tiny_data("mlp_gelu", 8)
+    together = top_eigenvalues(
+        fm, params, layers, [(x, y)], k=2, steps=12, generator=torch.Generator().manual_seed(5)
+    )
+    alone = top_eigenvalues(
+        fm, params, layers[:1], [(x, y)], k=2, steps=12, generator=torch.Generator().manual_seed(5)
+    )
+    assert together[layers[0]].values == pytest.approx(alone[layers[0]].values, rel=1e-10)
+    assert together[layers[0]].steps == alone[layers[0]].steps

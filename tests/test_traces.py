@@ -4,7 +4,14 @@ import pytest
 import torch
 from hessfine.bounds import traces
 from hessfine.bounds.functional import FunctionalModel
-from hessfine.bounds.traces import gauss_newton_traces, layer_traces, positive_trace_max
+from hessfine.bounds.safe_autodiff import differentiable
+from hessfine.bounds.traces import (
+    _ghost_gauss_newton_traces,
+    _vmapped_gauss_newton_traces,
+    gauss_newton_traces,
+    layer_traces,
+    positive_trace_max,
+)
 from scipy import stats
 
 from tests.oracles import (
@@ -41,7 +48,13 @@ def test_hutchinson_within_four_standard_errors(network):
     exact = dense_block_traces(module, params, layers, x, y)
     g = torch.Generator().manual_seed(3)
     est = layer_traces(
-        fm, params, layers, [(x[:5], y[:5]), (x[5:], y[5:])], probes=200, generator=g
+        fm,
+        params,
+        layers,
+        [(x[:5], y[:5]), (x[5:], y[5:])],
+        probes=200,
+        generator=g,
+        exact_ggn=False,
     )
     for name in layers:
         assert abs(est[name].mean - exact[name]) <= 4 * est[name].stderr + 1e-12
@@ -98,6 +111,7 @@ def test_positive_trace_max_exact_and_slq():
         certified=certified,
         probes=64,
         lanczos_steps=30,
+        dense_limit=0,
         generator=g,
     )
     for name in layers:
@@ -134,11 +148,137 @@ def test_slq_positive_trace_error_shrinks_with_probes():
                 certified={},
                 probes=probes,
                 lanczos_steps=30,
+                dense_limit=0,
                 generator=g,
             )
             err += abs(r[name].max - float(dense.max()))
         errors.append(err)
     assert errors[1] < errors[0]
+
+
+def test_output_space_probes_on_certified_layers_unbiased_and_less_variable():
+    module, fm, params, layers, x, y = setup("cnn")
+    exact = dense_block_traces(module, params, layers, x, y)
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    ggn = layer_traces(
+        fm,
+        params,
+        layers,
+        batches,
+        probes=200,
+        generator=torch.Generator().manual_seed(4),
+        exact_ggn=False,
+    )
+    hessian = layer_traces(
+        fm,
+        params,
+        layers,
+        batches,
+        probes=200,
+        generator=torch.Generator().manual_seed(4),
+        output_probes=False,
+    )
+    for name in layers:
+        assert ggn[name].method == "hutchinson-ggn"
+        assert hessian[name].method == "hutchinson"
+        assert abs(ggn[name].mean - exact[name]) <= 4 * ggn[name].stderr + 1e-12
+        assert 0 < ggn[name].stderr < hessian[name].stderr
+
+
+def test_output_space_probes_converge_to_the_exact_trace():
+    module, fm, params, layers, x, y = setup("cnn")
+    exact = dense_block_traces(module, params, layers, x, y)
+    errors = []
+    for probes in (4, 400):
+        est = layer_traces(
+            fm,
+            params,
+            layers,
+            [(x, y)],
+            probes=probes,
+            generator=torch.Generator().manual_seed(1),
+            exact_ggn=False,
+        )
+        errors.append(max(abs(est[n].mean - exact[n]) / exact[n] for n in layers))
+    assert errors[1] < errors[0] and errors[1] < 0.05
+
+
+def test_smooth_layers_keep_hessian_probes():
+    _, fm, params, layers, x, y = setup("mlp_gelu")
+    est = layer_traces(fm, params, layers, [(x, y)], probes=4, exact_ggn=False)
+    assert est["fc1.weight"].method == "hutchinson"
+    assert est["fc3.weight"].method == "hutchinson-ggn"
+
+
+@pytest.mark.parametrize("network", ["cnn", "mlp_gelu"])
+def test_certified_layers_exact_by_default(network):
+    module, fm, params, layers, x, y = setup(network)
+    exact = dense_block_traces(module, params, layers, x, y)
+    est = layer_traces(fm, params, layers, [(x[:5], y[:5]), (x[5:], y[5:])], probes=4)
+    certified = layers if network == "cnn" else ["fc3.weight"]
+    for name in layers:
+        if name in certified:
+            assert est[name].method == "exact-ggn" and est[name].stderr == 0.0
+            assert est[name].mean == pytest.approx(exact[name], rel=1e-9)
+        else:
+            assert est[name].method == "hutchinson"
+
+
+@pytest.mark.parametrize("network", ["attention", "mlp_gelu"])
+def test_positive_trace_max_exact_dense_on_small_smooth_layers(network):
+    module, fm, params, layers, x, y = setup(network)
+    smooth = [n for n in layers if n != "head.weight" and n != "fc3.weight"]
+    result = positive_trace_max(
+        fm, params, smooth, [(x[:3], y[:3]), (x[3:], y[3:])], certified={}, probes=4
+    )
+    for name in smooth:
+        assert params[name].numel() <= 4 * 128
+        dense = torch.diagonal(
+            positive_part(dense_block_hessians(module, params, name, x, y)), dim1=1, dim2=2
+        ).sum(1)
+        assert result[name].method == "exact-dense"
+        assert result[name].max == pytest.approx(float(dense.max()), rel=1e-8)
+        assert result[name].argmax == int(dense.argmax())
+        assert result[name].mean == pytest.approx(float(dense.mean()), rel=1e-8)
+        assert result[name].stderr == 0.0
+
+
+def test_positive_trace_max_slq_on_attention_within_standard_errors():
+    module, fm, params, layers, x, y = setup("attention")
+    name = "attn.in_proj_weight"
+    dense = torch.diagonal(
+        positive_part(dense_block_hessians(module, params, name, x, y)), dim1=1, dim2=2
+    ).sum(1)
+    result = positive_trace_max(
+        fm,
+        params,
+        [name],
+        [(x, y)],
+        certified={},
+        probes=64,
+        dense_limit=0,
+        generator=torch.Generator().manual_seed(2),
+    )[name]
+    assert result.method == "slq" and result.stderr > 0
+    assert abs(result.max - float(dense.max())) <= 4 * result.stderr + 1e-2 * float(dense.max())
+
+
+@pytest.mark.parametrize(
+    ("network", "ghost"),
+    [
+        ("cnn", ["conv1.weight", "block.conv.weight", "head.weight"]),
+        ("attention", ["head.weight"]),  # out_proj's weight is used functionally: vmapped route
+        ("mlp_gelu", ["fc1.weight", "fc2.weight", "fc3.weight"]),
+    ],
+)
+def test_ghost_norm_gauss_newton_traces_match_the_vmapped_route(network, ghost):
+    _, fm, params, layers, x, y = setup(network)
+    with differentiable():
+        fast = _ghost_gauss_newton_traces(fm, params, layers, x, y)
+    assert sorted(fast) == sorted(ghost)
+    slow = _vmapped_gauss_newton_traces(fm, params, layers, x, y)
+    for name in ghost:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +299,16 @@ def test_reported_interval_covers_the_truth_at_the_nominal_rate(method, probes, 
     covered = total = 0
     for seed in range(200):
         g = torch.Generator().manual_seed(seed)
-        est = layer_traces(fm, params, layers, [(x, y)], probes=probes, method=method, generator=g)
+        est = layer_traces(
+            fm,
+            params,
+            layers,
+            [(x, y)],
+            probes=probes,
+            method=method,
+            generator=g,
+            output_probes=False,
+        )
         for name in layers:
             assert est[name].stderr > 0
             covered += abs(est[name].mean - exact[name]) <= quantile * est[name].stderr
@@ -174,7 +323,15 @@ def test_positive_trace_defaults_seeds_and_example_chunks(monkeypatch):
     def run(seed, certified):
         g = torch.Generator().manual_seed(seed)
         return positive_trace_max(
-            fm, params, layers, batches, certified=certified, probes=4, lanczos_steps=8, generator=g
+            fm,
+            params,
+            layers,
+            batches,
+            certified=certified,
+            probes=4,
+            lanczos_steps=8,
+            dense_limit=0,
+            generator=g,
         )
 
     # a layer missing from ``certified`` is estimated by SLQ; the seed drives the probes

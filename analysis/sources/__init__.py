@@ -4,7 +4,12 @@
 - :mod:`.files` — single weights files and sharded indices (``.safetensors``, ``torch.save``);
 - :mod:`.manifest` — hessfine's own run manifest ``hessfine.json``;
 - :mod:`.hf` — Hugging Face ``save_pretrained`` directories;
-- :mod:`.runs` — directories of runs: every checkpoint below a directory.
+- :mod:`.trainer` — Hugging Face ``Trainer`` output directories and ``trainer_state.json``;
+- :mod:`.peft` — PEFT LoRA adapter directories (base + ΔW);
+- :mod:`.lightning` — Lightning ``.ckpt`` files;
+- :mod:`.runs` — directories of runs: every checkpoint below a directory;
+- :mod:`.hf_datasets` — Hugging Face ``datasets`` directories as data (read by
+  :func:`hessfine.analysis.data.load_data`).
 
 Layering (data flows one way): ``hessfine.analysis.errors``, ``.sources``, ``.checkpoints``,
 ``.data`` and ``.models`` are the *loading* layer. They import only each other and

@@ -27,6 +27,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from hessfine.analysis.errors import InputError
@@ -45,6 +46,17 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def read_json_object(path: Path, *, name: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; else one line: ``name`` is not readable, then ``fix``."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{name} is not readable JSON ({one_line(err)}); {fix}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{name} must hold a JSON object, not {type(value).__name__}; {fix}")
+    return value
+
+
 def sha256_of(files: Sequence[Path]) -> str:
     """SHA-256 of the concatenated bytes of ``files``."""
     digest = hashlib.sha256()
@@ -59,16 +71,26 @@ def read_weights(file: Path, *, trust: bool, label: str) -> tuple[dict[str, Tens
     """The state dict in a weights file or shard index (prefixes stripped), and its SHA-256
     (of all shards' bytes in sorted shard-name order for a sharded checkpoint)."""
     if file.name.endswith(INDEX_SUFFIXES):
-        state, digest = _read_sharded(file, trust, label)
-    elif file.suffix in WEIGHT_SUFFIXES:
-        digest = sha256_of([file])
-        state = read_file(file, trust=trust, label=label)
+        state = _read_sharded(file, trust, label)
     else:
+        state = read_file(file, trust=trust, label=label)
+    return strip_prefixes(state), weights_digest(file, label=label)
+
+
+def weights_digest(file: Path, *, label: str) -> str:
+    """SHA-256 of a weights file, or of all shards of a shard index (sorted by name)."""
+    if file.name.endswith(INDEX_SUFFIXES):
+        return sha256_of(_shards(file, label)[1])
+    _check_suffix(file, label)
+    return sha256_of([file])
+
+
+def _check_suffix(file: Path, label: str) -> None:
+    if file.suffix not in WEIGHT_SUFFIXES:
         raise InputError(
             f"{label} {file}: unsupported file type {file.suffix!r}; "
             f"use one of {', '.join(WEIGHT_SUFFIXES)} or a sharded *.index.json"
         )
-    return strip_prefixes(state), digest
 
 
 def load_torch(file: Path, *, trust: bool, label: str) -> object:
@@ -91,6 +113,7 @@ def load_torch(file: Path, *, trust: bool, label: str) -> object:
 
 def read_file(file: Path, *, trust: bool, label: str) -> dict[str, Tensor]:
     """The state dict of one weights file (unwrapped, prefixes kept)."""
+    _check_suffix(file, label)
     if file.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -136,7 +159,7 @@ def state_of(obj: object, file: Path, label: str) -> dict[str, Tensor]:
     return state
 
 
-def _read_sharded(index: Path, trust: bool, label: str) -> tuple[dict[str, Tensor], str]:
+def _shards(index: Path, label: str) -> tuple[dict[str, str], list[Path]]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
@@ -155,6 +178,11 @@ def _read_sharded(index: Path, trust: bool, label: str) -> tuple[dict[str, Tenso
             raise InputError(
                 f"{label} {index}: shard {shard.name} is missing; copy every shard next to the index"
             )
+    return weight_map, shards
+
+
+def _read_sharded(index: Path, trust: bool, label: str) -> dict[str, Tensor]:
+    weight_map, shards = _shards(index, label)
     state: dict[str, Tensor] = {}
     for shard in shards:
         state.update(read_file(shard, trust=trust, label=label))
@@ -164,7 +192,7 @@ def _read_sharded(index: Path, trust: bool, label: str) -> tuple[dict[str, Tenso
             f"{label} {index}: {len(missing)} tensors listed in the index are in no shard "
             f"(first: {missing[0]!r}); save the checkpoint again"
         )
-    return state, sha256_of(shards)
+    return state
 
 
 def strip_prefixes(

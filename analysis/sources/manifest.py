@@ -8,12 +8,10 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from hessfine.analysis.errors import InputError
-from hessfine.analysis.sources.files import one_line
+from hessfine.analysis.sources.files import read_json_object
 
 MANIFEST = "hessfine.json"
 
@@ -23,14 +21,4 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(
-            f"manifest {path} is not readable JSON ({one_line(err)}); fix or delete it"
-        ) from None
-    if not isinstance(value, dict):
-        raise InputError(
-            f"manifest {path} must hold a JSON object, not {type(value).__name__}; fix or delete it"
-        )
-    return value
+    return read_json_object(path, name=f"manifest {path}", fix="fix or delete it")

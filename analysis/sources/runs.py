@@ -1,10 +1,13 @@
 """Directories of runs: every checkpoint below a directory (SPEC §3.1).
 
 :func:`find_checkpoints` lists every weights file below a directory, recursively (one per saved
-epoch of every run), except that a Hugging Face layout directory (:mod:`.hf`) counts as one
-checkpoint and is not descended into. Hidden entries and well-known non-weight files
-(``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth``, ``training_args.bin``)
-are skipped. :func:`is_run_collection` tells a directory of runs from one checkpoint directory.
+epoch of every run), except that a Hugging Face layout directory (:mod:`.hf`) or a PEFT adapter
+directory (:mod:`.peft`) counts as one checkpoint and is not descended into, a Trainer output
+directory (:mod:`.trainer`) contributes its ``checkpoint-N/`` sub-directories only, and a
+Lightning ``last.ckpt`` that repeats a numbered checkpoint is dropped (:mod:`.lightning`). Hidden
+entries and well-known non-weight files (``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
+``rng_state*.pth``, ``training_args.bin``) are skipped. :func:`is_run_collection` tells a
+directory of runs from one checkpoint directory.
 
 Example:
     >>> import tempfile
@@ -24,7 +27,10 @@ from pathlib import Path
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.sources.files import WEIGHT_SUFFIXES
 from hessfine.analysis.sources.hf import hf_weights
+from hessfine.analysis.sources.lightning import drop_repeated_last
 from hessfine.analysis.sources.manifest import read_manifest
+from hessfine.analysis.sources.peft import adapter_file
+from hessfine.analysis.sources.trainer import trainer_checkpoints
 
 NOT_WEIGHTS = frozenset(
     {
@@ -39,7 +45,8 @@ NOT_WEIGHTS = frozenset(
 
 
 def find_checkpoints(directory: str | Path) -> list[Path]:
-    """Every checkpoint under ``directory``: weights files, and Hugging Face layout directories.
+    """Every checkpoint under ``directory``: weights files, Hugging Face layout and PEFT adapter
+    directories (module docs).
 
     Sorted by relative path in natural order (``epoch_2`` before ``epoch_10``), so the list is
     stable across runs and file systems.
@@ -50,12 +57,17 @@ def find_checkpoints(directory: str | Path) -> list[Path]:
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        if hf_weights(here, filenames):
+        trainer = trainer_checkpoints(here, dirnames)
+        if trainer:
+            dirnames[:] = trainer
+            continue
+        if hf_weights(here, filenames) or adapter_file(here):
             found.append(here)
             dirnames.clear()
             continue
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found.extend(here / f for f in filenames if is_weights_name(f))
+    found = drop_repeated_last(found)
     return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
 
 
@@ -64,7 +76,12 @@ def is_run_collection(path: str | Path) -> bool:
     path = Path(path).expanduser()
     if not path.is_dir():
         return False
-    if "checkpoint" in read_manifest(path) or hf_weights(path, os.listdir(path)):
+    names = os.listdir(path)
+    if "checkpoint" in read_manifest(path) or adapter_file(path):
+        return False
+    if trainer_checkpoints(path, names):
+        return True
+    if hf_weights(path, names):
         return False
     found = find_checkpoints(path)
     return bool(found) and not (len(found) == 1 and found[0].parent == path and found[0].is_file())

@@ -1,0 +1,107 @@
+"""Tests of hessfine.analysis.report: verdicts computed from the numbers, not written in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hessfine.analysis import report
+from hessfine.figures.plots import GAP, HDM
+
+
+def _row(method: str, seed: int, epoch: int, measure: float, gap: float, **extra: object) -> dict:
+    run = f"{method}-{extra.get('radius')}-{extra.get('noise_rate')}-{seed}"
+    return {
+        "method": method,
+        "seed": seed,
+        "epoch": epoch,
+        "final_checkpoint": int(epoch == 10),
+        "run": run,
+        "measurement": f"{run}/{epoch}",
+        HDM: measure,
+        GAP: gap,
+        "sum_distance": 1.0 + epoch - measure,
+        "distance_measure_li_zhang_2021": 500 * gap,
+        **extra,
+    }
+
+
+def _rows(robust_accuracy: float, measure_scale: float = 2.0) -> list[dict]:
+    rows = []
+    for seed in range(3):
+        for radius in (0.1, 0.3, 1.0):
+            gap = radius / 10 + 0.001 * seed
+            rows.append(
+                _row("distance-constraint", seed, 10, measure_scale * gap, gap, radius=radius)
+            )
+        for method, slope in (("plain", 0.02), ("l2-sp", 0.01)):
+            for epoch in (5, 10):
+                gap = slope * epoch + 0.001 * seed
+                rows.append(_row(method, seed, epoch, measure_scale * gap, gap))
+        noisy = {"noise_rate": 0.4, "noise_kind": "symmetric"}
+        rows.append(_row("plain", seed, 10, 1.0, 0.1, eval_accuracy=0.6, **noisy))
+        rows.append(
+            _row("robust", seed, 10, 0.5, 0.1, radius=1.0, eval_accuracy=robust_accuracy, **noisy)
+        )
+    return rows
+
+
+def _claims(text: str) -> dict[str, str]:
+    claims = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and line[2].isdigit():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            claims[cells[0]] = cells[-1].strip("*")
+    return claims
+
+
+def test_verdicts_follow_the_numbers(tmp_path: Path) -> None:
+    files = report.write_report(
+        _rows(robust_accuracy=0.7), tmp_path, formats=("png",), bootstrap=50
+    )
+    text = (tmp_path / report.REPORT).read_text(encoding="utf-8")
+    claims = _claims(text)
+    assert claims["1. Hessian measure on the scale of the gap"] == "holds"  # ratio 2
+    assert claims["2. Li & Zhang 2021 orders of magnitude above the gap"] == "holds"  # 500
+    assert claims["3. measure grows with the gap across radii"] == "holds"
+    assert claims["4. measure correlates with the gap across methods and epochs"] == "holds"
+    assert claims["6. robust has the highest test accuracy (symmetric 40%)"] == "holds"
+    assert (
+        claims["7. robust ends with a smaller Hessian measure than plain (symmetric 40%)"]
+        == "holds"
+    )
+    assert "![" in text and "fig1_radius.png" in text
+    assert {p.name for p in files} >= {"report.md", "study_radius.csv", "study_noise.csv"}
+
+
+def test_verdicts_turn_when_the_numbers_do(tmp_path: Path) -> None:
+    report.write_report(
+        _rows(robust_accuracy=0.5, measure_scale=30.0), tmp_path, bootstrap=50, formats=("png",)
+    )
+    claims = _claims((tmp_path / report.REPORT).read_text(encoding="utf-8"))
+    assert claims["1. Hessian measure on the scale of the gap"] == "does not hold"  # ratio 30
+    assert claims["6. robust has the highest test accuracy (symmetric 40%)"] == "does not hold"
+
+
+def test_absent_studies_are_not_tested(tmp_path: Path) -> None:
+    rows = [r for r in _rows(0.7) if r.get("noise_rate") is None and r.get("radius") is None]
+    report.write_report(rows, tmp_path, formats=("png",), bootstrap=10, settings={"seed": 0})
+    text = (tmp_path / report.REPORT).read_text(encoding="utf-8")
+    claims = _claims(text)
+    assert claims["1. Hessian measure on the scale of the gap"] == "not tested"
+    assert claims["6. robust has the highest test accuracy under noise"] == "not tested"
+    assert "- **seed**: 0" in text
+
+
+@pytest.mark.parametrize(
+    ("ratio", "verdict"),
+    [
+        (0.1, "holds"),
+        (10.0, "holds"),
+        (10.5, "does not hold"),
+        (0.09, "does not hold"),
+        (None, "not tested"),
+    ],
+)
+def test_scale_verdict_thresholds(ratio: float | None, verdict: str) -> None:
+    assert report.scale_verdict(ratio) == verdict
