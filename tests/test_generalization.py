@@ -239,7 +239,7 @@ def test_constants_at_their_boundaries():
 )
 def test_prior_distance_measures_reject_each_bad_option(options):
     w, v = [torch.eye(2)], [torch.ones(2, 2)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="margin and input_norm|n must be"):
         prior_distance_measures(w, v, **{"n": 4, **options})
 
 
