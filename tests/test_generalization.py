@@ -239,7 +239,7 @@ def test_constants_at_their_boundaries():
 )
 def test_prior_distance_measures_reject_each_bad_option(options):
     w, v = [torch.eye(2)], [torch.ones(2, 2)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="margin and input_norm|n must be"):
         prior_distance_measures(w, v, **{"n": 4, **options})
 
 
@@ -248,3 +248,10 @@ def test_prior_distance_measures_need_the_same_layers():
         prior_distance_measures({"a": torch.eye(2)}, {"b": torch.ones(2, 2)}, n=4)
     with pytest.raises(ValueError, match="same layers"):
         prior_distance_measures({"a": torch.eye(2)}, [torch.ones(2, 2)], n=4)
+
+
+def test_consistent_loss_factor_is_the_largest_row_sum_of_the_inverse():
+    F = torch.tensor([[0.9, 0.1, 0.0], [0.3, 0.6, 0.1], [0.0, 0.2, 0.8]], dtype=torch.float64)
+    rows = torch.linalg.inv(F).abs().sum(dim=1)
+    assert rows.max() > rows.min() + 0.1  # asymmetric noise: the rows differ
+    assert consistent_loss_factor(F) == pytest.approx(float(rows.max()), rel=1e-12)

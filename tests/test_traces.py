@@ -363,7 +363,7 @@ def test_scaled_hutchinson_estimates_the_scaled_trace():
         block = H[offset : offset + d, offset : offset + d]
         offset += d
         exact = float((scaling[name].reshape(-1) ** 2 * block.diagonal()).sum())
-        assert est[name].method in ("hutchinson-scaled", "hutchinson-ggn-scaled")
+        assert "scaled" in est[name].method
         assert abs(est[name].mean - exact) <= 4.5 * est[name].stderr
         assert est[name].stderr < 0.5 * abs(exact)
     with pytest.raises(ValueError, match="hutchinson"):
