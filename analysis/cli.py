@@ -140,9 +140,9 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--head-reference",
-        default="zero",
+        default=None,
         metavar="zero|PATH",
-        help="W^(s) of a new head (default zero)",
+        help="W^(s) of a new head (default: the run manifest's head_reference, else zero)",
     )
     add(
         "--trace", action="store_true", help="per-layer Hessian traces (mean and positive-part max)"

@@ -118,7 +118,7 @@ class MeasureSettings:
     batch_size: int | None = None
     hessian_split: Split = "train"
     layers: tuple[str, ...] | None = None
-    head_reference: str = "zero"
+    head_reference: str | None = None
     trace: bool = False
     trace_probes: int = 100
     positive_trace_probes: int = 16
@@ -648,8 +648,13 @@ class _Measurement:
         module.to(dtype=self.dtype)
         self.layers = select_layers(module, list(s.layers or self.checkpoint.layers or ()))
         head = s.head_reference
-        if head != "zero" and manifest.get("head_reference") and not Path(head).exists():
-            head = str(_from_manifest(manifest, "head_reference", base))
+        if head is None:  # not given: the run manifest's head_reference, else zero
+            given = manifest.get("head_reference")
+            head = (
+                "zero"
+                if given in (None, "zero")
+                else _from_manifest(manifest, "head_reference", base)
+            )
         alignment: Alignment = align(
             module,
             self.checkpoint,

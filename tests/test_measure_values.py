@@ -10,6 +10,7 @@ within 4.5 of their reported standard errors. The Hessian examples are the first
 import functools
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -339,6 +340,39 @@ def test_new_head_reference_zero_or_file(pair):
         assert layer["quadratic_form"]["max"] == pytest.approx(
             float(dense_forms(H, v).max()), rel=1e-6
         )
+
+
+def test_head_reference_from_the_run_manifest(pair):
+    # Without --head-reference, the manifest's head_reference (relative to the run) is used.
+    network, module, params, reference, tmp = pair
+    *_, shared, head = TINY_LAYERS[network]
+    other = {**module.state_dict(), **reference}
+    other[head] = torch.zeros(7, params[head].shape[1], dtype=torch.float64)
+    other[head.replace("weight", "bias")] = torch.zeros(7, dtype=torch.float64)
+    run_dir = tmp / "manifest-run"
+    run_dir.mkdir()
+    save_state(other, run_dir / "pretrained.safetensors")
+    start = 0.1 * torch.randn(params[head].shape, generator=torch.Generator().manual_seed(3))
+    save_state({head: start.double()}, run_dir / "head-init.safetensors")
+    shutil.copy(tmp / "ft.safetensors", run_dir / "epoch_001.safetensors")
+    manifest = {
+        "model": SPECS[network],
+        "reference": "pretrained.safetensors",
+        "data": {"train": str(tmp / "train.pt")},
+        "head_reference": "head-init.safetensors",
+    }
+    (run_dir / "hessfine.json").write_text(json.dumps(manifest))
+    argv = ["measure", str(run_dir / "epoch_001.safetensors"), "--out", str(tmp / "m-head")]
+    argv += ["--dtype", "float64", "--samples", str(SAMPLES), "--sample-order", "file"]
+    argv += ["--quiet", "--estimator", "block", "--layers", shared, head]
+    assert main(argv) == 0
+    layer = json.loads((tmp / "m-head" / "measurement.json").read_text())["layers"][1]
+    assert layer["name"] == head and layer["reference_source"] == "head-file"
+    v = params[head] - start.double()
+    assert layer["distance"] == pytest.approx(float(v.norm()), rel=1e-9)
+    assert main([*argv[:3], str(tmp / "m-zero"), *argv[4:], "--head-reference", "zero"]) == 0
+    zero = json.loads((tmp / "m-zero" / "measurement.json").read_text())["layers"][1]
+    assert zero["reference_source"] == "head-zero"
 
 
 class TinyImageNet(nn.Module):
