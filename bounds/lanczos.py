@@ -272,6 +272,99 @@ def positive_quadrature(
         >>> float(res.values[0]), bool(res.exhausted[0])
         (5.0, True)
     """
+    run = _positive_run(
+        start,
+        max_steps=max_steps,
+        rtol=rtol,
+        floor=floor,
+        prune=prune,
+        min_steps=min_steps,
+        tol=tol,
+    )
+    try:
+        request = next(run)
+        while True:
+            request = run.send(matvec(*request))
+    except StopIteration as done:
+        return done.value
+
+
+def positive_quadrature_many(
+    matvec: Callable[[list[int], list[Tensor], list[Tensor]], list[Tensor]],
+    starts: list[Tensor],
+    *,
+    max_steps: int,
+    rtol: float = 1e-2,
+    floors: list[float] | None = None,
+    prune: bool = True,
+    min_steps: int = 4,
+    tol: float | None = None,
+) -> list[PositiveQuadrature]:
+    """:func:`positive_quadrature` on several families of operators in lockstep.
+
+    ``starts[f]`` is (B_f, d_f). At each step ``matvec(families, blocks, members)`` receives the
+    families still running, the (A_f, d_f) blocks of their active members and those members'
+    indices, and returns the images; one call can serve all families (e.g. one
+    forward-over-reverse graph for the blocks of several layers), so the number of sequential
+    calls is the largest number of steps of any family rather than their sum. Each family's
+    stopping rule (and ``floors[f]``) is its own, so the results are those of
+    :func:`positive_quadrature` run family by family.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([3.0, -1.0], dtype=torch.float64))[None]
+        >>> B = torch.diag(torch.tensor([2.0, 5.0, -1.0], dtype=torch.float64))[None]
+        >>> mats = [A, B]
+        >>> def mv(families, qs, members):
+        ...     return [(mats[f] @ q[..., None])[..., 0] for f, q in zip(families, qs)]
+        >>> u, w = torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64)
+        >>> [round(float(r.values[0]), 9) for r in positive_quadrature_many(mv, [u, w], max_steps=3)]
+        [3.0, 7.0]
+    """
+    floors = [float("-inf")] * len(starts) if floors is None else floors
+    runs = [
+        _positive_run(
+            start,
+            max_steps=max_steps,
+            rtol=rtol,
+            floor=fl,
+            prune=prune,
+            min_steps=min_steps,
+            tol=tol,
+        )
+        for start, fl in zip(starts, floors, strict=True)
+    ]
+    results: list[PositiveQuadrature | None] = [None] * len(runs)
+    requests: dict[int, tuple[Tensor, Tensor]] = {}
+    for f, run in enumerate(runs):
+        try:
+            requests[f] = next(run)
+        except StopIteration as done:
+            results[f] = done.value
+    while requests:
+        pending = list(requests)
+        images = matvec(
+            pending, [requests[f][0] for f in pending], [requests[f][1] for f in pending]
+        )
+        for f, w in zip(pending, images, strict=True):
+            try:
+                requests[f] = runs[f].send(w)
+            except StopIteration as done:
+                del requests[f]
+                results[f] = done.value
+    return results
+
+
+def _positive_run(
+    start: Tensor,
+    *,
+    max_steps: int,
+    rtol: float,
+    floor: float,
+    prune: bool,
+    min_steps: int,
+    tol: float | None,
+):
+    """Generator form of :func:`positive_quadrature`: yields (block, members), receives images."""
     batch, dim = start.shape
     max_steps = min(max_steps, dim)
     tol = torch.finfo(start.dtype).eps ** (2.0 / 3.0) if tol is None else tol
@@ -296,7 +389,7 @@ def positive_quadrature(
             break
         qa = q[idx]
         basis[idx, j] = qa
-        w = matvec(qa, idx)
+        w = yield qa, idx
         a = (qa * w).sum(dim=1)
         if j > 0:
             w = w - a[:, None] * qa - beta[idx, j - 1, None] * q_prev[idx]

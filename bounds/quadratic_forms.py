@@ -62,7 +62,11 @@ from hessfine.bounds.functional import (
     unsqueeze_inputs,
 )
 from hessfine.bounds.functional import with_layer as _with_layer
-from hessfine.bounds.lanczos import PositiveQuadrature, positive_quadrature
+from hessfine.bounds.lanczos import (
+    PositiveQuadrature,
+    positive_quadrature,
+    positive_quadrature_many,
+)
 from hessfine.bounds.safe_autodiff import differentiable
 from hessfine.bounds.sharding import LOCAL, Shard
 from torch import Tensor
@@ -225,6 +229,101 @@ def positive_forms(
     )
 
 
+def layers_hvp(
+    fmodel: FunctionalModel,
+    params: Mapping[str, Tensor],
+    names: Sequence[str],
+    x: Inputs,
+    y: Tensor,
+) -> Callable[[list[Tensor], list[Tensor]], list[Tensor]]:
+    """([u_b] per layer, [example indices] per layer) ↦ [H_i(x_b) u_b] per layer, in one call.
+
+    One vmapped forward-over-reverse graph over all (layer, example) pairs: pair p = (i, b)
+    carries the tangent u_b in W_i and zero in the other layers' weights, and its image is the
+    W_i-part of the JVP of the per-example gradient, H_ii(x_b) u_b (the zero tangents remove the
+    cross-layer blocks). One call replaces one per layer, which matters when each call costs
+    mostly its fixed overhead (few examples, small layers).
+    """
+    weights = {name: params[name] for name in names}
+
+    def loss_one(ws: dict[str, Tensor], xi: Inputs, yi: Tensor) -> Tensor:
+        return fmodel.losses({**params, **ws}, unsqueeze_inputs(xi), yi[None])[0]
+
+    def hvp_one(tangents: dict[str, Tensor], xi: Inputs, yi: Tensor) -> dict[str, Tensor]:
+        return jvp(lambda ws: grad(loss_one)(ws, xi, yi), (weights,), (tangents,))[1]
+
+    batched = vmap(hvp_one)
+
+    def matvec(blocks: list[Tensor], members: list[Tensor]) -> list[Tensor]:
+        sizes = [block.shape[0] for block in blocks]
+        total = sum(sizes)
+        tangents = {}
+        offset = 0
+        for name, block, size in zip(names, blocks, sizes, strict=True):
+            t = block.new_zeros(total, *params[name].shape)
+            t[offset : offset + size] = block.view(size, *params[name].shape)
+            tangents[name] = t
+            offset += size
+        index = torch.cat(list(members))
+        images = batched(tangents, index_inputs(x, index), y[index])
+        out, offset = [], 0
+        for name, size in zip(names, sizes, strict=True):
+            out.append(images[name][offset : offset + size].reshape(size, -1))
+            offset += size
+        return out
+
+    return matvec
+
+
+def positive_forms_layers(
+    fmodel: FunctionalModel,
+    params: Mapping[str, Tensor],
+    directions: Mapping[str, Tensor],
+    x: Inputs,
+    y: Tensor,
+    *,
+    steps: int,
+    rtol: float = 1e-2,
+) -> dict[str, PositiveQuadrature]:
+    """:func:`positive_forms` for several layers at once, their Lanczos steps in lockstep.
+
+    :func:`hessfine.bounds.lanczos.positive_quadrature_many` with :func:`layers_hvp`: each step
+    is one call for the still-running examples of every layer, so the sequential tails of the
+    layers (the maximising example may need many more steps than the rest) overlap. Each
+    layer's stopping rule is its own; the values are those of :func:`positive_forms` up to
+    round-off. Examples are processed in chunks so that the Lanczos bases stay within memory.
+    """
+    names = list(directions)
+    n = batch_size(x)
+    need = sum(min(steps, directions[name].numel()) * directions[name].numel() for name in names)
+    chunk = max(1, min(n, _ELEMENT_BUDGET // max(need, 1)))
+    floors = [float("-inf")] * len(names)
+    parts: dict[str, list[PositiveQuadrature]] = {name: [] for name in names}
+    for start in range(0, n, chunk):
+        xs = slice_inputs(x, start, start + chunk)
+        ys = y[start : start + chunk]
+        starts = [directions[name].reshape(1, -1).expand(ys.shape[0], -1).clone() for name in names]
+
+        def matvec(
+            families: list[int], blocks: list[Tensor], members: list[Tensor], xs=xs, ys=ys
+        ) -> list[Tensor]:
+            chosen = [names[f] for f in families]
+            return layers_hvp(fmodel, params, chosen, xs, ys)(blocks, members)
+
+        results = positive_quadrature_many(
+            matvec, starts, max_steps=steps, rtol=rtol, floors=floors
+        )
+        for f, (name, part) in enumerate(zip(names, results, strict=True)):
+            floors[f] = max(floors[f], float((part.values - part.errors).max()))
+            parts[name].append(part)
+    return {
+        name: PositiveQuadrature(
+            *(torch.cat([getattr(p, f.name) for p in chunks]) for f in fields(PositiveQuadrature))
+        )
+        for name, chunks in parts.items()
+    }
+
+
 def certify_piecewise_linear(
     fmodel: FunctionalModel,
     params: Mapping[str, Tensor],
@@ -352,6 +451,15 @@ def _example_forms(
             routes = _choose_routes(
                 fmodel, params, names, x, estimator, check_examples, generator, diagnostics
             )
+        positive = positive_forms_layers(
+            fmodel,
+            params,
+            {name: directions[name] for name in names if routes[name] == "lanczos"},
+            x,
+            y,
+            steps=lanczos_steps,
+            rtol=positive_rtol,
+        )
         for name in names:
             v = directions[name]
             route = routes[name]
@@ -360,16 +468,7 @@ def _example_forms(
             elif route == "hvp":
                 values = block_forms_hvp(fmodel, params, name, v, x, y)
             else:
-                result = positive_forms(
-                    fmodel,
-                    params,
-                    name,
-                    v,
-                    x,
-                    y,
-                    steps=lanczos_steps,
-                    rtol=positive_rtol,
-                )
+                result = positive[name]
                 values = result.values
                 _fold_lanczos_diagnostics(diagnostics[name], result, lanczos_steps, positive_rtol)
             reductions[name].update(values, start=first)

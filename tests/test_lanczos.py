@@ -1,6 +1,8 @@
 """Lanczos, Gauss and Gauss–Radau quadrature and the adaptive positive-part quadrature against
 operators with known spectra (dense float64)."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 from hessfine.bounds.functional import FunctionalModel
@@ -8,6 +10,7 @@ from hessfine.bounds.lanczos import (
     gauss_radau,
     lanczos,
     positive_quadrature,
+    positive_quadrature_many,
     quadrature,
     ritz_values,
 )
@@ -215,3 +218,28 @@ def test_positive_quadrature_without_tolerance_runs_all_steps_and_is_exact_at_di
     assert bool((res.steps == 16).all()) and bool(res.exhausted.all())
     assert not bool(res.pruned.any())
     torch.testing.assert_close(res.values, _exact_positive(a, u), rtol=1e-8, atol=1e-12)
+
+
+def test_positive_quadrature_many_runs_families_in_lockstep_with_their_own_results():
+    # three families of different dimensions and batch sizes: the same results as one
+    # positive_quadrature each, in as many matvec calls as the longest family needs
+    a = [_symmetric(4, 60, seed=8, scales=[1.0, 0.9, 0.05, 0.02]), _symmetric(2, 9, seed=9)]
+    a.append(_symmetric(3, 30, seed=10))
+    g = torch.Generator().manual_seed(11)
+    u = [torch.randn(x.shape[0], x.shape[1], generator=g, dtype=torch.float64) for x in a]
+    calls = []
+
+    def matvec(families, blocks, members):
+        calls.append(list(families))
+        return [_apply(a[f])(q, m) for f, q, m in zip(families, blocks, members, strict=True)]
+
+    many = positive_quadrature_many(matvec, u, max_steps=40, rtol=1e-3, floors=[0.0, 1.0, 0.0])
+    for f, (res, floor) in enumerate(zip(many, [0.0, 1.0, 0.0], strict=True)):
+        alone = positive_quadrature(_apply(a[f]), u[f], max_steps=40, rtol=1e-3, floor=floor)
+        for field in fields(alone):
+            assert torch.equal(getattr(res, field.name), getattr(alone, field.name)), field.name
+    longest = max(int(res.steps.max()) for res in many)
+    assert len(calls) == longest < sum(int(res.steps.max()) for res in many)
+    assert calls[0] == [0, 1, 2] and calls[-1] == [
+        f for f in range(3) if many[f].steps.max() == longest
+    ]

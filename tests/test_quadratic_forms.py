@@ -7,6 +7,7 @@ from hessfine.bounds.quadratic_forms import (
     RunningReduction,
     certification_tolerance,
     certify_piecewise_linear,
+    layers_hvp,
     positive_forms,
     quadratic_forms,
 )
@@ -237,3 +238,22 @@ def test_adaptive_positive_part_reaches_its_tolerance_at_the_max(rtol):
         assert 4 <= d["lanczos_steps_mean"] <= d["lanczos_steps_max"] <= 128
         assert d["change_half_steps"] <= rtol * form.max
         assert d["lower_bound_max"] <= float(exact.max()) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("network", ["attention", "cnn"])
+def test_layers_hvp_gives_each_layer_its_own_block_for_its_own_examples(network):
+    # one call for several layers, each with its own subset of examples: H_ii(x_b) u_b, with no
+    # cross-layer terms
+    module, fm, params, directions, x, y, _ = setup(network)
+    names = list(directions)
+    members = [torch.tensor([0, 3, 7]), torch.tensor([5]), torch.tensor([1, 2, 8, 9])]
+    g = torch.Generator().manual_seed(0)
+    blocks = [
+        torch.randn(m.numel(), directions[n].numel(), generator=g, dtype=torch.float64)
+        for n, m in zip(names, members, strict=True)
+    ]
+    with differentiable():
+        images = layers_hvp(fm, params, names, x, y)(blocks, members)
+    for name, m, u, image in zip(names, members, blocks, images, strict=True):
+        H = dense_block_hessians(module, params, name, x, y)[m]
+        torch.testing.assert_close(image, (H @ u[..., None])[..., 0], rtol=1e-9, atol=1e-12)
