@@ -242,7 +242,8 @@ def layers_hvp(
     carries the tangent u_b in W_i and zero in the other layers' weights, and its image is the
     W_i-part of the JVP of the per-example gradient, H_ii(x_b) u_b (the zero tangents remove the
     cross-layer blocks). One call replaces one per layer, which matters when each call costs
-    mostly its fixed overhead (few examples, small layers).
+    mostly its fixed overhead (few examples, small layers); the price is that every pair carries
+    (and differentiates) all the layers' weights, so callers bound the group size.
     """
     weights = {name: params[name] for name in names}
 
@@ -291,7 +292,8 @@ def positive_forms_layers(
     is one call for the still-running examples of every layer, so the sequential tails of the
     layers (the maximising example may need many more steps than the rest) overlap. Each
     layer's stopping rule is its own; the values are those of :func:`positive_forms` up to
-    round-off. Examples are processed in chunks so that the Lanczos bases stay within memory.
+    round-off. Examples are processed in chunks so that the Lanczos bases stay within memory, and
+    the layers of a step are split into as few calls as keep P · Σ_i d_i within the same budget.
     """
     names = list(directions)
     n = batch_size(x)
@@ -307,8 +309,13 @@ def positive_forms_layers(
         def matvec(
             families: list[int], blocks: list[Tensor], members: list[Tensor], xs=xs, ys=ys
         ) -> list[Tensor]:
-            chosen = [names[f] for f in families]
-            return layers_hvp(fmodel, params, chosen, xs, ys)(blocks, members)
+            images = []
+            for group in _joint_groups([b.shape[0] for b in blocks], [b.shape[1] for b in blocks]):
+                chosen = [names[families[g]] for g in group]
+                images += layers_hvp(fmodel, params, chosen, xs, ys)(
+                    [blocks[g] for g in group], [members[g] for g in group]
+                )
+            return images
 
         results = positive_quadrature_many(
             matvec, starts, max_steps=steps, rtol=rtol, floors=floors
@@ -322,6 +329,25 @@ def positive_forms_layers(
         )
         for name, chunks in parts.items()
     }
+
+
+def _joint_groups(rows: list[int], dims: list[int]) -> list[list[int]]:
+    """Consecutive groups of layers for one :func:`layers_hvp` call each.
+
+    A call over layers G with P pairs holds P · Σ_G d_i tangent and image entries (each pair
+    carries every layer's weight shape), so a group is closed before that would exceed the
+    element budget; a layer whose own block exceeds it is a group alone.
+    """
+    groups: list[list[int]] = []
+    pairs = width = 0
+    for f, (count, dim) in enumerate(zip(rows, dims, strict=True)):
+        if groups and (pairs + count) * (width + dim) <= _ELEMENT_BUDGET:
+            groups[-1].append(f)
+            pairs, width = pairs + count, width + dim
+        else:
+            groups.append([f])
+            pairs, width = count, dim
+    return groups
 
 
 def certify_piecewise_linear(

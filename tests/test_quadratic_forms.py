@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hessfine.bounds import quadratic_forms as quadratic_forms_module
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.quadratic_forms import (
     RunningReduction,
@@ -9,6 +10,7 @@ from hessfine.bounds.quadratic_forms import (
     certify_piecewise_linear,
     layers_hvp,
     positive_forms,
+    positive_forms_layers,
     quadratic_forms,
 )
 from hessfine.bounds.safe_autodiff import differentiable
@@ -257,3 +259,16 @@ def test_layers_hvp_gives_each_layer_its_own_block_for_its_own_examples(network)
     for name, m, u, image in zip(names, members, blocks, images, strict=True):
         H = dense_block_hessians(module, params, name, x, y)[m]
         torch.testing.assert_close(image, (H @ u[..., None])[..., 0], rtol=1e-9, atol=1e-12)
+
+
+def test_lockstep_positive_part_matches_layer_by_layer_under_a_small_memory_budget(monkeypatch):
+    # a budget so small that examples run one at a time and the layers of a step are split over
+    # several calls: the values are still those of positive_forms run layer by layer (the step
+    # counts may differ: the example chunks, hence the pruning floors, are not the same)
+    monkeypatch.setattr(quadratic_forms_module, "_ELEMENT_BUDGET", 200)
+    _, fm, params, directions, x, y, _ = setup("attention")
+    with differentiable():
+        joint = positive_forms_layers(fm, params, directions, x, y, steps=12, rtol=1e-3)
+        for name, v in directions.items():
+            alone = positive_forms(fm, params, name, v, x, y, steps=12, rtol=1e-3)
+            torch.testing.assert_close(joint[name].values, alone.values, rtol=1e-9, atol=1e-12)
