@@ -76,6 +76,7 @@ Estimator = Literal["auto", "block", "positive", "ggn", "reference-code"]
 ESTIMATORS: tuple[str, ...] = ("auto", "block", "positive", "ggn", "reference-code")
 
 _ELEMENT_BUDGET = 2**26
+_LOCKSTEP_BUDGET = 2**28
 
 
 @dataclass(frozen=True)
@@ -292,43 +293,66 @@ def positive_forms_layers(
     is one call for the still-running examples of every layer, so the sequential tails of the
     layers (the maximising example may need many more steps than the rest) overlap. Each
     layer's stopping rule is its own; the values are those of :func:`positive_forms` up to
-    round-off. Examples are processed in chunks so that the Lanczos bases stay within memory, and
-    the layers of a step are split into as few calls as keep P · Σ_i d_i within the same budget.
+    round-off. Examples are processed in the chunks :func:`positive_forms` uses for the widest
+    layer; layers run in lockstep as long as their Lanczos bases together stay within a larger
+    budget (then the next set of layers runs), and the layers of a step are split into as few
+    calls as keep P · Σ_i d_i within the per-call budget.
     """
     names = list(directions)
     n = batch_size(x)
-    need = sum(min(steps, directions[name].numel()) * directions[name].numel() for name in names)
-    chunk = max(1, min(n, _ELEMENT_BUDGET // max(need, 1)))
-    floors = [float("-inf")] * len(names)
+    sizes = [min(steps, v.numel()) * v.numel() for v in directions.values()]
+    chunk = max(1, min(n, _ELEMENT_BUDGET // max(sizes, default=1)))
     parts: dict[str, list[PositiveQuadrature]] = {name: [] for name in names}
-    for start in range(0, n, chunk):
-        xs = slice_inputs(x, start, start + chunk)
-        ys = y[start : start + chunk]
-        starts = [directions[name].reshape(1, -1).expand(ys.shape[0], -1).clone() for name in names]
+    for lockstep in _budget_groups([chunk * size for size in sizes], _LOCKSTEP_BUDGET):
+        chosen = [names[f] for f in lockstep]
+        floors = [float("-inf")] * len(chosen)
+        for start in range(0, n, chunk):
+            xs = slice_inputs(x, start, start + chunk)
+            ys = y[start : start + chunk]
+            starts = [directions[m].reshape(1, -1).expand(ys.shape[0], -1).clone() for m in chosen]
 
-        def matvec(
-            families: list[int], blocks: list[Tensor], members: list[Tensor], xs=xs, ys=ys
-        ) -> list[Tensor]:
-            images = []
-            for group in _joint_groups([b.shape[0] for b in blocks], [b.shape[1] for b in blocks]):
-                chosen = [names[families[g]] for g in group]
-                images += layers_hvp(fmodel, params, chosen, xs, ys)(
-                    [blocks[g] for g in group], [members[g] for g in group]
-                )
-            return images
+            def matvec(
+                families: list[int],
+                blocks: list[Tensor],
+                members: list[Tensor],
+                xs: Inputs = xs,
+                ys: Tensor = ys,
+                chosen: list[str] = chosen,
+            ) -> list[Tensor]:
+                images = []
+                rows = [b.shape[0] for b in blocks]
+                for group in _joint_groups(rows, [b.shape[1] for b in blocks]):
+                    images += layers_hvp(
+                        fmodel, params, [chosen[families[g]] for g in group], xs, ys
+                    )([blocks[g] for g in group], [members[g] for g in group])
+                return images
 
-        results = positive_quadrature_many(
-            matvec, starts, max_steps=steps, rtol=rtol, floors=floors
-        )
-        for f, (name, part) in enumerate(zip(names, results, strict=True)):
-            floors[f] = max(floors[f], float((part.values - part.errors).max()))
-            parts[name].append(part)
+            results = positive_quadrature_many(
+                matvec, starts, max_steps=steps, rtol=rtol, floors=floors
+            )
+            for f, (name, part) in enumerate(zip(chosen, results, strict=True)):
+                floors[f] = max(floors[f], float((part.values - part.errors).max()))
+                parts[name].append(part)
     return {
         name: PositiveQuadrature(
             *(torch.cat([getattr(p, f.name) for p in chunks]) for f in fields(PositiveQuadrature))
         )
         for name, chunks in parts.items()
     }
+
+
+def _budget_groups(costs: list[int], budget: int) -> list[list[int]]:
+    """Consecutive groups of indices whose costs add up to at most ``budget`` (or one alone)."""
+    groups: list[list[int]] = []
+    total = 0
+    for f, cost in enumerate(costs):
+        if groups and total + cost <= budget:
+            groups[-1].append(f)
+            total += cost
+        else:
+            groups.append([f])
+            total = cost
+    return groups
 
 
 def _joint_groups(rows: list[int], dims: list[int]) -> list[list[int]]:

@@ -262,13 +262,16 @@ def test_layers_hvp_gives_each_layer_its_own_block_for_its_own_examples(network)
 
 
 def test_lockstep_positive_part_matches_layer_by_layer_under_a_small_memory_budget(monkeypatch):
-    # a budget so small that examples run one at a time and the layers of a step are split over
-    # several calls: the values are still those of positive_forms run layer by layer (the step
-    # counts may differ: the example chunks, hence the pruning floors, are not the same)
+    # budgets so small that examples run one at a time, the layers form two lockstep sets and
+    # the layers of a step are split over several calls: the results are still those of
+    # positive_forms run layer by layer (the same chunks, hence the same pruning)
     monkeypatch.setattr(quadratic_forms_module, "_ELEMENT_BUDGET", 200)
+    monkeypatch.setattr(quadratic_forms_module, "_LOCKSTEP_BUDGET", 700)
     _, fm, params, directions, x, y, _ = setup("attention")
     with differentiable():
         joint = positive_forms_layers(fm, params, directions, x, y, steps=12, rtol=1e-3)
         for name, v in directions.items():
             alone = positive_forms(fm, params, name, v, x, y, steps=12, rtol=1e-3)
             torch.testing.assert_close(joint[name].values, alone.values, rtol=1e-9, atol=1e-12)
+            assert torch.equal(joint[name].steps, alone.steps)
+            assert torch.equal(joint[name].pruned, alone.pruned)
