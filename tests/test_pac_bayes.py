@@ -311,3 +311,26 @@ def test_certificate_option_boundaries():
     for q, p in ((1.5, 0.5), (0.5, 1.5), (-0.1, 0.5), (0.5, -0.1)):
         with pytest.raises(ValueError, match="kl_bernoulli"):
             kl_bernoulli(q, p)
+
+
+def test_no_moved_layer_gives_the_deterministic_error_exactly():
+    # Every v_i = 0: the posterior is a point mass at W, so each draw errs exactly where W does.
+    fm, params = FunctionalModel.from_module(TINY_NETWORKS["mlp_gelu"]())
+    layers = TINY_LAYERS["mlp_gelu"]
+    x, y = tiny_data("mlp_gelu", 16)
+    cert = pac_bayes_certificate(
+        fm,
+        params,
+        {k: params[k].clone() for k in layers},
+        layers,
+        [(x, y)],
+        n=16,
+        curvature=dict.fromkeys(layers, 0.1),
+        grid=(0.5, 1.0),
+        draws=3,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert 0.0 < cert.deterministic_error < 1.0
+    assert cert.kl == 0.0 and all(s == 0.0 for s in cert.sigmas.values())
+    for point in cert.per_scale:
+        assert point.empirical_error == pytest.approx(cert.deterministic_error, abs=1e-12)
