@@ -145,10 +145,7 @@ def _lanczos_run(start: Tensor, steps: int, tol: float | None):
         w = yield q
         a = (q * w).sum(dim=1)
         w = w - a[:, None] * q - (beta[:, j - 1, None] * q_prev if j > 0 else 0.0)
-        for _ in range(2):
-            w = w - torch.einsum(
-                "bk,bkd->bd", torch.einsum("bkd,bd->bk", basis[:, : j + 1], w), basis[:, : j + 1]
-            )
+        w = _reorthogonalise(w, basis[:, : j + 1])
         b = w.norm(dim=1)
         alpha[:, j] = torch.where(active, a, torch.zeros_like(a))
         scale = torch.maximum(scale, torch.maximum(a.abs(), b))
@@ -167,6 +164,18 @@ def _lanczos_run(start: Tensor, steps: int, tol: float | None):
         exhausted=exhausted,
         residual=beta[:, steps - 1],
     )
+
+
+def _reorthogonalise(w: Tensor, basis: Tensor) -> Tensor:
+    """w_b minus its projection on the rows of basis_b (B, k, d), twice (classical Gram–Schmidt
+    with reorthogonalisation, "twice is enough": Giraud et al., Numer. Math. 2005).
+
+    Written as row-vector batched products, (B, 1, d)·(B, d, k) then (B, 1, k)·(B, k, d), which
+    on the CPU run several times faster than ``einsum`` or the column form for B > 1.
+    """
+    for _ in range(2):
+        w = w - torch.bmm(torch.bmm(w[:, None, :], basis.transpose(1, 2)), basis)[:, 0]
+    return w
 
 
 def quadrature(
@@ -364,51 +373,53 @@ def _positive_run(
     min_steps: int,
     tol: float | None,
 ):
-    """Generator form of :func:`positive_quadrature`: yields (block, members), receives images."""
+    """Generator form of :func:`positive_quadrature`: yields (block, members), receives images.
+
+    The Lanczos state (vectors, basis, coefficients) is kept for the running members only,
+    compacted whenever members stop, so that a step works on contiguous views and its cost
+    does not depend on how many members have finished.
+    """
     batch, dim = start.shape
     max_steps = min(max_steps, dim)
     tol = torch.finfo(start.dtype).eps ** (2.0 / 3.0) if tol is None else tol
+    tiny = torch.finfo(start.dtype).tiny
     dev = start.device
     norms = start.norm(dim=1)
-    q = start / norms.clamp_min(torch.finfo(start.dtype).tiny)[:, None]
-    basis = start.new_zeros(batch, max_steps, dim)
-    alpha = start.new_zeros(batch, max_steps)
-    beta = start.new_zeros(batch, max_steps)
-    scale = start.new_zeros(batch)
-    q_prev = torch.zeros_like(q)
     f64 = dict(dtype=torch.float64, device=dev)
     values, errors = torch.zeros(batch, **f64), torch.zeros(batch, **f64)
+    first = start.new_zeros(batch)
     steps = torch.zeros(batch, dtype=torch.long, device=dev)
     exhausted = torch.zeros(batch, dtype=torch.bool, device=dev)
     pruned = torch.zeros(batch, dtype=torch.bool, device=dev)
-    active = norms > 0
+    started = norms > 0
+    idx = started.nonzero()[:, 0]
+    q = start[idx] / norms[idx, None]
+    q_prev = torch.zeros_like(q)
+    basis = start.new_zeros(idx.numel(), max_steps, dim)
+    alpha = start.new_zeros(idx.numel(), max_steps)
+    beta = start.new_zeros(idx.numel(), max_steps)
+    scale = start.new_zeros(idx.numel())
     checkpoint = min_steps
     for j in range(max_steps):
-        idx = active.nonzero()[:, 0]
         if idx.numel() == 0:
             break
-        qa = q[idx]
-        basis[idx, j] = qa
-        w = yield qa, idx
-        a = (qa * w).sum(dim=1)
+        basis[:, j] = q
+        w = yield q, idx
+        a = (q * w).sum(dim=1)
         if j > 0:
-            w = w - a[:, None] * qa - beta[idx, j - 1, None] * q_prev[idx]
+            w = w - a[:, None] * q - beta[:, j - 1, None] * q_prev
         else:
-            w = w - a[:, None] * qa
-        held = basis[idx, : j + 1]
-        for _ in range(2):
-            w = w - torch.einsum("bk,bkd->bd", torch.einsum("bkd,bd->bk", held, w), held)
+            w = w - a[:, None] * q
+            first[idx] = a
+        w = _reorthogonalise(w, basis[:, : j + 1])
         b = w.norm(dim=1)
-        alpha[idx, j] = a
-        scale[idx] = torch.maximum(scale[idx], torch.maximum(a.abs(), b))
-        broke = b <= tol * scale[idx]
+        alpha[:, j] = a
+        scale = torch.maximum(scale, torch.maximum(a.abs(), b))
+        broke = b <= tol * scale
         b = torch.where(broke, torch.zeros_like(b), b)
-        beta[idx, j] = b
-        steps[idx] = j + 1
-        q_prev[idx] = qa
-        q[idx] = torch.where(
-            broke[:, None], 0.0, w / b.clamp_min(torch.finfo(b.dtype).tiny)[:, None]
-        )
+        beta[:, j] = b
+        q_prev = q
+        q = torch.where(broke[:, None], 0.0, w / b.clamp_min(tiny)[:, None])
         k = j + 1
         last = k == max_steps
         check = rtol > 0 and k >= checkpoint
@@ -416,22 +427,24 @@ def _positive_run(
             continue
         if check:
             checkpoint = max(k + 2, math.ceil(1.25 * k))
-        est = gauss_radau(alpha[idx, :k], beta[idx, :k], norms[idx], _positive_part)
+        est = gauss_radau(alpha[:, :k], beta[:, :k], norms[idx], _positive_part)
         half = max(1, math.ceil(k / 2))
-        err = (
-            est - gauss_radau(alpha[idx, :half], beta[idx, :half], norms[idx], _positive_part)
-        ).abs()
+        err = (est - gauss_radau(alpha[:, :half], beta[:, :half], norms[idx], _positive_part)).abs()
         err = torch.where(broke, torch.zeros_like(err), err)
         values[idx], errors[idx] = est, err
         stop = broke | last
         if check:
             top = float(values.max())
-            low = max(floor, float((values - errors)[active | (steps > 0)].max()))
+            low = max(floor, float((values - errors)[started].max()))
             converged = err <= 0.5 * rtol * top
             hopeless = (est + err < low) & ~converged & ~broke & prune
             pruned[idx] = hopeless
             stop = stop | converged | hopeless
         exhausted[idx] = broke | (last & (k >= dim))
-        active[idx] = active[idx] & ~stop
-    lower = (norms.double() ** 2 * alpha[:, 0].double()).clamp(min=0.0)
+        if bool(stop.any()):
+            steps[idx[stop]] = k
+            keep = ~stop
+            idx, q, q_prev, scale = idx[keep], q[keep], q_prev[keep], scale[keep]
+            basis, alpha, beta = basis[keep], alpha[keep], beta[keep]
+    lower = (norms.double() ** 2 * first.double()).clamp(min=0.0)
     return PositiveQuadrature(values, errors, lower, steps, exhausted, pruned)

@@ -77,6 +77,7 @@ ESTIMATORS: tuple[str, ...] = ("auto", "block", "positive", "ggn", "reference-co
 
 _ELEMENT_BUDGET = 2**26
 _LOCKSTEP_BUDGET = 2**28
+_TAIL_PAIRS = 32
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,17 @@ def positive_forms(
         xs = slice_inputs(x, start, start + chunk)
         ys = y[start : start + chunk]
 
-        def matvec(q: Tensor, members: Tensor, xs: Inputs = xs, ys: Tensor = ys) -> Tensor:
+        tail = _RetainedTail(fmodel, params, xs, ys)
+
+        def matvec(
+            q: Tensor,
+            members: Tensor,
+            xs: Inputs = xs,
+            ys: Tensor = ys,
+            tail: _RetainedTail = tail,
+        ) -> Tensor:
+            if _retained_fits(*q.shape):
+                return tail([name], [q], [members])[0]
             return per_example_hvp(fmodel, params, name, index_inputs(xs, members), ys[members])(q)
 
         start_vectors = v.reshape(1, -1).expand(ys.shape[0], -1).clone()
@@ -277,6 +288,119 @@ def layers_hvp(
     return matvec
 
 
+class RetainedLayersHVP:
+    """u_p ↦ H_ii(x_b) u_p for a fixed set of (layer i, example b) pairs p, by double backward.
+
+    Built once: one vmapped reverse pass over the pairs, in which pair p carries its own copy of
+    the weights of all the set's layers, gives the per-pair gradients g_p = ∇_W ℓ(x_b) with
+    ``create_graph``. Each product is then one reverse pass through that retained graph
+    (reverse-over-reverse, Pearlmutter, Neural Computation 1994; exact for every operation, as
+    the forward-over-reverse of :func:`layers_hvp` is): with s = Σ_p ⟨(g_p)_i, u_p⟩, the row-p part
+    of ∂s/∂W_i is H_ii(x_b) u_p, because pair p's copy of the weights enters only its own loss
+    and only layer i's part is read (no cross-layer blocks). A product runs no forward pass and
+    no functorch transform, so on the CPU it costs a fraction of a :func:`layers_hvp` call (4–8
+    ms against 30–35 ms for 1–9 pairs of the small ViT of bench/BENCHMARKS.md). Memory: the
+    graph of P examples' forward and backward passes plus P · Σ_i d_i weight copies, held as
+    long as the object lives; callers use it only for few pairs (:func:`positive_forms_layers`).
+
+    Example:
+        >>> from hessfine.bounds.functional import FunctionalModel
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> fm, params = FunctionalModel.from_module(net)
+        >>> x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+        >>> members = [torch.tensor([0, 3]), torch.tensor([1])]
+        >>> hvp = RetainedLayersHVP(fm, params, ["0.weight", "2.weight"], x, y, members)
+        >>> [tuple(h.shape) for h in hvp(["0.weight"], [torch.randn(2, 12)], members[:1])]
+        [(2, 12)]
+    """
+
+    def __init__(
+        self,
+        fmodel: FunctionalModel,
+        params: Mapping[str, Tensor],
+        names: Sequence[str],
+        x: Inputs,
+        y: Tensor,
+        members: Sequence[Tensor],
+    ) -> None:
+        pairs = [(name, int(b)) for name, m in zip(names, members, strict=True) for b in m.tolist()]
+        self.rows = {pair: row for row, pair in enumerate(pairs)}
+        index = torch.tensor([b for _, b in pairs], dtype=torch.long, device=y.device)
+        self.weights = {
+            name: params[name].detach().expand(len(pairs), *params[name].shape).clone()
+            for name in names
+        }
+        for w in self.weights.values():
+            w.requires_grad_(True)
+
+        def loss_one(ws: dict[str, Tensor], xi: Inputs, yi: Tensor) -> Tensor:
+            return fmodel.losses({**params, **ws}, unsqueeze_inputs(xi), yi[None])[0]
+
+        with torch.enable_grad():
+            self.grads = vmap(grad(loss_one))(self.weights, index_inputs(x, index), y[index])
+
+    @property
+    def size(self) -> int:
+        """The number of pairs the graph was built for."""
+        return len(self.rows)
+
+    def covers(self, names: Sequence[str], members: Sequence[Tensor]) -> bool:
+        """Whether every (layer, example) pair asked for is in the graph."""
+        return all(
+            (name, b) in self.rows
+            for name, m in zip(names, members, strict=True)
+            for b in m.tolist()
+        )
+
+    def __call__(
+        self, names: Sequence[str], blocks: Sequence[Tensor], members: Sequence[Tensor]
+    ) -> list[Tensor]:
+        """[H_ii(x_b) u_b] per layer for the (A_i, d_i) ``blocks`` of the ``members`` of ``names``."""
+        rows = [
+            torch.tensor([self.rows[(name, b)] for b in m.tolist()], dtype=torch.long)
+            for name, m in zip(names, members, strict=True)
+        ]
+        total = sum(
+            (self.grads[name][r].reshape(r.numel(), -1) * block).sum()
+            for name, r, block in zip(names, rows, blocks, strict=True)
+        )
+        inputs = [self.weights[name] for name in names]
+        if not (isinstance(total, Tensor) and total.requires_grad):
+            return [torch.zeros_like(block) for block in blocks]
+        images = torch.autograd.grad(total, inputs, retain_graph=True, materialize_grads=True)
+        return [image[r].reshape(r.numel(), -1) for image, r in zip(images, rows, strict=True)]
+
+
+class _RetainedTail:
+    """The products of the last few running pairs of a Lanczos run, from a retained graph.
+
+    Holds one :class:`RetainedLayersHVP` for the pairs still running and rebuilds it when asked
+    for a pair it lacks or once at most half of its pairs are still running (so that finished
+    pairs cost at most as much again as the running ones).
+    """
+
+    def __init__(
+        self, fmodel: FunctionalModel, params: Mapping[str, Tensor], x: Inputs, y: Tensor
+    ) -> None:
+        self.fmodel, self.params, self.x, self.y = fmodel, params, x, y
+        self.graph: RetainedLayersHVP | None = None
+
+    def __call__(
+        self, names: Sequence[str], blocks: Sequence[Tensor], members: Sequence[Tensor]
+    ) -> list[Tensor]:
+        running = sum(block.shape[0] for block in blocks)
+        graph = self.graph
+        if graph is None or 2 * running <= graph.size or not graph.covers(names, members):
+            self.graph = graph = None  # the old graph is freed before the next one is built
+            self.graph = RetainedLayersHVP(self.fmodel, self.params, names, self.x, self.y, members)
+        return self.graph(names, blocks, members)
+
+
+def _retained_fits(pairs: int, width: int) -> bool:
+    """Whether ``pairs`` pairs over layers of ``width`` weights in all go to the retained graph."""
+    return pairs <= _TAIL_PAIRS and pairs * width <= _ELEMENT_BUDGET
+
+
 def positive_forms_layers(
     fmodel: FunctionalModel,
     params: Mapping[str, Tensor],
@@ -310,6 +434,7 @@ def positive_forms_layers(
             xs = slice_inputs(x, start, start + chunk)
             ys = y[start : start + chunk]
             starts = [directions[m].reshape(1, -1).expand(ys.shape[0], -1).clone() for m in chosen]
+            tail = _RetainedTail(fmodel, params, xs, ys)
 
             def matvec(
                 families: list[int],
@@ -318,9 +443,12 @@ def positive_forms_layers(
                 xs: Inputs = xs,
                 ys: Tensor = ys,
                 chosen: list[str] = chosen,
+                tail: _RetainedTail = tail,
             ) -> list[Tensor]:
-                images = []
                 rows = [b.shape[0] for b in blocks]
+                if _retained_fits(sum(rows), sum(b.shape[1] for b in blocks)):
+                    return tail([chosen[f] for f in families], blocks, members)
+                images = []
                 for group in _joint_groups(rows, [b.shape[1] for b in blocks]):
                     images += layers_hvp(
                         fmodel, params, [chosen[families[g]] for g in group], xs, ys
