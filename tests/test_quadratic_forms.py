@@ -275,3 +275,80 @@ def test_lockstep_positive_part_matches_layer_by_layer_under_a_small_memory_budg
             torch.testing.assert_close(joint[name].values, alone.values, rtol=1e-9, atol=1e-12)
             assert torch.equal(joint[name].steps, alone.steps)
             assert torch.equal(joint[name].pruned, alone.pruned)
+
+
+@pytest.mark.parametrize("network", ["attention", "mlp_gelu"])
+def test_retained_graph_gives_each_layer_its_own_block_for_its_own_examples(network):
+    # double backward through one retained graph: H_ii(x_b) u_b for the pairs asked for (a
+    # subset of those the graph was built for; example 3 runs in two layers at once, so a
+    # cross-layer block H_ij would show), exact against the dense float64 blocks
+    module, fm, params, directions, x, y, _ = setup(network)
+    names = list(directions)
+    members = [torch.tensor([0, 3, 7]), torch.tensor([5, 3]), torch.tensor([1, 3, 9])]
+    with differentiable():
+        hvp = quadratic_forms_module.RetainedLayersHVP(fm, params, names, x, y, members)
+        asked_names, asked = [names[0], names[2]], [torch.tensor([7, 3]), torch.tensor([3])]
+        assert hvp.size == 8 and hvp.covers(asked_names, asked)
+        assert not hvp.covers([names[1]], [torch.tensor([0])])
+        g = torch.Generator().manual_seed(0)
+        blocks = [
+            torch.randn(m.numel(), directions[n].numel(), generator=g, dtype=torch.float64)
+            for n, m in zip(asked_names, asked, strict=True)
+        ]
+        for _ in range(2):  # the graph is reused
+            images = hvp(asked_names, blocks, asked)
+            for name, m, u, image in zip(asked_names, asked, blocks, images, strict=True):
+                H = dense_block_hessians(module, params, name, x, y)[m]
+                torch.testing.assert_close(image, (H @ u[..., None])[..., 0], rtol=1e-9, atol=1e-12)
+
+
+def test_retained_tail_rebuilds_for_the_running_pairs():
+    # rebuilt when at most half of its pairs still run, or when asked for a pair it lacks
+    _, fm, params, directions, x, y, _ = setup("mlp_gelu")
+    name = "fc1.weight"
+    tail = quadratic_forms_module._RetainedTail(fm, params, x, y)
+    d = directions[name].numel()
+    with differentiable():
+        tail([name], [torch.ones(6, d, dtype=torch.float64)], [torch.arange(6)])
+        assert tail.graph.size == 6
+        tail([name], [torch.ones(4, d, dtype=torch.float64)], [torch.arange(4)])
+        assert tail.graph.size == 6
+        tail([name], [torch.ones(3, d, dtype=torch.float64)], [torch.arange(3)])
+        assert tail.graph.size == 3
+        tail([name], [torch.ones(2, d, dtype=torch.float64)], [torch.tensor([1, 9])])
+        assert tail.graph.size == 2
+
+
+@pytest.mark.parametrize("network", ["attention", "mlp_gelu"])
+def test_positive_part_switches_to_the_retained_graph_mid_run(network, monkeypatch):
+    # the retained graph takes over once at most 6 (layer, example) pairs run: the same steps,
+    # pruning and values as with vmapped forward-over-reverse products throughout, and exact
+    # against the dense positive part when the Krylov spaces are exhausted
+    module, fm, params, directions, x, y, _ = setup(network)
+    steps = max(v.numel() for v in directions.values())
+    calls = []
+    original = quadratic_forms_module.RetainedLayersHVP.__call__
+
+    def counted(self, names, blocks, members):
+        calls.append(sum(b.shape[0] for b in blocks))
+        return original(self, names, blocks, members)
+
+    monkeypatch.setattr(quadratic_forms_module.RetainedLayersHVP, "__call__", counted)
+    runs = {}
+    with differentiable():
+        for threshold in (0, 6):
+            monkeypatch.setattr(quadratic_forms_module, "_TAIL_PAIRS", threshold)
+            for rtol, cap in ((1e-3, 24), (0.0, steps)):
+                runs[threshold, rtol] = positive_forms_layers(
+                    fm, params, directions, x, y, steps=cap, rtol=rtol
+                )
+    assert calls and max(calls) <= 6
+    for rtol in (1e-3, 0.0):
+        for name in directions:
+            vmapped, retained = runs[0, rtol][name], runs[6, rtol][name]
+            torch.testing.assert_close(retained.values, vmapped.values, rtol=1e-9, atol=1e-12)
+            assert torch.equal(retained.steps, vmapped.steps)
+            assert torch.equal(retained.pruned, vmapped.pruned)
+    for name, v in directions.items():
+        exact = dense_forms(positive_part(dense_block_hessians(module, params, name, x, y)), v)
+        torch.testing.assert_close(runs[6, 0.0][name].values, exact, rtol=1e-6, atol=1e-9)
