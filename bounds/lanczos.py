@@ -132,7 +132,7 @@ def _lanczos_run(start: Tensor, steps: int, tol: float | None):
     tol = torch.finfo(start.dtype).eps ** (2.0 / 3.0) if tol is None else tol
     norms = start.norm(dim=1)
     q = start / norms.clamp_min(torch.finfo(start.dtype).tiny)[:, None]
-    basis = start.new_zeros(batch, steps, dim)
+    basis = start.new_empty(batch, steps, dim)  # column j is written before it is read
     alpha = start.new_zeros(batch, steps)
     beta = start.new_zeros(batch, steps)
     scale = start.new_zeros(batch)
@@ -395,7 +395,7 @@ def _positive_run(
     idx = started.nonzero()[:, 0]
     q = start[idx] / norms[idx, None]
     q_prev = torch.zeros_like(q)
-    basis = start.new_zeros(idx.numel(), max_steps, dim)
+    basis = start.new_empty(idx.numel(), max_steps, dim)  # written before read
     alpha = start.new_zeros(idx.numel(), max_steps)
     beta = start.new_zeros(idx.numel(), max_steps)
     scale = start.new_zeros(idx.numel())

@@ -77,7 +77,7 @@ ESTIMATORS: tuple[str, ...] = ("auto", "block", "positive", "ggn", "reference-co
 
 _ELEMENT_BUDGET = 2**26
 _LOCKSTEP_BUDGET = 2**28
-_TAIL_PAIRS = 32
+_RETAINED_BUDGET = _ELEMENT_BUDGET
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,10 @@ def positive_forms(
     times the largest value, or once it provably (up to its error estimate) cannot attain the
     maximum (within the batch, so that results do not depend on how batches are split over
     processes), or after ``steps`` steps. ``floor`` is a value already attained elsewhere.
-    Examples are processed in chunks so that the Lanczos basis stays within memory.
+    Examples are processed in chunks so that the Lanczos basis stays within memory. The
+    products come from one retained double-backward graph per chunk (:class:`RetainedLayersHVP`,
+    rebuilt as examples finish) when the chunk fits its budget, else from vmapped
+    forward-over-reverse calls (:func:`per_example_hvp`).
     """
     dim = v.numel()
     steps = min(steps, dim)
@@ -299,9 +302,13 @@ class RetainedLayersHVP:
     of ∂s/∂W_i is H_ii(x_b) u_p, because pair p's copy of the weights enters only its own loss
     and only layer i's part is read (no cross-layer blocks). A product runs no forward pass and
     no functorch transform, so on the CPU it costs a fraction of a :func:`layers_hvp` call (4–8
-    ms against 30–35 ms for 1–9 pairs of the small ViT of bench/BENCHMARKS.md). Memory: the
-    graph of P examples' forward and backward passes plus P · Σ_i d_i weight copies, held as
-    long as the object lives; callers use it only for few pairs (:func:`positive_forms_layers`).
+    ms against 30–35 ms for 1–9 pairs of the small ViT of bench/BENCHMARKS.md; 150–175 ms
+    against 205–260 ms for all 288 pairs of its 32 examples and 9 layers). Memory: the graph of
+    P examples' forward and backward passes plus P · Σ_i d_i weight copies, held as long as the
+    object lives. Its peak (graph plus one product) stays below that of one :func:`layers_hvp`
+    call over the same pairs, which holds the same passes and their tangents at once (measured
+    peak resident growth on that ViT: 211 MB against 308 MB for 288 pairs, 32 against 52 MB for
+    36), so callers give it the same per-call budget on P · Σ_i d_i.
 
     Example:
         >>> from hessfine.bounds.functional import FunctionalModel
@@ -372,11 +379,12 @@ class RetainedLayersHVP:
 
 
 class _RetainedTail:
-    """The products of the last few running pairs of a Lanczos run, from a retained graph.
+    """The products of the running pairs of a Lanczos run, from a retained graph.
 
     Holds one :class:`RetainedLayersHVP` for the pairs still running and rebuilds it when asked
-    for a pair it lacks or once at most half of its pairs are still running (so that finished
-    pairs cost at most as much again as the running ones).
+    for a pair it lacks or once at most half of its pairs, or of its layers, are still running
+    (so that finished pairs and layers cost at most as much again as the running ones; a
+    rebuild costs about two products).
     """
 
     def __init__(
@@ -390,15 +398,20 @@ class _RetainedTail:
     ) -> list[Tensor]:
         running = sum(block.shape[0] for block in blocks)
         graph = self.graph
-        if graph is None or 2 * running <= graph.size or not graph.covers(names, members):
+        if (
+            graph is None
+            or 2 * running <= graph.size
+            or 2 * len(names) <= len(graph.weights)
+            or not graph.covers(names, members)
+        ):
             self.graph = graph = None  # the old graph is freed before the next one is built
             self.graph = RetainedLayersHVP(self.fmodel, self.params, names, self.x, self.y, members)
         return self.graph(names, blocks, members)
 
 
 def _retained_fits(pairs: int, width: int) -> bool:
-    """Whether ``pairs`` pairs over layers of ``width`` weights in all go to the retained graph."""
-    return pairs <= _TAIL_PAIRS and pairs * width <= _ELEMENT_BUDGET
+    """Whether ``pairs`` pairs over layers of ``width`` weights in all fit one retained graph."""
+    return pairs * width <= _RETAINED_BUDGET
 
 
 def positive_forms_layers(
@@ -413,14 +426,18 @@ def positive_forms_layers(
 ) -> dict[str, PositiveQuadrature]:
     """:func:`positive_forms` for several layers at once, their Lanczos steps in lockstep.
 
-    :func:`hessfine.bounds.lanczos.positive_quadrature_many` with :func:`layers_hvp`: each step
-    is one call for the still-running examples of every layer, so the sequential tails of the
+    :func:`hessfine.bounds.lanczos.positive_quadrature_many`: each step is one product call
+    for the still-running examples of every layer, so the sequential tails of the
     layers (the maximising example may need many more steps than the rest) overlap. Each
     layer's stopping rule is its own; the values are those of :func:`positive_forms` up to
     round-off. Examples are processed in the chunks :func:`positive_forms` uses for the widest
     layer; layers run in lockstep as long as their Lanczos bases together stay within a larger
-    budget (then the next set of layers runs), and the layers of a step are split into as few
-    calls as keep P · Σ_i d_i within the per-call budget.
+    budget (then the next set of layers runs). While the P running (layer, example) pairs of a
+    step fit one call (P · Σ_i d_i within the per-call budget), the products come from one
+    retained double-backward graph (:class:`RetainedLayersHVP`, rebuilt as pairs and layers
+    finish), which on the CPU is several times cheaper per step than a vmapped
+    forward-over-reverse call (bench/BENCHMARKS.md, issue 10 item 3); otherwise the layers of a
+    step are split into as few :func:`layers_hvp` calls as keep P · Σ_i d_i within the budget.
     """
     names = list(directions)
     n = batch_size(x)

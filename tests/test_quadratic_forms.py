@@ -321,34 +321,38 @@ def test_retained_tail_rebuilds_for_the_running_pairs():
 
 @pytest.mark.parametrize("network", ["attention", "mlp_gelu"])
 def test_positive_part_switches_to_the_retained_graph_mid_run(network, monkeypatch):
-    # the retained graph takes over once at most 6 (layer, example) pairs run: the same steps,
-    # pruning and values as with vmapped forward-over-reverse products throughout, and exact
-    # against the dense positive part when the Krylov spaces are exhausted
+    # with a retained-graph budget (P pairs × Σ d of their layers) of a third of that of all
+    # pairs (N × Σ d), the first steps use vmapped forward-over-reverse products and the
+    # retained graph takes over as pairs finish: the same steps, pruning and values as vmapped
+    # products throughout (budget 0), and exact against the dense positive part when the
+    # Krylov spaces are exhausted
     module, fm, params, directions, x, y, _ = setup(network)
     steps = max(v.numel() for v in directions.values())
     calls = []
     original = quadratic_forms_module.RetainedLayersHVP.__call__
 
     def counted(self, names, blocks, members):
-        calls.append(sum(b.shape[0] for b in blocks))
+        calls.append(sum(b.shape[0] for b in blocks) * sum(b.shape[1] for b in blocks))
         return original(self, names, blocks, members)
 
     monkeypatch.setattr(quadratic_forms_module.RetainedLayersHVP, "__call__", counted)
+    full = N * sum(v.numel() for v in directions.values())
+    small = full // 3
     runs = {}
     with differentiable():
-        for threshold in (0, 6):
-            monkeypatch.setattr(quadratic_forms_module, "_TAIL_PAIRS", threshold)
+        for budget in (0, small):
+            monkeypatch.setattr(quadratic_forms_module, "_RETAINED_BUDGET", budget)
             for rtol, cap in ((1e-3, 24), (0.0, steps)):
-                runs[threshold, rtol] = positive_forms_layers(
+                runs[budget, rtol] = positive_forms_layers(
                     fm, params, directions, x, y, steps=cap, rtol=rtol
                 )
-    assert calls and max(calls) <= 6
+    assert calls and max(calls) <= small
     for rtol in (1e-3, 0.0):
         for name in directions:
-            vmapped, retained = runs[0, rtol][name], runs[6, rtol][name]
+            vmapped, retained = runs[0, rtol][name], runs[small, rtol][name]
             torch.testing.assert_close(retained.values, vmapped.values, rtol=1e-9, atol=1e-12)
             assert torch.equal(retained.steps, vmapped.steps)
             assert torch.equal(retained.pruned, vmapped.pruned)
     for name, v in directions.items():
         exact = dense_forms(positive_part(dense_block_hessians(module, params, name, x, y)), v)
-        torch.testing.assert_close(runs[6, 0.0][name].values, exact, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(runs[small, 0.0][name].values, exact, rtol=1e-6, atol=1e-9)
