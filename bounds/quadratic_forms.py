@@ -364,7 +364,11 @@ class RetainedLayersHVP:
     ) -> list[Tensor]:
         """[H_ii(x_b) u_b] per layer for the (A_i, d_i) ``blocks`` of the ``members`` of ``names``."""
         rows = [
-            torch.tensor([self.rows[(name, b)] for b in m.tolist()], dtype=torch.long)
+            torch.tensor(
+                [self.rows[(name, b)] for b in m.tolist()],
+                dtype=torch.long,
+                device=self.grads[name].device,
+            )
             for name, m in zip(names, members, strict=True)
         ]
         total = sum(
