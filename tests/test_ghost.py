@@ -125,3 +125,21 @@ def test_quadratic_forms_route_by_the_number_of_logits(layers, route):
         dense = dense_forms(dense_ggn_blocks(module, params, name, x, y), v[name])
         assert form.max == pytest.approx(float(dense.max()), rel=1e-9)
         assert form.argmax == int(dense.argmax())
+
+
+@pytest.mark.parametrize("architecture", ["squeezenet1_0", "shufflenet_v2_x0_5"])
+def test_torchvision_architectures_match_the_jvp_route(architecture):
+    # Real layouts: SqueezeNet's ReLU(inplace=True) after every convolution and channel
+    # concatenation, ShuffleNet's depthwise (grouped) convolutions and channel shuffles.
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, architecture)(num_classes=10).to(DTYPE).eval()
+    fm, params = FunctionalModel.from_module(net)
+    layers = [name for name, p in params.items() if p.dim() > 1]
+    v = {name: 0.01 * torch.randn_like(params[name]) for name in layers}
+    x, y = torch.randn(2, 3, 64, 64, dtype=DTYPE), torch.tensor([1, 7])
+    forms = ghost_ggn_forms(fm, params, v, x, y)
+    assert sorted(forms) == sorted(layers)
+    for name in layers[:: max(len(layers) // 8, 1)]:
+        expected = ggn_forms(fm, params, name, v[name], x, y)
+        torch.testing.assert_close(forms[name], expected, rtol=1e-10, atol=1e-14)
