@@ -261,12 +261,17 @@ def test_layers_hvp_gives_each_layer_its_own_block_for_its_own_examples(network)
         torch.testing.assert_close(image, (H @ u[..., None])[..., 0], rtol=1e-9, atol=1e-12)
 
 
-def test_lockstep_positive_part_matches_layer_by_layer_under_a_small_memory_budget(monkeypatch):
+@pytest.mark.parametrize("retained", [0, 2**26])
+def test_lockstep_positive_part_matches_layer_by_layer_under_a_small_memory_budget(
+    monkeypatch, retained
+):
     # budgets so small that examples run one at a time, the layers form two lockstep sets and
     # the layers of a step are split over several calls: the results are still those of
-    # positive_forms run layer by layer (the same chunks, hence the same pruning)
+    # positive_forms run layer by layer (the same chunks, hence the same pruning), with
+    # vmapped forward-over-reverse products (retained-graph budget 0) or retained graphs
     monkeypatch.setattr(quadratic_forms_module, "_ELEMENT_BUDGET", 200)
     monkeypatch.setattr(quadratic_forms_module, "_LOCKSTEP_BUDGET", 700)
+    monkeypatch.setattr(quadratic_forms_module, "_RETAINED_BUDGET", retained)
     _, fm, params, directions, x, y, _ = setup("attention")
     with differentiable():
         joint = positive_forms_layers(fm, params, directions, x, y, steps=12, rtol=1e-3)
