@@ -82,6 +82,7 @@ ESTIMATORS: tuple[str, ...] = ("auto", "block", "positive", "ggn", "reference-co
 _ELEMENT_BUDGET = 2**26
 _LOCKSTEP_BUDGET = 2**28
 _RETAINED_BUDGET = _ELEMENT_BUDGET
+_PER_LAYER_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -387,34 +388,70 @@ class RetainedLayersHVP:
 
 
 class _RetainedTail:
-    """The products of the running pairs of a Lanczos run, from a retained graph.
+    """The products of the running pairs of a Lanczos run, from retained graphs.
 
-    Holds one :class:`RetainedLayersHVP` for the pairs still running and rebuilds it when asked
-    for a pair it lacks or once at most half of its pairs, or of its layers, are still running
-    (so that finished pairs and layers cost at most as much again as the running ones; a
-    rebuild costs about two products).
+    Holds either one :class:`RetainedLayersHVP` for all running pairs or, while the pairs
+    average at least ``_PER_LAYER_ROWS`` per layer, one per layer: a joint graph carries every
+    layer's weights for every pair, so its cost grows with pairs × layers, while separate
+    graphs cost a fixed overhead per layer (small ViT of bench/BENCHMARKS.md, 9 layers, per
+    product: 1 pair per layer 10 ms joint against 23 ms separate, 8 pairs 36 against 34 ms,
+    32 pairs 122 against 56 ms). The graphs are rebuilt when asked for a pair they lack or
+    once at most half of their pairs, or of their layers, are still running (so that finished
+    pairs and layers cost at most as much again as the running ones; a rebuild costs about two
+    products). Memory: the graphs of the running pairs, as for one joint graph.
     """
 
     def __init__(
         self, fmodel: FunctionalModel, params: Mapping[str, Tensor], x: Inputs, y: Tensor
     ) -> None:
         self.fmodel, self.params, self.x, self.y = fmodel, params, x, y
-        self.graph: RetainedLayersHVP | None = None
+        self.graphs: dict[str, RetainedLayersHVP] = {}
+
+    @property
+    def size(self) -> int:
+        """The number of pairs the current graphs were built for."""
+        return sum(g.size for g in {id(g): g for g in self.graphs.values()}.values())
 
     def __call__(
         self, names: Sequence[str], blocks: Sequence[Tensor], members: Sequence[Tensor]
     ) -> list[Tensor]:
         running = sum(block.shape[0] for block in blocks)
-        graph = self.graph
         if (
-            graph is None
-            or 2 * running <= graph.size
-            or 2 * len(names) <= len(graph.weights)
-            or not graph.covers(names, members)
+            2 * running <= self.size
+            or 2 * len(names) <= len(self.graphs)
+            or not all(
+                name in self.graphs and self.graphs[name].covers([name], [m])
+                for name, m in zip(names, members, strict=True)
+            )
         ):
-            self.graph = graph = None  # the old graph is freed before the next one is built
-            self.graph = RetainedLayersHVP(self.fmodel, self.params, names, self.x, self.y, members)
-        return self.graph(names, blocks, members)
+            self.graphs = {}  # the old graphs are freed before the next are built
+            self.graphs = self._build(
+                names, members, per_layer=running >= _PER_LAYER_ROWS * len(names)
+            )
+        groups: dict[int, list[int]] = {}
+        for f, name in enumerate(names):
+            groups.setdefault(id(self.graphs[name]), []).append(f)
+        images: list[Tensor] = list(blocks)
+        for chosen in groups.values():
+            out = self.graphs[names[chosen[0]]](
+                [names[f] for f in chosen],
+                [blocks[f] for f in chosen],
+                [members[f] for f in chosen],
+            )
+            for f, image in zip(chosen, out, strict=True):
+                images[f] = image
+        return images
+
+    def _build(
+        self, names: Sequence[str], members: Sequence[Tensor], *, per_layer: bool
+    ) -> dict[str, RetainedLayersHVP]:
+        if per_layer:
+            return {
+                name: RetainedLayersHVP(self.fmodel, self.params, [name], self.x, self.y, [m])
+                for name, m in zip(names, members, strict=True)
+            }
+        graph = RetainedLayersHVP(self.fmodel, self.params, names, self.x, self.y, members)
+        return dict.fromkeys(names, graph)
 
 
 def _retained_fits(pairs: int, width: int) -> bool:

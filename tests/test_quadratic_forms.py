@@ -315,13 +315,35 @@ def test_retained_tail_rebuilds_for_the_running_pairs():
     d = directions[name].numel()
     with differentiable():
         tail([name], [torch.ones(6, d, dtype=torch.float64)], [torch.arange(6)])
-        assert tail.graph.size == 6
+        assert tail.size == 6
         tail([name], [torch.ones(4, d, dtype=torch.float64)], [torch.arange(4)])
-        assert tail.graph.size == 6
+        assert tail.size == 6
         tail([name], [torch.ones(3, d, dtype=torch.float64)], [torch.arange(3)])
-        assert tail.graph.size == 3
+        assert tail.size == 3
         tail([name], [torch.ones(2, d, dtype=torch.float64)], [torch.tensor([1, 9])])
-        assert tail.graph.size == 2
+        assert tail.size == 2
+
+
+def test_retained_tail_uses_a_graph_per_layer_while_pairs_are_many():
+    # ≥ 8 running pairs per layer: one graph per layer; fewer: one joint graph (rebuilt once
+    # half the pairs finished); the products are H_ii(x_b) u_b either way
+    module, fm, params, directions, x, y, _ = setup("attention")
+    names = list(directions)
+    tail = quadratic_forms_module._RetainedTail(fm, params, x, y)
+    g = torch.Generator().manual_seed(0)
+    with differentiable():
+        for members in ([torch.arange(N)] * 3, [torch.tensor([2]), torch.tensor([0, 5])]):
+            chosen = names[: len(members)]
+            blocks = [
+                torch.randn(m.numel(), directions[n].numel(), generator=g, dtype=torch.float64)
+                for n, m in zip(chosen, members, strict=True)
+            ]
+            images = tail(chosen, blocks, members)
+            graphs = {id(tail.graphs[n]) for n in chosen}
+            assert len(graphs) == (len(chosen) if members[0].numel() == N else 1)
+            for name, m, u, image in zip(chosen, members, blocks, images, strict=True):
+                H = dense_block_hessians(module, params, name, x, y)[m]
+                torch.testing.assert_close(image, (H @ u[..., None])[..., 0], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("network", ["attention", "mlp_gelu"])
