@@ -455,7 +455,7 @@ class _RetainedTail:
 
 
 def _retained_fits(pairs: int, width: int) -> bool:
-    """Whether ``pairs`` pairs over layers of ``width`` weights in all fit one retained graph."""
+    """Whether ``pairs`` pairs over layers of ``width`` weights in all go to retained graphs."""
     return pairs * width <= _RETAINED_BUDGET
 
 
@@ -478,11 +478,12 @@ def positive_forms_layers(
     round-off. Examples are processed in the chunks :func:`positive_forms` uses for the widest
     layer; layers run in lockstep as long as their Lanczos bases together stay within a larger
     budget (then the next set of layers runs). While the P running (layer, example) pairs of a
-    step fit one call (P · Σ_i d_i within the per-call budget), the products come from one
-    retained double-backward graph (:class:`RetainedLayersHVP`, rebuilt as pairs and layers
-    finish), which on the CPU is several times cheaper per step than a vmapped
-    forward-over-reverse call (bench/BENCHMARKS.md, issue 10 item 3); otherwise the layers of a
-    step are split into as few :func:`layers_hvp` calls as keep P · Σ_i d_i within the budget.
+    step fit one call (P · Σ_i d_i within the per-call budget), the products come from retained
+    double-backward graphs (:class:`RetainedLayersHVP`: one per layer while the pairs are many,
+    one joint graph for the tail; rebuilt as pairs and layers finish), which on the CPU are
+    several times cheaper per step than vmapped forward-over-reverse calls (bench/BENCHMARKS.md,
+    issue 10 item 3); otherwise the layers of a step are split into as few :func:`layers_hvp`
+    calls as keep P · Σ_i d_i within the budget.
     """
     names = list(directions)
     n = batch_size(x)
