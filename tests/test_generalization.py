@@ -62,6 +62,23 @@ def test_consistent_loss_factor_rejects_singular_and_bad_shapes():
     assert consistent_loss_factor(torch.eye(5)) == pytest.approx(1.0)
 
 
+def near_singular_symmetric_noise(gap):
+    """2-class symmetric noise at rate ρ = 1/2 − gap: eigenvalues 1 and 2·gap, cond(F) = 1/(2·gap)."""
+    return torch.tensor([[0.5 + gap, 0.5 - gap], [0.5 - gap, 0.5 + gap]], dtype=torch.float64)
+
+
+def test_consistent_loss_factor_condition_number_guard_at_its_limit():
+    # cond(F) ≈ 1.5e12, finite and just above the limit 1e12: rejected as singular
+    F = near_singular_symmetric_noise(3.4e-13)
+    assert math.isfinite(float(torch.linalg.cond(F))) and 1e12 < torch.linalg.cond(F) < 2e12
+    with pytest.raises(ValueError, match=r"singular \(condition number 1\.\d+e\+12\)"):
+        consistent_loss_factor(F)
+    # cond(F) ≈ 1e11, below the limit: κ = 1/(1 − 2ρ) = 1/(2·gap) (to the rounding of F's entries)
+    assert consistent_loss_factor(near_singular_symmetric_noise(5e-12)) == pytest.approx(
+        1e11, rel=1e-3
+    )
+
+
 def test_matrices_and_spectral_norms():
     conv = torch.zeros(4, 2, 3, 3)
     conv[1, 0, 1, 1] = -5.0
@@ -248,6 +265,15 @@ def test_prior_distance_measures_need_the_same_layers():
         prior_distance_measures({"a": torch.eye(2)}, {"b": torch.ones(2, 2)}, n=4)
     with pytest.raises(ValueError, match="same layers"):
         prior_distance_measures({"a": torch.eye(2)}, [torch.ones(2, 2)], n=4)
+
+
+@pytest.mark.parametrize(
+    ("weights", "directions"),
+    [([], []), ([torch.eye(2)], []), ([torch.eye(2)], [torch.ones(2, 2)] * 2)],
+)
+def test_prior_distance_measures_need_as_many_directions_as_weights(weights, directions):
+    with pytest.raises(ValueError, match="non-empty and of equal length"):
+        prior_distance_measures(weights, directions, n=4)
 
 
 def test_consistent_loss_factor_is_the_largest_row_sum_of_the_inverse():

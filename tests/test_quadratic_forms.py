@@ -18,7 +18,9 @@ from hessfine.bounds.safe_autodiff import differentiable
 from tests.oracles import (
     TINY_LAYERS,
     TINY_NETWORKS,
+    DesignedHessians,
     assert_matches,
+    crossing_hessians,
     dense_batch_mean_hessians,
     dense_block_hessians,
     dense_ggn_blocks,
@@ -275,3 +277,31 @@ def test_lockstep_positive_part_matches_layer_by_layer_under_a_small_memory_budg
             torch.testing.assert_close(joint[name].values, alone.values, rtol=1e-9, atol=1e-12)
             assert torch.equal(joint[name].steps, alone.steps)
             assert torch.equal(joint[name].pruned, alone.pruned)
+
+
+@pytest.mark.parametrize("one_example_per_chunk", [False, True])
+def test_pruning_keeps_the_maximiser_whose_early_estimate_is_low(
+    monkeypatch, one_example_per_chunk
+):
+    # tests/oracles.crossing_hessians as the per-example Hessians of a one-layer network: the
+    # maximiser (example 1) converges late, and at step 4 its R + e is below example 0's R + e.
+    # Example 0 runs to the step cap (6) unconverged. Whether the examples run together or one
+    # per chunk (then example 0's final R − e is the floor of example 1's run), example 1 may
+    # only be pruned below example 0's R − e: the max and argmax are the dense oracle's.
+    if one_example_per_chunk:
+        monkeypatch.setattr(quadratic_forms_module, "_ELEMENT_BUDGET", 6 * 48)
+    H, v = crossing_hessians()
+    module = DesignedHessians(v.numel())
+    fm, params = FunctionalModel.from_module(module)
+    y = torch.ones(2, dtype=torch.long)
+    torch.testing.assert_close(dense_block_hessians(module, params, "weight", H, y), H)
+    exact = dense_forms(positive_part(H), v)
+    form = quadratic_forms(
+        fm, params, {"weight": v}, [(H, y)], estimator="positive", lanczos_steps=6
+    )["weight"]
+    assert form.argmax == int(exact.argmax()) == 1
+    assert form.max == pytest.approx(float(exact.max()), rel=1e-2)
+    with differentiable():
+        alone = positive_forms(fm, params, "weight", v, H, y, steps=6, rtol=1e-2)
+    assert int(alone.values.argmax()) == 1 and not bool(alone.pruned[1])
+    assert float(alone.values[1]) == pytest.approx(float(exact[1]), rel=1e-2)
