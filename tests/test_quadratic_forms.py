@@ -305,3 +305,26 @@ def test_pruning_keeps_the_maximiser_whose_early_estimate_is_low(
         alone = positive_forms(fm, params, "weight", v, H, y, steps=6, rtol=1e-2)
     assert int(alone.values.argmax()) == 1 and not bool(alone.pruned[1])
     assert float(alone.values[1]) == pytest.approx(float(exact[1]), rel=1e-2)
+
+
+def test_later_chunks_are_pruned_against_the_best_value_of_earlier_ones(monkeypatch):
+    # two examples per chunk. Chunk 1: example 0 exact after 2 steps (v·H⁺v = 48, the maximum)
+    # and a tiny example 1 (converged relative to it at step 4, R − e ≈ 0.1). Chunk 2: example
+    # 2, v·H⁺v = 12.26, converging slowly: its R + e at step 4 (12.6) is far below the best
+    # R − e of chunk 1 (48, not the other one's 0.1), so it is pruned there rather than running
+    # to the step cap.
+    monkeypatch.setattr(quadratic_forms_module, "_ELEMENT_BUDGET", 2 * 12 * 48)
+    (slow, _), v = crossing_hessians()
+    two = torch.diag(torch.tensor([2.0] * 24 + [-1.0] * 24, dtype=torch.float64))
+    H = torch.stack([two, 0.01 * slow, slow])
+    fm, params = FunctionalModel.from_module(DesignedHessians(v.numel()))
+    y = torch.ones(3, dtype=torch.long)
+    with differentiable():
+        result = positive_forms(fm, params, "weight", v, H, y, steps=12)
+    assert result.pruned.tolist() == [False, False, True] and result.steps.tolist() == [2, 4, 4]
+    assert float(result.values[0]) == pytest.approx(48.0, rel=1e-12)
+    form = quadratic_forms(
+        fm, params, {"weight": v}, [(H, y)], estimator="positive", lanczos_steps=12
+    )["weight"]
+    assert form.diagnostics["pruned_fraction"] == pytest.approx(1 / 3)
+    assert form.max == pytest.approx(48.0, rel=1e-12) and form.argmax == 0
