@@ -13,7 +13,10 @@ The estimators (SPEC §4):
   JVP; elsewhere it comes from forward-over-reverse Hessian-vector products vmapped over the
   examples of the batch (exact for every operation, unlike nested forward mode, SPEC §1.3).
 * ``ggn``: v_iᵀ G_i(x) v_i = z'ᵀ ∇²_z ℓ z' with a single JVP (the Gauss–Newton block); ∇²_z ℓ is
-  the model's loss's curvature in the logits (diag p − p pᵀ for cross-entropy).
+  the model's loss's curvature in the logits (diag p − p pᵀ for cross-entropy). For Linear and
+  Conv weights with (B, C) logits and C ≤ 2 × their number, z' of all of them comes instead from
+  one shared forward pass and C backward passes (:mod:`hessfine.bounds.ghost`), recorded as
+  ``diagnostics["ggn_products"] = "layer-io"`` (else ``"jvp"``).
 * ``positive``: v_iᵀ H_i⁺(x) v_i by adaptive Lanczos quadrature started from v_i (the
   Gauss–Radau rule with a node at 0, :func:`hessfine.bounds.lanczos.positive_quadrature`), with
   per-example Hessian-vector products vmapped over the examples still running: each example
@@ -62,6 +65,7 @@ from hessfine.bounds.functional import (
     unsqueeze_inputs,
 )
 from hessfine.bounds.functional import with_layer as _with_layer
+from hessfine.bounds.ghost import ghost_ggn_forms
 from hessfine.bounds.lanczos import (
     PositiveQuadrature,
     positive_quadrature,
@@ -496,11 +500,14 @@ def _example_forms(
         routes = _choose_routes(
             fmodel, params, names, certify_on, estimator, check_examples, generator, diagnostics
         )
+    ghost: list[str] | None = None
     for first, (x, y) in shard.indexed(batches):
         if not routes:
             routes = _choose_routes(
                 fmodel, params, names, x, estimator, check_examples, generator, diagnostics
             )
+        if ghost is None:
+            ghost = [name for name in names if routes[name] in ("ggn", "ggn-certified")]
         positive = positive_forms_layers(
             fmodel,
             params,
@@ -510,11 +517,26 @@ def _example_forms(
             steps=lanczos_steps,
             rtol=positive_rtol,
         )
+        shared = {}
+        if ghost:
+            shared = ghost_ggn_forms(
+                fmodel,
+                params,
+                {name: directions[name] for name in ghost},
+                x,
+                y,
+                max_backward=2 * len(ghost),
+            )
+            ghost = [name for name in ghost if name in shared]
         for name in names:
             v = directions[name]
             route = routes[name]
-            if route in ("ggn", "ggn-certified"):
+            if name in shared:
+                values = shared[name]
+                diagnostics[name]["ggn_products"] = "layer-io"
+            elif route in ("ggn", "ggn-certified"):
                 values = ggn_forms(fmodel, params, name, v, x, y)
+                diagnostics[name]["ggn_products"] = "jvp"
             elif route == "hvp":
                 values = block_forms_hvp(fmodel, params, name, v, x, y)
             else:

@@ -62,6 +62,7 @@ from hessfine.bounds.functional import (
     slice_inputs,
     unsqueeze_inputs,
 )
+from hessfine.bounds.ghost import ghost_modules, record_layer_calls
 from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
 from hessfine.bounds.lanczos import positive_quadrature
 from hessfine.bounds.quadratic_forms import (
@@ -322,22 +323,17 @@ def gauss_newton_traces(
 
 
 def _ghost_modules(fmodel: FunctionalModel, layers: Sequence[str]) -> dict[str, torch.nn.Module]:
-    """The selected weights that are the ``weight`` of a supported Linear or Conv2d module."""
-    modules = dict(fmodel.module.named_modules())
-    out = {}
-    for name in layers:
-        owner, _, leaf = name.rpartition(".")
-        module = modules.get(owner)
-        if leaf != "weight":
-            continue
-        if isinstance(module, torch.nn.Linear) or (
-            isinstance(module, torch.nn.Conv2d)
+    """The selected Linear and Conv2d (groups 1, numeric padding) weights, whose inputs unfold."""
+    return {
+        name: module
+        for name, module in ghost_modules(fmodel, layers).items()
+        if type(module) is torch.nn.Linear
+        or (
+            type(module) is torch.nn.Conv2d
             and module.groups == 1
-            and module.padding_mode == "zeros"
             and not isinstance(module.padding, str)
-        ):
-            out[name] = module
-    return out
+        )
+    }
 
 
 def _ghost_gauss_newton_traces(fmodel, params, layers, x, y):
@@ -345,23 +341,9 @@ def _ghost_gauss_newton_traces(fmodel, params, layers, x, y):
     modules = _ghost_modules(fmodel, layers)
     if not modules:
         return {}
-    calls: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in modules}
-
-    def recorder(name):
-        def hook(module, inputs, output):
-            calls[name].append((inputs[0].detach(), output))
-
-        return hook
-
-    handles = [m.register_forward_hook(recorder(n)) for n, m in modules.items()]
-    try:
-        weights = {name: params[name].detach().requires_grad_(True) for name in modules}
-        with torch.enable_grad():
-            z = fmodel.logits({**params, **weights}, x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    used = [name for name in modules if calls[name] and calls[name][0][1].requires_grad]
+    record = record_layer_calls(fmodel, params, modules, x)
+    z, calls = record.logits, record.calls
+    used = list(calls)
     if not used:
         return {}
     factors = fmodel.loss.curvature_factors(z.detach(), y)

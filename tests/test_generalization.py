@@ -88,6 +88,16 @@ def test_matrices_and_spectral_norms():
     assert spectral_norm(torch.diag(torch.tensor([1.0, 7.0, 2.0]))) == pytest.approx(7.0)
 
 
+@pytest.mark.parametrize("shape", [(6, 40), (40, 6), (8, 3, 3, 3), (1, 9), (9, 1)])
+def test_spectral_norm_equals_the_largest_singular_value(shape):
+    # The Gram-matrix route against the SVD, on wide, tall, convolutional and rank-one shapes,
+    # with a spread spectrum (the second singular value close to the first).
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    top = float(torch.linalg.svdvals(as_matrix(w))[0])
+    assert spectral_norm(w) == pytest.approx(top, rel=1e-12)
+    assert spectral_norm(w.float()) == pytest.approx(top, rel=1e-6)
+
+
 def test_classification_margins():
     logits = torch.tensor([[2.0, 0.5, 1.0], [0.0, 3.0, -1.0]])
     got = classification_margins(logits, torch.tensor([0, 2]))
