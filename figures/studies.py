@@ -18,7 +18,8 @@ Figures (``.png`` and ``.pdf`` unless ``formats`` says otherwise):
 * ``measure_vs_gap`` — the gap against the Hessian distance measure, one point per checkpoint,
   one colour per method, a least-squares line per method, the line gap = measure dashed;
 * ``noise_study`` — test accuracy and Hessian distance measure per method and noise setting,
-  mean ± one standard deviation over seeds.
+  mean ± one standard deviation over seeds; one colour per method (a Dual-T variant included,
+  :func:`label_colors`), one hatching per noise setting.
 
 Example:
     >>> rows = [{"method": "distance-constraint", "radius": r, "seed": s, "final_checkpoint": 1,
@@ -43,6 +44,7 @@ from hessfine.figures.plots import (
     DISTANCE_PREFIX,
     GAP,
     HDM,
+    METHOD_COLORS,
     METHOD_ORDER,
     _log_axis,
     _log_tick,
@@ -57,6 +59,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 __all__ = [
     "draw_studies",
+    "label_colors",
     "method_label",
     "method_rows",
     "noise_rows",
@@ -125,6 +128,41 @@ def _method_order(labels: set[str]) -> list[str]:
         return rank, label
 
     return sorted(labels, key=key)
+
+
+def label_colors(labels: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """A colour of its own for every method label of one figure.
+
+    Plain method labels come first and keep their method's colour
+    (:func:`hessfine.figures.plots.method_color`, from seaborn's colour-blind-safe
+    ``colorblind`` palette). A label whose method's colour is taken (a variant such as
+    ``robust (Dual-T F)``, or a method hashed onto a used entry) gets an unused entry of that
+    palette: one that no method of :data:`~hessfine.figures.plots.METHOD_COLORS` owns if there
+    is one, and of those the farthest (in RGB) from its method's colour, so that it is not read
+    as its method or as another one. Past ten labels it is its method's colour blended towards
+    white until unused.
+
+    Example:
+        >>> colors = label_colors(["robust", "robust (Dual-T F)", "plain"])
+        >>> len(set(colors.values())), colors["robust"] == method_color("robust")
+        (3, True)
+    """
+    palette = [tuple(c) for c in sns.color_palette("colorblind", 10)]
+    owned = {palette[i] for i in METHOD_COLORS.values()}
+    colors: dict[str, tuple[float, float, float]] = {}
+    for label in sorted(labels, key=lambda label: " (" in label):
+        taken = set(colors.values())
+        base = tuple(method_color(label.split(" (")[0]))
+        free = [c for c in palette if c not in taken]
+        color = base if base not in taken else None
+        if color is None and free:
+            color = min(free, key=lambda c: (c in owned, -math.dist(c, base)))
+        mix = 0.0
+        while color is None or color in taken:
+            mix = 0.5 + mix / 2
+            color = tuple(c + mix * (1.0 - c) for c in base)
+        colors[label] = color
+    return {label: colors[label] for label in labels}
 
 
 def prior_columns(rows: Sequence[Row]) -> list[str]:
@@ -234,10 +272,12 @@ def figure_measure_vs_gap(rows: Sequence[Row], summary: str = "") -> Figure | No
     for row in rows:
         groups[method_label(row)].append(row)
     xs_all = [r[HDM] for r in rows]
-    for label in _method_order(set(groups)):
+    labels = _method_order(set(groups))
+    colors = label_colors(labels)
+    for label in labels:
         xs = [r[HDM] for r in groups[label]]
         ys = [r[GAP] for r in groups[label]]
-        color = method_color(label.split(" (")[0])
+        color = colors[label]
         ax.scatter(xs, ys, s=16, color=color, alpha=0.8, label=label)
         fit = _fit(xs, ys)
         if fit is not None:
@@ -281,6 +321,7 @@ def figure_noise(rows: Sequence[Row]) -> Figure | None:
         return None
     settings = sorted({s for s, _ in summary})
     labels = _method_order({m for _, m in summary})
+    colors = label_colors(labels)
     fig = Figure(
         figsize=(max(6.0, 0.55 * len(labels) * len(settings) + 2), 5.6), layout="constrained"
     )
@@ -301,7 +342,7 @@ def figure_noise(rows: Sequence[Row]) -> Figure | None:
                     width=width,
                     yerr=stats["std"],
                     capsize=2,
-                    color=method_color(label.split(" (")[0]),
+                    color=colors[label],
                     hatch=hatches[k % len(hatches)],
                     edgecolor="black",
                     linewidth=0.4,
@@ -309,7 +350,7 @@ def figure_noise(rows: Sequence[Row]) -> Figure | None:
         ax.set_ylabel(f"{name}\n(mean ± std over seeds)")
     axes[0].set_ylim(0, 1)
     handles = [
-        Patch(facecolor="white", edgecolor="black", hatch=hatches[k % 4], label=setting)
+        Patch(facecolor="white", edgecolor="black", hatch=hatches[k % len(hatches)], label=setting)
         for k, setting in enumerate(settings)
     ]
     axes[0].legend(

@@ -402,6 +402,45 @@ def dense_batch_mean_hessians(
     ]
 
 
+# ------------------------------------------------------------------ designed per-example Hessians
+class DesignedHessians(nn.Module):
+    """Logits (wᵀ X_n w, 0) of an input X_n (N, d, d, symmetric), weight w ∈ ℝ^d (zero-initialised).
+
+    With label 1 the cross-entropy is softplus(wᵀ X_n w), whose Hessian in w at w = 0 is
+    softplus'(0) · 2 X_n = X_n exactly: the per-example Hessians of ``weight`` are the inputs, so
+    an estimator can be run on any spectrum one chooses (a network of one "layer" ``weight``).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, dtype=DTYPE))
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = torch.einsum("i,nij,j->n", self.weight, x, self.weight)
+        return torch.stack([z, torch.zeros_like(z)], dim=1)
+
+
+def crossing_hessians() -> tuple[Tensor, Tensor]:
+    """Two diagonal 48×48 Hessians H_0, H_1 (stacked) and the direction v = 1 (48,) whose adaptive
+    positive-part estimates cross, for a pruning rule to get right.
+
+    * H_0: eigenvalues linspace(−1, 1, 48), one per coordinate: v·H_0⁺v = 12.255, approached
+      slowly: after 6 Gauss–Radau steps R = 11.90 with error estimate e = |R_6 − R_3| = 1.35.
+    * H_1: eigenvalues 2 (×2), 0.5 (×22), −0.5 (×16), −3 (×6), −4 (×2): v·H_1⁺v = 15, the
+      maximum, exact after 5 steps (5 distinct eigenvalues). The positive mass at 0.5 next to
+      the negative mass at −0.5 is resolved late: at step 4, R = 9.51 and e = 1.57, so
+      R + e = 11.08 lies between H_0's R − e = 10.55 and its R + e (and R) after 6 steps.
+
+    A rule that prunes example 1 at step 4 when its R + e is below example 0's R + e (or R),
+    instead of R − e, drops the maximiser and reports 11.90 for 15.
+    """
+    dim = 48
+    spectrum = [(2.0, 2), (0.5, 22), (-0.5, 16), (-3.0, 6), (-4.0, 2)]
+    late = torch.cat([torch.full((count,), lam, dtype=DTYPE) for lam, count in spectrum])
+    slow = torch.linspace(-1.0, 1.0, dim, dtype=DTYPE)
+    return torch.stack([torch.diag(slow), torch.diag(late)]), torch.ones(dim, dtype=DTYPE)
+
+
 # ------------------------------------------------------------------ tiny Hugging Face models
 #: Sequence lengths of the tiny text batches: padding differs between examples.
 HF_LENGTHS = (6, 4, 2, 5, 3)

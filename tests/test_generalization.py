@@ -1,5 +1,6 @@
 """Bound assembly: every field recomputed independently from per-layer values."""
 
+import dataclasses
 import json
 import math
 
@@ -12,6 +13,7 @@ from hessfine.bounds.generalization import (
     classification_margins,
     consistent_loss_factor,
     hessian_distance_measure,
+    noise_matrix_inverse,
     prior_distance_measures,
     spectral_norm,
     theorem_2_1,
@@ -34,6 +36,13 @@ def test_hessian_distance_measure_and_theorem():
     expected = math.sqrt(C * 4.0 / n) + math.sqrt(C * 0.25 / n) + 0.0
     assert hessian_distance_measure(LAYER_MAX, C=C, n=n) == pytest.approx(expected)
     assert theorem_2_1(0.3, expected, epsilon=0.1) == pytest.approx(1.1 * 0.3 + 1.1 * expected)
+
+
+def test_epsilon_defaults_to_zero():
+    assert theorem_2_1(0.3, 0.5) == pytest.approx(0.8)
+    assert trace_corollary(0.2, TRACE_MAX, DIST, C=1.5, n=200) == pytest.approx(
+        trace_corollary(0.2, TRACE_MAX, DIST, C=1.5, n=200, epsilon=0.0)
+    )
 
 
 def test_trace_corollary_uses_alpha_times_sqrt_trace():
@@ -60,6 +69,30 @@ def test_consistent_loss_factor_rejects_singular_and_bad_shapes():
     with pytest.raises(ValueError, match="square"):
         consistent_loss_factor(torch.ones(2, 3))
     assert consistent_loss_factor(torch.eye(5)) == pytest.approx(1.0)
+
+
+def near_singular_symmetric_noise(gap):
+    """2-class symmetric noise at rate ρ = 1/2 − gap: eigenvalues 1 and 2·gap, cond(F) = 1/(2·gap)."""
+    return torch.tensor([[0.5 + gap, 0.5 - gap], [0.5 - gap, 0.5 + gap]], dtype=torch.float64)
+
+
+def test_consistent_loss_factor_condition_number_guard_at_its_limit():
+    # cond(F) ≈ 1.5e12, finite and just above the limit 1e12: rejected as singular
+    F = near_singular_symmetric_noise(3.4e-13)
+    assert math.isfinite(float(torch.linalg.cond(F))) and 1e12 < torch.linalg.cond(F) < 2e12
+    with pytest.raises(ValueError, match=r"singular \(condition number 1\.\d+e\+12\)"):
+        consistent_loss_factor(F)
+    # cond(F) ≈ 1e11, below the limit: κ = 1/(1 − 2ρ) = 1/(2·gap) (to the rounding of F's entries)
+    assert consistent_loss_factor(near_singular_symmetric_noise(5e-12)) == pytest.approx(
+        1e11, rel=1e-3
+    )
+
+
+def test_noise_matrix_inverse_checks_the_number_of_classes():
+    F = symmetric_confusion(3, 0.3)
+    torch.testing.assert_close(noise_matrix_inverse(F, 3) @ F, torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="3×3, the model has 4 classes"):
+        noise_matrix_inverse(F, 4)
 
 
 def test_matrices_and_spectral_norms():
@@ -112,6 +145,15 @@ def test_prior_distance_measures_by_hand():
     assert got["neyshabur_2018_complexity"] == pytest.approx(ney)
     assert got["spectral_product_distance_log10"] == pytest.approx(math.log10(li))
     assert got["neyshabur_2018_complexity_log10"] == pytest.approx(math.log10(ney))
+
+
+def test_prior_distance_measures_of_one_wide_layer_and_one_example():
+    # d = 1 layer, h = the larger side (5) of the 2×5 matrix, n = 1 is a valid size
+    v = torch.tensor([[3.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 4.0]])
+    got = prior_distance_measures([torch.ones(2, 5)], [v], n=1, delta=0.05)
+    assert got["spectral_product_distance"] == pytest.approx(5.0)
+    inner = 1 * 5 * math.log(5) * 25.0 + math.log(1 / 0.05)
+    assert got["neyshabur_2018_complexity"] == pytest.approx(math.sqrt(inner))
 
 
 def test_prior_distance_measures_of_zero_layers_are_defined_by_continuity():
@@ -221,6 +263,8 @@ def test_assemble_bounds_without_optional_inputs():
         n=100,
     )
     assert out.trace_corollary is None and out.pac_bayes_certificate is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.C = 2.0
     assert out.noisy_label_factor is None and out.theorem_2_1_noisy_labels is None
     assert out.theorem_2_1 == pytest.approx(0.1 + 0.2)
 
@@ -258,6 +302,15 @@ def test_prior_distance_measures_need_the_same_layers():
         prior_distance_measures({"a": torch.eye(2)}, {"b": torch.ones(2, 2)}, n=4)
     with pytest.raises(ValueError, match="same layers"):
         prior_distance_measures({"a": torch.eye(2)}, [torch.ones(2, 2)], n=4)
+
+
+@pytest.mark.parametrize(
+    ("weights", "directions"),
+    [([], []), ([torch.eye(2)], []), ([torch.eye(2)], [torch.ones(2, 2)] * 2)],
+)
+def test_prior_distance_measures_need_as_many_directions_as_weights(weights, directions):
+    with pytest.raises(ValueError, match="non-empty and of equal length"):
+        prior_distance_measures(weights, directions, n=4)
 
 
 def test_consistent_loss_factor_is_the_largest_row_sum_of_the_inverse():

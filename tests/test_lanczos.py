@@ -16,7 +16,13 @@ from hessfine.bounds.lanczos import (
 )
 from hessfine.bounds.traces import rademacher
 
-from tests.oracles import TINY_NETWORKS, dense_block_hessians, positive_part, tiny_data
+from tests.oracles import (
+    TINY_NETWORKS,
+    crossing_hessians,
+    dense_block_hessians,
+    positive_part,
+    tiny_data,
+)
 
 DIM = 40
 
@@ -209,6 +215,40 @@ def test_positive_quadrature_converges_at_the_max_and_prunes_small_members():
     assert bool(((res.values - exact).abs()[kept] <= 3 * res.errors[kept] + 1e-12).all())
     torch.testing.assert_close(res.lower, (u * (a @ u[..., None])[..., 0]).sum(1).clamp(min=0))
     assert bool((res.lower <= exact + 1e-12).all())
+
+
+def test_pruning_compares_with_value_minus_error_and_keeps_a_late_maximiser():
+    # tests/oracles.crossing_hessians: member 1 is the maximiser (15) but converges late; at step
+    # 4 its R + e is below member 0's R + e, above member 0's R − e. Pruned members report the
+    # value they stopped at, so pruning member 1 would change the maximum.
+    H, v = crossing_hessians()
+    u = v.expand(2, -1).clone()
+    exact = _exact_positive(H, u)
+    early = positive_quadrature(_apply(H), u, max_steps=4, rtol=0.0)
+    six = positive_quadrature(_apply(H), u, max_steps=6, rtol=0.0)
+    crossing = float(early.values[1] + early.errors[1])
+    assert (
+        float(early.values[0] - early.errors[0])
+        < crossing
+        < float(early.values[0] + early.errors[0])
+    )
+    assert float(six.values[0] - six.errors[0]) < crossing < float(six.values[0])
+    assert float(early.values[1]) < 0.9 * float(exact[1])
+
+    res = positive_quadrature(_apply(H), u, max_steps=6, rtol=1e-2)
+    assert int(res.values.argmax()) == int(exact.argmax()) == 1
+    assert float(res.values.max()) == pytest.approx(float(exact.max()), rel=1e-2)
+    assert not bool(res.pruned[1]) and bool(res.exhausted[1])
+    # a floor attained elsewhere: below member 1's R + e at step 4 it runs on (and is exact);
+    # above, it is pruned there with its step-4 value
+    for floor, pruned in (
+        (float(six.values[0] - six.errors[0]), False),
+        (float(six.values[0]), True),
+    ):
+        alone = positive_quadrature(_apply(H[1:]), u[1:], max_steps=6, rtol=1e-2, floor=floor)
+        assert bool(alone.pruned[0]) is pruned
+        target = float(early.values[1]) if pruned else float(exact[1])
+        assert float(alone.values[0]) == pytest.approx(target, rel=1e-9)
 
 
 def test_positive_quadrature_without_tolerance_runs_all_steps_and_is_exact_at_dimension():

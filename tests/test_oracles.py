@@ -10,6 +10,8 @@ from torch.func import functional_call
 from tests.oracles import (
     TINY_LAYERS,
     TINY_NETWORKS,
+    DesignedHessians,
+    crossing_hessians,
     dense_batch_mean_hessians,
     dense_block_hessians,
     dense_ggn_blocks,
@@ -121,6 +123,19 @@ def test_positive_part_of_known_matrix():
         quadratic_forms(torch.stack([H, expected]), v.reshape(1, 2)),
         torch.stack([v @ H @ v, 2.0 * (U[:, 0] @ v) ** 2]),
     )
+
+
+def test_designed_hessians_are_the_inputs_and_the_crossing_values():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+    x = x + x.transpose(1, 2)  # symmetric, not diagonal
+    module = DesignedHessians(4)
+    params = dict(module.named_parameters())
+    y = torch.ones(3, dtype=torch.long)
+    torch.testing.assert_close(dense_block_hessians(module, params, "weight", x, y), x)
+    H, v = crossing_hessians()
+    values = quadratic_forms(positive_part(H), v)
+    torch.testing.assert_close(values, torch.tensor([576 / 47, 15.0], dtype=torch.float64))
 
 
 def test_mean_hessian_diagonal_blocks_are_mean_of_per_example_blocks():

@@ -18,7 +18,9 @@ from hessfine.bounds.safe_autodiff import differentiable
 from tests.oracles import (
     TINY_LAYERS,
     TINY_NETWORKS,
+    DesignedHessians,
     assert_matches,
+    crossing_hessians,
     dense_batch_mean_hessians,
     dense_block_hessians,
     dense_ggn_blocks,
@@ -383,3 +385,54 @@ def test_positive_part_switches_to_the_retained_graph_mid_run(network, monkeypat
     for name, v in directions.items():
         exact = dense_forms(positive_part(dense_block_hessians(module, params, name, x, y)), v)
         torch.testing.assert_close(runs[small, 0.0][name].values, exact, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("one_example_per_chunk", [False, True])
+def test_pruning_keeps_the_maximiser_whose_early_estimate_is_low(
+    monkeypatch, one_example_per_chunk
+):
+    # tests/oracles.crossing_hessians as the per-example Hessians of a one-layer network: the
+    # maximiser (example 1) converges late, and at step 4 its R + e is below example 0's R + e.
+    # Example 0 runs to the step cap (6) unconverged. Whether the examples run together or one
+    # per chunk (then example 0's final R − e is the floor of example 1's run), example 1 may
+    # only be pruned below example 0's R − e: the max and argmax are the dense oracle's.
+    if one_example_per_chunk:
+        monkeypatch.setattr(quadratic_forms_module, "_ELEMENT_BUDGET", 6 * 48)
+    H, v = crossing_hessians()
+    module = DesignedHessians(v.numel())
+    fm, params = FunctionalModel.from_module(module)
+    y = torch.ones(2, dtype=torch.long)
+    torch.testing.assert_close(dense_block_hessians(module, params, "weight", H, y), H)
+    exact = dense_forms(positive_part(H), v)
+    form = quadratic_forms(
+        fm, params, {"weight": v}, [(H, y)], estimator="positive", lanczos_steps=6
+    )["weight"]
+    assert form.argmax == int(exact.argmax()) == 1
+    assert form.max == pytest.approx(float(exact.max()), rel=1e-2)
+    with differentiable():
+        alone = positive_forms(fm, params, "weight", v, H, y, steps=6, rtol=1e-2)
+    assert int(alone.values.argmax()) == 1 and not bool(alone.pruned[1])
+    assert float(alone.values[1]) == pytest.approx(float(exact[1]), rel=1e-2)
+
+
+def test_later_chunks_are_pruned_against_the_best_value_of_earlier_ones(monkeypatch):
+    # two examples per chunk. Chunk 1: example 0 exact after 2 steps (v·H⁺v = 48, the maximum)
+    # and a tiny example 1 (converged relative to it at step 4, R − e ≈ 0.1). Chunk 2: example
+    # 2, v·H⁺v = 12.26, converging slowly: its R + e at step 4 (12.6) is far below the best
+    # R − e of chunk 1 (48, not the other one's 0.1), so it is pruned there rather than running
+    # to the step cap.
+    monkeypatch.setattr(quadratic_forms_module, "_ELEMENT_BUDGET", 2 * 12 * 48)
+    (slow, _), v = crossing_hessians()
+    two = torch.diag(torch.tensor([2.0] * 24 + [-1.0] * 24, dtype=torch.float64))
+    H = torch.stack([two, 0.01 * slow, slow])
+    fm, params = FunctionalModel.from_module(DesignedHessians(v.numel()))
+    y = torch.ones(3, dtype=torch.long)
+    with differentiable():
+        result = positive_forms(fm, params, "weight", v, H, y, steps=12)
+    assert result.pruned.tolist() == [False, False, True] and result.steps.tolist() == [2, 4, 4]
+    assert float(result.values[0]) == pytest.approx(48.0, rel=1e-12)
+    form = quadratic_forms(
+        fm, params, {"weight": v}, [(H, y)], estimator="positive", lanczos_steps=12
+    )["weight"]
+    assert form.diagnostics["pruned_fraction"] == pytest.approx(1 / 3)
+    assert form.max == pytest.approx(48.0, rel=1e-12) and form.argmax == 0

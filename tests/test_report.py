@@ -8,22 +8,13 @@ import pytest
 from hessfine.analysis import report
 from hessfine.figures.plots import GAP, HDM
 
+from tests.comparison_rows import comparison_row
+
 
 def _row(method: str, seed: int, epoch: int, measure: float, gap: float, **extra: object) -> dict:
-    run = f"{method}-{extra.get('radius')}-{extra.get('noise_rate')}-{seed}"
-    return {
-        "method": method,
-        "seed": seed,
-        "epoch": epoch,
-        "final_checkpoint": int(epoch == 10),
-        "run": run,
-        "measurement": f"{run}/{epoch}",
-        HDM: measure,
-        GAP: gap,
-        "sum_distance": 1.0 + epoch - measure,
-        "distance_measure_li_zhang_2021": 500 * gap,
-        **extra,
-    }
+    values = {HDM: measure, GAP: gap, "sum_distance": 1.0 + epoch - measure}
+    values["distance_measure_li_zhang_2021"] = 500 * gap
+    return comparison_row(method, seed, epoch, **values, **extra)
 
 
 def _rows(robust_accuracy: float, measure_scale: float = 2.0) -> list[dict]:

@@ -6,24 +6,14 @@ from pathlib import Path
 
 import pytest
 from hessfine.figures import studies
-from hessfine.figures.plots import GAP, HDM
+from hessfine.figures.plots import GAP, HDM, METHOD_ORDER, method_color
+
+from tests.comparison_rows import comparison_row
 
 
 def _row(method: str, seed: int, epoch: int, **extra: object) -> dict:
-    run = f"{method}-{extra.get('radius')}-{extra.get('noise_rate')}-{extra.get('confusion_source')}-{seed}"
-    return {
-        "method": method,
-        "seed": seed,
-        "epoch": epoch,
-        "final_checkpoint": int(epoch == 10),
-        "run": run,
-        "measurement": f"{run}/{epoch}",
-        "noise_rate": None,
-        HDM: 0.1 * epoch + seed,
-        GAP: 0.01 * epoch,
-        "eval_accuracy": 0.5 + 0.01 * seed,
-        **extra,
-    }
+    values = {HDM: 0.1 * epoch + seed, GAP: 0.01 * epoch, "eval_accuracy": 0.5 + 0.01 * seed}
+    return comparison_row(method, seed, epoch, **{"noise_rate": None, **values, **extra})
 
 
 def _rows() -> list[dict]:
@@ -89,3 +79,28 @@ def test_draw_studies_writes_the_three_figures(tmp_path: Path) -> None:
         f"{s}.{f}" for s in ("fig1_radius", "measure_vs_gap", "noise_study") for f in ("png", "pdf")
     )
     assert studies.draw_studies([_row("plain", 0, 10)], tmp_path / "none") == []
+
+
+def test_noise_study_gives_every_method_its_own_colour() -> None:
+    # robust with F known and with a Dual-T estimate of F are two methods: two colours (the
+    # hatching tells the noise settings apart, not the methods)
+    rows = [*_rows(), _row("plain", 0, 10, noise_rate=0.2, noise_kind="pair")]
+    fig = studies.figure_noise(studies.noise_rows(rows))
+    labels = [t.get_text() for t in fig.axes[1].get_xticklabels()]
+    assert labels == ["plain", "robust", "robust (Dual-T F)"]
+    for ax in fig.axes[:2]:
+        colours: dict[str, set] = {}
+        for bar in ax.patches:
+            label = labels[round(bar.get_x() + bar.get_width() / 2)]
+            colours.setdefault(label, set()).add(bar.get_facecolor())
+        assert set(colours) == set(labels) and all(len(c) == 1 for c in colours.values())
+        assert len({c for cs in colours.values() for c in cs}) == len(labels), colours
+        assert colours["robust"] == {(*method_color("robust"), 1.0)}
+
+
+def test_label_colors_are_distinct_beyond_the_palette() -> None:
+    methods = [*METHOD_ORDER, "sam", "nso", "unlabelled"]
+    labels = methods + [f"{m} (Dual-T F)" for m in methods]
+    colors = studies.label_colors(labels)
+    assert list(colors) == labels and len(set(colors.values())) == len(labels)
+    assert all(colors[m] == tuple(method_color(m)) for m in methods)

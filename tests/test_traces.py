@@ -1,5 +1,8 @@
 """Traces against dense float64 Hessians: unbiased, within standard errors, converging."""
 
+import math
+import warnings
+
 import pytest
 import torch
 from hessfine.bounds import traces
@@ -17,6 +20,7 @@ from scipy import stats
 from tests.oracles import (
     TINY_LAYERS,
     TINY_NETWORKS,
+    DesignedHessians,
     dense_block_hessians,
     dense_ggn_blocks,
     dense_mean_hessian,
@@ -88,6 +92,28 @@ def test_hutchplusplus_exact_when_sketch_spans_block():
         fm, params, ["fc1.weight"], [(x, y)], probes=30, method="hutch++", generator=g
     )
     assert abs(est["fc1.weight"].mean - exact["fc1.weight"]) <= 4 * est["fc1.weight"].stderr + 1e-12
+
+
+def test_hutchplusplus_standard_error_needs_two_residual_probes():
+    # P probes: a sketch of S = max(1, P // 3), then G = max(1, P − 2S) residual probes whose
+    # spread is the standard error: none from G = 1 (P = 2, 3: NaN, and no warning from
+    # torch's std), one from G = 2 (P = 4). On a one-weight layer the sketch spans the block,
+    # so the estimate is exact and the residual terms vanish (standard error 0).
+    H = torch.tensor([[[2.0]], [[-0.5]], [[1.0]]], dtype=torch.float64)
+    fm, params = FunctionalModel.from_module(DesignedHessians(1))
+    batches = [(H, torch.ones(3, dtype=torch.long))]
+    for probes, finite in ((2, False), (3, False), (4, True), (5, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = layer_traces(fm, params, ["weight"], batches, probes=probes, method="hutch++")
+        assert not [w for w in caught if issubclass(w.category, UserWarning | RuntimeWarning)]
+        est = est["weight"]
+        assert est.mean == pytest.approx(float(H.mean()), rel=1e-12)
+        assert (est.stderr == 0.0) if finite else math.isnan(est.stderr), (probes, est.stderr)
+    # a wider layer with G = 2: a positive standard error
+    module, fm, params, layers, x, y = setup("mlp_gelu")
+    est = layer_traces(fm, params, ["fc1.weight"], [(x, y)], probes=4, method="hutch++")
+    assert 0.0 < est["fc1.weight"].stderr < math.inf
 
 
 @pytest.mark.parametrize("network", ["cnn", "attention"])
