@@ -227,16 +227,16 @@ def positive_forms(
         xs = slice_inputs(x, start, start + chunk)
         ys = y[start : start + chunk]
 
-        tail = _RetainedTail(fmodel, params, xs, ys)
+        tail = RetainedTail(fmodel, params, xs, ys)
 
         def matvec(
             q: Tensor,
             members: Tensor,
             xs: Inputs = xs,
             ys: Tensor = ys,
-            tail: _RetainedTail = tail,
+            tail: RetainedTail = tail,
         ) -> Tensor:
-            if _retained_fits(*q.shape):
+            if retained_fits(*q.shape):
                 return tail([name], [q], [members])[0]
             return per_example_hvp(fmodel, params, name, index_inputs(xs, members), ys[members])(q)
 
@@ -387,7 +387,7 @@ class RetainedLayersHVP:
         return [image[r].reshape(r.numel(), -1) for image, r in zip(images, rows, strict=True)]
 
 
-class _RetainedTail:
+class RetainedTail:
     """The products of the running pairs of a Lanczos run, from retained graphs.
 
     Holds either one :class:`RetainedLayersHVP` for all running pairs or, while the pairs
@@ -454,7 +454,7 @@ class _RetainedTail:
         return dict.fromkeys(names, graph)
 
 
-def _retained_fits(pairs: int, width: int) -> bool:
+def retained_fits(pairs: int, width: int) -> bool:
     """Whether ``pairs`` pairs over layers of ``width`` weights in all go to retained graphs."""
     return pairs * width <= _RETAINED_BUDGET
 
@@ -497,7 +497,7 @@ def positive_forms_layers(
             xs = slice_inputs(x, start, start + chunk)
             ys = y[start : start + chunk]
             starts = [directions[m].reshape(1, -1).expand(ys.shape[0], -1).clone() for m in chosen]
-            tail = _RetainedTail(fmodel, params, xs, ys)
+            tail = RetainedTail(fmodel, params, xs, ys)
 
             def matvec(
                 families: list[int],
@@ -506,10 +506,10 @@ def positive_forms_layers(
                 xs: Inputs = xs,
                 ys: Tensor = ys,
                 chosen: list[str] = chosen,
-                tail: _RetainedTail = tail,
+                tail: RetainedTail = tail,
             ) -> list[Tensor]:
                 rows = [b.shape[0] for b in blocks]
-                if _retained_fits(sum(rows), sum(b.shape[1] for b in blocks)):
+                if retained_fits(sum(rows), sum(b.shape[1] for b in blocks)):
                     return tail([chosen[f] for f in families], blocks, members)
                 images = []
                 for group in _joint_groups(rows, [b.shape[1] for b in blocks]):

@@ -66,10 +66,12 @@ from hessfine.bounds.ghost import ghost_modules, record_layer_calls
 from hessfine.bounds.hessian_products import flat_operator, mean_loss_hvp
 from hessfine.bounds.lanczos import positive_quadrature
 from hessfine.bounds.quadratic_forms import (
+    RetainedTail,
     RunningReduction,
     certification_tolerance,
     certify_piecewise_linear,
     per_example_hvp,
+    retained_fits,
 )
 from hessfine.bounds.safe_autodiff import differentiable
 from hessfine.bounds.sharding import LOCAL, Shard, base_key, keyed_generator
@@ -549,7 +551,10 @@ def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, rtol, keys):
     """Per-example SLQ estimates of Tr[H_i⁺(x)] and their standard errors, shape (B,).
 
     All (example, probe) pairs run as one batch of Lanczos members, in chunks that keep the
-    Lanczos bases within memory. ``keys`` = (base key, global index of the first example):
+    Lanczos bases within memory. The products come from retained double-backward graphs
+    (:class:`hessfine.bounds.quadratic_forms.RetainedLayersHVP`, as for the quadratic forms'
+    positive part) when the running members fit their budget, else from vmapped
+    forward-over-reverse calls. ``keys`` = (base key, global index of the first example):
     example n's probes come from the generator keyed by (base key, layer, n).
     """
     weight = params[name]
@@ -566,8 +571,14 @@ def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, rtol, keys):
     values = []
     for start in range(0, examples.numel(), chunk):
         idx = examples[start : start + chunk]
+        # each (example, probe) member is its own row of the retained graph
+        tail = RetainedTail(fmodel, params, index_inputs(x, idx), y[idx])
 
-        def matvec(q: Tensor, members: Tensor, idx: Tensor = idx) -> Tensor:
+        def matvec(
+            q: Tensor, members: Tensor, idx: Tensor = idx, tail: RetainedTail = tail
+        ) -> Tensor:
+            if retained_fits(*q.shape):
+                return tail([name], [q], [members])[0]
             chosen = idx[members]
             return per_example_hvp(fmodel, params, name, index_inputs(x, chosen), y[chosen])(q)
 

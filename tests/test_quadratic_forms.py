@@ -313,7 +313,7 @@ def test_retained_tail_rebuilds_for_the_running_pairs():
     # rebuilt when at most half of its pairs still run, or when asked for a pair it lacks
     _, fm, params, directions, x, y, _ = setup("mlp_gelu")
     name = "fc1.weight"
-    tail = quadratic_forms_module._RetainedTail(fm, params, x, y)
+    tail = quadratic_forms_module.RetainedTail(fm, params, x, y)
     d = directions[name].numel()
     with differentiable():
         tail([name], [torch.ones(6, d, dtype=torch.float64)], [torch.arange(6)])
@@ -331,7 +331,7 @@ def test_retained_tail_uses_a_graph_per_layer_while_pairs_are_many():
     # half the pairs finished); the products are H_ii(x_b) u_b either way
     module, fm, params, directions, x, y, _ = setup("attention")
     names = list(directions)
-    tail = quadratic_forms_module._RetainedTail(fm, params, x, y)
+    tail = quadratic_forms_module.RetainedTail(fm, params, x, y)
     g = torch.Generator().manual_seed(0)
     with differentiable():
         for members in ([torch.arange(N)] * 3, [torch.tensor([2]), torch.tensor([0, 5])]):

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from hessfine.bounds import quadratic_forms as quadratic_forms_module
 from hessfine.bounds import traces
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.safe_autodiff import differentiable
@@ -287,6 +288,33 @@ def test_positive_trace_max_slq_on_attention_within_standard_errors():
     )[name]
     assert result.method == "slq" and result.stderr > 0
     assert abs(result.max - float(dense.max())) <= 4 * result.stderr + 1e-2 * float(dense.max())
+
+
+def test_slq_positive_traces_same_with_retained_graphs_and_vmapped_products(monkeypatch):
+    # the products of a run come from retained double-backward graphs when the running
+    # (example, probe) members fit the budget, else from vmapped forward-over-reverse calls;
+    # with 0 budget every product is vmapped: the same estimates to round-off
+    _, fm, params, layers, x, y = setup("attention")
+
+    def run():
+        return positive_trace_max(
+            fm,
+            params,
+            layers,
+            [(x, y)],
+            certified={},
+            probes=3,
+            dense_limit=0,
+            generator=torch.Generator().manual_seed(4),
+        )
+
+    retained = run()
+    monkeypatch.setattr(quadratic_forms_module, "_RETAINED_BUDGET", 0)
+    vmapped = run()
+    for name in layers:
+        assert retained[name].method == "slq"
+        assert retained[name].max == pytest.approx(vmapped[name].max, rel=1e-9)
+        assert retained[name].stderr == pytest.approx(vmapped[name].stderr, rel=1e-7)
 
 
 @pytest.mark.parametrize(
