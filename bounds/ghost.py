@@ -174,3 +174,79 @@ def ghost_ggn_forms(
         forms[name] = fmodel.loss.curvature(z, z1[start:stop].sum(dim=0), y)
         start = stop
     return forms
+
+
+def joint_certification(
+    fmodel: FunctionalModel,
+    params: Mapping[str, Tensor],
+    layers: Sequence[str],
+    x: Inputs,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[list[str], float]:
+    """One test that the logits are piecewise linear in each of several layers' weights.
+
+    For a Linear/Conv weight W_i called once, out_i = layer(inp_i; W_i) + b with inp_i independent
+    of W_i, so along a direction u_i the logits' second derivative is t_iᵀ ∇²_{δ_i} z t_i with
+    t_i = layer(inp_i; u_i) and δ_i an additive perturbation of out_i. If every operation after
+    these layers is piecewise linear (ReLU, max-pooling, eval-mode BatchNorm, residual addition,
+    and the layers themselves, linear in their inputs), then φ = rᵀz is piecewise linear in all
+    the δ_i jointly, so the whole Hessian ∇²_δ φ — cross-layer blocks included — vanishes. With
+    the t_i scaled so that each first derivative ⟨∂φ/∂δ_i, t_i⟩ is ±1, this computes
+    Q = Σ_ij t_iᵀ ∇²_{δ_i δ_j} φ t_j (one forward, one backward with ``create_graph`` and ONE
+    double backward for all layers, instead of one double backward per layer) and returns the
+    layers tested and |Q|. Q = 0 certifies every one of them: Q is a quadratic form in the
+    Gaussian (u_i), zero almost surely only if the form is, and then each diagonal block — the
+    per-layer certificate of ``certify_piecewise_linear`` — is zero. A |Q| of order one says that
+    at least one layer is not piecewise linear, not which one. Layers that are not single-call
+    Linear/Conv weights, or whose first derivative is 0, are not tested (the returned list omits
+    them).
+    """
+    modules = ghost_modules(fmodel, layers)
+    calls: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in modules}
+
+    def injector(name):
+        def hook(module, inputs, output):
+            delta = torch.zeros_like(output, requires_grad=True)
+            calls[name].append((inputs[0].detach(), delta))
+            return output + delta
+
+        return hook
+
+    handles = [m.register_forward_hook(injector(n)) for n, m in modules.items()]
+    try:
+        with torch.enable_grad():
+            z = fmodel.logits(params, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = [name for name in modules if len(calls[name]) == 1]
+    if not names:
+        return [], 0.0
+    r = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+    deltas = [calls[name][0][1] for name in names]
+    with torch.enable_grad():
+        grads = torch.autograd.grad((r * z).sum(), deltas, create_graph=True, allow_unused=True)
+        tested, used, tangents, terms = [], [], [], []
+        for name, g in zip(names, grads, strict=True):
+            inp, _ = calls[name][0]
+            u = torch.randn(params[name].shape, generator=generator, dtype=inp.dtype).to(inp.device)
+            if g is None:
+                continue
+            t = layer_with_weight(modules[name], inp, u)
+            first = (g * t).sum()
+            if not first.requires_grad:  # ∂φ/∂δ_i is constant: its row of ∇²_δ φ is zero
+                tested.append(name)
+                continue
+            if float(first.detach()) == 0.0:
+                continue
+            scale = 1.0 / abs(float(first.detach()))
+            tested.append(name)
+            used.append(deltas[names.index(name)])
+            tangents.append(t * scale)
+            terms.append(first * scale)
+        if not terms:
+            return tested, 0.0
+        second = torch.autograd.grad(sum(terms), used, allow_unused=True)
+    q = sum(float((h * t).sum()) for h, t in zip(second, tangents, strict=True) if h is not None)
+    return tested, abs(q)

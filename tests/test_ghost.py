@@ -3,8 +3,13 @@
 import pytest
 import torch
 from hessfine.bounds.functional import FunctionalModel
-from hessfine.bounds.ghost import ghost_ggn_forms, ghost_modules
-from hessfine.bounds.quadratic_forms import ggn_forms, quadratic_forms
+from hessfine.bounds.ghost import ghost_ggn_forms, ghost_modules, joint_certification
+from hessfine.bounds.quadratic_forms import (
+    certification_tolerance,
+    certify_piecewise_linear,
+    ggn_forms,
+    quadratic_forms,
+)
 from hessfine.bounds.traces import _ghost_gauss_newton_traces, _vmapped_gauss_newton_traces
 from torch import nn
 
@@ -12,6 +17,7 @@ from tests.oracles import (
     DTYPE,
     TINY_LAYERS,
     TINY_NETWORKS,
+    dense_block_hessians,
     dense_ggn_blocks,
     perturbed_reference,
     tiny_data,
@@ -143,3 +149,74 @@ def test_torchvision_architectures_match_the_jvp_route(architecture):
     for name in layers[:: max(len(layers) // 8, 1)]:
         expected = ggn_forms(fm, params, name, v[name], x, y)
         torch.testing.assert_close(forms[name], expected, rtol=1e-10, atol=1e-14)
+
+
+class Mixed(nn.Module):
+    """ReLU layers; a GELU after `smooth` on a branch scaled by 1e-7, so that its derivatives are
+    tiny next to the other layers' (its own curvature over its own squared first derivative is
+    still large); a Linear used twice with ReLU (the weight enters quadratically); a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.smooth = nn.Linear(4, 6)
+        self.tied = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x)) + 1e-7 * nn.functional.gelu(self.smooth(x))
+        h = torch.relu(self.tied(torch.relu(self.tied(h))))
+        return self.head(torch.relu(self.b(h)))
+
+
+def test_joint_certification_certifies_a_relu_cnn_in_one_test():
+    module = TINY_NETWORKS["cnn"]()
+    fm, params = FunctionalModel.from_module(module)
+    layers = TINY_LAYERS["cnn"]
+    x, _ = tiny_data("cnn", 2)
+    tested, q = joint_certification(fm, params, layers, x[:1])
+    assert sorted(tested) == sorted(layers) and q == 0.0
+    ratios = certify_piecewise_linear(fm, params, layers, x)
+    assert ratios == dict.fromkeys(layers, 0.0)
+
+
+def test_joint_certification_fails_on_smooth_networks():
+    module = TINY_NETWORKS["mlp_gelu"]()
+    fm, params = FunctionalModel.from_module(module)
+    x, _ = tiny_data("mlp_gelu", 2)
+    tested, q = joint_certification(fm, params, TINY_LAYERS["mlp_gelu"], x[:1])
+    assert sorted(tested) == sorted(TINY_LAYERS["mlp_gelu"]) and q > 1e-2
+    # attention's projections are not Linear modules' single-call weights: only the head is
+    # tested, which certify_piecewise_linear does not take as a joint certificate
+    module = TINY_NETWORKS["attention"]()
+    fm, params = FunctionalModel.from_module(module)
+    x, _ = tiny_data("attention", 2)
+    assert joint_certification(fm, params, TINY_LAYERS["attention"], x[:1])[0] == ["head.weight"]
+
+
+def test_certification_decisions_equal_the_per_layer_tests():
+    # The joint test fails — because each layer's term is scaled by its own first derivative;
+    # unscaled, the tiny GELU branch would pass as round-off — and leaves the tied weight out, so
+    # every layer is decided by its own test: the dense oracle says which blocks equal their GGN.
+    torch.manual_seed(0)
+    module = Mixed().to(DTYPE).eval()
+    fm, params = FunctionalModel.from_module(module)
+    layers = [n for n, p in params.items() if n.endswith("weight")]
+    x, y = torch.randn(3, 4, dtype=DTYPE), torch.randint(0, 3, (3,))
+    tested, q = joint_certification(fm, params, layers, x[:1])
+    assert "tied.weight" not in tested and q > certification_tolerance(DTYPE)
+    ratios = certify_piecewise_linear(fm, params, layers, x)
+    tolerance = certification_tolerance(DTYPE)
+    decided = {name: ratios[name] <= tolerance for name in layers}
+    assert decided == {
+        "a.weight": True,
+        "smooth.weight": False,
+        "tied.weight": False,
+        "b.weight": True,
+        "head.weight": True,
+    }
+    for name, certified in decided.items():
+        H = dense_block_hessians(module, params, name, x[:1], y[:1])
+        G = dense_ggn_blocks(module, params, name, x[:1], y[:1])
+        assert torch.allclose(H, G, rtol=1e-8, atol=1e-10) is certified
