@@ -57,6 +57,7 @@ TESTS: dict[str, list[str]] = {
     "bounds/traces.py": ["tests/test_traces.py"],
     "bounds/pac_bayes.py": ["tests/test_pac_bayes.py"],
     "bounds/generalization.py": ["tests/test_generalization.py"],
+    "bounds/ghost.py": ["tests/test_ghost.py"],
 }
 
 _BINOPS = {

@@ -316,6 +316,47 @@ def dense_ggn_blocks(
     return torch.stack(blocks)
 
 
+def dense_output_perturbation_derivatives(
+    module: nn.Module, layers: Sequence[str], x: Tensor, r: Tensor
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Gradient and dense Hessian of φ(δ) = rᵀ z(x; δ) in additive perturbations δ_i of the outputs
+    of the modules owning ``layers`` (weights called once), at δ = 0, by autograd.functional.
+
+    Returns (gradient, Hessian, sizes) over the concatenation of the δ_i in ``layers`` order.
+    """
+    modules = dict(module.named_modules())
+    owners = [modules[name.rpartition(".")[0]] for name in layers]
+    shapes: list[torch.Size] = []
+
+    def record(m, inputs, output):
+        shapes.append(output.shape)
+
+    handles = [m.register_forward_hook(record) for m in owners]
+    with torch.no_grad():
+        module(x)
+    for h in handles:
+        h.remove()
+    sizes = [math.prod(shape) for shape in shapes]
+
+    def phi(flat: Tensor) -> Tensor:
+        parts = list(flat.split(sizes))
+
+        def add(index: int):
+            return lambda m, inputs, output: output + parts[index].reshape(shapes[index])
+
+        hooks = [m.register_forward_hook(add(i)) for i, m in enumerate(owners)]
+        try:
+            return (r * module(x)).sum()
+        finally:
+            for h in hooks:
+                h.remove()
+
+    zero = torch.zeros(sum(sizes), dtype=x.dtype)
+    gradient = torch.autograd.functional.jacobian(phi, zero)
+    hessian = torch.autograd.functional.hessian(phi, zero)
+    return gradient, hessian, sizes
+
+
 def assert_matches(form: object, values: Tensor) -> None:
     """An estimator's per-layer reduction (max, mean, argmax, count) equals the oracle's values."""
     import pytest

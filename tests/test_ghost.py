@@ -19,6 +19,7 @@ from tests.oracles import (
     TINY_NETWORKS,
     dense_block_hessians,
     dense_ggn_blocks,
+    dense_output_perturbation_derivatives,
     perturbed_reference,
     tiny_data,
 )
@@ -220,3 +221,45 @@ def test_certification_decisions_equal_the_per_layer_tests():
         H = dense_block_hessians(module, params, name, x[:1], y[:1])
         G = dense_ggn_blocks(module, params, name, x[:1], y[:1])
         assert torch.allclose(H, G, rtol=1e-8, atol=1e-10) is certified
+
+
+def test_joint_certification_value_equals_the_dense_perturbation_hessian():
+    # Q = Σ_ij t_iᵀ ∇²_{δ_i δ_j} φ t_j / (|f_i| |f_j|), f_i = ⟨∂φ/∂δ_i, t_i⟩, t_i = u_i applied to
+    # the layer's input, with r and u_i drawn from the same generator in the same order.
+    module = TINY_NETWORKS["mlp_gelu"]()
+    fm, params = FunctionalModel.from_module(module)
+    layers = ["fc1.weight", "fc2.weight", "fc3.weight"]
+    x, _ = tiny_data("mlp_gelu", 1)
+    tested, q = joint_certification(
+        fm, params, layers, x, generator=torch.Generator().manual_seed(5)
+    )
+    g = torch.Generator().manual_seed(5)
+    r = torch.randn(1, 3, generator=g, dtype=DTYPE)
+    u = [torch.randn(params[name].shape, generator=g, dtype=DTYPE) for name in layers]
+    gradient, hessian, sizes = dense_output_perturbation_derivatives(module, layers, x, r)
+    with torch.no_grad():
+        h1 = module.act(module.fc1(x))
+        inputs = [x, h1, module.act(module.fc2(h1))]
+    t = [(inp @ w.T).reshape(-1) for inp, w in zip(inputs, u, strict=True)]
+    first = [float(gi @ ti) for gi, ti in zip(gradient.split(sizes), t, strict=True)]
+    scaled = torch.cat([ti / abs(fi) for ti, fi in zip(t, first, strict=True)])
+    # fc3's gradient r is constant (its row of the Hessian is zero): tested, no term
+    assert tested == layers
+    assert q == pytest.approx(abs(float(scaled @ hessian @ scaled)), rel=1e-9)
+    assert q > 1e-2
+
+
+def test_layers_never_called_are_left_out():
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, 3)
+            self.unused = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    fm, params = FunctionalModel.from_module(WithUnused().to(DTYPE))
+    v = {name: torch.ones_like(params[name]) for name in ("used.weight", "unused.weight")}
+    x, y = torch.randn(2, 4, dtype=DTYPE), torch.tensor([0, 2])
+    assert list(ghost_ggn_forms(fm, params, v, x, y)) == ["used.weight"]
