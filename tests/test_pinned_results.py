@@ -214,9 +214,9 @@ def assert_same(actual: Any, expected: Any, rtol: float, where: str = "") -> Non
             assert_same(a, e, rtol, f"{where}[{i}]")
     elif isinstance(expected, float) and not isinstance(actual, bool):
         assert isinstance(actual, int | float), f"{where}: {actual!r} is not a number"
-        assert (math.isnan(actual) and math.isnan(expected)) or math.isclose(actual, expected, rel_tol=rtol, abs_tol=1e-12), (
-            f"{where}: {actual!r} != pinned {expected!r}"
-        )
+        assert (math.isnan(actual) and math.isnan(expected)) or math.isclose(
+            actual, expected, rel_tol=rtol, abs_tol=1e-12
+        ), f"{where}: {actual!r} != pinned {expected!r}"
     else:
         assert actual == expected, f"{where}: {actual!r} != pinned {expected!r}"
 
