@@ -16,7 +16,7 @@ that applies:
    inside it.
 
 Any other directory with checkpoints below it is a *directory of runs*
-(:mod:`hessfine.analysis.sources.runs`). A Lightning ``.ckpt`` file is read by
+(:mod:`hessfine.analysis.sources.run_collections`). A Lightning ``.ckpt`` file is read by
 :mod:`hessfine.analysis.sources.lightning`.
 
 Alignment (SPEC §1, §3.3). For the selected layers W_1..W_L, ``v_i = W_i − W_i^(s)``. A layer
@@ -61,7 +61,7 @@ from hessfine.analysis.sources.hf import hf_weights
 from hessfine.analysis.sources.lightning import attribute_prefix, is_lightning, lightning_record
 from hessfine.analysis.sources.manifest import MANIFEST, read_manifest
 from hessfine.analysis.sources.peft import ADAPTER_CONFIG, LoraAdapter, adapter_file, read_adapter
-from hessfine.analysis.sources.runs import find_checkpoints, is_run_collection
+from hessfine.analysis.sources.run_collections import find_checkpoints, is_run_collection
 from hessfine.analysis.sources.trainer import trainer_record
 from torch import Tensor, nn
 

@@ -216,7 +216,7 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_measure(args: argparse.Namespace) -> int:
     from hessfine.analysis.distributed import detect
     from hessfine.analysis.measure import MeasureSettings, measure_path
-    from hessfine.analysis.models import parse_model_kwargs
+    from hessfine.analysis.model_specs import parse_model_kwargs
 
     settings = MeasureSettings(
         estimator=args.estimator,

@@ -356,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``hessfine crosscheck``; print the side-by-side table; return 0."""
     from hessfine.analysis.checkpoints import align, load_checkpoint, select_layers
     from hessfine.analysis.measure import unused_layers
-    from hessfine.analysis.models import build_model, parse_model_kwargs, resolve_device
+    from hessfine.analysis.model_specs import build_model, parse_model_kwargs, resolve_device
 
     if args.samples < 1:
         raise InputError(f"--samples {args.samples}: must be at least 1")

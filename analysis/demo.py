@@ -8,7 +8,7 @@ ten classes from another source — other writers, 32×32 bitmaps averaged to 8�
 so the shift is in the domain, not the labels. The pretrained network alone reaches only part of
 its MNIST accuracy on the target (the report gives both), and fine-tuning recovers the rest.
 
-The network is :func:`hessfine.finetune.models.digits_resnet` (ten weight layers, BatchNorm,
+The network is :func:`hessfine.finetune.digit_networks.digits_resnet` (ten weight layers, BatchNorm,
 residual blocks). Pretraining (plain cross-entropy on MNIST) runs once and is cached in the
 output directory as ``pretrained.safetensors`` (the extractor: every tensor but the ``head``)
 with ``pretrained.json`` (its settings; a cache with other settings is replaced). The
@@ -67,7 +67,8 @@ from hessfine.analysis.compare import compare
 from hessfine.analysis.data import load_data
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.results import write_json_atomic, write_text_atomic
-from hessfine.finetune.label_noise import corrupt_labels, noise_confusion
+from hessfine.finetune.confusion import corrupt_labels, noise_confusion
+from hessfine.finetune.digit_networks import digits_resnet
 from hessfine.finetune.methods import (
     CONSISTENT_METHODS,
     CONSTRAINED_METHODS,
@@ -76,13 +77,12 @@ from hessfine.finetune.methods import (
     evaluate,
     finetune,
 )
-from hessfine.finetune.models import digits_resnet
-from hessfine.finetune.runs import RunResult, finetune_run
+from hessfine.finetune.run_directory import RunResult, finetune_run
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-MODEL_SPEC = "hessfine.finetune.models:digits_resnet"
+MODEL_SPEC = "hessfine.finetune.digit_networks:digits_resnet"
 SOURCE, SOURCE_TEST = "mnist:train", "mnist:test"
 TARGET, TARGET_TEST = "digits28:train", "digits28:test"
 NUM_CLASSES = 10

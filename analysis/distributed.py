@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from hessfine.analysis.errors import InputError
-from hessfine.analysis.models import resolve_device
+from hessfine.analysis.model_specs import resolve_device
 from hessfine.bounds.quadratic_forms import QuadraticForm
 from hessfine.bounds.sharding import Shard
 from hessfine.bounds.traces import PositiveTrace

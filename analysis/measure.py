@@ -14,7 +14,7 @@ Example (the Python API; the command line is a thin layer over it):
     >>> from hessfine.analysis.measure import MeasureSettings, measure  # doctest: +SKIP
     >>> result = measure("runs/robust/epoch_010.safetensors", reference="pretrained.safetensors",
     ...                  data="digits:train", eval_data="digits:test", out="out/robust",
-    ...                  model="hessfine.finetune.models:digits_cnn", settings=MeasureSettings(samples=64))
+    ...                  model="hessfine.finetune.digit_networks:digits_cnn", settings=MeasureSettings(samples=64))
     >>> result["bounds"]["theorem_2_1"]  # doctest: +SKIP
 """
 
@@ -46,8 +46,7 @@ from hessfine.analysis.data import TASKS, LabeledData, Task, check_labels, load_
 from hessfine.analysis.distributed import Context, merge_forms, merge_positive
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.gpu import full_precision, halving_batches
-from hessfine.analysis.models import build_model, resolve_device
-from hessfine.analysis.noisy_labels import noise_matrix, noisy_label_statistics, read_run_labels
+from hessfine.analysis.model_specs import build_model, resolve_device
 from hessfine.analysis.progress import Progress
 from hessfine.analysis.results import (
     MEASUREMENT,
@@ -57,6 +56,7 @@ from hessfine.analysis.results import (
     versions,
     write_json_atomic,
 )
+from hessfine.analysis.run_labels import noise_matrix, noisy_label_statistics, read_run_labels
 from hessfine.analysis.sampling import (
     SAMPLE_ORDERS,
     Sample,

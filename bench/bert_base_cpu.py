@@ -77,7 +77,7 @@ def run(root: Path, estimator: str, samples: int, layers: list[str], threads: in
 
 def primitives(root: Path, samples: int, layers: list[str]) -> dict[str, float]:
     """Seconds of each primitive on ``samples`` examples, per layer in ``layers``."""
-    from hessfine.analysis.models import build_model
+    from hessfine.analysis.model_specs import build_model
 
     module = build_model("hf", hf_directory=root / "tuned")
     fm, params = FunctionalModel.from_module(module)

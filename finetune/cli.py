@@ -3,14 +3,14 @@
 The command builds the model from ``--model`` (randomly initialised with ``--seed``), copies in
 every tensor of ``--reference`` whose name and shape match (a head for another number of classes
 keeps its fresh initialisation), optionally corrupts the training labels with class-conditional
-noise, fine-tunes and writes ``--out`` (:mod:`hessfine.finetune.runs`). Inputs are held in memory (an
+noise, fine-tunes and writes ``--out`` (:mod:`hessfine.finetune.run_directory`). Inputs are held in memory (an
 ImageFolder is decoded once); dict inputs (text models) are not supported here.
 
 Example:
     >>> import argparse
     >>> parser = argparse.ArgumentParser(prog="hessfine finetune")
     >>> add_arguments(parser)
-    >>> args = parser.parse_args(["--model", "hessfine.finetune.models:digits_cnn", "--reference", "r.pt",
+    >>> args = parser.parse_args(["--model", "hessfine.finetune.digit_networks:digits_cnn", "--reference", "r.pt",
     ...                           "--data", "digits:train", "--method", "robust", "--out", "runs/r",
     ...                           "--label-noise", "symmetric", "--noise-rate", "0.4"])
     >>> args.method, args.noise_rate, args.epochs
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from hessfine.analysis.errors import InputError
-from hessfine.finetune.label_noise import corrupt_labels, load_confusion, noise_confusion
+from hessfine.finetune.confusion import corrupt_labels, load_confusion, noise_confusion
 from hessfine.finetune.methods import (
     CONSISTENT_METHODS,
     METHODS,
@@ -43,7 +43,7 @@ __all__ = ["add_arguments", "run"]
 EXAMPLES = """\
 examples:
   # the paper's algorithm on digits with 40% symmetric label noise (F known from the rate)
-  hessfine finetune --model hessfine.finetune.models:digits_cnn --reference pretrained.safetensors \\
+  hessfine finetune --model hessfine.finetune.digit_networks:digits_cnn --reference pretrained.safetensors \\
       --data digits:train --eval-data digits:test --method robust \\
       --label-noise symmetric --noise-rate 0.4 --radius 2 --head-radius 5 --out runs/robust
 
@@ -278,8 +278,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``hessfine finetune``; bad input raises :class:`InputError` (exit status 2)."""
     from hessfine.analysis.checkpoints import load_checkpoint
     from hessfine.analysis.data import check_labels, load_data
-    from hessfine.analysis.models import build_model, parse_model_kwargs, resolve_device
-    from hessfine.finetune.runs import finetune_run
+    from hessfine.analysis.model_specs import build_model, parse_model_kwargs, resolve_device
+    from hessfine.finetune.run_directory import finetune_run
 
     kwargs = parse_model_kwargs(args.model_kwargs)
     _check_noise_options(args)

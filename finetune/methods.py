@@ -30,7 +30,7 @@ The methods (the objective, and for ``sam``/``nso`` the gradient rule):
 * ``mixup`` — convex combinations λx + (1−λ)x_π of a batch and a permutation of it, loss
   λ·ℓ(·, y) + (1−λ)·ℓ(·, y_π), λ ~ Beta(α, α) per batch (Zhang et al., "mixup", ICLR 2018).
 * ``consistent`` — the backward-corrected loss Σ_j (F⁻¹)[ỹ, j]·ℓ(f(x), j), unbiased for the
-  clean loss (:func:`hessfine.finetune.label_noise.consistent_loss`), with F given or estimated by Dual-T.
+  clean loss (:func:`hessfine.finetune.confusion.consistent_loss`), with F given or estimated by Dual-T.
 * ``robust`` — the paper's algorithm (Ju, Li & Zhang, ICML 2022, Algorithm 1): the consistent
   loss *and* the layer-wise distance constraint.
 * ``sam`` — sharpness-aware minimisation (Foret, Kleiner, Mobahi & Neyshabur, ICLR 2021) of the
@@ -68,7 +68,7 @@ The same seed, model and data give bitwise-identical weights (on the same machin
 
 Example:
     >>> import torch
-    >>> from hessfine.finetune.models import digits_cnn
+    >>> from hessfine.finetune.digit_networks import digits_cnn
     >>> _ = torch.manual_seed(0)
     >>> net = digits_cnn(width=4)
     >>> reference = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("head")}
@@ -92,7 +92,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from hessfine.finetune.label_noise import (
+from hessfine.finetune.confusion import (
     check_confusion,
     consistent_loss,
     estimate_confusion_dual_t,
@@ -174,7 +174,7 @@ class FinetuneConfig:
 
     ``confusion`` is the k×k noise matrix F for the consistent loss (``consistent``/``robust``);
     with ``estimate_confusion`` F is instead estimated by Dual-T from a model first fine-tuned on
-    the noisy labels with early stopping. ``save_every`` is used by :mod:`hessfine.finetune.runs`.
+    the noisy labels with early stopping. ``save_every`` is used by :mod:`hessfine.finetune.run_directory`.
     ``momentum`` is SGD's, ``adam_beta1``/``adam_beta2``/``adam_eps`` AdamW's; ``lr_step_size``
     and ``lr_gamma`` belong to the ``step`` schedule and ``lr_min`` to ``cosine``; ``sam_rho`` to
     ``sam``; ``nso_sigma`` and ``nso_draws`` to ``nso``.

@@ -22,7 +22,7 @@ from hessfine.analysis.checkpoints import (
     select_layers,
 )
 from hessfine.analysis.errors import InputError
-from hessfine.analysis.models import build_model
+from hessfine.analysis.model_specs import build_model
 from torch import nn
 
 

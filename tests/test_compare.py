@@ -38,7 +38,7 @@ def measurement(checkpoint: str, *, gap: float, forms: list[float], noise: bool 
         "schema_version": 1,
         "checkpoint": checkpoint,
         "reference": "reference.safetensors",
-        "model": "hessfine.finetune.models:digits_cnn",
+        "model": "hessfine.finetune.digit_networks:digits_cnn",
         "settings": {"estimator": "auto", "samples": 64, "batch_size": 32, "seed": 0},
         "data": {"n_train": n, "n_eval": 50, "n_hessian_samples": 64},
         "layers": layers,
@@ -95,7 +95,7 @@ def study(tmp_path: Path) -> Path:
         write_json(
             run / "hessfine.json",
             {
-                "model": "hessfine.finetune.models:digits_cnn",
+                "model": "hessfine.finetune.digit_networks:digits_cnn",
                 "method": method,
                 "seed": 7,
                 "label_noise": {"kind": "symmetric", "rate": 0.3},

@@ -13,7 +13,7 @@ import torch
 from hessfine.analysis import demo
 from hessfine.analysis.data import load_data
 from hessfine.finetune.methods import CONSISTENT_METHODS, METHODS
-from hessfine.finetune.runs import RunResult
+from hessfine.finetune.run_directory import RunResult
 
 TINY = dataclasses.replace(
     demo.QUICK,

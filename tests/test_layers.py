@@ -22,7 +22,7 @@ LOADING = {
     "hessfine.analysis.checkpoints",
     "hessfine.analysis.data",
     "hessfine.analysis.digit_sets",
-    "hessfine.analysis.models",
+    "hessfine.analysis.model_specs",
     "hessfine.analysis.results",
 }
 ORCHESTRATION = {"hessfine.analysis.cli", "hessfine.analysis.demo", "hessfine.finetune.cli"}
@@ -78,10 +78,10 @@ MODULES = _modules()
 def test_the_layers_are_found() -> None:
     assert "hessfine.analysis.sources.files" in MODULES
     assert {m for m in ORCHESTRATION | LOADING} <= MODULES.keys()
-    assert not _allowed("hessfine.analysis.data", "hessfine.finetune.runs")
-    assert not _allowed("hessfine.finetune.runs", "hessfine.analysis.measure")
+    assert not _allowed("hessfine.analysis.data", "hessfine.finetune.run_directory")
+    assert not _allowed("hessfine.finetune.run_directory", "hessfine.analysis.measure")
     assert not _allowed("hessfine.analysis.data", "hessfine.figures.tables")
-    assert _allowed("hessfine.analysis.demo", "hessfine.finetune.runs")
+    assert _allowed("hessfine.analysis.demo", "hessfine.finetune.run_directory")
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from hessfine.finetune.label_noise import corrupt_labels, symmetric_confusion
+from hessfine.finetune.confusion import corrupt_labels, symmetric_confusion
+from hessfine.finetune.digit_networks import digits_cnn
 from hessfine.finetune.methods import (
     METHODS,
     METRIC_COLUMNS,
@@ -21,7 +22,6 @@ from hessfine.finetune.methods import (
     project_to_balls,
     sam_gradient,
 )
-from hessfine.finetune.models import digits_cnn
 from sklearn.datasets import load_digits
 from torch import nn
 

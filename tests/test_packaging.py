@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hessfine.analysis.models import build_model
+from hessfine.analysis.model_specs import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "bounds", "analysis", "figures", "finetune")
@@ -69,7 +69,7 @@ def test_installed_package_works_next_to_a_users_analysis_and_figures(installed,
     check = (
         "import runpy, sys\n"
         "import analysis, figures, hessfine.analysis.measure as m, hessfine.figures.tables as t\n"
-        "from hessfine.analysis.models import build_model\n"
+        "from hessfine.analysis.model_specs import build_model\n"
         "assert analysis.OWNER == 'user analysis' and figures.OWNER == 'user figures'\n"
         f"assert m.__file__.startswith({str(target)!r}), m.__file__\n"
         f"assert t.__file__.startswith({str(target)!r}), t.__file__\n"
@@ -81,11 +81,11 @@ def test_installed_package_works_next_to_a_users_analysis_and_figures(installed,
         "    assert stop.code in (0, None), stop.code\n"
     )
     out = _run(sys.executable, "-c", check, cwd=tmp_path, env=env).stdout
-    assert out.splitlines()[0] == "hessfine.finetune.models"
+    assert out.splitlines()[0] == "hessfine.finetune.digit_networks"
     assert "--sample-order" in out
 
 
 def test_legacy_manifest_spec_still_builds():
     """Run manifests written before the rename name ``finetune.models:digits_cnn``."""
     net = build_model("finetune.models:digits_cnn", {"num_classes": 4})
-    assert type(net).__module__ == "hessfine.finetune.models"
+    assert type(net).__module__ == "hessfine.finetune.digit_networks"

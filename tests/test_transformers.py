@@ -187,7 +187,7 @@ def test_measure_command_line_on_a_saved_hf_model(tiny_bert, tmp_path, task):
     tuned = tmp_path / "tuned"
     torch.manual_seed(3)
     model = FunctionalModel.from_module(
-        __import__("hessfine.analysis.models", fromlist=["build_model"]).build_model(
+        __import__("hessfine.analysis.model_specs", fromlist=["build_model"]).build_model(
             "hf", hf_directory=base
         )
     )[0].module

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from hessfine.analysis.compare import collect, write_comparison
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.measure import MeasureSettings, measure
-from hessfine.analysis.noisy_labels import noise_matrix
+from hessfine.analysis.run_labels import noise_matrix
 from hessfine.bounds.functional import ConsistentCrossEntropy, FunctionalModel
 from hessfine.bounds.generalization import consistent_loss_factor
 from hessfine.bounds.quadratic_forms import quadratic_forms
 from hessfine.finetune import cli
-from hessfine.finetune.label_noise import corrupt_labels, symmetric_confusion
-from hessfine.finetune.models import digits_cnn
+from hessfine.finetune.confusion import corrupt_labels, symmetric_confusion
+from hessfine.finetune.digit_networks import digits_cnn
 from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 
@@ -32,7 +32,7 @@ from tests.oracles import (
 from tests.oracles import consistent_loss as oracle_consistent
 from tests.oracles import quadratic_forms as dense_forms
 
-SPEC = "hessfine.finetune.models:digits_cnn"
+SPEC = "hessfine.finetune.digit_networks:digits_cnn"
 SETTINGS = MeasureSettings(samples=8, batch_size=8)
 
 

@@ -1,4 +1,4 @@
-"""Tests for hessfine.analysis.models: every model spec form and every user error."""
+"""Tests for hessfine.analysis.model_specs: every model spec form and every user error."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from hessfine.analysis.errors import InputError
-from hessfine.analysis.models import build_model, parse_model_kwargs
+from hessfine.analysis.model_specs import build_model, parse_model_kwargs
 from torch import nn
 
 

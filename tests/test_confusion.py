@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as nnf
-from hessfine.finetune.label_noise import (
+from hessfine.finetune.confusion import (
     check_confusion,
     consistent_loss,
     correction_factor,

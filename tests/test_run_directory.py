@@ -8,14 +8,20 @@ import pytest
 import torch
 from hessfine.analysis.errors import InputError
 from hessfine.finetune import cli
-from hessfine.finetune.label_noise import corrupt_labels, symmetric_confusion
+from hessfine.finetune.confusion import corrupt_labels, symmetric_confusion
+from hessfine.finetune.digit_networks import digits_cnn
 from hessfine.finetune.methods import METRIC_COLUMNS, FinetuneConfig
-from hessfine.finetune.models import digits_cnn
-from hessfine.finetune.runs import FORMAT, MANIFEST, checkpoint_name, finetune_run, read_run
+from hessfine.finetune.run_directory import (
+    FORMAT,
+    MANIFEST,
+    checkpoint_name,
+    finetune_run,
+    read_run,
+)
 from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 
-SPEC = "hessfine.finetune.models:digits_cnn"
+SPEC = "hessfine.finetune.digit_networks:digits_cnn"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -320,7 +326,7 @@ def test_cli_help_has_an_example():
     parser = argparse.ArgumentParser(prog="hessfine finetune")
     cli.add_arguments(parser)
     text = parser.format_help()
-    assert "hessfine finetune --model hessfine.finetune.models:digits_cnn" in text
+    assert "hessfine finetune --model hessfine.finetune.digit_networks:digits_cnn" in text
     assert "--estimate-confusion" in text and "--head-radius" in text
 
 
