@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 import torch
 from hessfine.analysis.cli import main
-from hessfine.finetune.label_noise import symmetric_confusion
+from hessfine.finetune.confusion import symmetric_confusion
+from hessfine.finetune.digit_networks import digits_cnn
 from hessfine.finetune.methods import METHODS, FinetuneConfig, finetune
-from hessfine.finetune.models import digits_cnn
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
@@ -138,7 +138,7 @@ def measure_noisy_run(tmp: Path) -> dict[str, Any]:
     torch.save({"x": x[120:], "y": y[120:]}, tmp / "eval.pt")
     torch.manual_seed(0)
     _save(digits_cnn(width=4).state_dict(), tmp / "pre.safetensors")
-    spec = "hessfine.finetune.models:digits_cnn"
+    spec = "hessfine.finetune.models:digits_cnn"  # the name earlier manifests wrote
     kwargs = '{"width": 4}'
     threads = _one_thread()
     try:
