@@ -7,7 +7,7 @@ the tables below. The manifest is looked for beside the checkpoint, then in the 
 directory and its parents; without one, the run fields ``hessfine measure`` copied into the
 measurement (its ``manifest`` and ``epoch`` entries) are used. Written:
 
-* ``comparison.csv`` — one row per measurement (columns below);
+* ``comparison.csv`` — one row per measurement;
 * ``layers.csv``, ``noise_stability.csv`` — the per-layer and per-σ long tables of
   :mod:`hessfine.figures.tables`;
 * ``correlations.csv`` — for every bound or measure column m and the target column g (by
@@ -15,8 +15,8 @@ measurement (its ``manifest`` and ``epoch`` entries) are used. Written:
   Kendall's τ over the measurements where both are finite, with two-sided p-values, the number
   of pairs n and of runs, over all rows and, for the Hessian, trace and prior distance measures
   and Σ‖v_i‖_F, also within each method (column ``group``) and with 95% bootstrap intervals that
-  resample runs, not checkpoints (:mod:`hessfine.analysis.correlation`). A correlation needs
-  n ≥ 3 and both columns non-constant; otherwise its cells are empty.
+  resample runs, not checkpoints (:func:`hessfine.analysis.correlation.correlations`). A
+  correlation needs n ≥ 3 and both columns non-constant; otherwise its cells are empty.
 * the figures of :func:`hessfine.figures.plots.draw_all`;
 * with ``--report``, the study figures and ``report.md`` of :mod:`hessfine.analysis.report`.
 
@@ -24,36 +24,12 @@ Ju, Li & Zhang (ICML 2022, Sec. 3 and Fig. 1) make this comparison to show that 
 distance measure Σ_i sqrt(C·𝓗_i/n) correlates with the gap across methods and epochs and
 matches its scale, while the distance-based bounds of prior work are orders of magnitude larger.
 
-``comparison.csv`` columns: ``measurement`` (path of the file), ``checkpoint``, ``method``,
-``epoch`` (a float for a Trainer checkpoint, 0-based for Lightning), ``step`` (the training tool's
-global step), ``seed``, ``noise_rate``, ``noise_kind`` (``symmetric``, ``pair``, ...), ``radius`` and
-``head_radius`` (the distance-constraint radii of the extractor's first layer and of the head, for
-the methods that constrain, else empty), ``confusion_source`` (the F of the consistent loss in
-training: ``given`` or ``dual-t``, else empty), ``noise_matrix_source`` (the F of the noisy-label
-bound: ``known``, ``dual-t`` or ``none``), ``final_checkpoint`` (1 for the run's final model — its
-``best_epoch`` when the manifest names one, else its last checkpoint — 0 for other epochs, empty
-without a manifest), ``reference``, ``model``, ``run`` (the run directory of the manifest),
-``estimator``, ``n``, ``n_eval``, ``n_hessian_samples``, ``C``, ``epsilon``, ``train_loss``, ``eval_loss``, ``max_loss``, ``train_accuracy``, ``eval_accuracy``,
-``generalization_gap_loss`` (eval − train loss), ``generalization_gap_accuracy`` (train − eval
-accuracy), ``gap_against`` (``clean training labels`` for a run with recorded label noise, whose
-``train_*`` columns are then on the clean labels), ``train_loss_noisy``, ``train_accuracy_noisy``
-and ``train_loss_consistent`` (on the noisy labels trained on; empty without noise), ``hessian_distance_measure``, ``theorem_2_1``, ``trace_corollary``,
-``trace_distance_measure`` (the trace corollary's complexity term Σ_i α_i·sqrt(C·max_x Tr[H_i⁺(x)]/n), comparable with the
-gap as the Hessian distance measure is, while ``theorem_2_1`` and ``trace_corollary`` bound the
-test loss),
-every other scalar entry of ``bounds`` under its own name (e.g. the noisy-label versions
-``hessian_distance_measure_noisy_labels``, ``theorem_2_1_noisy_labels``, ``noisy_label_factor``),
-``distance_measure_NAME`` (one per entry of ``bounds.distance_measures``), ``num_layers``,
-``num_weights``, ``sum_hessian_quadratic_form`` (Σ_i 𝓗_i), ``sum_sqrt_hessian_quadratic_form``
-(Σ_i sqrt(𝓗_i), negative 𝓗_i counted as 0), ``sum_distance`` (Σ_i ‖v_i‖_F),
-``sum_trace_mean`` (Σ_i mean_x Tr[H_i(x)], when traces were measured), for each noise level σ
-``noise_stability_sigma_σ``, ``noise_stability_stderr_sigma_σ`` and
-``noise_trace_prediction_sigma_σ``, the scalar entries of ``bounds.pac_bayes_certificate`` as
-``pac_bayes_NAME``, for a Hugging Face Trainer checkpoint the losses the Trainer logged at or
-nearest its step (``trainer_loss``, ``trainer_loss_step``, ``trainer_eval_loss`` and every other
-``trainer_eval_*`` metric, ``trainer_eval_step``; :mod:`hessfine.analysis.sources.trainer`),
-``total_s`` (measurement wall time), and every column of the run's ``metrics.csv`` as
-``metrics_COLUMN``.
+The columns of every table, with their units and meaning, are declared in
+:mod:`hessfine.analysis.schema` (``docs/schema.md``); :func:`flat_row` builds a ``comparison.csv``
+row from them, copying what a measurement holds and deriving the rest (the run's method, seed,
+noise rate and radii from its manifest; sums over layers; the trace measure; families such as
+``distance_measure_NAME``, ``noise_stability_sigma_σ``, ``pac_bayes_NAME``, ``trainer_NAME``
+and ``metrics_COLUMN``).
 
 All files are written atomically (a temporary file renamed over the target).
 
@@ -69,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import math
 import re
@@ -79,65 +54,29 @@ from pathlib import Path
 from typing import Any
 
 from hessfine.analysis.checkpoints import MANIFEST, read_manifest
+from hessfine.analysis.correlation import correlations
 from hessfine.analysis.errors import InputError
-from hessfine.analysis.results import MEASUREMENT, SCHEMA_VERSION, write_text_atomic
-from hessfine.figures.tables import (
+from hessfine.analysis.report import write_report
+from hessfine.analysis.results import write_csv
+from hessfine.analysis.schema import (
+    COMPARISON_COLUMNS,
+    COMPARISON_TABLE,
+    CORRELATIONS_TABLE,
+    DISTANCE_PREFIX,
     KEY_COLUMNS,
     LAYERS_TABLE,
+    LEADING_COLUMNS,
+    MEASUREMENT,
+    NOISE_PREFIX,
     NOISE_TABLE,
-    Row,
-    finite,
-    layer_rows,
-    noise_rows,
-    read_table,
+    RUN_METRICS,
+    SCHEMA_VERSION,
+    TRACE_MEASURE,
+    value_at,
 )
+from hessfine.figures.tables import Row, finite, layer_rows, noise_rows, read_table
 
-COMPARISON_TABLE = "comparison.csv"
-CORRELATIONS_TABLE = "correlations.csv"
-METRICS = "metrics.csv"
 PARENT_LEVELS = 3
-
-LEADING_COLUMNS = (
-    *KEY_COLUMNS,
-    "step",
-    "noise_matrix_source",
-    "reference",
-    "model",
-    "run",
-    "estimator",
-    "noise_kind",
-    "radius",
-    "head_radius",
-    "confusion_source",
-    "n",
-    "n_eval",
-    "n_hessian_samples",
-    "C",
-    "epsilon",
-    "train_loss",
-    "eval_loss",
-    "max_loss",
-    "train_accuracy",
-    "eval_accuracy",
-    "generalization_gap_loss",
-    "generalization_gap_accuracy",
-    "hessian_distance_measure",
-    "theorem_2_1",
-    "trace_corollary",
-    "trace_distance_measure",
-)
-MEASURE_COLUMNS = (
-    "hessian_distance_measure",
-    "theorem_2_1",
-    "trace_corollary",
-    "trace_distance_measure",
-    "sum_hessian_quadratic_form",
-    "sum_sqrt_hessian_quadratic_form",
-    "sum_distance",
-    "sum_trace_mean",
-)
-MEASURE_PREFIXES = ("distance_measure_", "noise_stability_sigma_")
-MEASURE_SUFFIXES = ("_noisy_labels",)
 _BOUND_KEYS = frozenset(
     {"C", "n", "epsilon", "hessian_distance_measure", "theorem_2_1", "trace_corollary"}
 )
@@ -240,9 +179,9 @@ def _epoch(
 
 
 def _metrics_row(run_dir: Path | None, epoch: int | None) -> dict[str, Any]:
-    if run_dir is None or epoch is None or not (run_dir / METRICS).is_file():
+    if run_dir is None or epoch is None or not (run_dir / RUN_METRICS).is_file():
         return {}
-    for row in read_table(run_dir / METRICS):
+    for row in read_table(run_dir / RUN_METRICS):
         if finite(row.get("epoch")) and int(row["epoch"]) == epoch:
             return row
     return {}
@@ -316,22 +255,18 @@ def _sigma_name(sigma: object) -> str:
 
 
 def flat_row(record: Record) -> Row:
-    """The ``comparison.csv`` row of one record (columns in the module docs)."""
+    """The ``comparison.csv`` row of one record: the columns of
+    :data:`hessfine.analysis.schema.COMPARISON_COLUMNS` in their order, copied from the
+    measurement where they have a source, derived here otherwise, families expanded in place."""
     m = record.measurement
-    settings = m.get("settings") or {}
-    data = m.get("data") or {}
-    loss = m.get("loss") or {}
-    accuracy = m.get("accuracy") or {}
-    gap = m.get("generalization_gap") or {}
     bounds = m.get("bounds") or {}
     layers = m.get("layers") or []
     manifest = record.manifest
-    row: Row = {
+    forms = [(layer.get("quadratic_form") or {}).get("max") for layer in layers]
+    derived: dict[str, Any] = {
         "measurement": str(record.path),
-        "checkpoint": m.get("checkpoint"),
         "method": manifest.get("method"),
         "epoch": record.epoch,
-        "step": m.get("step"),
         "final_checkpoint": _is_final(record),
         "seed": manifest.get("seed"),
         "noise_rate": _noise_rate(manifest.get("label_noise")),
@@ -340,63 +275,59 @@ def flat_row(record: Record) -> Row:
         "radius": _config_value(manifest, "radius"),
         "head_radius": _config_value(manifest, "head_radius"),
         "confusion_source": (manifest.get("confusion_used") or {}).get("source"),
-        "reference": m.get("reference"),
-        "model": m.get("model"),
         "run": str(record.manifest_path.parent) if record.manifest_path is not None else None,
-        "estimator": settings.get("estimator"),
-        "n": bounds.get("n", data.get("n_train")),
-        "n_eval": data.get("n_eval"),
-        "n_hessian_samples": data.get("n_hessian_samples"),
-        "C": bounds.get("C"),
-        "epsilon": bounds.get("epsilon"),
-        "train_loss": loss.get("train"),
-        "eval_loss": loss.get("eval"),
-        "max_loss": loss.get("max"),
-        "train_accuracy": accuracy.get("train"),
-        "eval_accuracy": accuracy.get("eval"),
-        "train_loss_noisy": loss.get("train_noisy"),
-        "train_loss_consistent": loss.get("train_consistent"),
-        "train_accuracy_noisy": accuracy.get("train_noisy"),
-        "gap_against": gap.get("against"),
-        "generalization_gap_loss": gap.get("loss"),
-        "generalization_gap_accuracy": gap.get("accuracy"),
-        "hessian_distance_measure": bounds.get("hessian_distance_measure"),
-        "theorem_2_1": bounds.get("theorem_2_1"),
-        "trace_corollary": bounds.get("trace_corollary"),
+        "n": bounds.get("n", value_at(m, "data.n_train")),
+        TRACE_MEASURE: _trace_measure(bounds, value_at(m, "loss.train")),
+        "num_layers": len(layers),
+        "num_weights": sum(int(layer.get("numel") or 0) for layer in layers),
+        "sum_hessian_quadratic_form": _sum(forms),
+        "sum_sqrt_hessian_quadratic_form": (
+            sum(math.sqrt(max(v, 0.0)) for v in forms)
+            if forms and all(map(finite, forms))
+            else None
+        ),
+        "sum_distance": _sum([layer.get("distance") for layer in layers]),
+        "sum_trace_mean": _sum([(layer.get("trace") or {}).get("mean") for layer in layers]),
     }
-    row["trace_distance_measure"] = _trace_measure(bounds, loss.get("train"))
-    for name, value in bounds.items():
-        if name not in _BOUND_KEYS and finite(value):
-            row[name] = value
-    for name, value in sorted((bounds.get("distance_measures") or {}).items()):
-        row[f"distance_measure_{name}"] = value
-    forms = [(layer.get("quadratic_form") or {}).get("max") for layer in layers]
-    traces = [(layer.get("trace") or {}).get("mean") for layer in layers]
-    row["num_layers"] = len(layers)
-    row["num_weights"] = sum(int(layer.get("numel") or 0) for layer in layers)
-    row["sum_hessian_quadratic_form"] = _sum(forms)
-    row["sum_sqrt_hessian_quadratic_form"] = (
-        sum(math.sqrt(max(v, 0.0)) for v in forms) if forms and all(map(finite, forms)) else None
-    )
-    row["sum_distance"] = _sum([layer.get("distance") for layer in layers])
-    row["sum_trace_mean"] = _sum(traces)
-    for entry in m.get("noise_stability") or []:
+    families = {
+        "{bound}": lambda: {k: v for k, v in bounds.items() if k not in _BOUND_KEYS and finite(v)},
+        DISTANCE_PREFIX + "{name}": lambda: {
+            f"{DISTANCE_PREFIX}{k}": v
+            for k, v in sorted((bounds.get("distance_measures") or {}).items())
+        },
+        NOISE_PREFIX + "{σ}": lambda: _noise_columns(m.get("noise_stability") or []),
+        "pac_bayes_{name}": lambda: _certificate_columns(bounds.get("pac_bayes_certificate")),
+        "trainer_{name}": lambda: {
+            f"trainer_{k}": v for k, v in ((m.get("training") or {}).get("logged") or {}).items()
+        },
+        "metrics_{column}": lambda: {f"metrics_{k}": v for k, v in record.metrics.items()},
+    }
+    row: Row = {}
+    for column in COMPARISON_COLUMNS:
+        if column.name in families:
+            row.update(families[column.name]())
+        elif column.name in derived:
+            row[column.name] = derived[column.name]
+        elif column.source:
+            row[column.name] = value_at(m, column.source)
+    return row
+
+
+def _noise_columns(entries: Sequence[Mapping[str, Any]]) -> Row:
+    """The three columns of every noise level σ, level by level."""
+    row: Row = {}
+    for entry in entries:
         sigma = _sigma_name(entry.get("sigma"))
-        row[f"noise_stability_sigma_{sigma}"] = entry.get("mean")
+        row[f"{NOISE_PREFIX}{sigma}"] = entry.get("mean")
         row[f"noise_stability_stderr_sigma_{sigma}"] = entry.get("stderr")
         row[f"noise_trace_prediction_sigma_{sigma}"] = entry.get("trace_prediction")
-    certificate = bounds.get("pac_bayes_certificate")
-    if isinstance(certificate, Mapping):
-        for name, value in certificate.items():
-            if finite(value):
-                row[f"pac_bayes_{name}"] = value
-    logged = (m.get("training") or {}).get("logged") or {}
-    for name, value in logged.items():
-        row[f"trainer_{name}"] = value
-    row["total_s"] = ((m.get("provenance") or {}).get("timings") or {}).get("total_s")
-    for name, value in record.metrics.items():
-        row[f"metrics_{name}"] = value
     return row
+
+
+def _certificate_columns(certificate: object) -> Row:
+    if not isinstance(certificate, Mapping):
+        return {}
+    return {f"pac_bayes_{k}": v for k, v in certificate.items() if finite(v)}
 
 
 def _trace_measure(bounds: Mapping[str, Any], train_loss: object) -> float | None:
@@ -433,114 +364,11 @@ def collect(paths: Iterable[str | Path]) -> list[Row]:
     return sorted((flat_row(r) for r in load_records(paths)), key=_sort_key)
 
 
-def _format(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) or math.isnan(value) else str(value)
-    return str(value)
-
-
-def _columns(rows: Sequence[Row], leading: Sequence[str]) -> list[str]:
-    columns = [c for c in leading if any(c in row for row in rows)]
-    for row in rows:
-        columns.extend(c for c in row if c not in columns)
-    return columns
-
-
-def write_csv(rows: Sequence[Row], path: Path, *, leading: Sequence[str] = ()) -> Path:
-    """Write ``rows`` as CSV atomically; columns: ``leading`` first, then in order of appearance."""
-    buffer = io.StringIO()
-    columns = _columns(rows, leading)
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_format(row.get(c)) for c in columns])
-    write_text_atomic(path, buffer.getvalue())
-    return path
-
-
 def write_comparison(rows: Sequence[Row], out: Path) -> Path:
     """Write ``out/comparison.csv`` (``out`` is a directory, created if needed); return its path."""
     if not rows:
         raise InputError("no measurements to compare; pass measurement.json files or directories")
     return write_csv(rows, Path(out) / COMPARISON_TABLE, leading=LEADING_COLUMNS)
-
-
-def measure_columns(rows: Sequence[Row]) -> list[str]:
-    """The bound and measure columns present in ``rows`` that correlations are computed for."""
-    present = _columns(rows, ())
-    fixed = [c for c in MEASURE_COLUMNS if c in present]
-    return fixed + [
-        c for c in present if c.startswith(MEASURE_PREFIXES) or c.endswith(MEASURE_SUFFIXES)
-    ]
-
-
-#: Measures whose correlation with the gap is also given within each method.
-WITHIN_METHOD = ("hessian_distance_measure", "sum_distance", "trace_distance_measure")
-_NAMES = {"pearson": "pearson_r", "spearman": "spearman_rho", "kendall": "kendall_tau"}
-
-
-def _run_of(row: Row) -> object:
-    return row.get("run") or row.get("measurement")
-
-
-def correlations(
-    rows: Sequence[Row],
-    target: str = "generalization_gap_loss",
-    *,
-    bootstrap: int = 1000,
-    seed: int = 0,
-) -> list[Row]:
-    """Pearson, Spearman and Kendall correlation of every measure column with ``target``, over
-    all rows (``group`` = ``all``) and, for :data:`WITHIN_METHOD` and the prior distance
-    measures, within each method (``group`` = ``method=NAME``).
-
-    Each result: ``measure``, ``target``, ``group``, ``n`` (pairs with both values finite),
-    ``runs`` (distinct runs among them), ``pearson_r``, ``spearman_rho``, ``kendall_tau`` with
-    their two-sided p-values (``*_p``) and, for the measures that are also given per method, 95%
-    intervals (``*_ci_low``, ``*_ci_high``) from ``bootstrap`` replicates that resample runs
-    (:func:`hessfine.analysis.correlation.correlate`); None when n < 3, a column is constant or
-    (intervals) fewer than 2 runs.
-    """
-    from hessfine.analysis.correlation import correlate
-
-    results = []
-    columns = measure_columns(rows)
-    methods = sorted({str(r["method"]) for r in rows if r.get("method")})
-    groups: list[tuple[str, list[str], Sequence[Row]]] = [("all", columns, rows)]
-    within = [
-        c
-        for c in columns
-        if c in WITHIN_METHOD or (c.startswith("distance_measure_") and not c.endswith("_log10"))
-    ]
-    if len(methods) > 1:
-        for method in methods:
-            subset = [r for r in rows if r.get("method") == method]
-            groups.append((f"method={method}", within, subset))
-    for group, group_columns, subset in groups:
-        for column in group_columns:
-            points = [
-                (float(row[column]), float(row[target]), _run_of(row))
-                for row in subset
-                if finite(row.get(column)) and finite(row.get(target))
-            ]
-            found = correlate(
-                [p[0] for p in points],
-                [p[1] for p in points],
-                runs=[p[2] for p in points],
-                bootstrap=bootstrap if column in within else 0,
-                seed=seed,
-            )
-            result: Row = {"measure": column, "target": target, "group": group}
-            result["n"], result["runs"] = found["n"], found["runs"]
-            for name, key in _NAMES.items():
-                result[key] = found[name]
-                result[f"{name}_p"] = found[f"{name}_p"]
-                result[f"{key}_ci_low"] = found[f"{name}_ci_low"]
-                result[f"{key}_ci_high"] = found[f"{name}_ci_high"]
-            results.append(result)
-    return results
 
 
 @dataclass(frozen=True)
@@ -582,8 +410,6 @@ def compare(
     ]
     drawn = _draw(out / COMPARISON_TABLE, out, formats) if figures else []
     if report:
-        from hessfine.analysis.report import write_report
-
         written = write_report(
             rows, out, formats=formats, bootstrap=bootstrap, settings=settings or {}
         )

@@ -10,7 +10,8 @@ p-values are those of :mod:`scipy.stats` on all points (the p-values assume inde
 so they are optimistic when runs contribute several checkpoints; the intervals do not).
 
 Statistics: Pearson's r (linear), Spearman's ρ (rank; Pearson's r of the ranks) and Kendall's
-τ-b (concordant minus discordant pairs, ties corrected).
+τ-b (concordant minus discordant pairs, ties corrected). :func:`correlations` applies
+:func:`correlate` to every measure column of a comparison (``correlations.csv``).
 
 Example:
     >>> import numpy as np
@@ -27,6 +28,17 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+from hessfine.analysis.results import columns_of
+from hessfine.analysis.schema import (
+    DISTANCE_PREFIX,
+    HDM,
+    MEASURE_COLUMNS,
+    MEASURE_PREFIXES,
+    MEASURE_SUFFIXES,
+    SUM_DISTANCE,
+    TRACE_MEASURE,
+)
+from hessfine.figures.tables import Row, finite
 from scipy import stats
 
 __all__ = ["STATISTICS", "Statistic", "correlate"]
@@ -119,3 +131,77 @@ def correlate(
             low, high = np.percentile(values, [tail, 100 - tail])
             out[f"{name}_ci_low"], out[f"{name}_ci_high"] = float(low), float(high)
     return out
+
+
+def measure_columns(rows: Sequence[Row]) -> list[str]:
+    """The bound and measure columns present in ``rows`` that correlations are computed for."""
+    present = columns_of(rows)
+    fixed = [c for c in MEASURE_COLUMNS if c in present]
+    return fixed + [
+        c for c in present if c.startswith(MEASURE_PREFIXES) or c.endswith(MEASURE_SUFFIXES)
+    ]
+
+
+#: Measures whose correlation with the gap is also given within each method.
+WITHIN_METHOD = (HDM, SUM_DISTANCE, TRACE_MEASURE)
+_NAMES = {"pearson": "pearson_r", "spearman": "spearman_rho", "kendall": "kendall_tau"}
+
+
+def _run_of(row: Row) -> object:
+    return row.get("run") or row.get("measurement")
+
+
+def correlations(
+    rows: Sequence[Row],
+    target: str = "generalization_gap_loss",
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> list[Row]:
+    """Pearson, Spearman and Kendall correlation of every measure column with ``target``, over
+    all rows (``group`` = ``all``) and, for :data:`WITHIN_METHOD` and the prior distance
+    measures, within each method (``group`` = ``method=NAME``).
+
+    Each result: ``measure``, ``target``, ``group``, ``n`` (pairs with both values finite),
+    ``runs`` (distinct runs among them), ``pearson_r``, ``spearman_rho``, ``kendall_tau`` with
+    their two-sided p-values (``*_p``) and, for the measures that are also given per method, 95%
+    intervals (``*_ci_low``, ``*_ci_high``) from ``bootstrap`` replicates that resample runs
+    (:func:`correlate`); None when n < 3, a column is constant or
+    (intervals) fewer than 2 runs.
+    """
+    results = []
+    columns = measure_columns(rows)
+    methods = sorted({str(r["method"]) for r in rows if r.get("method")})
+    groups: list[tuple[str, list[str], Sequence[Row]]] = [("all", columns, rows)]
+    within = [
+        c
+        for c in columns
+        if c in WITHIN_METHOD or (c.startswith(DISTANCE_PREFIX) and not c.endswith("_log10"))
+    ]
+    if len(methods) > 1:
+        for method in methods:
+            subset = [r for r in rows if r.get("method") == method]
+            groups.append((f"method={method}", within, subset))
+    for group, group_columns, subset in groups:
+        for column in group_columns:
+            points = [
+                (float(row[column]), float(row[target]), _run_of(row))
+                for row in subset
+                if finite(row.get(column)) and finite(row.get(target))
+            ]
+            found = correlate(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                runs=[p[2] for p in points],
+                bootstrap=bootstrap if column in within else 0,
+                seed=seed,
+            )
+            result: Row = {"measure": column, "target": target, "group": group}
+            result["n"], result["runs"] = found["n"], found["runs"]
+            for name, key in _NAMES.items():
+                result[key] = found[name]
+                result[f"{name}_p"] = found[f"{name}_p"]
+                result[f"{key}_ci_low"] = found[f"{name}_ci_low"]
+                result[f"{key}_ci_high"] = found[f"{name}_ci_high"]
+            results.append(result)
+    return results

@@ -48,14 +48,7 @@ from hessfine.analysis.errors import InputError
 from hessfine.analysis.gpu import full_precision, halving_batches
 from hessfine.analysis.model_specs import build_model, resolve_device
 from hessfine.analysis.progress import Progress
-from hessfine.analysis.results import (
-    MEASUREMENT,
-    SCHEMA_VERSION,
-    SPECTRUM,
-    timestamp,
-    versions,
-    write_json_atomic,
-)
+from hessfine.analysis.results import timestamp, versions, write_json_atomic
 from hessfine.analysis.run_labels import noise_matrix, noisy_label_statistics, read_run_labels
 from hessfine.analysis.sampling import (
     SAMPLE_ORDERS,
@@ -64,6 +57,7 @@ from hessfine.analysis.sampling import (
     file_sample,
     stratified_sample,
 )
+from hessfine.analysis.schema import MEASUREMENT, SCHEMA_VERSION, SPECTRUM
 from hessfine.bounds.functional import (
     Batch,
     CausalLMLoss,

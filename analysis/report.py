@@ -39,9 +39,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hessfine.analysis.compare import correlations, write_csv
-from hessfine.analysis.results import write_text_atomic
-from hessfine.figures.plots import GAP, HDM, prior_name
+from hessfine.analysis.correlation import correlations
+from hessfine.analysis.results import write_csv, write_text_atomic
+from hessfine.analysis.schema import GAP, HDM, SUM_DISTANCE
+from hessfine.figures.plots import prior_name
 from hessfine.figures.studies import (
     ACCURACY,
     draw_studies,
@@ -64,7 +65,6 @@ PRIOR_RATIO = 100.0
 #: A method whose test accuracy has a larger standard deviation over seeds is listed as unstable.
 UNSTABLE_STD = 0.1
 HOLDS, FAILS, UNTESTED = "holds", "does not hold", "not tested"
-SUM_DISTANCE = "sum_distance"
 
 
 def scale_verdict(ratio: float | None) -> str:

@@ -51,9 +51,15 @@ from typing import Any
 
 import numpy as np
 import seaborn as sns
-from hessfine.figures.tables import (
+from hessfine.analysis.schema import (
+    DISTANCE_PREFIX,
+    GAP,
+    HDM,
     LAYERS_TABLE,
     NOISE_TABLE,
+    TRACE_MEASURE,
+)
+from hessfine.figures.tables import (
     Row,
     finite,
     measurement_tables,
@@ -108,17 +114,13 @@ def method_color(method: str) -> tuple[float, float, float]:
     return palette[sum(map(ord, method)) % len(palette)]
 
 
-GAP = "generalization_gap_loss"
-HDM = "hessian_distance_measure"
-DISTANCE_PREFIX = "distance_measure_"
-
 LABELS = {
     GAP: "generalization gap (test − train loss)",
     HDM: r"Hessian distance measure $\sum_i\sqrt{C\mathcal{H}_i/n}$",
     "theorem_2_1": "Theorem 2.1 bound",
     "trace_corollary": "trace corollary bound",
     "hessian_distance_measure_noisy_labels": "Hessian distance measure, noisy-label C",
-    "trace_distance_measure": r"trace measure $\sum_i\alpha_i\sqrt{C\,\max\,\mathrm{Tr}H_i^+/n}$",
+    TRACE_MEASURE: r"trace measure $\sum_i\alpha_i\sqrt{C\,\max\,\mathrm{Tr}H_i^+/n}$",
     "eval_loss": "test loss",
 }
 
@@ -233,7 +235,7 @@ def _values(rows: Sequence[Row], column: str) -> list[float]:
     return [row[column] for row in rows if finite(row.get(column))]
 
 
-HESSIAN_BOUNDS = (HDM, "hessian_distance_measure_noisy_labels", "trace_distance_measure")
+HESSIAN_BOUNDS = (HDM, "hessian_distance_measure_noisy_labels", TRACE_MEASURE)
 
 
 def bound_columns(rows: Sequence[Row]) -> list[str]:

@@ -40,10 +40,8 @@ from typing import Any
 
 import numpy as np
 import seaborn as sns
+from hessfine.analysis.schema import DISTANCE_PREFIX, GAP, HDM
 from hessfine.figures.plots import (
-    DISTANCE_PREFIX,
-    GAP,
-    HDM,
     METHOD_COLORS,
     METHOD_ORDER,
     _log_axis,

@@ -2,7 +2,7 @@
 
 Three long tables describe a comparison (written by ``hessfine compare``, SPEC §3.2):
 
-* ``comparison.csv`` — one row per measurement (columns named in :mod:`hessfine.analysis.compare`);
+* ``comparison.csv`` — one row per measurement;
 * ``layers.csv`` — one row per (measurement, layer): ``distance`` = ‖v_i‖_F,
   ``quadratic_form_max`` = 𝓗_i, ``sqrt_quadratic_form_max`` = √𝓗_i, trace statistics;
 * ``noise_stability.csv`` — one row per (measurement, σ): the measured
@@ -10,7 +10,8 @@ Three long tables describe a comparison (written by ``hessfine compare``, SPEC �
   (σ²/2)·Σ_i mean_x Tr[H_i(x)].
 
 Every long row starts with :data:`KEY_COLUMNS` (the measurement it belongs to), copied from the
-matching ``comparison.csv`` row, so a plot can group by method, epoch and seed.
+matching ``comparison.csv`` row, so a plot can group by method, epoch and seed. The columns of
+every table are declared in :mod:`hessfine.analysis.schema` (``docs/schema.md``).
 
 Example:
     >>> rows = layer_rows(
@@ -31,18 +32,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-KEY_COLUMNS = (
-    "measurement",
-    "checkpoint",
-    "method",
-    "epoch",
-    "seed",
-    "noise_rate",
-    "final_checkpoint",
+from hessfine.analysis.schema import (
+    KEY_COLUMNS,
+    LAYER_COLUMNS,
+    NOISE_COLUMNS,
+    copied,
 )
-
-LAYERS_TABLE = "layers.csv"
-NOISE_TABLE = "noise_stability.csv"
 
 Row = dict[str, Any]
 
@@ -77,43 +72,28 @@ def _sqrt_or_none(value: object) -> float | None:
 
 
 def layer_rows(measurement: Mapping[str, Any], key: Mapping[str, Any]) -> list[Row]:
-    """One row per layer of a ``measurement.json`` document (SPEC §4), prefixed by ``key``."""
+    """One row per layer of a ``measurement.json`` document, prefixed by ``key``: the columns
+    of :data:`hessfine.analysis.schema.LAYER_COLUMNS`."""
     rows = []
     for index, layer in enumerate(measurement.get("layers") or []):
-        form = layer.get("quadratic_form") or {}
-        trace = layer.get("trace") or {}
+        values = copied(LAYER_COLUMNS, layer)
         eigen = layer.get("top_eigenvalues") or []
-        rows.append(
-            {
-                **{c: key.get(c) for c in KEY_COLUMNS},
-                "index": index,
-                "layer": layer.get("name"),
-                "numel": layer.get("numel"),
-                "layer_method": layer.get("method"),
-                "distance": layer.get("distance"),
-                "quadratic_form_max": form.get("max"),
-                "quadratic_form_mean": form.get("mean"),
-                "sqrt_quadratic_form_max": _sqrt_or_none(form.get("max")),
-                "trace_mean": trace.get("mean"),
-                "trace_stderr": trace.get("stderr"),
-                "trace_positive_max": trace.get("positive_max"),
-                "top_eigenvalue": eigen[0] if eigen else None,
-            }
-        )
+        derived = {
+            "index": index,
+            "sqrt_quadratic_form_max": _sqrt_or_none(values["quadratic_form_max"]),
+            "top_eigenvalue": eigen[0] if eigen else None,
+        }
+        row = {c: key.get(c) for c in KEY_COLUMNS}
+        row.update({c.name: derived.get(c.name, values.get(c.name)) for c in LAYER_COLUMNS[1:]})
+        rows.append(row)
     return rows
 
 
 def noise_rows(measurement: Mapping[str, Any], key: Mapping[str, Any]) -> list[Row]:
-    """One row per noise level σ of a ``measurement.json`` document, prefixed by ``key``."""
+    """One row per noise level σ of a ``measurement.json`` document, prefixed by ``key``: the
+    columns of :data:`hessfine.analysis.schema.NOISE_COLUMNS`."""
     return [
-        {
-            **{c: key.get(c) for c in KEY_COLUMNS},
-            "sigma": entry.get("sigma"),
-            "mean": entry.get("mean"),
-            "stderr": entry.get("stderr"),
-            "draws": entry.get("draws"),
-            "trace_prediction": entry.get("trace_prediction"),
-        }
+        {**{c: key.get(c) for c in KEY_COLUMNS}, **copied(NOISE_COLUMNS, entry)}
         for entry in measurement.get("noise_stability") or []
     ]
 

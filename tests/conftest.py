@@ -1,5 +1,8 @@
 """Fixtures shared by several test modules."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,3 +31,27 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory):
     sharded = tmp_path_factory.mktemp("bert_sharded")
     model.save_pretrained(sharded, max_shard_size="10KB")
     return model, single, sharded
+
+
+@pytest.fixture(autouse=True)
+def written_results_follow_the_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every measurement.json and spectrum.json a test writes has exactly the declared fields
+    (hessfine.analysis.schema, docs/schema.md): the writer is checked on every configuration the
+    tests measure, not only on the pinned ones."""
+    from hessfine.analysis import measure, schema
+
+    fields = {
+        schema.MEASUREMENT: schema.MEASUREMENT_FIELDS,
+        schema.SPECTRUM: schema.SPECTRUM_FIELDS,
+    }
+    write = measure.write_json_atomic
+
+    def checked(path, data):
+        declared = fields.get(Path(path).name)
+        if declared is not None:
+            document = json.loads(json.dumps(data))
+            problems = schema.undeclared(document, declared) + schema.missing(document, declared)
+            assert not problems, f"{path} does not follow the schema: {problems}"
+        return write(path, data)
+
+    monkeypatch.setattr(measure, "write_json_atomic", checked)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hessfine.analysis import schema
 from hessfine.figures import plots, tables
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -75,8 +76,8 @@ def synthetic_tables(directory: Path, *, epochs=(1, 4, 8)) -> Path:
                         "trace_prediction": s * s * (1 + m),
                     }
                 )
-    write_csv(directory / tables.LAYERS_TABLE, layers)
-    write_csv(directory / tables.NOISE_TABLE, noise)
+    write_csv(directory / schema.LAYERS_TABLE, layers)
+    write_csv(directory / schema.NOISE_TABLE, noise)
     return write_csv(directory / "comparison.csv", rows)
 
 

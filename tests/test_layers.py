@@ -1,7 +1,9 @@
 """The import direction of the package (data flows one way, SPEC §2).
 
 Every ``hessfine`` import in the source tree, including imports inside functions, is checked
-against the layers: ``bounds`` (pure math) < ``figures`` (tables and plots) and, beside it, the
+against the layers: ``bounds`` (pure math) and, beside it, ``analysis.schema`` (the result files'
+names, which imports nothing of the package and which everything but ``bounds`` may use) <
+``figures`` (tables and plots) and, beside it, the
 *loading* layer of ``analysis`` (errors, sources, checkpoints, data, models, results) <
 ``finetune`` and ``analysis``' pipelines (measure, compare, ...), which do not import each other,
 < orchestration (the command lines and the demo), which may import anything.
@@ -25,6 +27,7 @@ LOADING = {
     "hessfine.analysis.model_specs",
     "hessfine.analysis.results",
 }
+SCHEMA = "hessfine.analysis.schema"
 ORCHESTRATION = {"hessfine.analysis.cli", "hessfine.analysis.demo", "hessfine.finetune.cli"}
 
 
@@ -32,6 +35,8 @@ def _layer(module: str) -> int:
     """0 bounds, 1 figures, 2 loading, 3 finetune and analysis pipelines, 4 orchestration."""
     if module in ORCHESTRATION:
         return 4
+    if module == SCHEMA:
+        return 0
     if module.startswith("hessfine.bounds"):
         return 0
     if module.startswith("hessfine.figures"):
@@ -63,6 +68,10 @@ def _imports(path: Path) -> set[str]:
 
 
 def _allowed(importer: str, imported: str) -> bool:
+    if imported == SCHEMA:
+        return not importer.startswith("hessfine.bounds")
+    if importer == SCHEMA:
+        return False
     low, high = _layer(importer), _layer(imported)
     if low == 3 and high == 3:
         # finetune and the analysis pipelines do not import each other
