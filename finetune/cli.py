@@ -293,7 +293,8 @@ def run(args: argparse.Namespace) -> int:
             "--noise-rate R, --label-noise matrix --noise-matrix FILE, or --estimate-confusion"
         )
     if args.estimate_confusion and args.method not in CONSISTENT_METHODS:
-        raise InputError("--estimate-confusion applies to --method consistent or robust only")
+        names = " or ".join(name for name in METHODS if name in CONSISTENT_METHODS)
+        raise InputError(f"--estimate-confusion applies to --method {names} only")
     device = resolve_device(args.device)
 
     columns = {"input_columns": args.input_columns, "label_column": args.label_column}

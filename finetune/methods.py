@@ -1,4 +1,4 @@
-"""Fine-tuning methods (SPEC §5): the paper's robust algorithm and the baselines it compares with.
+"""Fine-tuning (SPEC §5): one training loop for the paper's robust algorithm and the baselines.
 
 Every method minimises an average loss over mini-batches, starting from the pretrained
 (reference) weights W^(s), with the optimiser and learning-rate schedule of the config
@@ -14,51 +14,14 @@ Every method minimises an average loss over mini-batches, starting from the pret
   η_e = η_min + ½(η₀ − η_min)(1 + cos(π(e−1)/E)) (Loshchilov & Hutter, "SGDR", ICLR 2017,
   without restarts). The rate used in each epoch is the ``lr`` column of the metrics.
 
-The methods (the objective, and for ``sam``/``nso`` the gradient rule):
-
-* ``plain`` — cross-entropy on the (possibly noisy) labels, no early stopping.
-* ``early-stopping`` — the same, with a validation split (``validation_fraction`` of the training
-  examples, noisy labels) held out; training stops after ``patience`` epochs without a lower
-  validation loss and the model ends at the best epoch.
-* ``l2-sp`` — cross-entropy + (α/2)·Σ ‖W − W^(s)‖²_F over every parameter the reference has
-  with the same shape (Li, Grandvalet & Davoine, "Explicit inductive bias for transfer learning
-  with convolutional networks", ICML 2018); a new head is regularised by ``weight_decay`` only.
-* ``distance-constraint`` — cross-entropy, with every selected layer projected back onto a
-  Frobenius ball around its pretrained weights after each optimiser step
-  (:func:`project_to_balls`; radii from :func:`layer_radii`).
-* ``label-smoothing`` — cross-entropy against (1−ε)·onehot(y) + ε/k (Szegedy et al., 2016).
-* ``mixup`` — convex combinations λx + (1−λ)x_π of a batch and a permutation of it, loss
-  λ·ℓ(·, y) + (1−λ)·ℓ(·, y_π), λ ~ Beta(α, α) per batch (Zhang et al., "mixup", ICLR 2018).
-* ``consistent`` — the backward-corrected loss Σ_j (F⁻¹)[ỹ, j]·ℓ(f(x), j), unbiased for the
-  clean loss (:func:`hessfine.finetune.confusion.consistent_loss`), with F given or estimated by Dual-T.
-* ``robust`` — the paper's algorithm (Ju, Li & Zhang, ICML 2022, Algorithm 1): the consistent
-  loss *and* the layer-wise distance constraint.
-* ``sam`` — sharpness-aware minimisation (Foret, Kleiner, Mobahi & Neyshabur, ICLR 2021) of the
-  cross-entropy: with g = ∇L(W) on the batch, ascend to W + ρ·g/‖g‖ (‖·‖ over all trainable
-  parameters, ρ = ``sam_rho``), take the gradient there and step from W
-  (:func:`sam_gradient`).
-* ``nso`` — noise-stability optimisation (H. R. Zhang, D. Li, H. Ju et al., "Noise stability
-  optimization for finding flat minima: a Hessian-based regularization approach", the paper's
-  authors' follow-up): the gradient averaged at W + ε_j and W − ε_j for ``nso_draws`` Gaussian
-  draws ε_j ~ N(0, σ²I) (σ = ``nso_sigma``). Its expectation is the gradient of
-  E_ε[L(W+ε)] ≈ L(W) + (σ²/2)·Tr ∇²L(W), so it penalises the Hessian trace; the pairing ±ε
-  cancels the first-order noise exactly (:func:`nso_gradient`).
-
-BatchNorm statistics under ``sam``/``nso``: running statistics are updated by one forward pass
-per step at W, as in plain training (for ``nso`` an extra forward pass without gradients); the
-ascent pass and the perturbed passes leave them untouched.
-
-Layers and radii. The constrained layers are those the analysis measures by default
-(:func:`hessfine.analysis.checkpoints.select_layers`: the ≥2-D weights of Linear, Conv and attention
-projections — the same selection as the authors' code, which constrains 2-D and 4-D non-bias
-weights). A layer the reference has with the same shape belongs to the feature extractor; the
-others form the new head. Extractor layer i (0-based, model order, L of them) gets radius
-``radius · depth_scaling^(i/(L−1))``: log-radii grow linearly with depth and the deepest layer's
-radius is ``depth_scaling`` times the first's. This is the continuous form of the authors' code,
-which multiplies the radius of ResNet stage s = 1..4 by γ^max(0, s−2) (radii λ, λ, λγ, λγ²).
-Head layers get ``head_radius`` and are projected around **zero** — the authors' code constrains
-the head's own norm, and the analysis measures a new head's distance from zero by default, so
-the trace corollary's α_i for the head is exactly ``head_radius``.
+The methods (:data:`METHODS`: the paper's algorithm ``robust`` and the baselines it is compared
+with) are objects of :data:`REGISTRY`, defined in :mod:`hessfine.finetune.method_registry`,
+whose docs state each method's math and say how to add one. :func:`finetune` asks the method's
+object for its batch loss, penalty and gradient rule, whether it projects onto distance balls
+after each step (radii: :func:`layer_radii`), whether it holds out a validation split and keeps
+the best epoch, and whether it needs the label-noise matrix F. :data:`METHODS`,
+:data:`CONSISTENT_METHODS`, :data:`CONSTRAINED_METHODS` and the methods' building blocks are
+re-exported from there.
 
 Determinism. Batches are index permutations from a :class:`torch.Generator` seeded with
 ``config.seed``; mixup's λ comes from ``numpy.random.default_rng(config.seed)``; NSO's ε from its
@@ -84,19 +47,31 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
-import numpy as np
 import torch
 import torch.nn.functional as nnf
 from hessfine.finetune.confusion import (
     check_confusion,
-    consistent_loss,
     estimate_confusion_dual_t,
     inverse_confusion,
+)
+from hessfine.finetune.method_registry import (
+    CONSISTENT_METHODS,
+    CONSTRAINED_METHODS,
+    METHODS,
+    REGISTRY,
+    FinetuneMethod,
+    TrainingRun,
+    l2sp_penalty,
+    layer_radii,
+    noise_generator,
+    nso_gradient,
+    project_to_balls,
+    sam_gradient,
+    trainable_parameters,
 )
 from torch import Tensor, nn
 
@@ -106,8 +81,10 @@ __all__ = [
     "METHODS",
     "METRIC_COLUMNS",
     "OPTIMIZERS",
+    "REGISTRY",
     "SCHEDULES",
     "FinetuneConfig",
+    "FinetuneMethod",
     "FinetuneResult",
     "Method",
     "Optimizer",
@@ -126,25 +103,12 @@ __all__ = [
     "sam_gradient",
 ]
 
-Method = Literal[
-    "plain",
-    "early-stopping",
-    "l2-sp",
-    "distance-constraint",
-    "label-smoothing",
-    "mixup",
-    "consistent",
-    "robust",
-    "sam",
-    "nso",
-]
-METHODS: tuple[str, ...] = get_args(Method)
+#: The name of a method: a key of :data:`REGISTRY` (the built-in ones are :data:`METHODS`).
+Method = str
 Optimizer = Literal["sgd", "adamw"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 Schedule = Literal["constant", "step", "cosine"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
-CONSTRAINED_METHODS = frozenset({"distance-constraint", "robust"})
-CONSISTENT_METHODS = frozenset({"consistent", "robust"})
 
 #: Columns of ``metrics.csv`` and keys of every per-epoch metrics dict. Train metrics are on the
 #: examples trained on (without the validation split), in eval mode, with plain cross-entropy;
@@ -211,8 +175,8 @@ class FinetuneConfig:
     save_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.method, str) or self.method not in REGISTRY:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(REGISTRY)}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -252,7 +216,7 @@ class FinetuneConfig:
             matrix = check_confusion(torch.tensor(self.confusion, dtype=torch.float64))
             object.__setattr__(self, "confusion", tuple(tuple(row) for row in matrix.tolist()))
         if (
-            self.method in CONSISTENT_METHODS
+            REGISTRY[self.method].needs_confusion
             and self.confusion is None
             and not self.estimate_confusion
         ):
@@ -279,8 +243,8 @@ class FinetuneResult:
 
     ``metrics``: one dict per finished epoch with the keys :data:`METRIC_COLUMNS`.
     ``best_epoch`` and ``best_state`` (a CPU copy of the state dict): the best validation epoch of
-    ``early-stopping`` (None otherwise). ``radii``: per-layer ball radii of the constrained
-    methods. ``confusion``: the F used by the consistent loss and ``confusion_source`` whether it
+    a method with early stopping (None otherwise). ``radii``: per-layer ball radii of the
+    constrained methods. ``confusion``: the F used by the consistent loss and ``confusion_source`` whether it
     was ``"given"`` or estimated by ``"dual-t"``. ``validation_indices``: the held-out examples.
     """
 
@@ -308,97 +272,6 @@ def load_reference(model: nn.Module, reference: Mapping[str, Tensor]) -> list[st
                 target.copy_(source.to(device=target.device, dtype=target.dtype))
                 loaded.append(name)
     return loaded
-
-
-def _selected_layers(model: nn.Module) -> list[str]:
-    from hessfine.analysis.checkpoints import select_layers
-
-    return select_layers(model)
-
-
-def _shared(model: nn.Module, reference: Mapping[str, Tensor], name: str) -> bool:
-    parameter = model.get_parameter(name)
-    source = reference.get(name)
-    return source is not None and tuple(source.shape) == tuple(parameter.shape)
-
-
-def layer_radii(
-    model: nn.Module,
-    reference: Mapping[str, Tensor],
-    *,
-    radius: float,
-    head_radius: float,
-    depth_scaling: float = 1.0,
-) -> dict[str, float]:
-    """Frobenius radius of every selected layer (module docs): extractor layer i of L gets
-    ``radius · depth_scaling^(i/(L−1))``, head layers (absent from ``reference`` or with another
-    shape) get ``head_radius``.
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.Linear(3, 4))
-        >>> ref = {k: v for k, v in net.state_dict().items() if not k.startswith("3.")}
-        >>> layer_radii(net, ref, radius=1.0, head_radius=5.0, depth_scaling=4.0)
-        {'0.weight': 1.0, '2.weight': 4.0, '3.weight': 5.0}
-    """
-    layers = _selected_layers(model)
-    extractor = [name for name in layers if _shared(model, reference, name)]
-    steps = max(len(extractor) - 1, 1)
-    radii = {name: radius * depth_scaling ** (i / steps) for i, name in enumerate(extractor)}
-    return {name: radii.get(name, head_radius) for name in layers}
-
-
-def project_to_balls(
-    model: nn.Module, reference: Mapping[str, Tensor], radii: Mapping[str, float]
-) -> dict[str, float]:
-    """Project each layer of ``radii`` onto its Frobenius ball; return the distances afterwards.
-
-    W_i ← C_i + (W_i − C_i)·min(1, r_i/‖W_i − C_i‖_F), with centre C_i = ``reference[name]`` when
-    the reference has that layer with the same shape, else zero (a new head: the paper's head
-    constraint, see the module docs). A layer already inside its ball is left bit-for-bit
-    untouched.
-
-    Example:
-        >>> lin = nn.Linear(2, 2, bias=False)
-        >>> _ = nn.init.constant_(lin.weight, 3.0)  # ‖W − 0‖_F = 6
-        >>> project_to_balls(lin, {}, {"weight": 1.5})
-        {'weight': 1.5}
-        >>> lin.weight.tolist()
-        [[0.75, 0.75], [0.75, 0.75]]
-    """
-    distances = {}
-    with torch.no_grad():
-        for name, limit in radii.items():
-            weight = model.get_parameter(name)
-            centre = reference.get(name)
-            if centre is not None and tuple(centre.shape) == tuple(weight.shape):
-                centre = centre.to(device=weight.device, dtype=weight.dtype)
-                delta = weight - centre
-            else:
-                centre = None
-                delta = weight.detach().clone()
-            norm = torch.linalg.vector_norm(delta).item()
-            if norm > limit:
-                delta.mul_(limit / norm)
-                weight.copy_(delta if centre is None else centre + delta)
-                norm = torch.linalg.vector_norm(delta).item()
-            distances[name] = norm
-    return distances
-
-
-def l2sp_penalty(model: nn.Module, reference: Mapping[str, Tensor], alpha: float) -> Tensor:
-    """L2-SP penalty (α/2)·Σ ‖W − W^(s)‖²_F over the parameters the reference has (same shape).
-
-    Its gradient with respect to such a W is α·(W − W^(s)); other parameters get none.
-    """
-    terms = []
-    for name, parameter in model.named_parameters():
-        source = reference.get(name)
-        if source is not None and tuple(source.shape) == tuple(parameter.shape):
-            centre = source.to(device=parameter.device, dtype=parameter.dtype)
-            terms.append((parameter - centre).square().sum())
-    if not terms:
-        return next(model.parameters()).new_zeros(())
-    return 0.5 * alpha * torch.stack(terms).sum()
 
 
 def learning_rate(config: FinetuneConfig, epoch: int) -> float:
@@ -437,133 +310,6 @@ def make_optimizer(
     return torch.optim.SGD(
         parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-
-
-def noise_generator(seed: int) -> torch.Generator:
-    """The CPU generator of NSO's perturbations for a run seeded with ``seed``.
-
-    Its stream is derived from ``seed`` by :class:`numpy.random.SeedSequence` with a fixed tag,
-    so it differs from the batch-order generator seeded with ``seed`` itself.
-    """
-    state = np.random.SeedSequence([seed, 0x4E534F]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-@contextmanager
-def _buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer (BatchNorm running statistics, counters) on exit."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def sam_gradient(model: nn.Module, closure: Callable[[], Tensor], *, rho: float) -> Tensor:
-    """SAM's gradient (Foret et al., ICLR 2021) of ``closure()`` at the model's weights W.
-
-    g = ∇L(W); ε = ρ·g/‖g‖ (‖·‖ the Euclidean norm over all trainable parameters; ε = 0 when
-    g = 0); leaves ∇L(W + ε) in every ``.grad`` with the weights back at W, and returns L(W)
-    (detached). Buffers are updated by the pass at W only. ``.grad`` must be empty (zeroed) on
-    entry.
-
-    Example (L = ½wᵀAw with A = diag(1, 3), w = (1, 1), ρ = 0.5):
-        >>> w = nn.Parameter(torch.tensor([1.0, 1.0], dtype=torch.float64))
-        >>> A = torch.tensor([1.0, 3.0], dtype=torch.float64)
-        >>> loss = sam_gradient(nn.ParameterList([w]), lambda: 0.5 * (A * w * w).sum(), rho=0.5)
-        >>> [round(v, 6) for v in w.grad.tolist()]  # A(w + ρ·Aw/‖Aw‖)
-        [1.158114, 4.423025]
-    """
-    params = _trainable(model)
-    loss = closure()
-    loss.backward()
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    scale = rho / norm.item() if norm.item() > 0 else 0.0
-    with torch.no_grad():
-        steps = [g * scale for g in grads]
-        for p, e in zip(params, steps, strict=True):
-            p.add_(e)
-            p.grad = None
-    try:
-        with _buffers_kept(model):
-            closure().backward()
-    finally:
-        with torch.no_grad():
-            for p, e in zip(params, steps, strict=True):
-                p.sub_(e)
-    return loss.detach()
-
-
-def nso_gradient(
-    model: nn.Module,
-    closure: Callable[[], Tensor],
-    *,
-    sigma: float,
-    draws: int,
-    generator: torch.Generator,
-) -> Tensor:
-    """NSO's gradient: (1/2k)·Σ_j [∇L(W + ε_j) + ∇L(W − ε_j)], ε_j ~ N(0, σ²I), k = ``draws``.
-
-    ε_j is drawn on the CPU from ``generator``, parameter by parameter in
-    ``model.parameters()`` order (trainable ones), as ``sigma * torch.randn(shape,
-    generator=generator)``, then moved to the parameter's device and dtype. Leaves the average in
-    every ``.grad`` with the weights back at W, and returns the mean of the 2k perturbed losses
-    (detached). A model with buffers (BatchNorm) first runs one forward pass at W without
-    gradients, which updates its running statistics; the perturbed passes leave them untouched
-    (as the authors' code does). ``.grad`` must be empty on entry.
-
-    Expected value: ∇E_ε[L(W+ε)] = ∇[L(W) + (σ²/2)·Tr ∇²L(W)] + O(σ⁴) — noise stability with
-    the trace penalty of Ju, Li & Zhang (2022); antithetic pairs cancel the first-order term.
-
-    Example (L = ¼Σw⁴, so the average is w³ + 3w·ε² elementwise for one draw):
-        >>> w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
-        >>> gen = torch.Generator().manual_seed(0)
-        >>> eps = 0.1 * torch.randn(2, generator=torch.Generator().manual_seed(0))
-        >>> _ = nso_gradient(nn.ParameterList([w]), lambda: 0.25 * (w**4).sum(), sigma=0.1,
-        ...                  draws=1, generator=gen)
-        >>> torch.allclose(w.grad, w.detach() ** 3 + 3 * w.detach() * eps.double() ** 2)
-        True
-    """
-    params = _trainable(model)
-    if any(True for _ in model.buffers()):
-        with torch.no_grad():
-            closure()  # running statistics from the weights W themselves, as in plain training
-    total = torch.zeros((), dtype=torch.float64)
-    sums = [torch.zeros_like(p) for p in params]
-    with _buffers_kept(model):
-        for _ in range(draws):
-            noise = [
-                (sigma * torch.randn(p.shape, generator=generator)).to(p.device, p.dtype)
-                for p in params
-            ]
-            for sign in (1.0, -1.0):
-                with torch.no_grad():
-                    for p, e in zip(params, noise, strict=True):
-                        p.add_(e, alpha=sign)
-                try:
-                    loss = closure()
-                    loss.backward()
-                finally:
-                    with torch.no_grad():
-                        for p, e in zip(params, noise, strict=True):
-                            p.sub_(e, alpha=sign)
-                total += loss.detach().double().cpu()
-                with torch.no_grad():
-                    for acc, p in zip(sums, params, strict=True):
-                        if p.grad is not None:
-                            acc.add_(p.grad)
-                            p.grad = None
-    count = 2 * draws
-    for p, acc in zip(params, sums, strict=True):
-        p.grad = acc / count
-    return total / count
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -649,6 +395,69 @@ def _estimate_confusion(
     return estimate
 
 
+def _noise_matrix(
+    model: nn.Module,
+    centres: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    config: FinetuneConfig,
+) -> tuple[Tensor, Literal["given", "dual-t"]]:
+    """F for a method that needs it — the config's, or the Dual-T estimate — and its source,
+    checked against the model's number of classes."""
+    if config.estimate_confusion:
+        confusion, source = _estimate_confusion(model, centres, x, y, config), "dual-t"
+    else:
+        confusion, source = config.confusion_matrix(), "given"
+    check_confusion(confusion, _logits(model, x[:2]).shape[1])
+    return confusion, source
+
+
+def _train_epoch(
+    method: FinetuneMethod,
+    run: TrainingRun,
+    optimizer: torch.optim.Optimizer,
+    batches: list[Tensor],
+    x: Tensor,
+    y: Tensor,
+    radii: Mapping[str, float] | None,
+) -> float:
+    """One pass over ``batches`` (indices into x, y) in train mode; the mean objective."""
+    device = _device(run.model)
+    run.model.train()
+    total, count = 0.0, 0
+    for index in batches:
+        closure = method.closure(run, x[index].to(device), y[index].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss = method.backward(run, closure)
+        optimizer.step()
+        if radii is not None:
+            project_to_balls(run.model, run.centres, radii)
+        total += loss.item() * len(index)
+        count += len(index)
+    return total / max(count, 1)
+
+
+def _epoch_metrics(
+    model: nn.Module,
+    train: tuple[Tensor, Tensor, Tensor],
+    fit: Tensor,
+    validation: Tensor | None,
+    eval_data: tuple[Tensor, Tensor] | None,
+) -> dict[str, float | None]:
+    """The loss and accuracy columns of :data:`METRIC_COLUMNS` (the others None) after an epoch;
+    ``train`` is (inputs, labels trained on, clean labels)."""
+    x, noisy, clean = train
+    logits = _logits(model, x)
+    row: dict[str, float | None] = dict.fromkeys(METRIC_COLUMNS)
+    row["train_loss_noisy"], row["train_acc_noisy"] = _loss_acc(logits[fit], noisy[fit])
+    row["train_loss_clean"], row["train_acc_clean"] = _loss_acc(logits[fit], clean[fit])
+    if validation is not None:
+        row["val_loss"], row["val_acc"] = _loss_acc(logits[validation], noisy[validation])
+    if eval_data is not None:
+        row["eval_loss"], row["eval_acc"] = evaluate(model, *eval_data)
+    return row
+
+
 def finetune(
     model: nn.Module,
     reference: Mapping[str, Tensor],
@@ -661,7 +470,7 @@ def finetune(
     eval_y: Tensor | None = None,
     on_epoch: Callable[[int, nn.Module, dict[str, float | None]], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` in place from ``reference`` with ``config.method``.
+    """Fine-tune ``model`` in place from ``reference`` with the method ``config.method``.
 
     ``reference`` maps the model's state-dict names to pretrained tensors; matching entries are
     first copied into the model (:func:`load_reference`), the rest (a new head) keep their values.
@@ -669,7 +478,10 @@ def finetune(
     the clean-label metrics only (defaults to ``train_y``). ``on_epoch(epoch, model, metrics)``
     is called after every epoch (1-based), e.g. to save a checkpoint. The model trains on the
     device its parameters are on; inputs are moved there batch by batch. On return the model is
-    in eval mode — for ``early-stopping`` at its best validation epoch.
+    in eval mode — for a method with early stopping at its best validation epoch.
+
+    The loop asks the method's object (``REGISTRY[config.method]``) for F, the validation split
+    and the distance constraint once, then per batch for the objective and its gradient.
     """
     _check_data(train_x, train_y, "training data")
     clean = train_y if train_y_clean is None else train_y_clean
@@ -678,6 +490,7 @@ def finetune(
         raise ValueError("give both eval_x and eval_y, or neither")
     if eval_x is not None:
         _check_data(eval_x, eval_y, "evaluation data")
+    method = REGISTRY[config.method]
     device = _device(model)
     load_reference(model, reference)
     state = model.state_dict()
@@ -687,29 +500,17 @@ def finetune(
         if name in state and tuple(tensor.shape) == tuple(state[name].shape)
     }
     generator = torch.Generator().manual_seed(config.seed)
-    train_y = train_y.long().cpu()
-    clean = clean.long().cpu()
+    noisy, clean = train_y.long().cpu(), clean.long().cpu()
 
-    confusion = config.confusion_matrix()
-    source: Literal["given", "dual-t"] | None = None
-    if config.method in CONSISTENT_METHODS:
-        if config.estimate_confusion:
-            confusion, source = (
-                _estimate_confusion(model, centres, train_x, train_y, config),
-                "dual-t",
-            )
-        else:
-            source = "given"
-        check_confusion(confusion, _logits(model, train_x[:2]).shape[1])
+    confusion, inverse, source = config.confusion_matrix(), None, None
+    if method.needs_confusion:
+        confusion, source = _noise_matrix(model, centres, train_x, noisy, config)
         inverse = inverse_confusion(confusion).to(device)
-
-    fit = torch.arange(len(train_x))
-    validation = None
-    if config.method == "early-stopping":
+    fit, validation = torch.arange(len(train_x)), None
+    if method.early_stopping:
         fit, validation = _split(len(train_x), config.validation_fraction, generator)
-
     radii = None
-    if config.method in CONSTRAINED_METHODS:
+    if method.constrained:
         radii = layer_radii(
             model,
             centres,
@@ -719,9 +520,9 @@ def finetune(
         )
         project_to_balls(model, centres, radii)
 
-    optimizer = make_optimizer(_trainable(model), config)
-    mix_rng = np.random.default_rng(config.seed)
-    perturbations = noise_generator(config.seed) if config.method == "nso" else None
+    run = TrainingRun(model, config, centres, generator, confusion, inverse)
+    optimizer = make_optimizer(trainable_parameters(model), config)
+    eval_data = None if eval_x is None else (eval_x, eval_y)
     metrics: list[dict[str, float | None]] = []
     best_loss, best_epoch, best_state, stale = math.inf, None, None, 0
     forked = [device.index or 0] if device.type == "cuda" else []
@@ -732,73 +533,15 @@ def finetune(
             rate = learning_rate(config, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = rate
-            model.train()
-            total, count = 0.0, 0
-            for chunk in _batches(len(fit), config.batch_size, generator):
-                index = fit[chunk]
-                xb = train_x[index].to(device)
-                yb = train_y[index].to(device)
-                if config.method == "mixup":
-                    lam = float(mix_rng.beta(config.mixup_alpha, config.mixup_alpha))
-                    perm = torch.randperm(len(index), generator=generator).to(device)
-
-                    def closure(xb=xb, yb=yb, lam=lam, perm=perm) -> Tensor:
-                        logits = model(lam * xb + (1.0 - lam) * xb[perm])
-                        return lam * nnf.cross_entropy(logits, yb) + (
-                            1.0 - lam
-                        ) * nnf.cross_entropy(logits, yb[perm])
-                else:
-
-                    def closure(xb=xb, yb=yb) -> Tensor:
-                        logits = model(xb)
-                        if config.method in CONSISTENT_METHODS:
-                            loss = consistent_loss(logits, yb, confusion, inverse=inverse).mean()
-                        elif config.method == "label-smoothing":
-                            loss = nnf.cross_entropy(
-                                logits, yb, label_smoothing=config.label_smoothing
-                            )
-                        else:
-                            loss = nnf.cross_entropy(logits, yb)
-                        if config.method == "l2-sp":
-                            loss = loss + l2sp_penalty(model, centres, config.l2sp_alpha)
-                        return loss
-
-                optimizer.zero_grad(set_to_none=True)
-                if config.method == "sam":
-                    loss = sam_gradient(model, closure, rho=config.sam_rho)
-                elif config.method == "nso":
-                    loss = nso_gradient(
-                        model,
-                        closure,
-                        sigma=config.nso_sigma,
-                        draws=config.nso_draws,
-                        generator=perturbations,
-                    )
-                else:
-                    loss = closure()
-                    loss.backward()
-                optimizer.step()
-                if radii is not None:
-                    project_to_balls(model, centres, radii)
-                total += loss.item() * len(index)
-                count += len(index)
-            if not math.isfinite(total):
+            batches = [fit[chunk] for chunk in _batches(len(fit), config.batch_size, generator)]
+            objective = _train_epoch(method, run, optimizer, batches, train_x, noisy, radii)
+            if not math.isfinite(objective):
                 raise FloatingPointError(
                     f"{config.method} fine-tuning diverged in epoch {epoch} (non-finite loss); "
                     "lower the learning rate"
                 )
-
-            logits = _logits(model, train_x)
-            row: dict[str, float | None] = dict.fromkeys(METRIC_COLUMNS)
-            row["epoch"] = epoch
-            row["train_loss_noisy"], row["train_acc_noisy"] = _loss_acc(logits[fit], train_y[fit])
-            row["train_loss_clean"], row["train_acc_clean"] = _loss_acc(logits[fit], clean[fit])
-            if validation is not None:
-                row["val_loss"], row["val_acc"] = _loss_acc(logits[validation], train_y[validation])
-            if eval_x is not None:
-                row["eval_loss"], row["eval_acc"] = evaluate(model, eval_x, eval_y)
-            row["objective"] = total / max(count, 1)
-            row["lr"] = rate
+            row = _epoch_metrics(model, (train_x, noisy, clean), fit, validation, eval_data)
+            row.update(epoch=epoch, objective=objective, lr=rate)
             metrics.append(row)
             if on_epoch is not None:
                 on_epoch(epoch, model, row)

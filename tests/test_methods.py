@@ -1,15 +1,32 @@
 """Fine-tuning methods: projections, penalties, early stopping and every method end to end."""
 
 import math
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 from hessfine.finetune.confusion import corrupt_labels, symmetric_confusion
 from hessfine.finetune.digit_networks import digits_cnn
+from hessfine.finetune.method_registry import (
+    L2SP,
+    Backward,
+    BatchLoss,
+    ConsistentLoss,
+    CrossEntropy,
+    GradientRule,
+    LabelSmoothing,
+    Mixup,
+    NoiseStability,
+    SharpnessAware,
+)
 from hessfine.finetune.methods import (
+    CONSISTENT_METHODS,
+    CONSTRAINED_METHODS,
     METHODS,
     METRIC_COLUMNS,
+    REGISTRY,
     FinetuneConfig,
+    FinetuneMethod,
     finetune,
     l2sp_penalty,
     layer_radii,
@@ -528,3 +545,96 @@ def test_batchnorm_statistics_come_from_the_unperturbed_weights(digits, pretrain
     for key in ("bn1.running_mean", "bn2.running_var"):
         torch.testing.assert_close(states[0][key], states[1][key])
     assert torch.equal(states[0]["bn1.num_batches_tracked"], states[1]["bn1.num_batches_tracked"])
+
+
+# ------------------------------------------------------------ the registry of method objects
+def test_the_registry_declares_what_each_method_does():
+    assert tuple(REGISTRY) == METHODS
+    assert all(isinstance(method, FinetuneMethod) for method in REGISTRY.values())
+    assert {n for n in METHODS if REGISTRY[n].needs_confusion} == CONSISTENT_METHODS
+    assert {n for n in METHODS if REGISTRY[n].constrained} == CONSTRAINED_METHODS
+    assert {"consistent", "robust"} == CONSISTENT_METHODS
+    assert {"distance-constraint", "robust"} == CONSTRAINED_METHODS
+    assert {n for n in METHODS if REGISTRY[n].early_stopping} == {"early-stopping"}
+    assert {n: type(REGISTRY[n].penalty) for n in METHODS if REGISTRY[n].penalty} == {"l2-sp": L2SP}
+    losses = {n: type(REGISTRY[n].loss) for n in METHODS}
+    assert losses == {
+        **dict.fromkeys(METHODS, CrossEntropy),
+        "label-smoothing": LabelSmoothing,
+        "mixup": Mixup,
+        "consistent": ConsistentLoss,
+        "robust": ConsistentLoss,
+    }
+    rules = {n: type(REGISTRY[n].gradient) for n in METHODS}
+    assert rules == {
+        **dict.fromkeys(METHODS, Backward),
+        "sam": SharpnessAware,
+        "nso": NoiseStability,
+    }
+    # The paper's algorithm is the consistent loss plus the distance constraint, nothing else.
+    assert REGISTRY["robust"] == replace(REGISTRY["consistent"], constrained=True)
+    assert REGISTRY["distance-constraint"] == replace(REGISTRY["plain"], constrained=True)
+    with pytest.raises(ValueError, match="choose one of " + ", ".join(METHODS)):
+        FinetuneConfig("sgd")
+
+
+class CountedBackward(GradientRule):
+    """Plain backpropagation that counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def backward(self, run, closure):
+        self.calls += 1
+        return Backward().backward(run, closure)
+
+
+@dataclass(frozen=True)
+class BrierScore(BatchLoss):
+    """Σ_j (softmax(f(x))_j − onehot(y)_j)², the mean over the batch; it needs F (to test the
+    declaration only)."""
+
+    needs_confusion = True
+
+    def closure(self, run, x, y):
+        def loss():
+            probs = torch.softmax(run.model(x), dim=1)
+            return (probs - nn.functional.one_hot(y, probs.shape[1])).square().sum(dim=1).mean()
+
+        return loss
+
+
+def test_a_registered_method_fine_tunes_through_the_same_loop(digits, pretrained, monkeypatch):
+    x, y, _, _ = digits
+    counted = CountedBackward()
+    monkeypatch.setitem(REGISTRY, "counted", FinetuneMethod(gradient=counted))
+    config = FinetuneConfig("counted", epochs=2, lr=0.05, batch_size=40)
+    model, reference = pretrained()
+    result = finetune(model, reference, train_x=x, train_y=y, config=config)
+    assert counted.calls == 2 * N_TRAIN // 40  # the loop asked the object once per batch
+    # The same parts as ``plain``: the same run, to the bit.
+    plain, _ = pretrained()
+    expected = finetune(
+        plain, reference, train_x=x, train_y=y, config=replace(config, method="plain")
+    )
+    assert result.metrics == expected.metrics
+    for name, value in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+    # A new loss composed with the constraint and early stopping: each part is honoured.
+    brier = FinetuneMethod(loss=BrierScore(), constrained=True, early_stopping=True)
+    monkeypatch.setitem(REGISTRY, "brier", brier)
+    with pytest.raises(ValueError, match="noise matrix"):
+        FinetuneConfig("brier")
+    identity = tuple(tuple(row) for row in torch.eye(10, dtype=torch.float64).tolist())
+    config = FinetuneConfig("brier", epochs=3, lr=0.5, radius=0.3, confusion=identity)
+    model, reference = pretrained()
+    result = finetune(model, reference, train_x=x, train_y=y, config=config)
+    assert result.confusion_source == "given" and result.best_epoch is not None
+    assert len(result.validation_indices) == round(config.validation_fraction * N_TRAIN)
+    assert result.radii == pytest.approx(
+        layer_radii(model, reference, radius=0.3, head_radius=config.head_radius)
+    )
+    for name, distance in distances(model, reference, result.radii).items():
+        assert distance <= result.radii[name] * (1 + 1e-5), name
+    assert all(0 < row["objective"] < 2 for row in result.metrics)  # a Brier score lies in [0, 2]
