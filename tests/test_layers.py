@@ -25,7 +25,12 @@ LOADING = {
     "hessfine.analysis.model_specs",
     "hessfine.analysis.results",
 }
-ORCHESTRATION = {"hessfine.analysis.cli", "hessfine.analysis.demo", "hessfine.finetune.cli"}
+ORCHESTRATION = {
+    "hessfine.analysis.cli",
+    "hessfine.analysis.cli_reference",
+    "hessfine.analysis.demo",
+    "hessfine.finetune.cli",
+}
 
 
 def _layer(module: str) -> int:
