@@ -28,7 +28,12 @@ LOADING = {
     "hessfine.analysis.results",
 }
 SCHEMA = "hessfine.analysis.schema"
-ORCHESTRATION = {"hessfine.analysis.cli", "hessfine.analysis.demo", "hessfine.finetune.cli"}
+ORCHESTRATION = {
+    "hessfine.analysis.cli",
+    "hessfine.analysis.cli_reference",
+    "hessfine.analysis.demo",
+    "hessfine.finetune.cli",
+}
 
 
 def _layer(module: str) -> int:
