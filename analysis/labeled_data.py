@@ -1,0 +1,104 @@
+"""The labelled data set every loader returns: :class:`LabeledData`.
+
+Inputs held in memory (a tensor, or a dict of tensors for text models) or read lazily from a
+``Dataset`` (an ImageFolder), with integer labels; batches come in file order, without
+shuffling, and :meth:`LabeledData.subset` gives the examples of a sample
+(:mod:`hessfine.analysis.sampling`) in the sample's order. :func:`hessfine.analysis.data.load_data`
+and the built-in digit sets (:mod:`hessfine.analysis.digit_sets`) build it.
+
+Example:
+    >>> import torch
+    >>> data = LabeledData("toy", torch.zeros(5, 3), torch.tensor([0, 1, 2, 1, 0]))
+    >>> len(data), data.num_classes, len(data.subset(torch.tensor([4, 1])))
+    (5, 3, 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from hessfine.analysis.errors import InputError
+from hessfine.bounds.functional import Inputs, to_device
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = ["LabeledData"]
+
+
+@dataclass(frozen=True, eq=False)
+class LabeledData:
+    """Inputs ``x`` (a tensor, a dict of tensors, or ``None`` when ``dataset`` reads them lazily)
+    and integer labels ``y`` (shape (N,), int64)."""
+
+    name: str
+    x: Tensor | dict[str, Tensor] | None
+    y: Tensor
+    dataset: Dataset | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """Largest label + 1."""
+        return int(self.y.max()) + 1
+
+    def subset(self, indices: Tensor) -> LabeledData:
+        """The examples at ``indices`` (int64, in that order) as a data set of their own."""
+        indices = indices.to(torch.int64).cpu()
+        if self.dataset is not None:
+            return LabeledData(
+                self.name, None, self.y[indices], Subset(self.dataset, indices.tolist())
+            )
+        if isinstance(self.x, Mapping):
+            return LabeledData(
+                self.name, {k: v[indices] for k, v in self.x.items()}, self.y[indices]
+            )
+        return LabeledData(self.name, self.x[indices], self.y[indices])
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        limit: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Iterator[tuple[Inputs, Tensor]]:
+        """Batches ``(x, y)`` of the first ``limit`` examples (all when ``None`` or larger than
+        the data) in file order. Floating inputs are cast to ``dtype`` when given; everything is
+        moved to ``device`` when given. Images of an ImageFolder are read batch by batch."""
+        if batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        if limit is not None and limit < 1:
+            raise InputError(f"--samples must be at least 1 (or 'all'), got {limit}")
+        count = len(self) if limit is None else min(limit, len(self))
+        return self._batches(batch_size, count, dtype, device)
+
+    def _batches(
+        self,
+        batch_size: int,
+        count: int,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+    ) -> Iterator[tuple[Inputs, Tensor]]:
+        target = "cpu" if device is None else device
+        if self.dataset is not None:
+            loader = DataLoader(
+                Subset(self.dataset, range(count)),
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=0,
+            )
+            for start, (x, _) in zip(range(0, count, batch_size), loader, strict=True):
+                y = self.y[start : min(start + batch_size, count)]
+                yield to_device(x, target, dtype), y.to(target)
+            return
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            if isinstance(self.x, Mapping):
+                x: Inputs = {k: v[start:stop] for k, v in self.x.items()}
+            else:
+                x = self.x[start:stop]
+            yield to_device(x, target, dtype), self.y[start:stop].to(target)
