@@ -10,7 +10,7 @@ Three rules hold on it:
    ``figures`` (tables and plots) and, beside it, the *loading* layer of ``analysis`` (errors,
    sources, checkpoints, data, labeled_data, digit_sets, model_specs, results) < ``finetune``
    and ``analysis``' pipelines (measure, compare, ...), which do not import each other, <
-   orchestration (the command lines, the command-line reference and the demo), which may import
+   orchestration (the command lines, the demo and the generated docs pages), which may import
    anything.
 2. No cycle, at any depth (A → B → C → A): every strongly connected component is one module.
 3. No module imports a deprecated old path: the modules left at the old paths of renamed modules
@@ -42,6 +42,7 @@ ORCHESTRATION = {
     "hessfine.analysis.cli",
     "hessfine.analysis.cli_reference",
     "hessfine.analysis.demo",
+    "hessfine.analysis.doc_pages",
     "hessfine.finetune.cli",
 }
 _MOVED = "hessfine.bounds.moved"
