@@ -22,7 +22,7 @@ examples:
   hessfine measure runs/ --out results --samples 128 --trace --eigen 3   # every run, resumable
   hessfine measure ft.pt --reference pre.pt --model mymodels.py:build --data train.pt \\
       --out out --noise-sigma 1e-3 3e-3 1e-2 --certificate
-  hessfine measure gpt2_ft/ --reference gpt2_base/ --model hf --task causal-lm \
+  hessfine measure gpt2_ft/ --reference gpt2_base/ --model hf --task causal-lm \\
       --data tokens.pt --out out/lm      # tokens.pt: {'x': {'input_ids', 'attention_mask'}}
 """
 
