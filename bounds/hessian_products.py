@@ -1,4 +1,5 @@
-"""Deprecated path of :mod:`hessfine.bounds.operators.mean_loss` (see :mod:`hessfine.bounds.moved`)."""
+"""Deprecated path of :mod:`hessfine.bounds.operators.mean_loss` (see
+:mod:`hessfine.bounds.moved`)."""
 
 from hessfine.bounds.moved import alias_module
 

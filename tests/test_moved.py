@@ -7,6 +7,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -35,14 +36,20 @@ def test_the_renamed_modules_are_found() -> None:
     assert MOVED["hessfine.analysis.sources.runs"] == "hessfine.analysis.sources.run_collections"
 
 
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_the_old_path_gives_the_new_module_and_warns(old: str) -> None:
+def fresh_import(old: str) -> tuple[ModuleType, list[str]]:
+    """The module an import of ``old`` gives when ``old`` was not imported yet, and the messages
+    of the deprecation warnings it raised."""
     sys.modules.pop(old, None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module = importlib.import_module(old)
+    return module, [str(w.message) for w in caught if w.category is DeprecationWarning]
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_the_old_path_gives_the_new_module_and_warns(old: str) -> None:
+    module, messages = fresh_import(old)
     assert module is importlib.import_module(MOVED[old])
-    messages = [str(w.message) for w in caught if w.category is DeprecationWarning]
     assert any(old in m and MOVED[old] in m for m in messages), messages
 
 
@@ -106,11 +113,7 @@ RENAMED = {
 
 @pytest.mark.parametrize("old", sorted(SPLIT))
 def test_the_old_bounds_paths_warn_and_keep_every_public_name(old: str) -> None:
-    sys.modules.pop(old, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = importlib.import_module(old)
-    messages = [str(w.message) for w in caught if w.category is DeprecationWarning]
+    module, messages = fresh_import(old)
     assert any(m.startswith(f"{old} is deprecated: import hessfine.bounds.") for m in messages)
     missing = [name for name in SPLIT[old] if not hasattr(module, name)]
     assert not missing, missing

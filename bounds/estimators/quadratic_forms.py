@@ -392,7 +392,8 @@ def _reference_code_forms(
     shard: Shard,
     progress: Callable[[int], None] | None,
 ) -> dict[str, QuadraticForm]:
-    """The authors' scripts' quantity: per layer v_iᵀ(H v)_i of the batch-mean loss, max over batches."""
+    """The authors' scripts' quantity: per layer v_iᵀ(H v)_i of the batch-mean loss, max over
+    batches."""
     names = list(directions)
     reductions = {name: RunningReduction() for name in names}
     base = {name: params[name] for name in names}
@@ -420,7 +421,8 @@ def _cat_inputs(parts: list[Inputs]) -> Inputs:
 
 
 def _rebatch(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
-    """Regroup a stream of batches into consecutive batches of exactly ``size`` (last may be short)."""
+    """Regroup a stream of batches into consecutive batches of exactly ``size`` (the last may be
+    short)."""
     xs: list[Inputs] = []
     ys: list[Tensor] = []
     held = 0

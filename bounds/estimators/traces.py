@@ -327,8 +327,9 @@ def positive_trace_max(
       costs no more products than SLQ's worst case, and its d_i² entries per example stay small;
     * larger layers: SLQ with ``probes`` Rademacher probes per example (route ``slq``), each term
       by adaptive Gauss–Radau quadrature
-      (:func:`hessfine.bounds.linalg.positive_quadrature.positive_quadrature`, no pruning) to ``rtol`` of the largest term or ``lanczos_steps`` steps; the standard error
-      over probes of the maximising example is reported.
+      (:func:`hessfine.bounds.linalg.positive_quadrature.positive_quadrature`, no pruning) to
+      ``rtol`` of the largest term or ``lanczos_steps`` steps; the standard error over probes of
+      the maximising example is reported.
 
     The SLQ probes of example n come from a generator keyed by (one base draw of ``generator``,
     n) (:mod:`hessfine.bounds.linalg.probes`), so values do not depend on the batching; with a
@@ -407,8 +408,9 @@ def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, rtol, keys):
     Lanczos bases within memory. The products come from retained double-backward graphs (as
     for the quadratic forms' positive part) when the running members fit their budget, else
     from vmapped forward-over-reverse calls
-    (:class:`hessfine.bounds.operators.per_example.PerExampleHVP`). ``keys`` = (base key, global index of the first example):
-    example n's probes come from the generator keyed by (base key, layer, n).
+    (:class:`hessfine.bounds.operators.per_example.PerExampleHVP`). ``keys`` = (base key, global
+    index of the first example): example n's probes come from the generator keyed by (base key,
+    layer, n).
     """
     weight = params[name]
     count, dim = y.shape[0], weight.numel()

@@ -113,9 +113,11 @@ def positive_quadrature(
     * R_k + e < max(floor, max_m (R_m − e_m)) (it cannot attain the maximum: pruned),
 
     at breakdown (exact), or after ``max_steps``. ``prune=False`` keeps only the first rule (for
-    members whose values are averaged rather than maximised, as in stochastic Lanczos quadrature). The error estimate assumes the error decreases
-    with k (as measured for this rule; Gauss quadrature itself oscillates). ``rtol = 0`` runs every
-    member for ``max_steps`` steps. Lanczos with full reorthogonalisation as in :func:`lanczos`.
+    members whose values are averaged rather than maximised, as in stochastic Lanczos
+    quadrature). The error estimate assumes the error decreases with k (as measured for this
+    rule; Gauss quadrature itself oscillates). ``rtol = 0`` runs every member for ``max_steps``
+    steps. Lanczos with full reorthogonalisation as in
+    :func:`hessfine.bounds.linalg.lanczos.lanczos`.
 
     Example:
         >>> A = torch.diag(torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64))[None]
@@ -169,7 +171,8 @@ def positive_quadrature_many(
         >>> def mv(families, qs, members):
         ...     return [(mats[f] @ q[..., None])[..., 0] for f, q in zip(families, qs)]
         >>> u, w = torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64)
-        >>> [round(float(r.values[0]), 9) for r in positive_quadrature_many(mv, [u, w], max_steps=3)]
+        >>> results = positive_quadrature_many(mv, [u, w], max_steps=3)
+        >>> [round(float(r.values[0]), 9) for r in results]
         [3.0, 7.0]
     """
     floors = [float("-inf")] * len(starts) if floors is None else floors

@@ -122,10 +122,10 @@ def joint_certification(
     double backward for all layers, instead of one double backward per layer) and returns the
     layers tested and |Q|. Q = 0 certifies every one of them: Q is a quadratic form in the
     Gaussian (u_i), zero almost surely only if the form is, and then each diagonal block — the
-    per-layer certificate of :func:`certify_piecewise_linear` — is zero. A |Q| of order one says that
-    at least one layer is not piecewise linear, not which one. Layers that are not single-call
-    Linear/Conv weights, or whose first derivative is 0, are not tested (the returned list omits
-    them).
+    per-layer certificate of :func:`certify_piecewise_linear` — is zero. A |Q| of order one says
+    that at least one layer is not piecewise linear, not which one. Layers that are not
+    single-call Linear/Conv weights, or whose first derivative is 0, are not tested (the returned
+    list omits them).
     """
     modules = linear_conv_modules(fmodel, layers)
     calls: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in modules}

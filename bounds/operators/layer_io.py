@@ -66,7 +66,8 @@ _CONV = {
 def linear_conv_modules(
     fmodel: FunctionalModel, layers: Sequence[str]
 ) -> dict[str, torch.nn.Module]:
-    """The selected weights that are the ``weight`` of an ``nn.Linear`` or zero-padded ``nn.ConvNd``."""
+    """The selected weights that are the ``weight`` of an ``nn.Linear`` or zero-padded
+    ``nn.ConvNd``."""
     modules = dict(fmodel.module.named_modules())
     out = {}
     for name in layers:

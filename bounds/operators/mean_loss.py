@@ -14,7 +14,8 @@ Example:
     >>> import torch
     >>> from hessfine.bounds.functional import FunctionalModel
     >>> fm, params = FunctionalModel.from_module(torch.nn.Linear(3, 2))
-    >>> hvp = mean_loss_hvp(fm, params, ["weight"], [(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))])
+    >>> batch = (torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]))
+    >>> hvp = mean_loss_hvp(fm, params, ["weight"], [batch])
     >>> hvp({"weight": torch.ones(4, 2, 3)})["weight"].shape
     torch.Size([4, 2, 3])
 """
@@ -152,7 +153,8 @@ def unflatten(flat: Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, Tenso
 
 
 def flat_operator(hvp: ProbeMap, shapes: Mapping[str, torch.Size]) -> Callable[[Tensor], Tensor]:
-    """The Hessian (or one of its diagonal blocks, when ``shapes`` has one layer) on flat vectors."""
+    """The Hessian (or one of its diagonal blocks, when ``shapes`` has one layer) on flat
+    vectors."""
     layers = list(shapes)
 
     def matvec(flat: Tensor) -> Tensor:

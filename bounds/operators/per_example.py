@@ -170,7 +170,7 @@ class VmappedPairHVP:
     def __call__(
         self, names: Sequence[str], blocks: Sequence[Tensor], members: Sequence[Tensor]
     ) -> list[Tensor]:
-        """[H_ii(x_b) u_b] per layer for the (A_i, d_i) ``blocks`` of the ``members`` of ``names``."""
+        """The images [H_ii(x_b) u_b], layer by layer (see :class:`PairHVP`)."""
         images = []
         for group in _joint_groups([b.shape[0] for b in blocks], [b.shape[1] for b in blocks]):
             matvec = layers_hvp(self.fmodel, self.params, [names[g] for g in group], self.x, self.y)
@@ -199,7 +199,7 @@ class PerExampleHVP:
     def __call__(
         self, names: Sequence[str], blocks: Sequence[Tensor], members: Sequence[Tensor]
     ) -> list[Tensor]:
-        """[H_ii(x_b) u_b] per layer for the (A_i, d_i) ``blocks`` of the ``members`` of ``names``."""
+        """The images [H_ii(x_b) u_b], layer by layer (see :class:`PairHVP`)."""
         if retained_fits(sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)):
             return self.retained(names, blocks, members)
         return self.vmapped(names, blocks, members)

@@ -53,9 +53,10 @@ class RetainedLayersHVP:
     the small ViT of bench/BENCHMARKS.md; 150–175 ms against 205–260 ms for all 288 pairs of its
     32 examples and 9 layers). Memory: the graph of P examples' forward and backward passes
     plus P · Σ_i d_i weight copies, held as long as the object lives. Its peak (graph plus one
-    product) stays below that of one ``layers_hvp`` call over the same pairs, which holds the same passes and their tangents at once (measured
-    peak resident growth on that ViT: 211 MB against 308 MB for 288 pairs, 32 against 52 MB for
-    36), so callers give it the same per-call budget on P · Σ_i d_i.
+    product) stays below that of one ``layers_hvp`` call over the same pairs, which holds the
+    same passes and their tangents at once (measured peak resident growth on that ViT: 211 MB
+    against 308 MB for 288 pairs, 32 against 52 MB for 36), so callers give it the same
+    per-call budget on P · Σ_i d_i.
 
     Example:
         >>> from hessfine.bounds.functional import FunctionalModel
@@ -109,7 +110,8 @@ class RetainedLayersHVP:
     def __call__(
         self, names: Sequence[str], blocks: Sequence[Tensor], members: Sequence[Tensor]
     ) -> list[Tensor]:
-        """[H_ii(x_b) u_b] per layer for the (A_i, d_i) ``blocks`` of the ``members`` of ``names``."""
+        """[H_ii(x_b) u_b] per layer for the (A_i, d_i) ``blocks`` of the ``members`` of
+        ``names``."""
         rows = [
             torch.tensor(
                 [self.rows[(name, b)] for b in m.tolist()],
@@ -159,7 +161,7 @@ class RetainedTail:
     def __call__(
         self, names: Sequence[str], blocks: Sequence[Tensor], members: Sequence[Tensor]
     ) -> list[Tensor]:
-        """[H_ii(x_b) u_b] per layer for the (A_i, d_i) ``blocks`` of the ``members`` of ``names``."""
+        """The images [H_ii(x_b) u_b], layer by layer (see ``PairHVP``)."""
         running = sum(block.shape[0] for block in blocks)
         if (
             2 * running <= self.size
