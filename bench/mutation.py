@@ -58,6 +58,7 @@ TESTS: dict[str, list[str]] = {
     "bounds/estimators/traces.py": ["tests/test_traces.py"],
     "bounds/pac_bayes.py": ["tests/test_pac_bayes.py"],
     "bounds/generalization.py": ["tests/test_generalization.py"],
+    "bounds/operators/mean_loss.py": ["tests/test_mean_loss.py"],
     "bounds/operators/per_example.py": ["tests/test_per_example.py"],
     "bounds/operators/retained.py": ["tests/test_retained.py"],
     "bounds/operators/gauss_newton.py": ["tests/test_gauss_newton.py"],
