@@ -10,7 +10,8 @@ batch and the parameters that require gradients,
 Marking only the selected layers as trainable makes its Hessian the selected-parameter Hessian
 (cross-layer blocks included). Its trace is Σ_i Tr of the diagonal blocks, which equals
 Σ_i mean_x Tr[H_i(x)] — the sum of this tool's per-layer ``trace.mean`` (SPEC §4) — and its top
-eigenvalues are those of the same matrix as :func:`hessfine.bounds.spectra.whole_top_eigenvalues`.
+eigenvalues are those of the same matrix as
+:func:`hessfine.bounds.estimators.spectra.whole_top_eigenvalues`.
 
 PyHessian's own behaviour that this module works around or reports (pyhessian 0.1):
 
@@ -174,17 +175,17 @@ def crosscheck(
 ) -> list[CrosscheckRow]:
     """Compare the trace and the ``top_k`` eigenvalues of the selected-layer Hessian of the mean loss.
 
-    Ours: Σ_i of :func:`hessfine.bounds.traces.layer_traces` means and
-    :func:`hessfine.bounds.spectra.whole_top_eigenvalues`; the standard errors of the layers are combined
-    in quadrature, which ignores the correlation of the layers' samples drawn from the same joint
-    probe (the cross-layer terms z_iᵀH_ij z_j enter both layers' samples), so it can understate
-    the standard error of the sum. Theirs: :func:`pyhessian_estimates`. Rows are
+    Ours: Σ_i of :func:`hessfine.bounds.estimators.traces.layer_traces` means and
+    :func:`hessfine.bounds.estimators.spectra.whole_top_eigenvalues`; the standard errors of the
+    layers are combined in quadrature, which ignores the correlation of the layers' samples drawn
+    from the same joint probe (the cross-layer terms z_iᵀH_ij z_j enter both layers' samples), so
+    it can understate the standard error of the sum. Theirs: :func:`pyhessian_estimates`. Rows are
     ``trace`` and ``eigenvalue_1`` … ``eigenvalue_k`` with |ours − theirs| / |theirs|; when
     Lanczos exhausts its Krylov space after m < k steps (a Hessian with fewer than k distinct
     eigenvalues seen from the start vector), only the first m eigenvalues are compared.
     """
-    from hessfine.bounds.spectra import whole_top_eigenvalues
-    from hessfine.bounds.traces import layer_traces
+    from hessfine.bounds.estimators.spectra import whole_top_eigenvalues
+    from hessfine.bounds.estimators.traces import layer_traces
 
     layers = list(layers)
     if not layers:

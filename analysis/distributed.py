@@ -4,10 +4,11 @@ Under ``torchrun --nproc-per-node K --no-python hessfine measure ...`` (or ``--n
 rendezvous) every process runs the same command; :func:`detect` reads torchrun's environment
 (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and joins PyTorch's process group (gloo on the CPU,
 NCCL on CUDA, each process on ``cuda:LOCAL_RANK``). Process r then holds the batches j ≡ r (mod K)
-of every example stream (:class:`hessfine.bounds.sharding.Shard`); sums and counts are added with
-``all_reduce``, per-process maxima are merged with their global example index, and every random
-draw is keyed by its global index, so the result equals the single-process result to round-off.
-Rank 0 writes it and records ``world_size``.
+of every example stream (:class:`hessfine.bounds.linalg.sharding.Shard`); sums and counts are
+added with ``all_reduce``, per-process results are gathered (:meth:`Context.gather`) and merged
+by their types (maxima with their global example index, :mod:`hessfine.bounds.estimates`), and
+every random draw is keyed by its global index, so the result equals the single-process result
+to round-off. Rank 0 writes it and records ``world_size``.
 
 Example:
     >>> ctx = detect("cpu")   # no torchrun environment here: one process
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -28,9 +29,7 @@ import torch
 import torch.distributed as dist
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.model_specs import resolve_device
-from hessfine.bounds.quadratic_forms import QuadraticForm
-from hessfine.bounds.sharding import Shard
-from hessfine.bounds.traces import PositiveTrace
+from hessfine.bounds.linalg.sharding import Shard
 from torch import Tensor
 
 T = TypeVar("T")
@@ -136,59 +135,3 @@ def detect(device: str) -> Context:
             options["device_id"] = chosen
         dist.init_process_group(**options)
     return Context(rank=rank, world_size=world, device=chosen, backend=backend)
-
-
-def merge_forms(forms: Mapping[str, QuadraticForm], ctx: Context) -> dict[str, QuadraticForm]:
-    """Per layer, the global max (smallest global argmax on ties), mean and count."""
-    if not ctx.active:
-        return dict(forms)
-    parts = ctx.gather(dict(forms))
-    return {name: _merge_form([p[name] for p in parts]) for name in forms}
-
-
-def _merge_form(parts: Sequence[QuadraticForm]) -> QuadraticForm:
-    held = [p for p in parts if p.count > 0] or list(parts[:1])
-    best = max(held, key=lambda p: (p.max, -p.argmax))
-    count = sum(p.count for p in held)
-    mean = sum(p.mean * p.count for p in held) / max(count, 1)
-    return replace(
-        best,
-        mean=mean,
-        count=count,
-        method=held[0].method,
-        diagnostics=merge_diagnostics([p.diagnostics for p in held], [p.count for p in held]),
-    )
-
-
-def merge_diagnostics(parts: Sequence[Mapping[str, Any]], counts: Sequence[int]) -> dict:
-    """Per key: ``*_fraction`` and ``*_mean`` by count-weighted mean, other numbers by max (worst case),
-    everything else (flags, names: equal on every process) from the first process."""
-    out: dict[str, Any] = {}
-    total = max(sum(counts), 1)
-    for key in parts[0]:
-        values = [p[key] for p in parts if key in p]
-        first = values[0]
-        if isinstance(first, bool) or not isinstance(first, int | float):
-            out[key] = first
-        elif key.endswith(("_fraction", "_mean")):
-            out[key] = sum(v * c for v, c in zip(values, counts, strict=False)) / total
-        else:
-            out[key] = max(values)
-    return out
-
-
-def merge_positive(
-    positive: Mapping[str, PositiveTrace], count: int, ctx: Context
-) -> dict[str, PositiveTrace]:
-    """Per layer, the global max of Tr[H_i⁺(x)] (with its standard error) and the mean."""
-    if not ctx.active:
-        return dict(positive)
-    parts = ctx.gather((dict(positive), count))
-    out = {}
-    for name in positive:
-        held = [(p[name], c) for p, c in parts if c > 0] or [(parts[0][0][name], 0)]
-        best = max((p for p, _ in held), key=lambda p: (p.max, -p.argmax))
-        total = sum(c for _, c in held)
-        mean = sum(p.mean * c for p, c in held) / max(total, 1)
-        out[name] = replace(best, mean=mean)
-    return out

@@ -5,8 +5,8 @@
   measurement turns TF32 off (:func:`full_precision`) and records ``"tf32": false``.
 * CUDA out of memory: :func:`halving_batches` reruns a stage with half the batch size until it
   fits (down to one example), and the result records the batch size used. Per-example values
-  and keyed draws (:mod:`hessfine.bounds.sharding`) do not depend on the batch size, so the
-  numbers are the same to round-off. ``reference-code`` is excluded: its batch size is part of
+  and keyed draws (:mod:`hessfine.bounds.linalg.probes`) do not depend on the batch size, so
+  the numbers are the same to round-off. ``reference-code`` is excluded: its batch size is part of
   its definition.
 
 Example:

@@ -43,7 +43,7 @@ from hessfine.analysis.checkpoints import (
     select_layers,
 )
 from hessfine.analysis.data import TASKS, LabeledData, Task, check_labels, load_data
-from hessfine.analysis.distributed import Context, merge_forms, merge_positive
+from hessfine.analysis.distributed import Context
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.gpu import full_precision, halving_batches
 from hessfine.analysis.model_specs import build_model, resolve_device
@@ -58,6 +58,26 @@ from hessfine.analysis.sampling import (
     stratified_sample,
 )
 from hessfine.analysis.schema import MEASUREMENT, SCHEMA_VERSION, SPECTRUM
+from hessfine.bounds.estimates import (
+    UNUSED,
+    Eigenvalues,
+    PositiveTrace,
+    QuadraticForm,
+    TraceEstimate,
+    merge_layers,
+)
+from hessfine.bounds.estimators.noise_stability import noise_stability, trace_prediction
+from hessfine.bounds.estimators.quadratic_forms import ESTIMATORS, Estimator, quadratic_forms
+from hessfine.bounds.estimators.spectra import (
+    spectral_density,
+    top_eigenvalues,
+    whole_top_eigenvalues,
+)
+from hessfine.bounds.estimators.traces import (
+    layer_traces,
+    positive_trace_max,
+    relative_noise_traces,
+)
 from hessfine.bounds.functional import (
     Batch,
     CausalLMLoss,
@@ -68,32 +88,19 @@ from hessfine.bounds.functional import (
     check_deterministic,
 )
 from hessfine.bounds.generalization import assemble_bounds, noise_matrix_inverse
-from hessfine.bounds.noise_stability import noise_stability, relative_noise_traces, trace_prediction
-from hessfine.bounds.pac_bayes import pac_bayes_certificate
-from hessfine.bounds.quadratic_forms import (
-    ESTIMATORS,
-    Estimator,
-    QuadraticForm,
+from hessfine.bounds.linalg.probes import DRAWS_VERSION, keyed_generator
+from hessfine.bounds.operators.certification import (
     certification_tolerance,
     certify_piecewise_linear,
-    quadratic_forms,
 )
+from hessfine.bounds.pac_bayes import pac_bayes_certificate
 from hessfine.bounds.safe_autodiff import differentiable
-from hessfine.bounds.sharding import DRAWS_VERSION, keyed_generator
-from hessfine.bounds.spectra import (
-    Eigenvalues,
-    spectral_density,
-    top_eigenvalues,
-    whole_top_eigenvalues,
-)
-from hessfine.bounds.traces import PositiveTrace, TraceEstimate, layer_traces, positive_trace_max
 from torch import Tensor
 
 Split = Literal["train", "eval"]
 DType = Literal["float32", "float64"]
 Distribute = Literal["examples", "checkpoints"]
 T = TypeVar("T")
-UNUSED = "unused"
 
 RUN_FACTS = ("device", "world_size", "batch_size_used", "attn_implementation")
 """Settings entries that record how a run was executed, not what was measured."""
@@ -393,12 +400,7 @@ class _Measurement:
         t = time.perf_counter()
         forms = self._retrying(self._quadratic_forms)
         self.timings["quadratic_forms_s"] = time.perf_counter() - t
-        forms.update(
-            {
-                name: QuadraticForm(name, 0.0, 0.0, 0, count, UNUSED, {"used_in_eval": False})
-                for name in self.unused
-            }
-        )
+        forms.update({name: QuadraticForm.unused(name, count) for name in self.unused})
 
         traces, positive = None, None
         if s.trace or s.noise_sigma:
@@ -410,7 +412,7 @@ class _Measurement:
                 probes * len(self.layers) if method == "hutch++" else probes,
                 "probe",
                 probes=probes,
-                method=method,
+                route=method,
             )
             if s.trace:
                 certified = self._certified(forms, hessian_data)
@@ -424,11 +426,11 @@ class _Measurement:
                     lanczos_steps=s.lanczos_steps,
                     rtol=s.positive_rtol,
                 )
-                positive = merge_positive(positive, self._local_examples(), self.ctx)
+                positive = merge_layers(self.ctx.gather(positive))
             self.timings["trace_s"] = time.perf_counter() - t
-            traces.update({n: TraceEstimate(0.0, 0.0, s.trace_probes, UNUSED) for n in self.unused})
+            traces.update({n: TraceEstimate.unused(s.trace_probes) for n in self.unused})
             if positive is not None:
-                positive.update({n: PositiveTrace(0.0, 0, 0.0, 0.0, UNUSED) for n in self.unused})
+                positive.update({n: PositiveTrace.unused() for n in self.unused})
 
         eigen, whole, density = {}, None, None
         if s.eigen or s.density:
@@ -548,17 +550,9 @@ class _Measurement:
         total = math.ceil(self.count / self.batch_size)
         return len(range(self.ctx.rank, total, self.ctx.world_size))
 
-    def _local_examples(self) -> int:
-        """Number of Hessian examples this process holds."""
-        return sum(int(y.shape[0]) for _, y in self._local(self.hessian_data, self.count, False))
-
-    def _local(self, data: LabeledData, count: int | None, load: bool = True) -> Iterator[Batch]:
+    def _local(self, data: LabeledData, count: int | None) -> Iterator[Batch]:
         """This process's batches of the first ``count`` examples (all when ``None``)."""
-        if load:
-            return self.ctx.local(self._batches(data, count))
-        n = len(data) if count is None else min(count, len(data))
-        starts = self.ctx.local(range(0, n, self.batch_size))
-        return iter((None, data.y[i : min(i + self.batch_size, n)]) for i in starts)
+        return self.ctx.local(self._batches(data, count))
 
     def _on_examples(
         self, estimator, stage: str, total: float, unit: str, per_batch: bool = False, **options
@@ -603,7 +597,7 @@ class _Measurement:
                 shard=self.ctx.shard(self.batch_size),
                 progress=update,
             )
-        return merge_forms(forms, self.ctx)
+        return merge_layers(self.ctx.gather(forms))
 
     # ----------------------------------------------------------------------------- loading
     def _load(self) -> None:
@@ -857,7 +851,7 @@ class _Measurement:
             ggn = quadratic_forms(
                 self.fmodel, self.params, directions, batches, estimator="ggn", shard=shard
             )
-            ggn = merge_forms(ggn, self.ctx)
+            ggn = merge_layers(self.ctx.gather(ggn))
             curvature, source = along_v(ggn), "gauss_newton"
         if not any(a > 0 for a in curvature.values()):
             curvature, source = dict.fromkeys(self.layers, 1.0), "unit"
@@ -893,7 +887,7 @@ class _Measurement:
 
     def _data_index(self, form: QuadraticForm) -> int | None:
         """Index in the data set of the example attaining 𝓗_i (None for batches, unused layers)."""
-        if form.method in ("reference-code", UNUSED) or form.argmax < 0:
+        if form.route in ("reference-code", UNUSED) or form.argmax < 0:
             return None
         return int(self.sample.indices[form.argmax])
 
@@ -1000,7 +994,7 @@ class _Measurement:
                     shard=self.ctx.shard(self.batch_size),
                     progress=update,
                 )
-            out.update(merge_forms(noisy, self.ctx))
+            out.update(merge_layers(self.ctx.gather(noisy)))
         return out, reused, all(certified[name] for name in self.layers)
 
     # ----------------------------------------------------------------------------- result
@@ -1019,9 +1013,9 @@ class _Measurement:
                     "stderr": traces[name].stderr,
                     "positive_max": positive[name].max,
                     "positive_max_stderr": positive[name].stderr,
-                    "positive_method": positive[name].method,
+                    "positive_method": positive[name].route,
                     "probes": traces[name].probes,
-                    "method": traces[name].method,
+                    "method": traces[name].route,
                 }
             layers.append(
                 {
@@ -1030,7 +1024,7 @@ class _Measurement:
                     "shape": list(row.shape),
                     "distance": row.distance,
                     "reference_source": row.source,
-                    "method": form.method,
+                    "method": form.route,
                     "quadratic_form": {
                         "max": form.max,
                         "mean": form.mean,
@@ -1158,7 +1152,7 @@ def _zeros_merged(top: Eigenvalues, zeros: int, k: int) -> Eigenvalues:
 
 def _noisy_form_json(form: QuadraticForm, reused: bool) -> dict[str, Any]:
     """``layers[].quadratic_form_noisy_labels``: 𝓗̄_i of the consistent loss on noisy labels."""
-    method = f"same as clean ({form.method})" if reused else form.method
+    method = f"same as clean ({form.route})" if reused else form.route
     return {"max": form.max, "mean": form.mean, "argmax": form.argmax, "method": method}
 
 

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from hessfine.analysis.cli import main
 from hessfine.bounds.functional import FunctionalModel
-from hessfine.bounds.quadratic_forms import block_forms_hvp, certify_piecewise_linear, ggn_forms
+from hessfine.bounds.operators.certification import certify_piecewise_linear
+from hessfine.bounds.operators.gauss_newton import ggn_forms
+from hessfine.bounds.operators.per_example import block_forms_hvp
 from hessfine.bounds.safe_autodiff import differentiable
 
 

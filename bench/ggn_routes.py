@@ -3,11 +3,11 @@
 For each architecture (random initialisation, ``--examples`` inputs, a random direction v_i of
 relative size 1e-2 per weight), times
 
-* the shared route, :func:`hessfine.bounds.ghost.ghost_ggn_forms`: one forward pass recording
-  every layer's input and output, one backward pass per class, and per layer its output with
-  weight v_i (issue 10, item 7);
-* the previous route, :func:`hessfine.bounds.quadratic_forms.ggn_forms` once per layer (one JVP
-  each, the primal forward pass repeated for every layer);
+* the shared route, :func:`hessfine.bounds.operators.layer_io.layer_io_ggn_forms`: one forward
+  pass recording every layer's input and output, one backward pass per class, and per layer its
+  output with weight v_i (issue 10, item 7);
+* the previous route, :func:`hessfine.bounds.operators.gauss_newton.ggn_forms` once per layer
+  (one JVP each, the primal forward pass repeated for every layer);
 
 and checks that they agree (largest relative difference of the per-example values over layers).
 "forward units" are the time over one no-grad forward pass of the batch. The BERT case is a
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 import torch
 from hessfine.bounds.functional import FunctionalModel
-from hessfine.bounds.ghost import ghost_ggn_forms
-from hessfine.bounds.quadratic_forms import ggn_forms
+from hessfine.bounds.operators.gauss_newton import ggn_forms
+from hessfine.bounds.operators.layer_io import layer_io_ggn_forms
 from hessfine.bounds.safe_autodiff import differentiable
 
 VISION = ["resnet18", "vgg11", "mobilenet_v3_small", "efficientnet_b0", "densenet121"]
@@ -75,7 +75,7 @@ def run(name: str, net, x, y) -> dict:
         fm.logits(params, x)
         _, forward = _timed(lambda: fm.logits(params, x))
     with differentiable():
-        shared, t_shared = _timed(lambda: ghost_ggn_forms(fm, params, v, x, y))
+        shared, t_shared = _timed(lambda: layer_io_ggn_forms(fm, params, v, x, y))
         names = list(shared)
         loop, t_loop = _timed(lambda: {n: ggn_forms(fm, params, n, v[n], x, y) for n in names})
     diff = max(

@@ -45,19 +45,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # pytest arguments per module: the fast tests that exercise it (fastest first, run with -x).
 TESTS: dict[str, list[str]] = {
-    "bounds/quadratic_forms.py": [
+    "bounds/estimators/quadratic_forms.py": [
         "tests/test_quadratic_forms.py",
         "-k",
         "not half_step and not converges_with",
     ],
-    "bounds/lanczos.py": [
-        "tests/test_lanczos.py",
+    "bounds/linalg/lanczos.py": ["tests/test_lanczos.py"],
+    "bounds/linalg/positive_quadrature.py": [
+        "tests/test_positive_quadrature.py",
         "tests/test_quadratic_forms.py::test_positive_part_exact_when_steps_reach_dimension",
     ],
-    "bounds/traces.py": ["tests/test_traces.py"],
+    "bounds/estimators/traces.py": ["tests/test_traces.py"],
     "bounds/pac_bayes.py": ["tests/test_pac_bayes.py"],
     "bounds/generalization.py": ["tests/test_generalization.py"],
-    "bounds/ghost.py": ["tests/test_ghost.py"],
+    "bounds/operators/mean_loss.py": ["tests/test_mean_loss.py"],
+    "bounds/operators/per_example.py": ["tests/test_per_example.py"],
+    "bounds/operators/retained.py": ["tests/test_retained.py"],
+    "bounds/operators/gauss_newton.py": ["tests/test_gauss_newton.py"],
+    "bounds/operators/layer_io.py": ["tests/test_layer_io.py"],
+    "bounds/operators/certification.py": ["tests/test_certification.py"],
 }
 
 _BINOPS = {

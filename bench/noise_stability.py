@@ -20,10 +20,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from hessfine.bounds.estimators.noise_stability import noise_stability, trace_prediction
 from hessfine.bounds.functional import FunctionalModel
-from hessfine.bounds.noise_stability import noise_stability, trace_prediction
+from hessfine.bounds.operators.gauss_newton import gauss_newton_traces
 from hessfine.bounds.safe_autodiff import differentiable
-from hessfine.bounds.traces import gauss_newton_traces
 from sklearn.datasets import load_digits
 from torch import nn
 

@@ -8,9 +8,10 @@ and v_i = W_i − W_i^(s) (Ju, Li & Zhang, ICML 2022, Theorem 2.1).
   backward pass with ``create_graph=True`` for the gradients of all selected layers, then per
   layer a double-backward Hessian-vector product H_i v_i = ∇_{W_i}(g_i · v_i) and the dot
   product v_i · H_i v_i (Pearlmutter, Neural Computation 1994).
-* **ours** — :func:`hessfine.bounds.quadratic_forms.quadratic_forms` with the estimators ``block``
-  (v_iᵀH_iv_i exactly), ``auto`` (v_iᵀH_i⁺v_i: single-JVP Gauss–Newton on layers certified
-  piecewise linear, Lanczos quadrature elsewhere) and ``ggn`` (v_iᵀG_iv_i), all batched.
+* **ours** — :func:`hessfine.bounds.estimators.quadratic_forms.quadratic_forms` with the
+  estimators ``block`` (v_iᵀH_iv_i exactly), ``auto`` (v_iᵀH_i⁺v_i: single-JVP Gauss–Newton on
+  layers certified piecewise linear, Lanczos quadrature elsewhere) and ``ggn`` (v_iᵀG_iv_i), all
+  batched.
 
 Cases: (a) torchvision ``resnet18(num_classes=10)``, (b) a torchvision ``VisionTransformer``
 (image 32, patch 8, 4 layers, 4 heads, width 64, MLP 128, 10 classes); random initialisation,
@@ -25,8 +26,8 @@ Two side studies:
 * positive-part accuracy against the number of Lanczos steps K (ViT, the attention output
   projections, first examples): |Q_K − v_iᵀH_i⁺v_i| / max_x |v_iᵀH_i⁺v_i| with the exact value
   from the dense per-example block (assembled from Hessian-vector products) and ``eigh``;
-* time per Hutchinson probe of :func:`hessfine.bounds.traces.layer_traces` against PyHessian's ``trace``
-  (both over all selected layers and the whole batch).
+* time per Hutchinson probe of :func:`hessfine.bounds.estimators.traces.layer_traces` against
+  PyHessian's ``trace`` (both over all selected layers and the whole batch).
 
 * ``--positive-speed``: the positive part v_iᵀH_i⁺v_i on the smooth (uncertified) layers of a
   small GELU ViT (image 32, patch 8, 2 layers, width 32, 4 heads, MLP 64), in the unit of the
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -58,11 +60,12 @@ import torch
 import torch.nn.functional as F
 from hessfine.analysis.checkpoints import select_layers
 from hessfine.analysis.crosscheck import pyhessian_engine
+from hessfine.bounds.estimators.quadratic_forms import quadratic_forms
+from hessfine.bounds.estimators.traces import layer_traces
 from hessfine.bounds.functional import FunctionalModel
-from hessfine.bounds.lanczos import lanczos, quadrature
-from hessfine.bounds.quadratic_forms import per_example_hvp, quadratic_forms
+from hessfine.bounds.linalg.lanczos import lanczos, quadrature
+from hessfine.bounds.operators.per_example import per_example_hvp
 from hessfine.bounds.safe_autodiff import differentiable
-from hessfine.bounds.traces import layer_traces
 from torch import Tensor, nn
 from torch.func import vmap
 
@@ -220,16 +223,14 @@ def run_case(
     # Layers certified piecewise linear: there H_i = G_i = H_i⁺, so every estimator computes the
     # raw block's value and can be compared with the baseline; `block` is compared everywhere.
     certified = [
-        name
-        for name in layers
-        if any(forms[name].method == "ggn-certified" for _, forms, _ in runs)
+        name for name in layers if any(forms[name].route == "ggn-certified" for _, forms, _ in runs)
     ]
     timings = []
     for estimator, forms, seconds in runs:
         compared = layers if estimator == "block" else certified
         methods: dict[str, int] = {}
         for form in forms.values():
-            methods[form.method] = methods.get(form.method, 0) + 1
+            methods[form.route] = methods.get(form.route, 0) + 1
         difference, argmax = _agreement(forms, base, layers, compared) if compared else (None, None)
         timings.append(
             EstimatorTiming(
@@ -400,8 +401,11 @@ def positive_speed(samples: int, *, reference_steps: int = 256, repeats: int = 3
     issue's wall-time targets (``auto`` ≤ 10× ``block`` at rtol 1e-2, ≤ 25× at 1e-3, every
     layer's max within rtol of the converged value) are met.
     """
-    from hessfine.bounds import quadratic_forms as forms_module
-    from hessfine.bounds.quadratic_forms import certification_tolerance, certify_piecewise_linear
+    from hessfine import bounds
+    from hessfine.bounds.operators.certification import (
+        certification_tolerance,
+        certify_piecewise_linear,
+    )
 
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     load_start = os.getloadavg()
@@ -490,8 +494,9 @@ def positive_speed(samples: int, *, reference_steps: int = 256, repeats: int = 3
         "finished": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "load_average_start": list(load_start),
         "load_average_end": list(os.getloadavg()),
-        "hessfine_source": os.path.dirname(os.path.dirname(forms_module.__file__)),
-        "retained_graph_products": hasattr(forms_module, "RetainedLayersHVP"),
+        "hessfine_source": os.path.dirname(os.path.dirname(bounds.__file__)),
+        "retained_graph_products": importlib.util.find_spec("hessfine.bounds.operators.retained")
+        is not None,
         "smooth_layers": len(smooth),
         "block_s": t_block,
         "block_s_each": block_times,

@@ -3,9 +3,9 @@
 ResNet-18 (torchvision, 10 classes, random initialisation, eval mode), a batch of random
 3×32×32 inputs, float32 on the CPU; all selected layers. Timed in one run, in turn:
 
-* **ours, default** — :func:`hessfine.bounds.traces.layer_traces`: on layers certified piecewise
-  linear (all of ResNet-18) the exact mean of the per-example Tr[G_i] (ghost norms), standard
-  error 0;
+* **ours, default** — :func:`hessfine.bounds.estimators.traces.layer_traces`: on layers certified
+  piecewise linear (all of ResNet-18) the exact mean of the per-example Tr[G_i] (ghost norms),
+  standard error 0;
 * **ours, output probes** — the same with ``exact_ggn=False``: each probe is one backward pass
   of a Rademacher combination of the loss curvature's factors through a forward pass shared by
   all probes;
@@ -13,8 +13,9 @@ ResNet-18 (torchvision, 10 classes, random initialisation, eval mode), a batch o
   Hessian-vector product per probe, the same work as the peers;
 * **PyHessian** ``hessian.trace`` and **curvlinops** ``hutchinson_trace`` on the Hessian of the
   same layers (one Hessian-vector product per probe, Rademacher probes);
-* **exact per-example Tr[G_i]** — :func:`hessfine.bounds.traces.gauss_newton_traces` on the whole
-  batch (the trace corollary's per-example maximum).
+* **exact per-example Tr[G_i]** —
+  :func:`hessfine.bounds.operators.gauss_newton.gauss_newton_traces` on the whole batch (the trace
+  corollary's per-example maximum).
 
 "Speed-up at equal standard error" per layer is (t_peer / t_ours) · (s_H / s_out)², where s_H is
 the standard error of the weight-space (Hessian) probes (the peers' estimator) and s_out that of
@@ -23,7 +24,8 @@ standard error scales with the variance. Timings on a shared machine: compare wi
 
 ``--eigen-steps S`` instead times the per-layer top eigenvalue (``--eigen 1``) with S Lanczos
 steps per layer: the layers one at a time (before) against all layers in lockstep sharing one
-forward/backward graph per step (:func:`hessfine.bounds.spectra.top_eigenvalues`, after).
+forward/backward graph per step (:func:`hessfine.bounds.estimators.spectra.top_eigenvalues`,
+after).
 
 Usage::
 
@@ -44,10 +46,11 @@ from collections.abc import Sequence
 import torch
 from hessfine.analysis.checkpoints import select_layers
 from hessfine.analysis.crosscheck import pyhessian_engine
+from hessfine.bounds.estimators.spectra import top_eigenvalues
+from hessfine.bounds.estimators.traces import layer_traces
 from hessfine.bounds.functional import FunctionalModel
+from hessfine.bounds.operators.gauss_newton import gauss_newton_traces
 from hessfine.bounds.safe_autodiff import differentiable
-from hessfine.bounds.spectra import top_eigenvalues
-from hessfine.bounds.traces import gauss_newton_traces, layer_traces
 from torch import nn
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

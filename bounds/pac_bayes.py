@@ -59,8 +59,9 @@ from hessfine.bounds.functional import (
     batch_size,
     slice_inputs,
 )
+from hessfine.bounds.linalg.probes import base_key, keyed_generator
+from hessfine.bounds.linalg.sharding import LOCAL, Shard
 from hessfine.bounds.safe_autodiff import differentiable
-from hessfine.bounds.sharding import LOCAL, Shard, base_key, keyed_generator
 from torch import Tensor
 from torch.func import vmap
 
@@ -259,8 +260,9 @@ def pac_bayes_certificate(
             (the cost that dominates for large models).
         generator: source of the base key (one draw) of the weight draws; each group's draw
             comes from its own keyed generator on the parameters' device
-            (:mod:`hessfine.bounds.sharding`), shared by all grid scales (common random numbers),
-            so the result depends neither on the batching nor on the number of processes.
+            (:mod:`hessfine.bounds.linalg.probes`), shared by all grid scales (common random
+            numbers), so the result depends neither on the batching nor on the number of
+            processes.
         chunk: groups evaluated together in one ``vmap`` (each with its own weight copy);
             default from an element budget.
         shard: this process's share of the batches; the error counts are summed over processes.

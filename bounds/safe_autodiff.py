@@ -17,7 +17,7 @@ Two classes of problems (SPEC §1.3) are handled here:
 
 Every estimator in :mod:`bounds` runs its derivatives inside :func:`differentiable`, and none
 uses nested forward mode: second derivatives are forward-over-reverse Hessian-vector products
-(the JVP of a gradient) or reverse-over-reverse (see :mod:`hessfine.bounds.quadratic_forms`).
+(the JVP of a gradient) or reverse-over-reverse (see :mod:`hessfine.bounds.operators`).
 
 Example:
     >>> import torch, torch.nn.functional as F

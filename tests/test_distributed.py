@@ -9,9 +9,9 @@ import socket
 import pytest
 import torch
 from hessfine.analysis.cli import main
-from hessfine.analysis.distributed import Context, merge_diagnostics, merge_forms
+from hessfine.analysis.distributed import Context
 from hessfine.analysis.measure import MeasureSettings, measure_path
-from hessfine.bounds.quadratic_forms import QuadraticForm
+from hessfine.bounds.estimates import QuadraticForm, merge_diagnostics, merge_layers
 from safetensors.torch import save_file
 
 from tests.oracles import TINY_LAYERS, perturbed_reference, tiny_data, tiny_mlp
@@ -125,17 +125,13 @@ def test_merge_takes_global_max_and_first_index_on_ties():
         QuadraticForm("w", 2.0, 0.5, 3, 2, "lanczos", {"krylov_exhausted_fraction": 1.0}),
         QuadraticForm("w", float("-inf"), 0.0, -1, 0, "auto", {}),
     ]
-    ctx = Context()
-    assert merge_forms({"w": parts[0]}, ctx) == {"w": parts[0]}  # one process: unchanged
-
-    class Three(Context):
-        def gather(self, obj):
-            return [{"w": p} for p in parts]
-
-    merged = merge_forms({"w": parts[0]}, Three(rank=0, world_size=3))["w"]
+    one = Context().gather({"w": parts[0]})
+    assert merge_layers(one) == {"w": parts[0]}  # one process: unchanged
+    merged = merge_layers([{"w": p} for p in parts])["w"]
+    assert merged == QuadraticForm.merge(parts)
     assert (merged.max, merged.argmax, merged.count) == (2.0, 3, 6)
     assert merged.mean == pytest.approx((1.0 * 4 + 0.5 * 2) / 6)
-    assert merged.method == "lanczos"
+    assert merged.route == "lanczos"
     assert merged.diagnostics["krylov_exhausted_fraction"] == pytest.approx((0.5 * 4 + 2) / 6)
     assert merge_diagnostics([{"r": 1e-3, "ok": True}, {"r": 2e-3, "ok": True}], [1, 1]) == {
         "r": 2e-3,

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from hessfine.bounds.estimators.quadratic_forms import quadratic_forms
 from hessfine.bounds.functional import (
     CausalLMLoss,
     ConsistentCrossEntropy,
     CrossEntropy,
     FunctionalModel,
 )
-from hessfine.bounds.quadratic_forms import quadratic_forms
-from hessfine.bounds.traces import gauss_newton_traces
+from hessfine.bounds.operators.gauss_newton import gauss_newton_traces
 
 from tests.oracles import (
     causal_lm_loss,

@@ -1,24 +1,13 @@
-"""Lanczos, Gauss and Gauss–Radau quadrature and the adaptive positive-part quadrature against
-operators with known spectra (dense float64)."""
-
-from dataclasses import fields
+"""Lanczos and Gauss quadrature against operators with known spectra (dense float64)."""
 
 import pytest
 import torch
 from hessfine.bounds.functional import FunctionalModel
-from hessfine.bounds.lanczos import (
-    gauss_radau,
-    lanczos,
-    positive_quadrature,
-    positive_quadrature_many,
-    quadrature,
-    ritz_values,
-)
-from hessfine.bounds.traces import rademacher
+from hessfine.bounds.linalg.lanczos import lanczos, quadrature, ritz_values
+from hessfine.bounds.linalg.probes import rademacher
 
 from tests.oracles import (
     TINY_NETWORKS,
-    crossing_hessians,
     dense_block_hessians,
     positive_part,
     tiny_data,
@@ -145,141 +134,3 @@ def test_zero_operator_breaks_down_at_once():
     result = lanczos(lambda q: torch.zeros_like(q), u, steps=3)
     assert result.steps.tolist() == [1, 1] and result.exhausted.tolist() == [True, True]
     assert quadrature(result, torch.exp).tolist() == pytest.approx([5.0, 5.0])
-
-
-def _symmetric(n, dim, *, seed, scales=None):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, dim, dim, generator=g, dtype=torch.float64)
-    a = (a + a.transpose(1, 2)) / 2
-    if scales is not None:
-        a = a * torch.tensor(scales, dtype=torch.float64)[:, None, None]
-    return a
-
-
-def _apply(a):
-    return lambda q, members: (a[members] @ q[..., None])[..., 0]
-
-
-def _form(a, u, f):
-    """uᵀ f(A) u per member from the dense eigendecomposition."""
-    lam, vec = torch.linalg.eigh(a)
-    return ((vec.transpose(1, 2) @ u[..., None])[..., 0] ** 2 * f(lam)).sum(dim=1)
-
-
-def _exact_positive(a, u):
-    return _form(a, u, lambda lam: lam.clamp(min=0))
-
-
-def test_gauss_radau_exact_for_degree_2k():
-    a = _symmetric(3, 30, seed=0)
-    u = torch.randn(3, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    k = 5
-    res = lanczos(lambda q: (a @ q[..., None])[..., 0], u, steps=k + 1)
-    alpha, beta = res.alpha[:, :k], torch.cat([res.beta, res.residual[:, None]], dim=1)[:, :k]
-    rule = gauss_radau(alpha, beta, res.norms, lambda lam: lam ** (2 * k))
-    torch.testing.assert_close(rule, _form(a, u, lambda lam: lam ** (2 * k)), rtol=1e-9, atol=0)
-    # not exact two degrees higher (so the check above is not vacuous)
-    higher = gauss_radau(alpha, beta, res.norms, lambda lam: lam ** (2 * k + 2))
-    assert not torch.allclose(higher, _form(a, u, lambda lam: lam ** (2 * k + 2)), rtol=1e-6)
-    # the weights sum to ‖u‖²
-    ones = gauss_radau(alpha, beta, res.norms, torch.ones_like)
-    torch.testing.assert_close(ones, res.norms**2)
-
-
-def test_gauss_radau_equals_gauss_after_breakdown():
-    a = _symmetric(2, 12, seed=2)
-    u = torch.randn(2, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    res = lanczos(lambda q: (a @ q[..., None])[..., 0], u, steps=12)
-    beta = torch.cat([res.beta, torch.zeros(2, 1, dtype=torch.float64)], dim=1)
-    rule = gauss_radau(res.alpha, beta, res.norms, lambda lam: lam.clamp(min=0))
-    torch.testing.assert_close(rule, _exact_positive(a, u), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(quadrature(res, lambda lam: lam.clamp(min=0)).double(), rule)
-
-
-def test_positive_quadrature_converges_at_the_max_and_prunes_small_members():
-    dim = 80
-    a = _symmetric(4, dim, seed=4, scales=[1.0, 0.9, 0.05, 0.02])
-    u = torch.randn(1, dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    u = u.expand(4, -1).clone()
-    exact = _exact_positive(a, u)
-    res = positive_quadrature(_apply(a), u, max_steps=dim, rtol=1e-3)
-    top = float(exact.max())
-    assert abs(float(res.values.max()) - top) <= 5e-3 * top
-    assert int(res.values.argmax()) == int(exact.argmax())
-    # the small members cannot attain the max: pruned after a few steps
-    assert bool(res.pruned[2]) and bool(res.pruned[3])
-    assert int(res.steps[2:].max()) < dim // 4
-    assert not bool(res.pruned[int(exact.argmax())])
-    # the stated error estimate bounds the actual error where the member converged
-    kept = ~res.pruned & ~res.exhausted
-    assert bool(((res.values - exact).abs()[kept] <= 3 * res.errors[kept] + 1e-12).all())
-    torch.testing.assert_close(res.lower, (u * (a @ u[..., None])[..., 0]).sum(1).clamp(min=0))
-    assert bool((res.lower <= exact + 1e-12).all())
-
-
-def test_pruning_compares_with_value_minus_error_and_keeps_a_late_maximiser():
-    # tests/oracles.crossing_hessians: member 1 is the maximiser (15) but converges late; at step
-    # 4 its R + e is below member 0's R + e, above member 0's R − e. Pruned members report the
-    # value they stopped at, so pruning member 1 would change the maximum.
-    H, v = crossing_hessians()
-    u = v.expand(2, -1).clone()
-    exact = _exact_positive(H, u)
-    early = positive_quadrature(_apply(H), u, max_steps=4, rtol=0.0)
-    six = positive_quadrature(_apply(H), u, max_steps=6, rtol=0.0)
-    crossing = float(early.values[1] + early.errors[1])
-    assert (
-        float(early.values[0] - early.errors[0])
-        < crossing
-        < float(early.values[0] + early.errors[0])
-    )
-    assert float(six.values[0] - six.errors[0]) < crossing < float(six.values[0])
-    assert float(early.values[1]) < 0.9 * float(exact[1])
-
-    res = positive_quadrature(_apply(H), u, max_steps=6, rtol=1e-2)
-    assert int(res.values.argmax()) == int(exact.argmax()) == 1
-    assert float(res.values.max()) == pytest.approx(float(exact.max()), rel=1e-2)
-    assert not bool(res.pruned[1]) and bool(res.exhausted[1])
-    # a floor attained elsewhere: below member 1's R + e at step 4 it runs on (and is exact);
-    # above, it is pruned there with its step-4 value
-    for floor, pruned in (
-        (float(six.values[0] - six.errors[0]), False),
-        (float(six.values[0]), True),
-    ):
-        alone = positive_quadrature(_apply(H[1:]), u[1:], max_steps=6, rtol=1e-2, floor=floor)
-        assert bool(alone.pruned[0]) is pruned
-        target = float(early.values[1]) if pruned else float(exact[1])
-        assert float(alone.values[0]) == pytest.approx(target, rel=1e-9)
-
-
-def test_positive_quadrature_without_tolerance_runs_all_steps_and_is_exact_at_dimension():
-    a = _symmetric(3, 16, seed=6)
-    u = torch.randn(3, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    res = positive_quadrature(_apply(a), u, max_steps=16, rtol=0.0)
-    assert bool((res.steps == 16).all()) and bool(res.exhausted.all())
-    assert not bool(res.pruned.any())
-    torch.testing.assert_close(res.values, _exact_positive(a, u), rtol=1e-8, atol=1e-12)
-
-
-def test_positive_quadrature_many_runs_families_in_lockstep_with_their_own_results():
-    # three families of different dimensions and batch sizes: the same results as one
-    # positive_quadrature each, in as many matvec calls as the longest family needs
-    a = [_symmetric(4, 60, seed=8, scales=[1.0, 0.9, 0.05, 0.02]), _symmetric(2, 9, seed=9)]
-    a.append(_symmetric(3, 30, seed=10))
-    g = torch.Generator().manual_seed(11)
-    u = [torch.randn(x.shape[0], x.shape[1], generator=g, dtype=torch.float64) for x in a]
-    calls = []
-
-    def matvec(families, blocks, members):
-        calls.append(list(families))
-        return [_apply(a[f])(q, m) for f, q, m in zip(families, blocks, members, strict=True)]
-
-    many = positive_quadrature_many(matvec, u, max_steps=40, rtol=1e-3, floors=[0.0, 1.0, 0.0])
-    for f, (res, floor) in enumerate(zip(many, [0.0, 1.0, 0.0], strict=True)):
-        alone = positive_quadrature(_apply(a[f]), u[f], max_steps=40, rtol=1e-3, floor=floor)
-        for field in fields(alone):
-            assert torch.equal(getattr(res, field.name), getattr(alone, field.name)), field.name
-    longest = max(int(res.steps.max()) for res in many)
-    assert len(calls) == longest < sum(int(res.steps.max()) for res in many)
-    assert calls[0] == [0, 1, 2] and calls[-1] == [
-        f for f in range(3) if many[f].steps.max() == longest
-    ]

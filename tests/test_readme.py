@@ -32,4 +32,4 @@ def test_readme_python_api_example_runs():
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert set(namespace["forms"]) == {"0.weight", "2.weight"}
-    assert namespace["forms"]["2.weight"].method == "ggn-certified"
+    assert namespace["forms"]["2.weight"].route == "ggn-certified"

@@ -12,9 +12,9 @@ from hessfine.analysis.compare import collect, write_comparison
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.measure import MeasureSettings, measure
 from hessfine.analysis.run_labels import noise_matrix
+from hessfine.bounds.estimators.quadratic_forms import quadratic_forms
 from hessfine.bounds.functional import ConsistentCrossEntropy, FunctionalModel
 from hessfine.bounds.generalization import consistent_loss_factor
-from hessfine.bounds.quadratic_forms import quadratic_forms
 from hessfine.finetune import cli
 from hessfine.finetune.confusion import corrupt_labels, symmetric_confusion
 from hessfine.finetune.digit_networks import digits_cnn

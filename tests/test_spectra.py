@@ -4,8 +4,12 @@ import math
 
 import pytest
 import torch
+from hessfine.bounds.estimators.spectra import (
+    spectral_density,
+    top_eigenvalues,
+    whole_top_eigenvalues,
+)
 from hessfine.bounds.functional import FunctionalModel
-from hessfine.bounds.spectra import spectral_density, top_eigenvalues, whole_top_eigenvalues
 
 from tests.oracles import TINY_LAYERS, TINY_NETWORKS, dense_mean_hessian, tiny_data
 

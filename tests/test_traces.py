@@ -5,17 +5,14 @@ import warnings
 
 import pytest
 import torch
-from hessfine.bounds import quadratic_forms as quadratic_forms_module
-from hessfine.bounds import traces
-from hessfine.bounds.functional import FunctionalModel
-from hessfine.bounds.safe_autodiff import differentiable
-from hessfine.bounds.traces import (
-    _ghost_gauss_newton_traces,
-    _vmapped_gauss_newton_traces,
-    gauss_newton_traces,
+from hessfine.bounds.estimators import traces
+from hessfine.bounds.estimators.traces import (
     layer_traces,
     positive_trace_max,
+    relative_noise_traces,
 )
+from hessfine.bounds.functional import FunctionalModel
+from hessfine.bounds.operators import retained as retained_module
 from scipy import stats
 
 from tests.oracles import (
@@ -23,8 +20,8 @@ from tests.oracles import (
     TINY_NETWORKS,
     DesignedHessians,
     dense_block_hessians,
-    dense_ggn_blocks,
     dense_mean_hessian,
+    diagonal_blocks,
     positive_part,
     tiny_data,
 )
@@ -86,11 +83,11 @@ def test_hutchplusplus_exact_when_sketch_spans_block():
     exact = dense_block_traces(module, params, layers, x, y)
     g = torch.Generator().manual_seed(0)
     est = layer_traces(
-        fm, params, ["fc3.weight"], [(x, y)], probes=3 * 15, method="hutch++", generator=g
+        fm, params, ["fc3.weight"], [(x, y)], probes=3 * 15, route="hutch++", generator=g
     )
     assert est["fc3.weight"].mean == pytest.approx(exact["fc3.weight"], rel=1e-8)
     est = layer_traces(
-        fm, params, ["fc1.weight"], [(x, y)], probes=30, method="hutch++", generator=g
+        fm, params, ["fc1.weight"], [(x, y)], probes=30, route="hutch++", generator=g
     )
     assert abs(est["fc1.weight"].mean - exact["fc1.weight"]) <= 4 * est["fc1.weight"].stderr + 1e-12
 
@@ -106,24 +103,15 @@ def test_hutchplusplus_standard_error_needs_two_residual_probes():
     for probes, finite in ((2, False), (3, False), (4, True), (5, True)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            est = layer_traces(fm, params, ["weight"], batches, probes=probes, method="hutch++")
+            est = layer_traces(fm, params, ["weight"], batches, probes=probes, route="hutch++")
         assert not [w for w in caught if issubclass(w.category, UserWarning | RuntimeWarning)]
         est = est["weight"]
         assert est.mean == pytest.approx(float(H.mean()), rel=1e-12)
         assert (est.stderr == 0.0) if finite else math.isnan(est.stderr), (probes, est.stderr)
     # a wider layer with G = 2: a positive standard error
     module, fm, params, layers, x, y = setup("mlp_gelu")
-    est = layer_traces(fm, params, ["fc1.weight"], [(x, y)], probes=4, method="hutch++")
+    est = layer_traces(fm, params, ["fc1.weight"], [(x, y)], probes=4, route="hutch++")
     assert 0.0 < est["fc1.weight"].stderr < math.inf
-
-
-@pytest.mark.parametrize("network", ["cnn", "attention"])
-def test_gauss_newton_traces_exact_per_example(network):
-    module, fm, params, layers, x, y = setup(network)
-    traces = gauss_newton_traces(fm, params, layers, x)
-    for name in layers:
-        dense = torch.diagonal(dense_ggn_blocks(module, params, name, x, y), dim1=1, dim2=2).sum(1)
-        torch.testing.assert_close(traces[name], dense, rtol=1e-9, atol=1e-12)
 
 
 def test_positive_trace_max_exact_and_slq():
@@ -146,11 +134,11 @@ def test_positive_trace_max_exact_and_slq():
             positive_part(dense_block_hessians(module, params, name, x, y)), dim1=1, dim2=2
         ).sum(1)
         if certified[name]:
-            assert result[name].method == "exact-ggn"
+            assert result[name].route == "exact-ggn"
             assert result[name].max == pytest.approx(float(dense.max()), rel=1e-9)
             assert result[name].argmax == int(dense.argmax())
         else:
-            assert result[name].method == "slq"
+            assert result[name].route == "slq"
             assert abs(result[name].max - float(dense.max())) <= 4 * result[
                 name
             ].stderr + 1e-3 * float(dense.max())
@@ -206,8 +194,8 @@ def test_output_space_probes_on_certified_layers_unbiased_and_less_variable():
         output_probes=False,
     )
     for name in layers:
-        assert ggn[name].method == "hutchinson-ggn"
-        assert hessian[name].method == "hutchinson"
+        assert ggn[name].route == "hutchinson-ggn"
+        assert hessian[name].route == "hutchinson"
         assert abs(ggn[name].mean - exact[name]) <= 4 * ggn[name].stderr + 1e-12
         assert 0 < ggn[name].stderr < hessian[name].stderr
 
@@ -233,8 +221,8 @@ def test_output_space_probes_converge_to_the_exact_trace():
 def test_smooth_layers_keep_hessian_probes():
     _, fm, params, layers, x, y = setup("mlp_gelu")
     est = layer_traces(fm, params, layers, [(x, y)], probes=4, exact_ggn=False)
-    assert est["fc1.weight"].method == "hutchinson"
-    assert est["fc3.weight"].method == "hutchinson-ggn"
+    assert est["fc1.weight"].route == "hutchinson"
+    assert est["fc3.weight"].route == "hutchinson-ggn"
 
 
 @pytest.mark.parametrize("network", ["cnn", "mlp_gelu"])
@@ -245,10 +233,10 @@ def test_certified_layers_exact_by_default(network):
     certified = layers if network == "cnn" else ["fc3.weight"]
     for name in layers:
         if name in certified:
-            assert est[name].method == "exact-ggn" and est[name].stderr == 0.0
+            assert est[name].route == "exact-ggn" and est[name].stderr == 0.0
             assert est[name].mean == pytest.approx(exact[name], rel=1e-9)
         else:
-            assert est[name].method == "hutchinson"
+            assert est[name].route == "hutchinson"
 
 
 @pytest.mark.parametrize("network", ["attention", "mlp_gelu"])
@@ -263,7 +251,7 @@ def test_positive_trace_max_exact_dense_on_small_smooth_layers(network):
         dense = torch.diagonal(
             positive_part(dense_block_hessians(module, params, name, x, y)), dim1=1, dim2=2
         ).sum(1)
-        assert result[name].method == "exact-dense"
+        assert result[name].route == "exact-dense"
         assert result[name].max == pytest.approx(float(dense.max()), rel=1e-8)
         assert result[name].argmax == int(dense.argmax())
         assert result[name].mean == pytest.approx(float(dense.mean()), rel=1e-8)
@@ -286,7 +274,7 @@ def test_positive_trace_max_slq_on_attention_within_standard_errors():
         dense_limit=0,
         generator=torch.Generator().manual_seed(2),
     )[name]
-    assert result.method == "slq" and result.stderr > 0
+    assert result.route == "slq" and result.stderr > 0
     assert abs(result.max - float(dense.max())) <= 4 * result.stderr + 1e-2 * float(dense.max())
 
 
@@ -309,37 +297,19 @@ def test_slq_positive_traces_same_with_retained_graphs_and_vmapped_products(monk
         )
 
     retained = run()
-    monkeypatch.setattr(quadratic_forms_module, "_RETAINED_BUDGET", 0)
+    monkeypatch.setattr(retained_module, "_RETAINED_BUDGET", 0)
     vmapped = run()
     for name in layers:
-        assert retained[name].method == "slq"
+        assert retained[name].route == "slq"
         assert retained[name].max == pytest.approx(vmapped[name].max, rel=1e-9)
         assert retained[name].stderr == pytest.approx(vmapped[name].stderr, rel=1e-7)
 
 
 @pytest.mark.parametrize(
-    ("network", "ghost"),
-    [
-        ("cnn", ["conv1.weight", "block.conv.weight", "head.weight"]),
-        ("attention", ["head.weight"]),  # out_proj's weight is used functionally: vmapped route
-        ("mlp_gelu", ["fc1.weight", "fc2.weight", "fc3.weight"]),
-    ],
-)
-def test_ghost_norm_gauss_newton_traces_match_the_vmapped_route(network, ghost):
-    _, fm, params, layers, x, y = setup(network)
-    with differentiable():
-        fast = _ghost_gauss_newton_traces(fm, params, layers, x, y)
-    assert sorted(fast) == sorted(ghost)
-    slow = _vmapped_gauss_newton_traces(fm, params, layers, x, y)
-    for name in ghost:
-        torch.testing.assert_close(fast[name], slow[name], rtol=1e-10, atol=1e-14)
-
-
-@pytest.mark.parametrize(
-    ("method", "probes", "layers", "dof"),
+    ("route", "probes", "layers", "dof"),
     [("hutchinson", 20, None, 19), ("hutch++", 30, ["fc1.weight"], 9)],
 )
-def test_reported_interval_covers_the_truth_at_the_nominal_rate(method, probes, layers, dof):
+def test_reported_interval_covers_the_truth_at_the_nominal_rate(route, probes, layers, dof):
     # mean ± t_{0.975, dof} · stderr over 200 seeds should cover Tr[H̄_ii] 95% of the time. The
     # binomial standard deviation of the rate is 1.5% for 200 intervals (Hutch++, fc1 only: fc3's
     # sketch spans its block, so that estimate is exact and its interval empty) and ≈ 0.9% for
@@ -359,7 +329,7 @@ def test_reported_interval_covers_the_truth_at_the_nominal_rate(method, probes, 
             layers,
             [(x, y)],
             probes=probes,
-            method=method,
+            route=route,
             generator=g,
             output_probes=False,
         )
@@ -390,7 +360,7 @@ def test_positive_trace_defaults_seeds_and_example_chunks(monkeypatch):
 
     # a layer missing from ``certified`` is estimated by SLQ; the seed drives the probes
     first, again, other = run(0, {}), run(0, {}), run(1, {})
-    assert {r.method for r in first.values()} == {"slq"}
+    assert {r.route for r in first.values()} == {"slq"}
     assert all(first[n].max == again[n].max for n in layers)
     assert any(first[n].max != other[n].max for n in layers)
     # exact layers split into example chunks report the global argmax
@@ -417,8 +387,23 @@ def test_scaled_hutchinson_estimates_the_scaled_trace():
         block = H[offset : offset + d, offset : offset + d]
         offset += d
         exact = float((scaling[name].reshape(-1) ** 2 * block.diagonal()).sum())
-        assert "scaled" in est[name].method
+        assert "scaled" in est[name].route
         assert abs(est[name].mean - exact) <= 4.5 * est[name].stderr
         assert est[name].stderr < 0.5 * abs(exact)
     with pytest.raises(ValueError, match="hutchinson"):
-        layer_traces(fm, params, layers, [(x, y)], probes=4, method="hutch++", scaling=scaling)
+        layer_traces(fm, params, layers, [(x, y)], probes=4, route="hutch++", scaling=scaling)
+
+
+def test_relative_noise_traces_estimate_the_weighted_diagonal():
+    # Tr[D_i H̄_ii D_i] = Σ_j W_ij² (H̄_ii)_jj, D_i = |W_i|: the traces of the relative-noise
+    # prediction (tests/test_noise_stability.py checks that prediction)
+    module, fm, params, layers, x, y = setup("mlp_tanh")
+    blocks = diagonal_blocks(dense_mean_hessian(module, params, layers, x, y), params, layers)
+    exact = {
+        name: float((params[name].detach().reshape(-1) ** 2 * torch.diagonal(b)).sum())
+        for name, b in blocks.items()
+    }
+    g = torch.Generator().manual_seed(4)
+    traces = relative_noise_traces(fm, params, layers, [(x, y)], probes=400, generator=g)
+    for name in layers:
+        assert abs(traces[name].mean - exact[name]) < 4 * traces[name].stderr

@@ -10,12 +10,13 @@ import json
 import pytest
 import torch
 from hessfine.analysis.cli import main
+from hessfine.bounds.estimators.noise_stability import noise_stability
+from hessfine.bounds.estimators.quadratic_forms import quadratic_forms
+from hessfine.bounds.estimators.spectra import spectral_density, top_eigenvalues
+from hessfine.bounds.estimators.traces import layer_traces, positive_trace_max
 from hessfine.bounds.functional import CausalLMLoss, FunctionalModel
-from hessfine.bounds.noise_stability import noise_stability
+from hessfine.bounds.operators.gauss_newton import gauss_newton_traces
 from hessfine.bounds.pac_bayes import pac_bayes_certificate
-from hessfine.bounds.quadratic_forms import quadratic_forms
-from hessfine.bounds.spectra import spectral_density, top_eigenvalues
-from hessfine.bounds.traces import gauss_newton_traces, layer_traces, positive_trace_max
 
 from tests.oracles import (
     assert_matches,
