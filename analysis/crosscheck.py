@@ -356,7 +356,7 @@ def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tu
 def run(args: argparse.Namespace) -> int:
     """Run ``hessfine crosscheck``; print the side-by-side table; return 0."""
     from hessfine.analysis.checkpoints import align, load_checkpoint, select_layers
-    from hessfine.analysis.measure import unused_layers
+    from hessfine.analysis.measurement_inputs import unused_layers
     from hessfine.analysis.model_specs import build_model, parse_model_kwargs, resolve_device
 
     if args.samples < 1:

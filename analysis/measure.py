@@ -1,55 +1,57 @@
 """The measurement pipeline behind ``hessfine measure``: checkpoints + data → ``measurement.json``.
 
-:func:`measure` loads a fine-tuned checkpoint and its reference, aligns the selected layers
-(v_i = W_i − W_i^(s)), evaluates loss and accuracy on the training and evaluation data, computes
-the per-layer Hessian quadratic forms on a seeded class-stratified sample of ``samples``
-examples of the chosen split (:mod:`hessfine.analysis.sampling`; ``sample_order="file"``: the
-first ``samples``) and, on request, traces, top eigenvalues, the spectral density, noise
-stability and the PAC-Bayes certificate with :mod:`bounds` (layers the model does not use in
-eval mode are reported as zero and left out), assembles the bounds of Ju, Li & Zhang (ICML 2022) and
-writes ``measurement.json`` (SPEC §4) atomically. :func:`measure_path` does the same for every
-checkpoint of a directory of runs, skipping those already measured with the same settings.
+:func:`measure` loads a fine-tuned checkpoint and its reference and aligns the selected layers
+(v_i = W_i − W_i^(s); :mod:`hessfine.analysis.measurement_inputs`), evaluates loss and accuracy
+on the training and evaluation data, chooses the Hessian examples — a seeded class-stratified
+sample of ``samples`` examples of the chosen split (:mod:`hessfine.analysis.sampling`;
+``sample_order="file"``: the first ``samples``) — and computes the quantities of the table
+:data:`hessfine.analysis.quantities.QUANTITIES` that the settings ask for, with the estimators of
+:mod:`hessfine.bounds`: the per-layer Hessian quadratic forms always; traces, top eigenvalues,
+the spectral density, noise stability and the PAC-Bayes certificate on request; under a
+recorded label-noise matrix, the consistent loss's forms. Layers the model does not use in eval
+mode are reported as zero and left out. It then assembles the bounds of Ju, Li & Zhang (ICML
+2022) and writes ``measurement.json`` (fields in ``docs/schema.md``) atomically, from the results'
+own ``to_json``. :func:`measure_path` does the same for every checkpoint of a directory of runs,
+skipping those already measured with the same settings.
 
 Example (the Python API; the command line is a thin layer over it):
     >>> from hessfine.analysis.measure import MeasureSettings, measure  # doctest: +SKIP
     >>> result = measure("runs/robust/epoch_010.safetensors", reference="pretrained.safetensors",
     ...                  data="digits:train", eval_data="digits:test", out="out/robust",
-    ...                  model="hessfine.finetune.digit_networks:digits_cnn", settings=MeasureSettings(samples=64))
+    ...                  model="hessfine.finetune.digit_networks:digits_cnn",
+    ...                  settings=MeasureSettings(samples=64))
     >>> result["bounds"]["theorem_2_1"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
-from hessfine.analysis.checkpoints import (
-    Alignment,
-    Checkpoint,
-    align,
-    apply_adapter,
-    checkpoint_digest,
-    find_checkpoints,
-    is_run_collection,
-    load_checkpoint,
-    load_head_reference,
-    select_layers,
-)
-from hessfine.analysis.data import TASKS, LabeledData, Task, check_labels, load_data
+from hessfine.analysis.checkpoints import checkpoint_digest, find_checkpoints, is_run_collection
+from hessfine.analysis.data import TASKS, LabeledData, Task
 from hessfine.analysis.distributed import Context
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.gpu import full_precision, halving_batches
-from hessfine.analysis.model_specs import build_model, resolve_device
+from hessfine.analysis.measurement_inputs import (
+    DType,
+    MeasurementInputs,
+    Sources,
+    check_forward,
+    load_inputs,
+    unused_layers,
+)
+from hessfine.analysis.model_specs import resolve_device
 from hessfine.analysis.progress import Progress
+from hessfine.analysis.quantities import QUANTITIES, REPORTED_PHASES, Quantity
 from hessfine.analysis.results import timestamp, versions, write_json_atomic
-from hessfine.analysis.run_labels import noise_matrix, noisy_label_statistics, read_run_labels
+from hessfine.analysis.run_labels import noisy_label_statistics
 from hessfine.analysis.sampling import (
     SAMPLE_ORDERS,
     Sample,
@@ -58,52 +60,26 @@ from hessfine.analysis.sampling import (
     stratified_sample,
 )
 from hessfine.analysis.schema import MEASUREMENT, SCHEMA_VERSION, SPECTRUM
-from hessfine.bounds.estimates import (
-    UNUSED,
-    Eigenvalues,
-    PositiveTrace,
-    QuadraticForm,
-    TraceEstimate,
-    merge_layers,
-)
-from hessfine.bounds.estimators.noise_stability import noise_stability, trace_prediction
-from hessfine.bounds.estimators.quadratic_forms import ESTIMATORS, Estimator, quadratic_forms
-from hessfine.bounds.estimators.spectra import (
-    spectral_density,
-    top_eigenvalues,
-    whole_top_eigenvalues,
-)
-from hessfine.bounds.estimators.traces import (
-    layer_traces,
-    positive_trace_max,
-    relative_noise_traces,
-)
-from hessfine.bounds.functional import (
-    Batch,
-    CausalLMLoss,
-    ConsistentCrossEntropy,
-    CrossEntropy,
-    FunctionalModel,
-    NondeterministicModelError,
-    check_deterministic,
-)
-from hessfine.bounds.generalization import assemble_bounds, noise_matrix_inverse
+from hessfine.bounds.estimates import UNUSED, QuadraticForm, merge_layers
+from hessfine.bounds.estimators.noise_stability import trace_prediction
+from hessfine.bounds.estimators.quadratic_forms import ESTIMATORS, Estimator
+from hessfine.bounds.functional import Batch, ConsistentCrossEntropy
+from hessfine.bounds.generalization import Bounds, assemble_bounds, noise_matrix_inverse
 from hessfine.bounds.linalg.probes import DRAWS_VERSION, keyed_generator
 from hessfine.bounds.operators.certification import (
     certification_tolerance,
     certify_piecewise_linear,
 )
-from hessfine.bounds.pac_bayes import pac_bayes_certificate
 from hessfine.bounds.safe_autodiff import differentiable
-from torch import Tensor
 
 Split = Literal["train", "eval"]
-DType = Literal["float32", "float64"]
 Distribute = Literal["examples", "checkpoints"]
 T = TypeVar("T")
 
 RUN_FACTS = ("device", "world_size", "batch_size_used", "attn_implementation")
 """Settings entries that record how a run was executed, not what was measured."""
+
+__all__ = ["MeasureSettings", "Sources", "measure", "measure_path", "unused_layers"]
 
 
 @dataclass(frozen=True)
@@ -218,21 +194,6 @@ class MeasureSettings:
                 raise InputError(message)
 
 
-@dataclass(frozen=True)
-class Sources:
-    """Where a measurement's inputs come from (command-line values, else the run manifest)."""
-
-    checkpoint: Path
-    reference: str | None = None
-    data: str | None = None
-    eval_data: str | None = None
-    model: str | None = None
-    model_kwargs: Mapping[str, Any] | None = None
-    trust: bool = False
-    input_columns: tuple[str, ...] | None = None
-    label_column: str | None = None
-
-
 def measure(
     checkpoint: str | Path,
     *,
@@ -345,7 +306,10 @@ def _already_measured(result: Path, checkpoint: Path, settings: MeasureSettings)
 
 
 class _Measurement:
-    """One measurement run: holds the loaded state between the phases."""
+    """One measurement: the loaded inputs, the Hessian examples and the table's results.
+
+    The attributes are what :class:`hessfine.analysis.quantities.MeasurementRun` reads.
+    """
 
     def __init__(
         self,
@@ -363,9 +327,9 @@ class _Measurement:
         self.quiet = quiet
         self.progress = Progress(enabled=not quiet and ctx.is_writer)
         self.batch_size = settings.effective_batch_size
-        self.timings = dict.fromkeys(
-            ("load_s", "quadratic_forms_s", "trace_s", "eigen_s", "noise_s", "certificate_s"), 0.0
-        )
+        self.timings = dict.fromkeys(("load_s", *REPORTED_PHASES), 0.0)
+        self.results: dict[str, Any] = {}
+        self.consistent: ConsistentCrossEntropy | None = None
 
     def run(self, out: Path) -> dict[str, Any]:
         with full_precision():
@@ -375,159 +339,100 @@ class _Measurement:
         start = time.perf_counter()
         s = self.settings
         torch.manual_seed(s.seed)
-        self._load()
-        self.timings["load_s"] = time.perf_counter() - start
-        population = self.train if s.hessian_split == "train" else self.eval
-        if population is None:
-            raise InputError(
-                "--hessian-split eval needs --eval-data; pass it or use --hessian-split train"
-            )
-        if s.certificate and len(self.train) < 8:
-            raise InputError(
-                f"--certificate needs at least 8 training examples (the PAC-Bayes-kl bound), "
-                f"--data {self.train.name} has {len(self.train)}; pass more data or drop "
-                "--certificate"
-            )
-        self.sample = self._sample(population)
-        hessian_data = self.hessian_data = self._sampled(population)
-        count = self.count = len(hessian_data)
-        self._check_forward(hessian_data)
-        self.unused = self._unused_layers(hessian_data)
-        self.layers = [name for name in self.layers if name not in self.unused]
-        stats = self._retrying(lambda: self._loss_statistics(count))
-        stats.update(self._noisy_label_statistics())
-
-        t = time.perf_counter()
-        forms = self._retrying(self._quadratic_forms)
-        self.timings["quadratic_forms_s"] = time.perf_counter() - t
-        forms.update({name: QuadraticForm.unused(name, count) for name in self.unused})
-
-        traces, positive = None, None
-        if s.trace or s.noise_sigma:
-            t = time.perf_counter()
-            method, probes = s.trace_method, s.trace_probes
-            traces = self._on_examples(
-                layer_traces,
-                "trace",
-                probes * len(self.layers) if method == "hutch++" else probes,
-                "probe",
-                probes=probes,
-                route=method,
-            )
-            if s.trace:
-                certified = self._certified(forms, hessian_data)
-                positive = self._on_examples(
-                    positive_trace_max,
-                    "positive trace",
-                    len(self.layers) * self._local_batches(),
-                    "layer·batch",
-                    certified=certified,
-                    probes=s.positive_trace_probes,
-                    lanczos_steps=s.lanczos_steps,
-                    rtol=s.positive_rtol,
-                )
-                positive = merge_layers(self.ctx.gather(positive))
-            self.timings["trace_s"] = time.perf_counter() - t
-            traces.update({n: TraceEstimate.unused(s.trace_probes) for n in self.unused})
-            if positive is not None:
-                positive.update({n: PositiveTrace.unused() for n in self.unused})
-
-        eigen, whole, density = {}, None, None
-        if s.eigen or s.density:
-            t = time.perf_counter()
-            if s.eigen:
-                dims = [self.params[name].numel() for name in self.layers]
-                steps = lambda dim: min(dim, max(2 * s.eigen + 20, 40))  # noqa: E731
-                eigen = self._on_examples(
-                    top_eigenvalues,
-                    "eigenvalues",
-                    sum(map(steps, dims)),
-                    "Lanczos step",
-                    k=s.eigen,
-                )
-                whole = self._on_examples(
-                    whole_top_eigenvalues,
-                    "eigenvalues (all layers)",
-                    steps(sum(dims)),
-                    "Lanczos step",
-                    k=s.eigen,
-                )
-                unused_numel = {row.name: row.numel for row in self.alignment.rows}
-                whole = _zeros_merged(whole, sum(unused_numel[n] for n in self.unused), s.eigen)
-                nothing = Eigenvalues([], [], 0, True)
-                eigen.update(
-                    {n: _zeros_merged(nothing, unused_numel[n], s.eigen) for n in self.unused}
-                )
-            if s.density:
-                dim = sum(self.params[name].numel() for name in self.layers)
-                density = self._on_examples(
-                    spectral_density, "density", 4 * min(64, dim), "Lanczos step"
-                )
-            self.timings["eigen_s"] = time.perf_counter() - t
-
-        noise = []
-        if s.noise_sigma:
-            t = time.perf_counter()
-            noise = self._noise_stability(traces)
-            self.timings["noise_s"] = time.perf_counter() - t
-
-        certificate = None
-        if s.certificate:
-            t = time.perf_counter()
-            certificate = self._retrying(lambda: self._certificate(forms))
-            self.timings["certificate_s"] = time.perf_counter() - t
-
-        noisy_forms, reused, piecewise_linear = None, {}, False
-        if self.noise is not None:
-            t = time.perf_counter()
-            noisy_forms, reused, piecewise_linear = self._retrying(
-                lambda: self._consistent_forms(forms)
-            )
-            self.timings["quadratic_forms_noisy_labels_s"] = time.perf_counter() - t
-
-        C = s.loss_bound if s.loss_bound is not None else stats["max"]
-        n = s.n_train if s.n_train is not None else len(self.train)
-        bounds = assemble_bounds(
-            train_loss=stats["train_loss"],
-            layer_max={name: forms[name].max for name in self.layers},
-            distances={name: self.distances[name] for name in self.layers},
-            weights={name: self.params[name] for name in self._matrices()},
-            directions={name: self.directions[name] for name in self._matrices()},
-            trace_positive_max=None
-            if positive is None
-            else {name: positive[name].max for name in self.layers},
-            alphas=self._alphas(),
-            C=C,
-            n=n,
-            epsilon=s.epsilon,
-            confusion=None if self.noise is None else self.noise.tensor(),
-            consistent_train_loss=stats["train_consistent"],
-            noisy_layer_max=None
-            if noisy_forms is None
-            else {name: noisy_forms[name].max for name in self.layers},
-            noisy_trace_positive_max=None
-            if positive is None or not piecewise_linear
-            else {name: positive[name].max for name in self.layers},
-            noise_matrix_source=None if self.noise is None else self.noise.source,
-            certificate=certificate,
+        self.inputs: MeasurementInputs = load_inputs(
+            self.sources,
+            task=s.task,
+            dtype=s.dtype,
+            layers=s.layers,
+            head_reference=s.head_reference,
+            image_size=s.image_size,
+            device=self.ctx.device,
+            verbose=self.verbose,
         )
+        self.timings["load_s"] = time.perf_counter() - start
+        self._choose_examples()
+        stats = self._retrying(self._loss_statistics)
+        stats.update(self._noisy_label_statistics())
+        for quantity in QUANTITIES:
+            if quantity.wanted(self):
+                t = time.perf_counter()
+                self.results[quantity.name] = self._retrying(lambda q=quantity: self._compute(q))
+                elapsed = time.perf_counter() - t
+                self.timings[quantity.phase] = self.timings.get(quantity.phase, 0.0) + elapsed
+        bounds = self._bounds(stats)
         self.timings["total_s"] = time.perf_counter() - start
-        result = self._result(forms, traces, positive, eigen, whole, noise, stats, bounds, count)
-        for layer in result["layers"]:
-            name = layer["name"]
-            layer["quadratic_form_noisy_labels"] = (
-                None if noisy_forms is None else _noisy_form_json(noisy_forms[name], reused[name])
-            )
-        if density is not None:
-            result["spectrum_file"] = SPECTRUM
+        result = self._record(stats, bounds)
+        density = self.results.get("density")
         if self.ctx.is_writer:
             if density is not None:
-                spectrum = {"checkpoint": str(self.checkpoint.path), **density.to_json()}
+                spectrum = {"checkpoint": str(self.inputs.checkpoint.path), **density.to_json()}
                 write_json_atomic(out / SPECTRUM, spectrum)
             write_json_atomic(out / MEASUREMENT, result)
         return result
 
+    # ------------------------------------------------------------------------ examples
+    def _choose_examples(self) -> None:
+        """The Hessian examples (checked against the model) and the layers the model uses."""
+        s, inputs = self.settings, self.inputs
+        population = inputs.train if s.hessian_split == "train" else inputs.eval
+        if population is None:
+            raise InputError(
+                "--hessian-split eval needs --eval-data; pass it or use --hessian-split train"
+            )
+        if s.certificate and len(inputs.train) < 8:
+            raise InputError(
+                f"--certificate needs at least 8 training examples (the PAC-Bayes-kl bound), "
+                f"--data {inputs.train.name} has {len(inputs.train)}; pass more data or drop "
+                "--certificate"
+            )
+        self.sample = self._sample(population)
+        self.hessian_data = self._sampled(population, self.sample)
+        self.count = len(self.hessian_data)
+        self.num_classes = check_forward(inputs, self.hessian_data, task=s.task)
+        x, y = next(iter(self.batches(self.hessian_data, 1)))
+        self.unused = unused_layers(inputs.fmodel, inputs.params, inputs.layers, x, y)
+        if len(self.unused) == len(inputs.layers):
+            raise InputError(
+                f"--model {inputs.model_spec}: none of the selected layers is used in eval mode "
+                "(the loss does not depend on them); select used layers with --layers"
+            )
+        self.layers = [name for name in inputs.layers if name not in self.unused]
+
+    def _sample(self, data: LabeledData) -> Sample:
+        """The Hessian examples: stratified (seeded) or the first N in file order; all if N ≥ |data|."""
+        s = self.settings
+        count = len(data) if s.samples is None else min(s.samples, len(data))
+        if s.sample_order == "file" or count == len(data):
+            return file_sample(data.y, count)
+        return stratified_sample(data.y, count, generator=torch.Generator().manual_seed(s.seed))
+
+    @staticmethod
+    def _sampled(data: LabeledData, sample: Sample) -> LabeledData:
+        return data if len(sample.indices) == len(data) else data.subset(sample.indices)
+
+    def training_sample(self) -> LabeledData:
+        """The sampled training examples with the noisy labels trained on (the examples of
+        the Hessian sample when it is drawn from the training split)."""
+        s = self.settings
+        sample = self.sample if s.hessian_split == "train" else self._sample(self.inputs.train)
+        return self._sampled(self.inputs.noisy_train, sample)
+
     # ------------------------------------------------------------------------ execution
+    def batches(self, data: LabeledData, count: int | None) -> Iterator[Batch]:
+        """Every batch of the first ``count`` examples (all when ``None``), on the device."""
+        return data.batches(
+            self.batch_size, limit=count, dtype=self.inputs.dtype, device=self.inputs.device
+        )
+
+    def local(self, data: LabeledData, count: int | None) -> Iterator[Batch]:
+        """This process's batches of the first ``count`` examples (all when ``None``)."""
+        return self.ctx.local(self.batches(data, count))
+
+    def local_batches(self, data: LabeledData, count: int | None = None) -> int:
+        """How many batches of the first ``count`` examples of ``data`` this process holds."""
+        n = len(data) if count is None else min(count, len(data))
+        return len(range(self.ctx.rank, math.ceil(n / self.batch_size), self.ctx.world_size))
+
     def _retrying(self, compute: Callable[[], T]) -> T:
         """``compute()``, rerun with half the batch size after a CUDA out-of-memory error."""
 
@@ -545,235 +450,61 @@ class _Measurement:
         if not self.quiet and self.ctx.is_writer:
             print(f"CUDA out of memory: retrying with batch size {size}")
 
-    def _local_batches(self) -> int:
-        """Number of Hessian-example batches this process holds."""
-        total = math.ceil(self.count / self.batch_size)
-        return len(range(self.ctx.rank, total, self.ctx.world_size))
+    def _compute(self, quantity: Quantity) -> Any:
+        """One quantity of the table: its own computation, or its estimator on this process's
+        share of the Hessian examples (once per noise level σ for ``per_sigma``), merged over
+        the processes and completed with the unused layers."""
+        if quantity.compute is not None:
+            return quantity.compute(self)
+        if quantity.per_sigma:
+            return [self._on_examples(quantity, sigma=sigma) for sigma in self.settings.noise_sigma]
+        return quantity.complete(self, self._on_examples(quantity))
 
-    def _local(self, data: LabeledData, count: int | None) -> Iterator[Batch]:
-        """This process's batches of the first ``count`` examples (all when ``None``)."""
-        return self.ctx.local(self._batches(data, count))
-
-    def _on_examples(
-        self, estimator, stage: str, total: float, unit: str, per_batch: bool = False, **options
-    ):
-        """Run a :mod:`bounds` estimator on this process's share of the Hessian examples, with
-        draws keyed by (seed, stage) and a progress bar of ``total`` ``unit``s (``per_batch``:
-        the estimator reports units per batch, shown as fractions of a unit)."""
-
-        def compute():
-            with self.progress.stage(stage, total=total, unit=unit) as bar:
-                share = 1 / max(self._local_batches(), 1) if per_batch else 1
-                update = bar if share == 1 else lambda done: bar(done * share)
-                return estimator(
-                    self.fmodel,
-                    self.params,
-                    self.layers,
-                    self._local(self.hessian_data, self.count),
-                    generator=keyed_generator(self.settings.seed, stage),
-                    shard=self.ctx.shard(self.batch_size),
-                    progress=update,
-                    **options,
-                )
-
-        return self._retrying(compute)
-
-    def _quadratic_forms(self):
-        s = self.settings
-        first_x, _ = next(iter(self._batches(self.hessian_data, self.count)))
-        total = len(self.layers) * self._local_batches()
-        with self.progress.stage("quadratic forms", total=total, unit="layer·batch") as update:
-            forms = quadratic_forms(
-                self.fmodel,
-                self.params,
-                {name: self.directions[name] for name in self.layers},
-                self._local(self.hessian_data, self.count),
-                estimator=s.estimator,
-                lanczos_steps=s.lanczos_steps,
-                positive_rtol=s.positive_rtol,
-                reference_batch_size=self.batch_size,
-                generator=keyed_generator(s.seed, "quadratic forms"),
-                certify_on=first_x,
+    def _on_examples(self, quantity: Quantity, **extra: Any) -> Any:
+        """The quantity's estimator with draws keyed by (seed, name) and a progress bar."""
+        inputs = self.inputs
+        subject: Any = self.layers
+        if quantity.subject == "directions":
+            subject = {name: inputs.directions[name] for name in self.layers}
+        with self.progress.stage(
+            quantity.name, total=quantity.total(self), unit=quantity.unit
+        ) as bar:
+            share = 1 / max(self.local_batches(self.hessian_data, self.count), 1)
+            update = (lambda done: bar(done * share)) if quantity.per_batch else bar
+            value = quantity.estimator(
+                inputs.fmodel,
+                inputs.params,
+                subject,
+                self.local(self.hessian_data, self.count),
+                generator=keyed_generator(self.settings.seed, quantity.name),
                 shard=self.ctx.shard(self.batch_size),
                 progress=update,
+                **quantity.options(self),
+                **extra,
             )
-        return merge_layers(self.ctx.gather(forms))
+        parts = self.ctx.gather(value)
+        return merge_layers(parts) if isinstance(value, Mapping) else type(value).merge(parts)
 
-    # ----------------------------------------------------------------------------- loading
-    def _load(self) -> None:
-        src, s = self.sources, self.settings
-        self.checkpoint = load_checkpoint(src.checkpoint, trust=src.trust, label="checkpoint")
-        manifest = self.checkpoint.manifest
-        base = self.checkpoint.directory or self.checkpoint.path.parent
-        reference = src.reference or _from_manifest(manifest, "reference", base)
-        adapter = self.checkpoint.adapter
-        if reference is None and adapter is not None and adapter.base is not None:
-            reference = str(adapter.base)
-        if reference is None:
-            raise InputError(
-                "--reference is required (the pretrained checkpoint); pass --reference PATH"
-            )
-        self.reference: Checkpoint = load_checkpoint(
-            reference, trust=src.trust, label="--reference"
-        )
-        self.checkpoint = apply_adapter(self.checkpoint, self.reference)
-        hf_directory = self.checkpoint.directory
-        if adapter is not None:
-            hf_directory = self.reference.directory
-        spec = src.model or manifest.get("model")
-        if spec is None:
-            spec = "hf" if hf_directory and (hf_directory / "config.json").is_file() else None
-        if spec is None:
-            raise InputError("--model is required (e.g. torchvision:resnet18); pass --model SPEC")
-        kwargs = (
-            src.model_kwargs if src.model_kwargs is not None else manifest.get("model_kwargs", {})
-        )
-        self.model_spec, self.model_kwargs = spec, dict(kwargs or {})
-        self.manifest = manifest
-        module = build_model(spec, self.model_kwargs, hf_directory=hf_directory)
-        self.device = self.ctx.device
-        self.dtype = torch.float64 if s.dtype == "float64" else torch.float32
-        module.to(dtype=self.dtype)
-        self.layers = select_layers(module, list(s.layers or self.checkpoint.layers or ()))
-        head = s.head_reference
-        if head is None:  # not given: the run manifest's head_reference, else zero
-            given = manifest.get("head_reference")
-            head = (
-                "zero"
-                if given in (None, "zero")
-                else _from_manifest(manifest, "head_reference", base)
-            )
-        alignment: Alignment = align(
-            module,
-            self.checkpoint,
-            self.reference,
-            layers=self.layers,
-            head_reference=load_head_reference(head, trust=src.trust),
-        )
-        self.alignment = alignment
-        module.to(device=self.device)
-        loss = CausalLMLoss() if s.task == "causal-lm" else CrossEntropy()
-        self.fmodel, self.params = FunctionalModel.from_module(module, loss=loss)
-        config = getattr(module, "config", None)
-        self.attention = getattr(config, "_attn_implementation", None)
-        self.directions = {
-            name: alignment.directions[name].to(device=self.device, dtype=self.dtype)
-            for name in self.layers
-        }
-        self.distances = {row.name: row.distance for row in alignment.rows}
-        if self.verbose:
-            print(alignment.format_table())
-        data_spec = src.data or _from_manifest(manifest, "data", base, key2="train")
-        if data_spec is None:
-            raise InputError(
-                "--data is required (the training data); pass --data PATH|digits:train"
-            )
-        options = {
-            "image_size": s.image_size,
-            "trust": src.trust,
-            "task": s.task,
-            "input_columns": src.input_columns,
-            "label_column": src.label_column,
-            "pad_token_id": getattr(getattr(module, "config", None), "pad_token_id", None),
-        }
-        self.train: LabeledData = load_data(str(data_spec), label="--data", **options)
-        # Under recorded label noise: measure against the clean labels, keep the noisy ones.
-        self.run_labels = read_run_labels(manifest, base, self.train)
-        self.noisy_train = self.train
-        if self.run_labels is not None:
-            self.noisy_train = replace(self.train, y=self.run_labels.noisy)
-            self.train = replace(self.train, y=self.run_labels.clean)
-        self.noise = noise_matrix(manifest)
-        eval_spec = src.eval_data or _from_manifest(manifest, "data", base, key2="eval")
-        self.eval: LabeledData | None = (
-            None if eval_spec is None else load_data(str(eval_spec), label="--eval-data", **options)
-        )
-        self.data_specs = {
-            "train": str(data_spec),
-            "eval": None if eval_spec is None else str(eval_spec),
-        }
-
-    def _batches(self, data: LabeledData, count: int | None) -> Iterator[Batch]:
-        return data.batches(self.batch_size, limit=count, dtype=self.dtype, device=self.device)
-
-    def _sample(self, data: LabeledData) -> Sample:
-        """The Hessian examples: stratified (seeded) or the first N in file order; all if N ≥ |data|."""
-        s = self.settings
-        count = len(data) if s.samples is None else min(s.samples, len(data))
-        if s.sample_order == "file" or count == len(data):
-            return file_sample(data.y, count)
-        return stratified_sample(data.y, count, generator=torch.Generator().manual_seed(s.seed))
-
-    def _sampled(self, data: LabeledData) -> LabeledData:
-        if len(self.sample.indices) == len(data):
-            return data
-        return data.subset(self.sample.indices)
-
-    def _unused_layers(self, data: LabeledData) -> list[str]:
-        x, y = next(iter(self._batches(data, 1)))
-        unused = unused_layers(self.fmodel, self.params, self.layers, x, y)
-        if len(unused) == len(self.layers):
-            raise InputError(
-                f"--model {self.model_spec}: none of the selected layers is used in eval mode "
-                "(the loss does not depend on them); select used layers with --layers"
-            )
-        return unused
-
-    def _check_forward(self, data: LabeledData) -> None:
-        """The model accepts the inputs, its outputs cover the labels, and it is deterministic."""
-        x, _ = next(
-            iter(data.batches(min(4, len(data)), limit=4, dtype=self.dtype, device=self.device))
-        )
-        try:
-            with torch.no_grad(), differentiable():
-                logits = self.fmodel.logits(self.params, x)
-                check_deterministic(self.fmodel, self.params, x)
-        except NondeterministicModelError as err:
-            raise InputError(f"--model {self.model_spec}: {err}") from None
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:
-            shape = (
-                tuple(x.shape)
-                if isinstance(x, Tensor)
-                else {k: tuple(v.shape) for k, v in x.items()}
-            )
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(
-                f"--data {data.name}: the model rejects inputs of shape {shape} ({first}); "
-                "give data shaped for the model (e.g. --image-size) or the matching --model"
-            ) from None
-        causal = self.settings.task == "causal-lm"
-        if logits.dim() != (3 if causal else 2):
-            wanted = "(batch, length, vocabulary)" if causal else "(batch, classes)"
-            hint = "" if causal else "; pass --task causal-lm for a language model"
-            raise InputError(
-                f"--model {self.model_spec}: expected {wanted} logits, got shape "
-                f"{tuple(logits.shape)}{hint}"
-            )
-        self.num_classes = logits.shape[-1]
-        check_labels(self.train, self.num_classes, option="--data")
-        if self.eval is not None:
-            check_labels(self.eval, self.num_classes, option="--eval-data")
-
-    def _loss_statistics(self, count: int) -> dict[str, float | None]:
+    # ------------------------------------------------------------------------ statistics
+    def _loss_statistics(self) -> dict[str, float | None]:
         """Mean loss and accuracy on train/eval, and the largest loss on the Hessian examples."""
+        fmodel, params = self.inputs.fmodel, self.inputs.params
         out: dict[str, float | None] = {}
-        for split, data in (("train", self.train), ("eval", self.eval)):
+        for split, data in (("train", self.inputs.train), ("eval", self.inputs.eval)):
             if data is None:
                 out[f"{split}_loss"] = out[f"{split}_accuracy"] = None
                 continue
             sums = torch.zeros(4, dtype=torch.float64)
-            batches = len(
-                range(self.ctx.rank, math.ceil(len(data) / self.batch_size), self.ctx.world_size)
-            )
+            batches = self.local_batches(data)
             with (
                 torch.no_grad(),
                 differentiable(),
                 self.progress.stage(f"{split} loss", total=batches, unit="batch") as update,
             ):
-                for x, y in self._local(data, None):
-                    logits = self.fmodel.logits(self.params, x).double()
-                    right, made = self.fmodel.loss.correct(logits, y)
-                    part = [self.fmodel.loss(logits, y).sum(), right.sum(), made.sum()]
+                for x, y in self.local(data, None):
+                    logits = fmodel.logits(params, x).double()
+                    right, made = fmodel.loss.correct(logits, y)
+                    part = [fmodel.loss(logits, y).sum(), right.sum(), made.sum()]
                     sums += torch.stack([*(t.cpu() for t in part), torch.tensor(float(len(y)))])
                     update(1)
             total, correct, predictions, n = self.ctx.all_sum(sums).tolist()
@@ -781,109 +512,202 @@ class _Measurement:
             out[f"{split}_accuracy"] = correct / max(predictions, 1.0)
         worst = 0.0
         with torch.no_grad(), differentiable():
-            for x, y in self._local(self.hessian_data, count):
-                worst = max(worst, float(self.fmodel.losses(self.params, x, y).max()))
+            for x, y in self.local(self.hessian_data, self.count):
+                worst = max(worst, float(fmodel.losses(params, x, y).max()))
         out["max"] = self.ctx.max(worst)
         return out
 
-    # ------------------------------------------------------------------------ computations
-    def _certified(self, forms, data: LabeledData) -> dict[str, bool]:
+    def _noisy_label_statistics(self) -> dict[str, float | None]:
+        """Loss and accuracy on the noisy training labels and the consistent loss (F known)."""
+        inputs = self.inputs
+        if inputs.run_labels is None and inputs.noise is None:
+            return dict.fromkeys(("train_noisy", "train_noisy_accuracy", "train_consistent"))
+        if inputs.noise is not None:
+            try:
+                inverse = noise_matrix_inverse(inputs.noise.tensor(), self.num_classes)
+                # F⁻¹ stays float64 (its rows sum to 1 to ~1e-16); the loss casts it per call.
+                self.consistent = ConsistentCrossEntropy(inverse.to(inputs.device))
+            except ValueError as err:
+                raise InputError(f"the run's noise matrix ({inputs.noise.source}): {err}") from None
+        batches = self.batches(inputs.noisy_train, None)
+        return noisy_label_statistics(inputs.fmodel, inputs.params, batches, self.consistent)
+
+    def certified(self, forms: Mapping[str, QuadraticForm], data: LabeledData) -> dict[str, bool]:
         """Certification from the quadratic forms, or computed now (ggn/positive estimators)."""
         flags = {name: forms[name].diagnostics.get("certified_psd") for name in self.layers}
         if all(flag is not None for flag in flags.values()):
             return flags
-        x, _ = next(iter(self._batches(data, 1)))
+        params = self.inputs.params
+        x, _ = next(iter(self.batches(data, 1)))
         with differentiable():
             generator = keyed_generator(self.settings.seed, "certify")
             ratios = certify_piecewise_linear(
-                self.fmodel, self.params, self.layers, x, generator=generator
+                self.inputs.fmodel, params, self.layers, x, generator=generator
             )
         return {
-            name: ratios[name] <= certification_tolerance(self.params[name].dtype)
+            name: ratios[name] <= certification_tolerance(params[name].dtype)
             for name in self.layers
         }
 
-    def _noise_stability(self, traces) -> list[dict[str, Any]]:
-        s = self.settings
-        if s.noise_relative:
-            traces = self._on_examples(
-                relative_noise_traces,
-                "relative trace",
-                s.trace_probes,
-                "probe",
-                probes=s.trace_probes,
+    # ------------------------------------------------------------------------ result
+    def _matrices(self) -> list[str]:
+        """The used layers with ≥2-D weights: those the prior distance measures are defined on."""
+        return [name for name in self.layers if self.inputs.params[name].dim() >= 2]
+
+    def _bounds(self, stats: Mapping[str, float | None]) -> Bounds:
+        s, inputs, results = self.settings, self.inputs, self.results
+        forms, positive = results["quadratic forms"], results.get("positive trace")
+        noisy, _, piecewise_linear = results.get(
+            "quadratic forms (consistent loss)", (None, {}, False)
+        )
+        radii = inputs.manifest.get("radii")
+        alphas = None
+        if isinstance(radii, dict):
+            alphas = {n: float(radii.get(n, inputs.distances[n])) for n in self.layers}
+
+        def per_layer(values: Mapping[str, Any] | None) -> dict[str, float] | None:
+            return None if values is None else {n: values[n].max for n in self.layers}
+
+        return assemble_bounds(
+            train_loss=stats["train_loss"],
+            layer_max=per_layer(forms),
+            distances={name: inputs.distances[name] for name in self.layers},
+            weights={name: inputs.params[name] for name in self._matrices()},
+            directions={name: inputs.directions[name] for name in self._matrices()},
+            trace_positive_max=per_layer(positive),
+            alphas=alphas,
+            C=s.loss_bound if s.loss_bound is not None else stats["max"],
+            n=s.n_train if s.n_train is not None else len(inputs.train),
+            epsilon=s.epsilon,
+            confusion=None if inputs.noise is None else inputs.noise.tensor(),
+            consistent_train_loss=stats["train_consistent"],
+            noisy_layer_max=per_layer(noisy),
+            noisy_trace_positive_max=per_layer(positive if piecewise_linear else None),
+            noise_matrix_source=None if inputs.noise is None else inputs.noise.source,
+            certificate=results.get("certificate"),
+        )
+
+    def _record(self, stats: Mapping[str, float | None], bounds: Bounds) -> dict[str, Any]:
+        """The ``measurement.json`` document (``docs/schema.md``) from the results' ``to_json``."""
+        s, inputs, results = self.settings, self.inputs, self.results
+        forms, eigen = results["quadratic forms"], results.get("eigenvalues", {})
+        noisy, reused, _ = results.get("quadratic forms (consistent loss)", (None, {}, False))
+        layers = []
+        for row in inputs.alignment.rows:
+            name, form = row.name, forms[row.name]
+            trace = None
+            if s.trace:
+                trace = {
+                    **results["trace"][name].to_json(),
+                    **results["positive trace"][name].to_json(),
+                }
+            layers.append(
+                {
+                    "name": name,
+                    "numel": row.numel,
+                    "shape": list(row.shape),
+                    "distance": row.distance,
+                    "reference_source": row.source,
+                    "method": form.route,
+                    "quadratic_form": {**form.to_json(), "argmax_index": self._data_index(form)},
+                    "diagnostics": dict(form.diagnostics),
+                    "trace": trace,
+                    "top_eigenvalues": eigen[name].values if name in eigen else None,
+                    "top_eigenvalue_residuals": eigen[name].residuals if name in eigen else None,
+                    "quadratic_form_noisy_labels": None
+                    if noisy is None
+                    else _noisy_form_json(noisy[name], reused[name]),
+                }
             )
+        settings = s.to_json()
+        settings["device"] = str(inputs.device)
+        if inputs.attention is not None:
+            settings["attn_implementation"] = inputs.attention
+        settings["world_size"] = self.ctx.world_size
+        settings["batch_size_used"] = self.batch_size
+        training = inputs.checkpoint.training
+        whole = results.get("eigenvalues (all layers)")
+        traces = results.get("relative trace" if s.noise_relative else "trace", {})
         means = {name: estimate.mean for name, estimate in traces.items()}
-        rows = []
-        for sigma in s.noise_sigma:
-            result = self._on_examples(
-                noise_stability,
-                "noise",
-                s.noise_draws,
-                "draw",
-                per_batch=True,
-                sigma=sigma,
-                draws=s.noise_draws,
-                relative=s.noise_relative,
-            )
-            rows.append({**result.to_json(), "trace_prediction": trace_prediction(sigma, means)})
-        return rows
-
-    def _certificate(self, forms) -> dict[str, Any]:
-        """The PAC-Bayes certificate with A_i = max(𝓗_i, 0)/‖v_i‖² (the curvature along v_i).
-
-        When no layer has 𝓗_i > 0 (possible with ``block`` or ``reference-code``), A_i comes from
-        the Gauss–Newton forms max_x v_iᵀG_i(x)v_i/‖v_i‖² (PSD) on the same examples, and if those
-        vanish too, A_i = 1. Any choice keeps the certificate valid (its prior variances come
-        from a lattice fixed in advance); ``curvature_source`` records which was used.
-        """
-        reference = {name: self.params[name] - self.directions[name] for name in self.layers}
-        norms = {n: float(self.directions[n].double().pow(2).sum()) for n in self.layers}
-
-        def along_v(values: Mapping[str, QuadraticForm]) -> dict[str, float]:
-            return {n: max(values[n].max, 0.0) / norms[n] if norms[n] > 0 else 0.0 for n in norms}
-
-        curvature, source = along_v(forms), "quadratic_form"
-        if not any(a > 0 for a in curvature.values()):
-            directions = {name: self.directions[name] for name in self.layers}
-            batches = self._local(self.hessian_data, None)
-            shard = self.ctx.shard(self.batch_size)
-            ggn = quadratic_forms(
-                self.fmodel, self.params, directions, batches, estimator="ggn", shard=shard
-            )
-            ggn = merge_layers(self.ctx.gather(ggn))
-            curvature, source = along_v(ggn), "gauss_newton"
-        if not any(a > 0 for a in curvature.values()):
-            curvature, source = dict.fromkeys(self.layers, 1.0), "unit"
-        draws = 4
-        batches = math.ceil(len(self.train) / self.batch_size)
-        share = 1 / max(len(range(self.ctx.rank, batches, self.ctx.world_size)), 1)
-        with self.progress.stage("certificate", total=draws, unit="repetition") as bar:
-            certificate = pac_bayes_certificate(
-                self.fmodel,
-                self.params,
-                reference,
-                self.layers,
-                self._local(self.train, None),
-                n=len(self.train),
-                curvature=curvature,
-                draws=draws,
-                generator=keyed_generator(self.settings.seed, "certificate"),
-                shard=self.ctx.shard(self.batch_size),
-                progress=lambda done: bar(done * share),
-            )
-        return {**certificate.to_json(), "curvature_source": source}
+        noise = [
+            {**n.to_json(), "trace_prediction": trace_prediction(n.sigma, means)}
+            for n in results.get("noise", [])
+        ]
+        record = {
+            "schema_version": SCHEMA_VERSION,
+            "checkpoint": str(inputs.checkpoint.path),
+            "reference": str(inputs.reference.path),
+            "model": inputs.model_spec,
+            "model_kwargs": inputs.model_kwargs,
+            "mode": "eval",
+            "settings": settings,
+            "data": {
+                **inputs.data_specs,
+                "input_columns": None
+                if self.sources.input_columns is None
+                else list(self.sources.input_columns),
+                "label_column": self.sources.label_column,
+                "n_train": len(inputs.train),
+                "n_eval": None if inputs.eval is None else len(inputs.eval),
+                "n_hessian_samples": self.count,
+                "num_classes": self.num_classes,
+                "hessian_sample": self._sample_record(),
+            },
+            "unused_layers": list(self.unused),
+            "notes": self._notes(),
+            "manifest": {
+                k: inputs.manifest.get(k)
+                for k in ("method", "seed", "epoch", "label_noise")
+                if k in inputs.manifest
+            },
+            "epoch": _epoch_of(inputs.checkpoint.path, inputs.manifest)
+            if training.get("epoch") is None
+            else training["epoch"],
+            "step": training.get("step"),
+            "training": training or None,
+            "layers": layers,
+            "top_eigenvalues_all_layers": None if whole is None else whole.to_json(),
+            "labels": None if inputs.run_labels is None else inputs.run_labels.to_json(),
+            "loss": {
+                "train": stats["train_loss"],
+                "eval": stats["eval_loss"],
+                "max": stats["max"],
+                "train_noisy": stats["train_noisy"],
+                "train_consistent": stats["train_consistent"],
+            },
+            "accuracy": {
+                "train": stats["train_accuracy"],
+                "eval": stats["eval_accuracy"],
+                "train_noisy": stats["train_noisy_accuracy"],
+            },
+            "generalization_gap": {
+                "loss": _difference(stats["eval_loss"], stats["train_loss"]),
+                "accuracy": _difference(stats["train_accuracy"], stats["eval_accuracy"]),
+                "against": "clean training labels"
+                if inputs.run_labels is not None
+                else "training labels",
+            },
+            "bounds": bounds.to_json(),
+            "noise_stability": noise,
+            "provenance": {
+                **versions(),
+                "timestamp": timestamp(),
+                "checkpoint_sha256": inputs.checkpoint.sha256,
+                "reference_sha256": inputs.reference.sha256,
+                "device_name": _device_name(inputs.device),
+                "timings": {k: float(v) for k, v in self.timings.items()},
+            },
+        }
+        if "density" in results:
+            record["spectrum_file"] = SPECTRUM
+        return record
 
     def _sample_record(self) -> dict[str, Any]:
         s = self.settings
-        population = len(self.train if s.hessian_split == "train" else self.eval)
+        population = len(self.inputs.train if s.hessian_split == "train" else self.inputs.eval)
         if len(self.sample.indices) == population:  # every example, in file order
             return {**self.sample.to_json("file", population), "indices": None}
         return self.sample.to_json(s.sample_order, population)
-
-    def _matrices(self) -> list[str]:
-        """The used layers with ≥2-D weights: those the prior distance measures are defined on."""
-        return [name for name in self.layers if self.params[name].dim() >= 2]
 
     def _data_index(self, form: QuadraticForm) -> int | None:
         """Index in the data set of the example attaining 𝓗_i (None for batches, unused layers)."""
@@ -891,7 +715,7 @@ class _Measurement:
             return None
         return int(self.sample.indices[form.argmax])
 
-    def _notes(self, count: int) -> list[str]:
+    def _notes(self) -> list[str]:
         """Plain-language caveats about this result (``measurement.json → notes``)."""
         s = self.settings
         how = (
@@ -900,7 +724,7 @@ class _Measurement:
             else "in file order"
         )
         notes = [
-            f"𝓗_i (quadratic_form.max) is a maximum over {count} examples of the "
+            f"𝓗_i (quadratic_form.max) is a maximum over {self.count} examples of the "
             f"{s.hessian_split} split ({how}; indices in data.hessian_sample), not over the data "
             "distribution, so theorem_2_1 and trace_corollary are estimates, not certified bounds."
         ]
@@ -924,236 +748,15 @@ class _Measurement:
             )
         return notes
 
-    def _alphas(self) -> dict[str, float] | None:
-        radii = self.manifest.get("radii")
-        if not isinstance(radii, dict):
-            return None
-        return {name: float(radii.get(name, self.distances[name])) for name in self.layers}
 
-    def _noisy_label_statistics(self) -> dict[str, float | None]:
-        """Loss and accuracy on the noisy training labels and the consistent loss (F known)."""
-        self.consistent = None
-        if self.run_labels is None and self.noise is None:
-            return dict.fromkeys(("train_noisy", "train_noisy_accuracy", "train_consistent"))
-        if self.noise is not None:
-            try:
-                inverse = noise_matrix_inverse(self.noise.tensor(), self.num_classes)
-                # F⁻¹ stays float64 (its rows sum to 1 to ~1e-16); the loss casts it per call.
-                self.consistent = ConsistentCrossEntropy(inverse.to(self.device))
-            except ValueError as err:
-                raise InputError(f"the run's noise matrix ({self.noise.source}): {err}") from None
-        batches = self._batches(self.noisy_train, None)
-        return noisy_label_statistics(self.fmodel, self.params, batches, self.consistent)
-
-    def _consistent_forms(
-        self, forms: Mapping[str, QuadraticForm]
-    ) -> tuple[dict[str, QuadraticForm], dict[str, bool], bool]:
-        """𝓗̄_i of the consistent loss on the sampled training examples with their noisy labels.
-
-        Its Gauss–Newton part is cross-entropy's, so layers certified piecewise linear (and every
-        layer under the ``ggn`` estimator) reuse the clean value (flag True); the others are
-        recomputed with ℓ̄ and the same estimator (``reference-code``: all layers, its cross-layer
-        products are not certified). The last value says whether every layer is certified
-        piecewise linear, so that ℓ̄'s Hessian (and its traces) equal cross-entropy's.
-        """
-        s = self.settings
-        sample = self.sample if s.hessian_split == "train" else self._sample(self.train)
-        data = (
-            self.noisy_train
-            if len(sample.indices) == len(self.noisy_train)
-            else self.noisy_train.subset(sample.indices)
-        )
-        certified = self._certified(forms, data)
-        reused = {name: True for name in self.unused}
-        if s.estimator == "ggn":
-            reused.update({name: True for name in self.layers})
-        elif s.estimator == "reference-code":
-            reused.update({name: False for name in self.layers})
-        else:
-            reused.update(certified)
-        smooth = [name for name in self.layers if not reused[name]]
-        out = {name: forms[name] for name in forms if reused.get(name, False)}
-        if smooth:
-            fmodel = dataclasses.replace(self.fmodel, loss=self.consistent)
-            first_x, _ = next(iter(self._batches(data, len(data))))
-            batches = math.ceil(len(data) / self.batch_size)
-            total = len(smooth) * len(range(self.ctx.rank, batches, self.ctx.world_size))
-            stage = "quadratic forms (consistent loss)"
-            with self.progress.stage(stage, total=total, unit="layer·batch") as update:
-                noisy = quadratic_forms(
-                    fmodel,
-                    self.params,
-                    {name: self.directions[name] for name in smooth},
-                    self._local(data, len(data)),
-                    estimator=s.estimator,
-                    lanczos_steps=s.lanczos_steps,
-                    positive_rtol=s.positive_rtol,
-                    reference_batch_size=self.batch_size,
-                    generator=keyed_generator(s.seed, stage),
-                    certify_on=first_x,
-                    shard=self.ctx.shard(self.batch_size),
-                    progress=update,
-                )
-            out.update(merge_layers(self.ctx.gather(noisy)))
-        return out, reused, all(certified[name] for name in self.layers)
-
-    # ----------------------------------------------------------------------------- result
-    def _result(
-        self, forms, traces, positive, eigen, whole, noise, stats, bounds, count
-    ) -> dict[str, Any]:
-        s = self.settings
-        layers = []
-        for row in self.alignment.rows:
-            name = row.name
-            form = forms[name]
-            trace = None
-            if traces is not None and s.trace:
-                trace = {
-                    "mean": traces[name].mean,
-                    "stderr": traces[name].stderr,
-                    "positive_max": positive[name].max,
-                    "positive_max_stderr": positive[name].stderr,
-                    "positive_method": positive[name].route,
-                    "probes": traces[name].probes,
-                    "method": traces[name].route,
-                }
-            layers.append(
-                {
-                    "name": name,
-                    "numel": row.numel,
-                    "shape": list(row.shape),
-                    "distance": row.distance,
-                    "reference_source": row.source,
-                    "method": form.route,
-                    "quadratic_form": {
-                        "max": form.max,
-                        "mean": form.mean,
-                        "argmax": form.argmax,
-                        "argmax_index": self._data_index(form),
-                    },
-                    "diagnostics": dict(form.diagnostics),
-                    "trace": trace,
-                    "top_eigenvalues": eigen[name].values if name in eigen else None,
-                    "top_eigenvalue_residuals": eigen[name].residuals if name in eigen else None,
-                }
-            )
-        gap_loss = None if stats["eval_loss"] is None else stats["eval_loss"] - stats["train_loss"]
-        gap_acc = (
-            None
-            if stats["eval_accuracy"] is None
-            else stats["train_accuracy"] - stats["eval_accuracy"]
-        )
-        settings = s.to_json()
-        settings["device"] = str(self.device)
-        if self.attention is not None:
-            settings["attn_implementation"] = self.attention
-        training = self.checkpoint.training
-        settings["world_size"] = self.ctx.world_size
-        settings["batch_size_used"] = self.batch_size
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "checkpoint": str(self.checkpoint.path),
-            "reference": str(self.reference.path),
-            "model": self.model_spec,
-            "model_kwargs": self.model_kwargs,
-            "mode": "eval",
-            "settings": settings,
-            "data": {
-                "train": self.data_specs["train"],
-                "eval": self.data_specs["eval"],
-                "input_columns": None
-                if self.sources.input_columns is None
-                else list(self.sources.input_columns),
-                "label_column": self.sources.label_column,
-                "n_train": len(self.train),
-                "n_eval": None if self.eval is None else len(self.eval),
-                "n_hessian_samples": count,
-                "num_classes": self.num_classes,
-                "hessian_sample": self._sample_record(),
-            },
-            "unused_layers": list(self.unused),
-            "notes": self._notes(count),
-            "manifest": {
-                k: self.manifest.get(k)
-                for k in ("method", "seed", "epoch", "label_noise")
-                if k in self.manifest
-            },
-            "epoch": _epoch_of(self.checkpoint.path, self.manifest)
-            if training.get("epoch") is None
-            else training["epoch"],
-            "step": training.get("step"),
-            "training": training or None,
-            "layers": layers,
-            "top_eigenvalues_all_layers": None
-            if whole is None
-            else {"values": whole.values, "residuals": whole.residuals},
-            "labels": None if self.run_labels is None else self.run_labels.to_json(),
-            "loss": {
-                "train": stats["train_loss"],
-                "eval": stats["eval_loss"],
-                "max": stats["max"],
-                "train_noisy": stats["train_noisy"],
-                "train_consistent": stats["train_consistent"],
-            },
-            "accuracy": {
-                "train": stats["train_accuracy"],
-                "eval": stats["eval_accuracy"],
-                "train_noisy": stats["train_noisy_accuracy"],
-            },
-            "generalization_gap": {
-                "loss": gap_loss,
-                "accuracy": gap_acc,
-                "against": "clean training labels"
-                if self.run_labels is not None
-                else "training labels",
-            },
-            "bounds": bounds.to_json(),
-            "noise_stability": noise,
-            "provenance": {
-                **versions(),
-                "timestamp": timestamp(),
-                "checkpoint_sha256": self.checkpoint.sha256,
-                "reference_sha256": self.reference.sha256,
-                "device_name": _device_name(self.device),
-                "timings": {k: float(v) for k, v in self.timings.items()},
-            },
-        }
-
-
-def unused_layers(
-    fmodel: FunctionalModel, params: Mapping[str, Tensor], layers: list[str], x, y: Tensor
-) -> list[str]:
-    """The ``layers`` the loss on (x, y) does not depend on: one forward and backward pass.
-
-    E.g. the auxiliary classifiers of torchvision's GoogLeNet and Inception v3, which only
-    training mode uses. Their Hessian blocks are zero (autograd gives them no gradient at all).
-    """
-    weights = {name: params[name].detach().requires_grad_(True) for name in layers}
-    with torch.enable_grad(), differentiable():
-        loss = fmodel.losses({**params, **weights}, x, y).sum()
-        if not loss.requires_grad:
-            return list(layers)
-        grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
-    return [name for name, g in zip(layers, grads, strict=True) if g is None]
-
-
-def _zeros_merged(top: Eigenvalues, zeros: int, k: int) -> Eigenvalues:
-    """The k largest of ``top`` and ``zeros`` exact zero eigenvalues (the blocks of unused layers).
-
-    The block-diagonal Hessian's spectrum is the union of the blocks' spectra, so this is exact
-    whenever ``top`` holds the k largest eigenvalues of the used layers.
-    """
-    pairs = [*zip(top.values, top.residuals, strict=True), *[(0.0, 0.0)] * min(zeros, k)]
-    pairs = sorted(pairs, key=lambda pair: -pair[0])[:k]
-    return Eigenvalues(
-        [value for value, _ in pairs], [res for _, res in pairs], top.steps, top.exhausted
-    )
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def _noisy_form_json(form: QuadraticForm, reused: bool) -> dict[str, Any]:
     """``layers[].quadratic_form_noisy_labels``: 𝓗̄_i of the consistent loss on noisy labels."""
-    method = f"same as clean ({form.route})" if reused else form.route
-    return {"max": form.max, "mean": form.mean, "argmax": form.argmax, "method": method}
+    route = f"same as clean ({form.route})" if reused else form.route
+    return {**form.to_json(), "method": route}
 
 
 def _device_name(device: torch.device) -> str:
@@ -1167,18 +770,3 @@ def _epoch_of(path: Path, manifest: Mapping[str, Any]) -> int | None:
         if isinstance(entry, dict) and entry.get("file") == path.name:
             return entry.get("epoch")
     return None
-
-
-def _from_manifest(
-    manifest: Mapping[str, Any], key: str, base: Path, *, key2: str | None = None
-) -> str | None:
-    """A path-like manifest entry, resolved against the manifest's directory."""
-    value = manifest.get(key)
-    if key2 is not None:
-        value = value.get(key2) if isinstance(value, dict) else None
-    if not isinstance(value, str) or not value:
-        return None
-    if ":" in value and not Path(value).exists() and not (base / value).exists():
-        return value
-    candidate = Path(value)
-    return str(candidate if candidate.is_absolute() else (base / candidate))

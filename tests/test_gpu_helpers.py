@@ -1,6 +1,7 @@
 """analysis/gpu.py on the CPU: TF32 switched off and restored, and the out-of-memory retry
 exercised by raising torch.cuda.OutOfMemoryError on purpose."""
 
+import dataclasses
 import json
 
 import pytest
@@ -75,6 +76,15 @@ def files(tmp_path):
     return tmp_path
 
 
+def _with_quadratic_forms(monkeypatch, estimator):
+    """The measurement's table with ``estimator`` computing the quadratic forms."""
+    table = tuple(
+        dataclasses.replace(q, estimator=estimator) if q.name == "quadratic forms" else q
+        for q in measure_module.QUANTITIES
+    )
+    monkeypatch.setattr(measure_module, "QUANTITIES", table)
+
+
 def _measure(files, out, settings):
     return measure(
         files / "ft.safetensors",
@@ -89,7 +99,7 @@ def _measure(files, out, settings):
 def test_measure_halves_the_batch_on_out_of_memory_and_records_it(files, monkeypatch):
     settings = MeasureSettings(samples=8, batch_size=8, dtype="float64", trace=True, trace_probes=4)
     plain = _measure(files, "plain", settings)
-    real = measure_module.quadratic_forms
+    real = next(q for q in measure_module.QUANTITIES if q.name == "quadratic forms").estimator
 
     def small_batches_only(fmodel, params, directions, batches, **options):
         batches = list(batches)
@@ -97,7 +107,7 @@ def test_measure_halves_the_batch_on_out_of_memory_and_records_it(files, monkeyp
             raise torch.cuda.OutOfMemoryError("simulated")
         return real(fmodel, params, directions, batches, **options)
 
-    monkeypatch.setattr(measure_module, "quadratic_forms", small_batches_only)
+    _with_quadratic_forms(monkeypatch, small_batches_only)
     retried = _measure(files, "retried", settings)
     assert plain["settings"]["batch_size_used"] == 8
     assert retried["settings"]["batch_size_used"] == 2
@@ -114,6 +124,6 @@ def test_reference_code_is_never_rebatched(files, monkeypatch):
     def out_of_memory(*args, **options):
         raise torch.cuda.OutOfMemoryError("simulated")
 
-    monkeypatch.setattr(measure_module, "quadratic_forms", out_of_memory)
+    _with_quadratic_forms(monkeypatch, out_of_memory)
     with pytest.raises(InputError, match="--batch-size 4 \\(not reduced automatically"):
         _measure(files, "ref", MeasureSettings(samples=8, estimator="reference-code"))

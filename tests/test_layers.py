@@ -3,7 +3,7 @@
 Every ``hessfine`` import in the source tree, including imports inside functions, is an edge of
 the graph: ``import hessfine.x.y`` and ``from hessfine.x import y`` lead to the module
 ``hessfine.x.y`` where there is one, else (``y`` a name of ``hessfine.x``) to ``hessfine.x``.
-Three rules hold on it:
+Four rules hold on it:
 
 1. The layers: ``bounds`` (pure math) and, beside it, ``analysis.schema`` (the result files'
    names, which imports nothing of the package and which everything but ``bounds`` may use) <
@@ -12,8 +12,11 @@ Three rules hold on it:
    and ``analysis``' pipelines (measure, compare, ...), which do not import each other, <
    orchestration (the command lines, the demo and the generated docs pages), which may import
    anything.
-2. No cycle, at any depth (A → B → C → A): every strongly connected component is one module.
-3. No module imports a deprecated old path: the modules left at the old paths of renamed modules
+2. The rooms of ``bounds`` (docs/architecture.md): ``operators`` import only ``functional``,
+   ``safe_autodiff``, ``linalg`` and other operators; ``linalg`` only ``functional`` and other
+   linalg; an estimator (``bounds.estimators``) never imports another estimator.
+3. No cycle, at any depth (A → B → C → A): every strongly connected component is one module.
+4. No module imports a deprecated old path: the modules left at the old paths of renamed modules
    (those that call ``alias_module`` or ``warn_moved`` of :mod:`hessfine.bounds.moved`).
 """
 
@@ -109,6 +112,32 @@ def _allowed(importer: str, imported: str) -> bool:
     return high <= low
 
 
+ROOMS = {
+    "hessfine.bounds.operators": (
+        "hessfine.bounds.functional",
+        "hessfine.bounds.safe_autodiff",
+        "hessfine.bounds.linalg",
+        "hessfine.bounds.operators",
+    ),
+    "hessfine.bounds.linalg": ("hessfine.bounds.functional", "hessfine.bounds.linalg"),
+}
+ESTIMATORS = "hessfine.bounds.estimators"
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _room_allows(importer: str, imported: str) -> bool:
+    """The rooms of bounds (rule 2 of the module docstring)."""
+    for room, allowed in ROOMS.items():
+        if _in(importer, room):
+            return any(_in(imported, place) for place in allowed)
+    if _in(importer, ESTIMATORS) and importer != ESTIMATORS:
+        return not _in(imported, ESTIMATORS) or imported == ESTIMATORS
+    return True
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
     """The strongly connected components of more than one node (Tarjan), each sorted."""
     index: dict[str, int] = {}
@@ -179,6 +208,24 @@ def test_imports_flow_one_way(module: str) -> None:
     assert not wrong, f"{module} imports {wrong} against the layering in this file's docstring"
 
 
+def test_the_rooms_are_found() -> None:
+    assert {"hessfine.bounds.operators.per_example", "hessfine.bounds.linalg.lanczos"} <= set(
+        MODULES
+    )
+    assert not _room_allows("hessfine.bounds.operators.retained", "hessfine.bounds.estimates")
+    assert not _room_allows("hessfine.bounds.linalg.lanczos", "hessfine.bounds.operators.layer_io")
+    assert not _room_allows(
+        "hessfine.bounds.estimators.traces", "hessfine.bounds.estimators.quadratic_forms"
+    )
+    assert _room_allows("hessfine.bounds.estimators.traces", "hessfine.bounds.operators.retained")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _in(m, "hessfine.bounds")))
+def test_bounds_rooms(module: str) -> None:
+    wrong = sorted(m for m in GRAPH[module] if not _room_allows(module, m))
+    assert not wrong, f"{module} imports {wrong} against the rooms in this file's docstring"
+
+
 def test_the_cycle_finder_finds_cycles_at_any_depth() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": {"e"}, "e": {"d"}, "f": {"a"}}
     assert _cycles(graph) == [("d", "e"), ("a", "b", "c")]
@@ -198,3 +245,9 @@ def test_the_old_paths_are_found() -> None:
 def test_no_module_imports_an_old_path(module: str) -> None:
     old = sorted(GRAPH[module] & OLD_PATHS)
     assert not old, f"{module} imports the deprecated {old}; import the modules they point to"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _in(m, "hessfine.bounds")))
+def test_bounds_modules_stay_small(module: str) -> None:
+    lines = len(MODULES[module].read_text(encoding="utf-8").splitlines())
+    assert lines <= 600, f"{module} has {lines} lines; split it by what it computes"

@@ -1,0 +1,279 @@
+"""What a measurement reads: the checkpoints, the model, the aligned layers and the data.
+
+:func:`load_inputs` turns the command line's (or the Python API's) paths into a
+:class:`MeasurementInputs`: the fine-tuned checkpoint and its reference (a PEFT adapter applied to
+its base), the model built from its spec and put in eval mode as a
+:class:`~hessfine.bounds.functional.FunctionalModel` with the task's per-example loss, the
+selected layers with their weight changes v_i = W_i − W_i^(s) (:func:`hessfine.analysis.checkpoints.align`),
+and the training and evaluation data — under label noise recorded by the run, the clean training
+labels, with the noisy ones kept beside them (:mod:`hessfine.analysis.run_labels`). What the
+command line leaves out comes from the run's manifest (``hessfine.json``): reference, model spec
+and kwargs, data, head reference. Every failure is an :class:`~hessfine.analysis.errors.InputError`
+that names the input and the fix.
+
+:func:`check_forward` then runs the model once on the data (inputs accepted, logits of the task's
+shape, labels within the classes, deterministic), and :func:`unused_layers` finds the selected
+layers the loss does not depend on.
+
+Example:
+    >>> inputs = load_inputs(Sources(Path("runs/robust/epoch_010.safetensors")),  # doctest: +SKIP
+    ...                      settings=MeasureSettings(), device=torch.device("cpu"))
+    >>> inputs.layers[:2], inputs.train.name  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from hessfine.analysis.checkpoints import (
+    Alignment,
+    Checkpoint,
+    align,
+    apply_adapter,
+    load_checkpoint,
+    load_head_reference,
+    select_layers,
+)
+from hessfine.analysis.data import LabeledData, Task, check_labels, load_data
+from hessfine.analysis.errors import InputError
+from hessfine.analysis.model_specs import build_model
+from hessfine.analysis.run_labels import NoiseMatrix, RunLabels, noise_matrix, read_run_labels
+from hessfine.bounds.functional import (
+    CausalLMLoss,
+    CrossEntropy,
+    FunctionalModel,
+    NondeterministicModelError,
+    check_deterministic,
+)
+from hessfine.bounds.safe_autodiff import differentiable
+from torch import Tensor
+
+DType = Literal["float32", "float64"]
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a measurement's inputs come from (command-line values, else the run manifest)."""
+
+    checkpoint: Path
+    reference: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    model: str | None = None
+    model_kwargs: Mapping[str, Any] | None = None
+    trust: bool = False
+    input_columns: tuple[str, ...] | None = None
+    label_column: str | None = None
+
+
+@dataclass(frozen=True)
+class MeasurementInputs:
+    """Everything a measurement computes on, loaded and aligned.
+
+    ``layers`` are the selected layers (every one, used or not); ``directions`` v_i and
+    ``distances`` ‖v_i‖_F per layer; ``train`` holds the labels the gap is stated against (the
+    run's clean labels under recorded label noise) and ``noisy_train`` those trained on.
+    """
+
+    checkpoint: Checkpoint
+    reference: Checkpoint
+    manifest: Mapping[str, Any]
+    model_spec: str
+    model_kwargs: dict[str, Any]
+    fmodel: FunctionalModel
+    params: dict[str, Tensor]
+    layers: list[str]
+    alignment: Alignment
+    directions: dict[str, Tensor]
+    distances: dict[str, float]
+    attention: str | None
+    train: LabeledData
+    noisy_train: LabeledData
+    eval: LabeledData | None
+    run_labels: RunLabels | None
+    noise: NoiseMatrix | None
+    data_specs: dict[str, str | None]
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_inputs(
+    sources: Sources,
+    *,
+    task: Task,
+    dtype: DType,
+    layers: tuple[str, ...] | None,
+    head_reference: str | None,
+    image_size: int,
+    device: torch.device,
+    verbose: bool = False,
+) -> MeasurementInputs:
+    """Load checkpoint, reference, model, aligned layers and data (module docstring).
+
+    ``verbose`` prints the layer alignment table.
+    """
+    src = sources
+    checkpoint = load_checkpoint(src.checkpoint, trust=src.trust, label="checkpoint")
+    manifest = checkpoint.manifest
+    base = checkpoint.directory or checkpoint.path.parent
+    reference_spec = src.reference or _from_manifest(manifest, "reference", base)
+    adapter = checkpoint.adapter
+    if reference_spec is None and adapter is not None and adapter.base is not None:
+        reference_spec = str(adapter.base)
+    if reference_spec is None:
+        raise InputError(
+            "--reference is required (the pretrained checkpoint); pass --reference PATH"
+        )
+    reference = load_checkpoint(reference_spec, trust=src.trust, label="--reference")
+    checkpoint = apply_adapter(checkpoint, reference)
+    hf_directory = reference.directory if adapter is not None else checkpoint.directory
+    spec = src.model or manifest.get("model")
+    if spec is None:
+        spec = "hf" if hf_directory and (hf_directory / "config.json").is_file() else None
+    if spec is None:
+        raise InputError("--model is required (e.g. torchvision:resnet18); pass --model SPEC")
+    kwargs = src.model_kwargs if src.model_kwargs is not None else manifest.get("model_kwargs", {})
+    model_kwargs = dict(kwargs or {})
+    module = build_model(spec, model_kwargs, hf_directory=hf_directory)
+    torch_dtype = torch.float64 if dtype == "float64" else torch.float32
+    module.to(dtype=torch_dtype)
+    selected = select_layers(module, list(layers or checkpoint.layers or ()))
+    head = head_reference
+    if head is None:  # not given: the run manifest's head_reference, else zero
+        given = manifest.get("head_reference")
+        head = (
+            "zero" if given in (None, "zero") else _from_manifest(manifest, "head_reference", base)
+        )
+    alignment = align(
+        module,
+        checkpoint,
+        reference,
+        layers=selected,
+        head_reference=load_head_reference(head, trust=src.trust),
+    )
+    module.to(device=device)
+    loss = CausalLMLoss() if task == "causal-lm" else CrossEntropy()
+    fmodel, params = FunctionalModel.from_module(module, loss=loss)
+    config = getattr(module, "config", None)
+    if verbose:
+        print(alignment.format_table())
+    data_spec = src.data or _from_manifest(manifest, "data", base, key2="train")
+    if data_spec is None:
+        raise InputError("--data is required (the training data); pass --data PATH|digits:train")
+    options = {
+        "image_size": image_size,
+        "trust": src.trust,
+        "task": task,
+        "input_columns": src.input_columns,
+        "label_column": src.label_column,
+        "pad_token_id": getattr(config, "pad_token_id", None),
+    }
+    train = load_data(str(data_spec), label="--data", **options)
+    # Under recorded label noise: measure against the clean labels, keep the noisy ones.
+    run_labels = read_run_labels(manifest, base, train)
+    noisy_train = train
+    if run_labels is not None:
+        noisy_train = replace(train, y=run_labels.noisy)
+        train = replace(train, y=run_labels.clean)
+    eval_spec = src.eval_data or _from_manifest(manifest, "data", base, key2="eval")
+    return MeasurementInputs(
+        checkpoint=checkpoint,
+        reference=reference,
+        manifest=manifest,
+        model_spec=spec,
+        model_kwargs=model_kwargs,
+        fmodel=fmodel,
+        params=params,
+        layers=selected,
+        alignment=alignment,
+        directions={
+            name: alignment.directions[name].to(device=device, dtype=torch_dtype)
+            for name in selected
+        },
+        distances={row.name: row.distance for row in alignment.rows},
+        attention=getattr(config, "_attn_implementation", None),
+        train=train,
+        noisy_train=noisy_train,
+        eval=None
+        if eval_spec is None
+        else load_data(str(eval_spec), label="--eval-data", **options),
+        run_labels=run_labels,
+        noise=noise_matrix(manifest),
+        data_specs={"train": str(data_spec), "eval": None if eval_spec is None else str(eval_spec)},
+        device=device,
+        dtype=torch_dtype,
+    )
+
+
+def check_forward(inputs: MeasurementInputs, data: LabeledData, *, task: Task) -> int:
+    """The number of logits per prediction, once the model has accepted the first examples of
+    ``data``, given logits of the task's shape twice alike (deterministic) and the labels of the
+    training and evaluation data are within them; else an :class:`InputError`."""
+    fmodel, params = inputs.fmodel, inputs.params
+    x, _ = next(
+        iter(data.batches(min(4, len(data)), limit=4, dtype=inputs.dtype, device=inputs.device))
+    )
+    try:
+        with torch.no_grad(), differentiable():
+            logits = fmodel.logits(params, x)
+            check_deterministic(fmodel, params, x)
+    except NondeterministicModelError as err:
+        raise InputError(f"--model {inputs.model_spec}: {err}") from None
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        shape = (
+            tuple(x.shape) if isinstance(x, Tensor) else {k: tuple(v.shape) for k, v in x.items()}
+        )
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(
+            f"--data {data.name}: the model rejects inputs of shape {shape} ({first}); "
+            "give data shaped for the model (e.g. --image-size) or the matching --model"
+        ) from None
+    causal = task == "causal-lm"
+    if logits.dim() != (3 if causal else 2):
+        wanted = "(batch, length, vocabulary)" if causal else "(batch, classes)"
+        hint = "" if causal else "; pass --task causal-lm for a language model"
+        raise InputError(
+            f"--model {inputs.model_spec}: expected {wanted} logits, got shape "
+            f"{tuple(logits.shape)}{hint}"
+        )
+    classes = logits.shape[-1]
+    check_labels(inputs.train, classes, option="--data")
+    if inputs.eval is not None:
+        check_labels(inputs.eval, classes, option="--eval-data")
+    return classes
+
+
+def unused_layers(
+    fmodel: FunctionalModel, params: Mapping[str, Tensor], layers: list[str], x, y: Tensor
+) -> list[str]:
+    """The ``layers`` the loss on (x, y) does not depend on: one forward and backward pass.
+
+    E.g. the auxiliary classifiers of torchvision's GoogLeNet and Inception v3, which only
+    training mode uses. Their Hessian blocks are zero (autograd gives them no gradient at all).
+    """
+    weights = {name: params[name].detach().requires_grad_(True) for name in layers}
+    with torch.enable_grad(), differentiable():
+        loss = fmodel.losses({**params, **weights}, x, y).sum()
+        if not loss.requires_grad:
+            return list(layers)
+        grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+    return [name for name, g in zip(layers, grads, strict=True) if g is None]
+
+
+def _from_manifest(
+    manifest: Mapping[str, Any], key: str, base: Path, *, key2: str | None = None
+) -> str | None:
+    """A path-like manifest entry, resolved against the manifest's directory."""
+    value = manifest.get(key)
+    if key2 is not None:
+        value = value.get(key2) if isinstance(value, dict) else None
+    if not isinstance(value, str) or not value:
+        return None
+    if ":" in value and not Path(value).exists() and not (base / value).exists():
+        return value
+    candidate = Path(value)
+    return str(candidate if candidate.is_absolute() else (base / candidate))
