@@ -19,9 +19,10 @@ Any other directory with checkpoints below it is a *directory of runs*
 (:mod:`hessfine.analysis.sources.run_collections`). A Lightning ``.ckpt`` file is read by
 :mod:`hessfine.analysis.sources.lightning`.
 
-Alignment (SPEC §1, §3.3). For the selected layers W_1..W_L, ``v_i = W_i − W_i^(s)``. A layer
-missing from the reference, or there with another shape, is a new *head*: its W^(s) is zero (the
-paper's code: v = W) or the head's initial weights from ``--head-reference``.
+Alignment (docs/inputs.md, "Alignment and the head reference"). For the selected layers W_1..W_L,
+``v_i = W_i − W_i^(s)``. A layer missing from the reference, or there with another shape, is a new
+*head*: its W^(s) is zero (the paper's code: v = W) or the head's initial weights from
+``--head-reference``.
 
 Example:
     >>> import torch
@@ -244,7 +245,8 @@ def _resolve_directory(directory: Path, manifest: dict[str, Any], label: str) ->
 
 
 def select_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> list[str]:
-    """Names of the layers whose weights the analysis measures, in model order (SPEC §3.4).
+    """Names of the layers whose weights the analysis measures, in model order
+    (docs/inputs.md, "Default layers").
 
     Default: the ≥2-D ``weight`` of every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and transformers
     ``Conv1D``, and the attention projections of ``nn.MultiheadAttention`` (``in_proj_weight``

@@ -1,4 +1,4 @@
-"""The ``hessfine`` command line (SPEC §3): a thin layer over the Python API.
+"""The ``hessfine`` command line (docs/cli.md): a thin layer over the Python API.
 
 Exit status 0 on success; 2 on a usage or input error, with one line on stderr naming the bad
 input and the fix (``--debug`` adds the traceback); 1 on an unexpected internal error.

@@ -1,11 +1,11 @@
 """``hessfine compare`` and ``hessfine figures``: measurements side by side with the measured gaps.
 
-Collects every ``measurement.json`` (SPEC §4) under the given paths, joins each with the
+Collects every ``measurement.json`` (docs/schema.md) under the given paths, joins each with the
 manifest ``hessfine.json`` of its fine-tuning run (method, seed, label-noise rate, the epoch of
-the checkpoint; SPEC §5) and with that epoch's row of the run's ``metrics.csv``, and writes
-the tables below. The manifest is looked for beside the checkpoint, then in the measurement's
-directory and its parents; without one, the run fields ``hessfine measure`` copied into the
-measurement (its ``manifest`` and ``epoch`` entries) are used. Written:
+the checkpoint; docs/finetune.md#run-directories) and with that epoch's row of the run's
+``metrics.csv``, and writes the tables below. The manifest is looked for beside the checkpoint, then
+in the measurement's directory and its parents; without one, the run fields ``hessfine measure``
+copied into the measurement (its ``manifest`` and ``epoch`` entries) are used. Written:
 
 * ``comparison.csv`` — one row per measurement;
 * ``layers.csv``, ``noise_stability.csv`` — the per-layer and per-σ long tables of

@@ -9,8 +9,8 @@ batch and the parameters that require gradients,
 
 Marking only the selected layers as trainable makes its Hessian the selected-parameter Hessian
 (cross-layer blocks included). Its trace is Σ_i Tr of the diagonal blocks, which equals
-Σ_i mean_x Tr[H_i(x)] — the sum of this tool's per-layer ``trace.mean`` (SPEC §4) — and its top
-eigenvalues are those of the same matrix as
+Σ_i mean_x Tr[H_i(x)] — the sum of this tool's per-layer ``trace.mean`` (docs/schema.md) — and its
+top eigenvalues are those of the same matrix as
 :func:`hessfine.bounds.estimators.spectra.whole_top_eigenvalues`.
 
 PyHessian's own behaviour that this module works around or reports (pyhessian 0.1):

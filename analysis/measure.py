@@ -49,7 +49,7 @@ from hessfine.analysis.measurement_inputs import (
 )
 from hessfine.analysis.model_specs import resolve_device
 from hessfine.analysis.progress import Progress
-from hessfine.analysis.quantities import QUANTITIES, REPORTED_PHASES, Quantity
+from hessfine.analysis.quantities import QUANTITIES, REPORTED_PHASES, Plan, Quantity
 from hessfine.analysis.results import timestamp, versions, write_json_atomic
 from hessfine.analysis.run_labels import noisy_label_statistics
 from hessfine.analysis.sampling import (
@@ -354,9 +354,12 @@ class _Measurement:
         stats = self._retrying(self._loss_statistics)
         stats.update(self._noisy_label_statistics())
         for quantity in QUANTITIES:
-            if quantity.wanted(self):
+            plan = quantity.plan(self)
+            if plan is not None:
                 t = time.perf_counter()
-                self.results[quantity.name] = self._retrying(lambda q=quantity: self._compute(q))
+                self.results[quantity.name] = self._retrying(
+                    lambda q=quantity, p=plan: self._compute(q, p)
+                )
                 elapsed = time.perf_counter() - t
                 self.timings[quantity.phase] = self.timings.get(quantity.phase, 0.0) + elapsed
         bounds = self._bounds(stats)
@@ -450,27 +453,25 @@ class _Measurement:
         if not self.quiet and self.ctx.is_writer:
             print(f"CUDA out of memory: retrying with batch size {size}")
 
-    def _compute(self, quantity: Quantity) -> Any:
-        """One quantity of the table: its own computation, or its estimator on this process's
-        share of the Hessian examples (once per noise level σ for ``per_sigma``), merged over
-        the processes and completed with the unused layers."""
-        if quantity.compute is not None:
-            return quantity.compute(self)
-        if quantity.per_sigma:
-            return [self._on_examples(quantity, sigma=sigma) for sigma in self.settings.noise_sigma]
-        return quantity.complete(self, self._on_examples(quantity))
+    def _compute(self, quantity: Quantity, plan: Plan) -> Any:
+        """One quantity of the table: its estimator on this process's share of the Hessian
+        examples (once per entry of ``plan.calls``), merged over the processes and completed
+        with the unused layers; or, for ``plan.whole_run``, its own computation."""
+        if plan.whole_run:
+            return quantity.estimator(self)
+        if plan.calls is not None:
+            return [self._on_examples(quantity, plan, **call) for call in plan.calls]
+        return plan.complete(self._on_examples(quantity, plan))
 
-    def _on_examples(self, quantity: Quantity, **extra: Any) -> Any:
+    def _on_examples(self, quantity: Quantity, plan: Plan, **call: Any) -> Any:
         """The quantity's estimator with draws keyed by (seed, name) and a progress bar."""
         inputs = self.inputs
         subject: Any = self.layers
-        if quantity.subject == "directions":
+        if plan.subject == "directions":
             subject = {name: inputs.directions[name] for name in self.layers}
-        with self.progress.stage(
-            quantity.name, total=quantity.total(self), unit=quantity.unit
-        ) as bar:
+        with self.progress.stage(quantity.name, total=plan.total, unit=quantity.unit) as bar:
             share = 1 / max(self.local_batches(self.hessian_data, self.count), 1)
-            update = (lambda done: bar(done * share)) if quantity.per_batch else bar
+            update = (lambda done: bar(done * share)) if plan.per_batch else bar
             value = quantity.estimator(
                 inputs.fmodel,
                 inputs.params,
@@ -479,8 +480,8 @@ class _Measurement:
                 generator=keyed_generator(self.settings.seed, quantity.name),
                 shard=self.ctx.shard(self.batch_size),
                 progress=update,
-                **quantity.options(self),
-                **extra,
+                **plan.options,
+                **call,
             )
         parts = self.ctx.gather(value)
         return merge_layers(parts) if isinstance(value, Mapping) else type(value).merge(parts)

@@ -1,4 +1,4 @@
-"""Build the network architecture named by a model spec (SPEC §3.3).
+"""Build the network architecture named by a model spec (docs/inputs.md, "Model specs").
 
 A spec names an architecture only; weights come from a checkpoint later
 (:func:`hessfine.analysis.checkpoints.align`). Every model is built with random initialisation — nothing is

@@ -1,20 +1,20 @@
 """The quantities a measurement computes, as one table.
 
-Each :class:`Quantity` says when it is asked for (``wanted``, from the settings), which function
-of :mod:`hessfine.bounds` computes it (``estimator``, run on this process's share of the Hessian
-examples with the draws keyed by the quantity's name and seed) or, for the two that need more
-than the Hessian examples, which function of the run does (``compute``), how its progress counts
-(``unit``, ``total``), the provenance timing it adds to (``phase``) and how a layer the model does
-not use is reported (``complete``: the result types' ``unused`` forms, exact since those layers'
-Hessian blocks are zero). :class:`hessfine.analysis.measure` runs the table in order, one loop:
+Each :class:`Quantity` names the function of :mod:`hessfine.bounds` that computes it
+(``estimator``, run on this process's share of the Hessian examples with the draws keyed by the
+quantity's name and seed; for the two that need more than the Hessian examples, a function of
+the run), its progress unit and the provenance timing it adds to (``phase``); its ``plan`` says
+from the settings whether it is asked for and how it runs (:class:`Plan`: progress total, the
+estimator's options, and how a layer the model does not use is reported — the result types'
+``unused`` forms, exact since those layers' Hessian blocks are zero). :class:`hessfine.analysis.measure` runs the table in order, one loop:
 time, retry with half the batch after a CUDA out-of-memory error, merge the processes' results
 (each result type's ``merge``), complete with the unused layers, and keep the result under the
 quantity's name for the quantities after it, the bounds and ``measurement.json``.
 
 To add a quantity: write its estimator in :mod:`hessfine.bounds.estimators` returning a type of
-:mod:`hessfine.bounds.estimates` (with ``to_json``, ``merge`` and ``unused``), add a row here,
-write its JSON in :func:`hessfine.analysis.measure.record` and declare its fields in
-:mod:`hessfine.analysis.schema`.
+:mod:`hessfine.bounds.estimates` (with ``to_json``, ``merge`` and ``unused``), add a row here with
+its plan, write its entry of ``measurement.json`` (``_Measurement._record`` in
+:mod:`hessfine.analysis.measure`) and declare its fields in :mod:`hessfine.analysis.schema`.
 
 Example:
     >>> [q.name for q in QUANTITIES][:3]
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from hessfine.analysis.distributed import Context
@@ -88,26 +88,39 @@ Run = MeasurementRun
 
 
 @dataclass(frozen=True)
+class Plan:
+    """How a quantity that was asked for runs: its progress ``total`` (in the quantity's unit),
+    the estimator's keyword ``options``, the estimator's first argument (the used layers, or
+    their directions v_i), ``calls`` when it runs once per entry (each entry's options added;
+    the result is then the list of results), ``per_batch`` when the estimator counts progress
+    per batch, and ``complete``, which adds the unused layers to the result. ``whole_run``: the
+    estimator takes the run itself (it needs more than the Hessian examples)."""
+
+    total: float = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
+    subject: Literal["layers", "directions"] = "layers"
+    calls: tuple[Mapping[str, Any], ...] | None = None
+    per_batch: bool = False
+    complete: Callable[[Any], Any] = field(default=lambda result: result)
+    whole_run: bool = False
+
+
+@dataclass(frozen=True)
 class Quantity:
-    """One row of the table (see the module docstring)."""
+    """One row of the table: its name (progress stage and key of the keyed draws and of the
+    results), provenance phase, progress unit, estimator, and ``plan``, which says from the
+    run's settings whether it is asked for (None: not) and how it runs."""
 
     name: str
     phase: str
-    wanted: Callable[[Run], bool]
-    unit: str = ""
-    total: Callable[[Run], float] = lambda run: 0
-    estimator: Callable[..., Any] | None = None
-    options: Callable[[Run], dict[str, Any]] = lambda run: {}
-    subject: Literal["layers", "directions"] = "layers"
-    per_sigma: bool = False
-    per_batch: bool = False
-    compute: Callable[[Run], Any] | None = None
-    complete: Callable[[Run, Any], Any] = lambda run, result: result
+    unit: str
+    estimator: Callable[..., Any]
+    plan: Callable[[Run], Plan | None]
 
 
-def _each(unused: Callable[[Run, str], Any]) -> Callable[[Run, dict], dict]:
-    """``complete`` for a per-layer result: the unused layers get ``unused(run, name)``."""
-    return lambda run, result: {**result, **{name: unused(run, name) for name in run.unused}}
+def _with_unused(run: Run, unused: Callable[[str], Any]) -> Callable[[dict], dict]:
+    """``complete`` for a per-layer result: each unused layer gets ``unused(name)``."""
+    return lambda result: {**result, **{name: unused(name) for name in run.unused}}
 
 
 def _layer_batches(run: Run) -> int:
@@ -123,16 +136,91 @@ def _numel(run: Run, names: list[str]) -> int:
     return sum(run.inputs.params[name].numel() for name in names)
 
 
-def _form_options(run: Run) -> dict[str, Any]:
+def _forms(run: Run) -> Plan:
     s = run.settings
     first_x, _ = next(iter(run.batches(run.hessian_data, run.count)))
-    return {
-        "estimator": s.estimator,
-        "lanczos_steps": s.lanczos_steps,
-        "positive_rtol": s.positive_rtol,
-        "reference_batch_size": run.batch_size,
-        "certify_on": first_x,
-    }
+    options = {"estimator": s.estimator, "lanczos_steps": s.lanczos_steps}
+    options |= {"positive_rtol": s.positive_rtol, "reference_batch_size": run.batch_size}
+    return Plan(
+        total=_layer_batches(run),
+        options={**options, "certify_on": first_x},
+        subject="directions",
+        complete=_with_unused(run, lambda name: QuadraticForm.unused(name, run.count)),
+    )
+
+
+def _trace(run: Run) -> Plan | None:
+    s = run.settings
+    if not (s.trace or s.noise_sigma):
+        return None
+    factor = len(run.layers) if s.trace_method == "hutch++" else 1
+    unused = TraceEstimate.unused(s.trace_probes)
+    return Plan(
+        s.trace_probes * factor,
+        {"probes": s.trace_probes, "route": s.trace_method},
+        complete=_with_unused(run, lambda name: unused),
+    )
+
+
+def _positive_trace(run: Run) -> Plan | None:
+    s = run.settings
+    if not s.trace:
+        return None
+    certified = run.certified(run.results["quadratic forms"], run.hessian_data)
+    options = {"probes": s.positive_trace_probes, "lanczos_steps": s.lanczos_steps}
+    return Plan(
+        _layer_batches(run),
+        {**options, "certified": certified, "rtol": s.positive_rtol},
+        complete=_with_unused(run, lambda name: PositiveTrace.unused()),
+    )
+
+
+def _eigenvalues(run: Run) -> Plan | None:
+    k = run.settings.eigen
+    if not k:
+        return None
+    steps = sum(_lanczos_steps(run, _numel(run, [name])) for name in run.layers)
+    zeros = _with_unused(run, lambda name: Eigenvalues.unused(_numel(run, [name]), k))
+    return Plan(steps, {"k": k}, complete=zeros)
+
+
+def _whole_eigenvalues(run: Run) -> Plan | None:
+    k = run.settings.eigen
+    if not k:
+        return None
+    zeros = _numel(run, run.unused)
+    return Plan(
+        _lanczos_steps(run, _numel(run, run.layers)),
+        {"k": k},
+        complete=lambda whole: whole.with_zeros(zeros, k),
+    )
+
+
+def _density(run: Run) -> Plan | None:
+    return Plan(4 * min(64, _numel(run, run.layers))) if run.settings.density else None
+
+
+def _relative_trace(run: Run) -> Plan | None:
+    s = run.settings
+    wanted = bool(s.noise_sigma) and s.noise_relative
+    return Plan(s.trace_probes, {"probes": s.trace_probes}) if wanted else None
+
+
+def _noise(run: Run) -> Plan | None:
+    s = run.settings
+    if not s.noise_sigma:
+        return None
+    sigmas = tuple({"sigma": sigma} for sigma in s.noise_sigma)
+    options = {"draws": s.noise_draws, "relative": s.noise_relative}
+    return Plan(s.noise_draws, options, calls=sigmas, per_batch=True)
+
+
+def _certificate(run: Run) -> Plan | None:
+    return Plan(whole_run=True) if run.settings.certificate else None
+
+
+def _consistent_forms(run: Run) -> Plan | None:
+    return Plan(whole_run=True) if run.inputs.noise is not None else None
 
 
 def consistent_forms(run: Run) -> tuple[dict[str, QuadraticForm], dict[str, bool], bool]:
@@ -228,115 +316,21 @@ def certificate(run: Run) -> dict[str, Any]:
     return {**found.to_json(), "curvature_source": source}
 
 
+# One row a line: a table, not reformatted.
+# fmt: off
 QUANTITIES: tuple[Quantity, ...] = (
-    Quantity(
-        "quadratic forms",
-        "quadratic_forms_s",
-        wanted=lambda run: True,
-        estimator=quadratic_forms,
-        unit="layer·batch",
-        total=_layer_batches,
-        options=_form_options,
-        subject="directions",
-        complete=_each(lambda run, name: QuadraticForm.unused(name, run.count)),
-    ),
-    Quantity(
-        "trace",
-        "trace_s",
-        wanted=lambda run: run.settings.trace or bool(run.settings.noise_sigma),
-        estimator=layer_traces,
-        unit="probe",
-        total=lambda run: (
-            run.settings.trace_probes
-            * (len(run.layers) if run.settings.trace_method == "hutch++" else 1)
-        ),
-        options=lambda run: {
-            "probes": run.settings.trace_probes,
-            "route": run.settings.trace_method,
-        },
-        complete=_each(lambda run, name: TraceEstimate.unused(run.settings.trace_probes)),
-    ),
-    Quantity(
-        "positive trace",
-        "trace_s",
-        wanted=lambda run: run.settings.trace,
-        estimator=positive_trace_max,
-        unit="layer·batch",
-        total=_layer_batches,
-        options=lambda run: {
-            "certified": run.certified(run.results["quadratic forms"], run.hessian_data),
-            "probes": run.settings.positive_trace_probes,
-            "lanczos_steps": run.settings.lanczos_steps,
-            "rtol": run.settings.positive_rtol,
-        },
-        complete=_each(lambda run, name: PositiveTrace.unused()),
-    ),
-    Quantity(
-        "eigenvalues",
-        "eigen_s",
-        wanted=lambda run: run.settings.eigen > 0,
-        estimator=top_eigenvalues,
-        unit="Lanczos step",
-        total=lambda run: sum(_lanczos_steps(run, _numel(run, [n])) for n in run.layers),
-        options=lambda run: {"k": run.settings.eigen},
-        complete=_each(
-            lambda run, name: Eigenvalues.unused(_numel(run, [name]), run.settings.eigen)
-        ),
-    ),
-    Quantity(
-        "eigenvalues (all layers)",
-        "eigen_s",
-        wanted=lambda run: run.settings.eigen > 0,
-        estimator=whole_top_eigenvalues,
-        unit="Lanczos step",
-        total=lambda run: _lanczos_steps(run, _numel(run, run.layers)),
-        options=lambda run: {"k": run.settings.eigen},
-        complete=lambda run, whole: whole.with_zeros(_numel(run, run.unused), run.settings.eigen),
-    ),
-    Quantity(
-        "density",
-        "eigen_s",
-        wanted=lambda run: run.settings.density,
-        estimator=spectral_density,
-        unit="Lanczos step",
-        total=lambda run: 4 * min(64, _numel(run, run.layers)),
-    ),
-    Quantity(
-        "relative trace",
-        "noise_s",
-        wanted=lambda run: bool(run.settings.noise_sigma) and run.settings.noise_relative,
-        estimator=relative_noise_traces,
-        unit="probe",
-        total=lambda run: run.settings.trace_probes,
-        options=lambda run: {"probes": run.settings.trace_probes},
-    ),
-    Quantity(
-        "noise",
-        "noise_s",
-        wanted=lambda run: bool(run.settings.noise_sigma),
-        estimator=noise_stability,
-        unit="draw",
-        total=lambda run: run.settings.noise_draws,
-        options=lambda run: {
-            "draws": run.settings.noise_draws,
-            "relative": run.settings.noise_relative,
-        },
-        per_sigma=True,
-        per_batch=True,
-    ),
-    Quantity(
-        "certificate",
-        "certificate_s",
-        wanted=lambda run: run.settings.certificate,
-        compute=certificate,
-    ),
-    Quantity(
-        "quadratic forms (consistent loss)",
-        "quadratic_forms_noisy_labels_s",
-        wanted=lambda run: run.inputs.noise is not None,
-        compute=consistent_forms,
-    ),
+    Quantity("quadratic forms", "quadratic_forms_s", "layer·batch", quadratic_forms, _forms),
+    Quantity("trace", "trace_s", "probe", layer_traces, _trace),
+    Quantity("positive trace", "trace_s", "layer·batch", positive_trace_max, _positive_trace),
+    Quantity("eigenvalues", "eigen_s", "Lanczos step", top_eigenvalues, _eigenvalues),
+    Quantity("eigenvalues (all layers)", "eigen_s", "Lanczos step", whole_top_eigenvalues, _whole_eigenvalues),
+    Quantity("density", "eigen_s", "Lanczos step", spectral_density, _density),
+    Quantity("relative trace", "noise_s", "probe", relative_noise_traces, _relative_trace),
+    Quantity("noise", "noise_s", "draw", noise_stability, _noise),
+    Quantity("certificate", "certificate_s", "repetition", certificate, _certificate),
+    Quantity("quadratic forms (consistent loss)", "quadratic_forms_noisy_labels_s", "layer·batch", consistent_forms, _consistent_forms),
 )
+# fmt: on
 """Every quantity, in the order computed (later ones read earlier results)."""
 
 REPORTED_PHASES = ("quadratic_forms_s", "trace_s", "eigen_s", "noise_s", "certificate_s")

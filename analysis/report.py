@@ -1,4 +1,5 @@
-"""``report.md``: the studies of SPEC §5.1 written up from a comparison's numbers.
+"""``report.md``: the studies in docs/finetune.md#the-demos-study written up from a comparison's
+numbers.
 
 :func:`write_report` splits the ``comparison.csv`` rows into the radius sweep, the methods on
 clean labels and the label-noise runs (:mod:`hessfine.figures.studies`), writes a table per

@@ -1,4 +1,5 @@
-"""Which examples the Hessian maxima see: a seeded, class-stratified sample (SPEC §3.1).
+"""Which examples the Hessian maxima see: a seeded, class-stratified sample
+(docs/inputs.md, "The Hessian examples").
 
 𝓗_i of Theorem 2.1 (Ju, Li & Zhang, ICML 2022) is a maximum over the data distribution. Taking
 the first N examples of a file sorted by class (an ImageFolder is) would cover one or two

@@ -1,4 +1,5 @@
-"""Benchmark of the exact per-example Hessian block quadratic forms (SPEC §6).
+"""Benchmark of the exact per-example Hessian block quadratic forms
+(results in bench/BENCHMARKS.md).
 
 For every selected layer i and every example (x, y) of a batch, the paper's per-layer quantity
 needs v_iᵀ H_i(x) v_i, where H_i(x) is layer i's diagonal block of the Hessian of ℓ(f_W(x), y)

@@ -13,19 +13,21 @@ Example:
 
 **Per-example losses.** A :class:`FunctionalModel` carries its loss ℓ(z, y) (``fmodel.loss``), and
 every estimator takes its per-example quantities from it: the loss itself, its curvature in the
-logits z'ᵀ ∇²_z ℓ z' (the Gauss–Newton form, SPEC §1.2) and a factorisation ∇²_z ℓ = Σ_k r_k r_kᵀ
-(for exact Gauss–Newton traces). Three losses are provided:
+logits z'ᵀ ∇²_z ℓ z' (the Gauss–Newton form, docs/mathematics.md, "Computing the quantities fast and
+exactly") and a factorisation ∇²_z ℓ = Σ_k r_k r_kᵀ (for exact Gauss–Newton traces). Three losses
+are provided:
 
 * :class:`CrossEntropy` — classification, ℓ(z, y) = −log softmax(z)_y, ∇²_z ℓ = diag p − p pᵀ.
-* :class:`CausalLMLoss` — causal language modelling (SPEC §3.3a): one example is one sequence
-  with logits z ∈ ℝ^{T×V} and labels y ∈ ℤ^T given unshifted as Hugging Face takes them; the
-  token at position t predicts label y_{t+1}, labels −100 are ignored, and
+* :class:`CausalLMLoss` — causal language modelling (docs/inputs.md, "Tasks"): one example is one
+  sequence with logits z ∈ ℝ^{T×V} and labels y ∈ ℤ^T given unshifted as Hugging Face takes them;
+  the token at position t predicts label y_{t+1}, labels −100 are ignored, and
   ℓ = (1/m) Σ_{t ∈ S} −log softmax(z_t)_{y_{t+1}} over the m label positions S. Its Hessian in
   the logits is block diagonal over positions, (1/m)(diag p_t − p_t p_tᵀ) on each t ∈ S.
 * :class:`ConsistentCrossEntropy` — the backward-corrected loss for class-conditional label noise
-  (Patrini et al., CVPR 2017; SPEC §1): ℓ̄(z, ỹ) = Σ_j (F⁻¹)[ỹ, j]·ℓ(z, j). Because the rows of F⁻¹
-  sum to one, ℓ̄ = logsumexp(z) − (F⁻¹)[ỹ]·z, whose logit Hessian is that of cross-entropy; its
-  weight-space Hessian differs through the gradient p − (F⁻¹)[ỹ] that multiplies z''.
+  (Patrini et al., CVPR 2017; docs/bounds.md, "Label noise"): ℓ̄(z, ỹ) = Σ_j (F⁻¹)[ỹ, j]·ℓ(z, j).
+  Because the rows of F⁻¹ sum to one, ℓ̄ = logsumexp(z) − (F⁻¹)[ỹ]·z, whose logit Hessian is that of
+  cross-entropy; its weight-space Hessian differs through the gradient p − (F⁻¹)[ỹ] that multiplies
+  z''.
 
 **Hugging Face attention masks.** transformers ≥ 5 derives its 4-D attention mask from the 2-D
 ``attention_mask`` with data-dependent control flow (``masking_utils``), which ``vmap`` over
@@ -171,7 +173,8 @@ class CrossEntropy:
 
 @dataclass(frozen=True)
 class CausalLMLoss:
-    """Mean next-token cross-entropy of each sequence over its label positions (SPEC §3.3a).
+    """Mean next-token cross-entropy of each sequence over its label positions
+    (docs/inputs.md, "Tasks").
 
     z is (N, T, V); y is (N, T), unshifted (position t predicts y[:, t+1]), −100 ignored. A
     sequence without any label position has loss 0 and no curvature.

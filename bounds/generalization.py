@@ -1,4 +1,5 @@
-"""Assembly of the generalization bounds from per-layer quantities (SPEC §1 and §4 ``bounds``).
+"""Assembly of the generalization bounds from per-layer quantities
+(docs/bounds.md; the ``bounds`` entry of docs/schema.md).
 
 Notation: selected layers i = 1..L with weights W_i, reference (pretrained) weights W_i^(s),
 v_i = vec(W_i − W_i^(s)), training-set size n, loss bound C, training loss L̂, ε ≥ 0.
@@ -223,7 +224,8 @@ def prior_distance_measures(
 
 @dataclass(frozen=True)
 class Bounds:
-    """``measurement.json → bounds`` (SPEC §4) plus the noisy-label versions when F is known."""
+    """``measurement.json → bounds`` (docs/schema.md) plus the noisy-label versions when F is
+    known."""
 
     C: float
     n: int
@@ -270,7 +272,8 @@ def assemble_bounds(
     input_norm: float = 1.0,
     delta: float = 0.05,
 ) -> Bounds:
-    """Every bound of SPEC §4 from per-layer values (see the module docstring for the formulas).
+    """Every bound in docs/schema.md from per-layer values (see the module docstring for the
+    formulas).
 
     Args:
         train_loss: L̂, the mean training loss.

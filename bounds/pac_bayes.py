@@ -5,10 +5,10 @@ other weight fixed at its value in both), so with v_i = W_i − W_i^(s)
 
     KL(Q ‖ P) = ½ Σ_i ‖v_i‖² / σ_i²            (exact constant; the paper drops the ½).
 
-**Choice of σ_i (the paper's optimal-covariance rule, SPEC §1).** Modelling the loss increase
-under noise by ½⟨Σ_i, A_i⟩ and the complexity by KL/n = (1/2n)⟨Σ_i⁻¹, v_i v_iᵀ⟩, and restricting
-Σ_i = σ_i² I with a scalar curvature A_i·I (``curvature``; e.g. the trace per dimension
-mean_x Tr[H_i(x)]/d_i, or the curvature 𝓗_i/‖v_i‖² along v_i), minimising
+**Choice of σ_i (the paper's optimal-covariance rule, docs/bounds.md, "PAC-Bayes pieces").**
+Modelling the loss increase under noise by ½⟨Σ_i, A_i⟩ and the complexity by KL/n = (1/2n)⟨Σ_i⁻¹,
+v_i v_iᵀ⟩, and restricting Σ_i = σ_i² I with a scalar curvature A_i·I (``curvature``; e.g. the trace
+per dimension mean_x Tr[H_i(x)]/d_i, or the curvature 𝓗_i/‖v_i‖² along v_i), minimising
 σ_i² d_i A_i + ‖v_i‖²/(n σ_i²) gives
 
     σ_i*² = ‖v_i‖ / sqrt(n · d_i · A_i),   value 2·sqrt(d_i A_i ‖v_i‖² / n),

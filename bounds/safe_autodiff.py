@@ -1,6 +1,7 @@
 """Making PyTorch's higher-order automatic differentiation trustworthy for the estimators.
 
-Two classes of problems (SPEC §1.3) are handled here:
+Two classes of problems (docs/mathematics.md, "Known traps in PyTorch's automatic differentiation")
+are handled here:
 
 * **Nested forward mode is silently wrong for some fused kernels.** The second-order forward
   derivative (``jvp`` of ``jvp``) of ``F.layer_norm`` has a relative error of order 1e4 on random

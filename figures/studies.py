@@ -1,4 +1,5 @@
-"""The three studies of SPEC §5.1 read from a ``comparison.csv`` table, and their figures.
+"""The three studies in docs/finetune.md#the-demos-study read from a ``comparison.csv`` table, and
+their figures.
 
 The rows of one comparison are split by what they hold, so that a user's own runs fall into
 the same studies as the demo's:

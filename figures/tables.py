@@ -1,6 +1,7 @@
 """Result tables as the figures read them (plain ``csv``/``json``, no torch).
 
-Three long tables describe a comparison (written by ``hessfine compare``, SPEC §3.2):
+Three long tables describe a comparison (written by ``hessfine compare``,
+docs/cli.md, "hessfine compare"):
 
 * ``comparison.csv`` — one row per measurement;
 * ``layers.csv`` — one row per (measurement, layer): ``distance`` = ‖v_i‖_F,

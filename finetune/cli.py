@@ -1,4 +1,5 @@
-"""``hessfine finetune``: fine-tune with one of the methods of SPEC §5 and write a run directory.
+"""``hessfine finetune``: fine-tune with one of the methods in docs/finetune.md#methods and write a
+run directory.
 
 The command builds the model from ``--model`` (randomly initialised with ``--seed``), copies in
 every tensor of ``--reference`` whose name and shape match (a head for another number of classes
@@ -79,7 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     d = _DEFAULTS
     what = parser.add_argument_group("model and data")
-    what.add_argument("--model", required=True, metavar="SPEC", help="model spec (SPEC §3.3)")
+    what.add_argument(
+        "--model", required=True, metavar="SPEC", help="model spec (docs/inputs.md#model-specs)"
+    )
     what.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the model")
     what.add_argument(
         "--reference", required=True, metavar="PATH", help="pretrained checkpoint (file or dir)"

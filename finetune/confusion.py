@@ -1,7 +1,7 @@
 """Class-conditional label noise: generation, the consistent loss, and Dual-T estimation.
 
-Noise model (SPEC §1, "Label noise"). The observed label of an example with clean label y is z
-with probability F[y, z]; F is a row-stochastic k×k *confusion* (transition) matrix.
+Noise model (docs/bounds.md, "Label noise"). The observed label of an example with clean label y is
+z with probability F[y, z]; F is a row-stochastic k×k *confusion* (transition) matrix.
 
 * :func:`symmetric_confusion` — F = (1−ρ)·I + ρ/(k−1)·(J − I): the stated rate ρ is the true
   probability that the label changes, spread evenly over the k−1 other classes.

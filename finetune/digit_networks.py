@@ -22,9 +22,10 @@ ResNets, while a 28×28 image still costs well under a megaflop at ``width=8``.
 
 Everything after each weight layer is piecewise linear in eval mode (ReLU, max-pool, eval-mode
 BatchNorm, average pooling), so every per-layer Hessian block of the cross-entropy loss equals its
-Gauss–Newton part and is PSD (SPEC §1.2); the residual additions of :func:`digits_resnet` are
-linear, so the same holds there. The classifier is the Linear layer named ``head``, so a
-model with another number of classes differs from a pretrained one in ``head.*`` only.
+Gauss–Newton part and is PSD (docs/mathematics.md, "Computing the quantities fast and exactly"); the
+residual additions of :func:`digits_resnet` are linear, so the same holds there. The classifier is
+the Linear layer named ``head``, so a model with another number of classes differs from a pretrained
+one in ``head.*`` only.
 
 Example:
     >>> import torch

@@ -1,4 +1,5 @@
-"""The fine-tuning methods (SPEC §5) as a registry of small objects, one per method.
+"""The fine-tuning methods (docs/finetune.md, "Methods") as a registry of small objects, one per
+method.
 
 :func:`hessfine.finetune.methods.finetune` runs one training loop for every method and asks the
 method's object, ``REGISTRY[config.method]`` (a :class:`FinetuneMethod`), what to do at each
@@ -331,23 +332,17 @@ def nso_gradient(
 class MethodSettings(Protocol):
     """The options the parts of the built-in methods read from ``run.config``.
 
-    :class:`~hessfine.finetune.methods.FinetuneConfig` has them all (with their range checks).
+    :class:`~hessfine.finetune.methods.FinetuneConfig` has them all (with their range checks);
+    the parts only read them.
     """
 
-    @property
-    def seed(self) -> int: ...
-    @property
-    def label_smoothing(self) -> float: ...
-    @property
-    def mixup_alpha(self) -> float: ...
-    @property
-    def l2sp_alpha(self) -> float: ...
-    @property
-    def sam_rho(self) -> float: ...
-    @property
-    def nso_sigma(self) -> float: ...
-    @property
-    def nso_draws(self) -> int: ...
+    seed: int
+    label_smoothing: float
+    mixup_alpha: float
+    l2sp_alpha: float
+    sam_rho: float
+    nso_sigma: float
+    nso_draws: int
 
 
 @dataclass(frozen=True)

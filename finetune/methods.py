@@ -1,4 +1,5 @@
-"""Fine-tuning (SPEC §5): one training loop for the paper's robust algorithm and the baselines.
+"""Fine-tuning (docs/finetune.md): one training loop for the paper's robust algorithm and the
+baselines.
 
 Every method minimises an average loss over mini-batches, starting from the pretrained
 (reference) weights W^(s), with the optimiser and learning-rate schedule of the config

@@ -1,4 +1,5 @@
-"""Run directories: fine-tune once and write everything the analysis needs (SPEC §3.3, §5).
+"""Run directories: fine-tune once and write everything the analysis needs
+(docs/finetune.md, "Run directories").
 
 Layout of a run directory::
 

@@ -3,18 +3,19 @@
 Everything here is deliberately naive: loops over examples, full Hessians from
 :func:`torch.autograd.functional.hessian`, Jacobians from :func:`torch.autograd.functional.jacobian`
 and eigendecompositions from :func:`torch.linalg.eigh`. The estimators in :mod:`bounds` are tested
-against these quantities (SPEC §6).
+against these quantities.
 
-Notation (SPEC §1). For one example (x, y) with loss ℓ(f_W(x), y) (cross-entropy unless an oracle
-loss — :func:`causal_lm_loss`, :func:`consistent_loss` — is passed; inputs are tensors or dicts of
-tensors, outputs tensors or objects with ``.logits``) and selected layer i with flattened
-weight w_i:
+Notation (docs/mathematics.md, "Notation and the per-layer quantity"). For one example (x, y) with
+loss ℓ(f_W(x), y) (cross-entropy unless an oracle loss — :func:`causal_lm_loss`,
+:func:`consistent_loss` — is passed; inputs are tensors or dicts of tensors, outputs tensors or
+objects with ``.logits``) and selected layer i with flattened weight w_i:
 
 * H_i(x) = ∇²_{w_i} ℓ — the i-th diagonal block of the per-example Hessian;
 * G_i(x) = J_iᵀ (diag(p) − p pᵀ) J_i — its Gauss–Newton part, J_i = ∂ logits / ∂ w_i, p = softmax;
 * H_i^+ = U max(D, 0) Uᵀ for H_i = U D Uᵀ;
 * the Hessian of the mean loss over a batch w.r.t. the concatenation of several layers
-  (cross-layer blocks included), used by the authors' reference-code estimator (SPEC §1.1).
+  (cross-layer blocks included), used by the authors' reference-code estimator
+  (docs/mathematics.md, "What the authors' released code computes").
 
 Example:
     >>> module = tiny_mlp("tanh")
@@ -71,7 +72,8 @@ class TinyResidualBlock(nn.Module):
 class TinyCNN(nn.Module):
     """(N,1,6,6) → Conv 3 → BN → ReLU → residual block → MaxPool 2 → Linear(27, 3).
 
-    Piecewise linear after every selected layer, so H_i(x) = G_i(x) exactly (SPEC §1.2).
+    Piecewise linear after every selected layer, so H_i(x) = G_i(x) exactly
+    (docs/mathematics.md, "Computing the quantities fast and exactly").
     """
 
     def __init__(self) -> None:

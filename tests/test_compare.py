@@ -1,4 +1,5 @@
-"""Tests of hessfine.analysis.compare on synthetic measurement.json files (schema of SPEC §4)."""
+"""Tests of hessfine.analysis.compare on synthetic measurement.json files (schema
+in docs/schema.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The import graph of the package: data flows one way (SPEC §2), without cycles or old paths.
+"""The import graph of the package: data flows one way (docs/architecture.md), without cycles or old
+paths.
 
 Every ``hessfine`` import in the source tree, including imports inside functions, is an edge of
 the graph: ``import hessfine.x.y`` and ``from hessfine.x import y`` lead to the module

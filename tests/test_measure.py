@@ -25,7 +25,7 @@ LAYER_KEYS = {"name", "numel", "distance", "method", "quadratic_form", "trace", 
 
 
 def assert_schema(result):
-    """SPEC §4, schema_version 1: every fixed key with its type."""
+    """docs/schema.md, schema_version 1: every fixed key with its type."""
     assert result["schema_version"] == 1
     for key in ("checkpoint", "reference", "model"):
         assert isinstance(result[key], str)

@@ -58,9 +58,10 @@ def test_nested_forward_mode_is_exact_inside_differentiable(case):
 def test_layer_norm_decomposition_is_exact_with_or_without_the_torch_defect():
     """Our decomposition's second derivative is exact; PyTorch's own may not be (informational).
 
-    PyTorch's fused layer norm has a wrong nested forward derivative (SPEC §1.3, issue #196700),
-    the reason the module exists. Whether the defect is still present is only reported (a skip
-    once a PyTorch release fixes it, so that the module can then be retired), never required.
+    PyTorch's fused layer norm has a wrong nested forward derivative
+    (docs/mathematics.md, "Known traps in PyTorch's automatic differentiation", issue #196700), the
+    reason the module exists. Whether the defect is still present is only reported (a skip once a
+    PyTorch release fixes it, so that the module can then be retired), never required.
     """
     exact = float(exact_second_directional(CASES["layer_norm"]))
     with differentiable():

@@ -1,4 +1,5 @@
-"""The Hessian examples: seeded, class-stratified, proportional, recorded (SPEC §3.1)."""
+"""The Hessian examples: seeded, class-stratified, proportional, recorded
+(docs/inputs.md, "The Hessian examples")."""
 
 import pytest
 import torch

@@ -101,3 +101,12 @@ def test_long_tables_have_the_declared_columns(name: str) -> None:
     noise = noise_rows(DOCUMENTS[name], key)
     names = [*schema.KEY_COLUMNS, *(c.name for c in schema.NOISE_COLUMNS[1:])]
     assert noise and all(list(row) == names for row in noise)
+
+
+def test_the_constants_name_declared_columns() -> None:
+    names = {c.name for c in schema.COMPARISON_COLUMNS}
+    constants = [schema.GAP, schema.HDM, schema.TRACE_MEASURE, schema.SUM_DISTANCE]
+    assert set(constants) <= names
+    assert set(schema.MEASURE_COLUMNS) <= names and set(schema.KEY_COLUMNS) <= names
+    assert schema.DISTANCE_PREFIX + "{name}" in names and schema.NOISE_PREFIX + "{σ}" in names
+    assert schema.LEADING_COLUMNS[: len(schema.KEY_COLUMNS)] == schema.KEY_COLUMNS

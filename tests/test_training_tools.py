@@ -1,4 +1,5 @@
-"""What training tools write, measured and compared through the command line (SPEC §3.3a).
+"""What training tools write, measured and compared through the command line
+(docs/inputs.md, "What training tools write").
 
 Each artefact is made once per module with the real library: transformers' ``Trainer`` (tiny
 BERT classifier, padded inputs), peft's ``get_peft_model`` + ``save_pretrained`` (LoRA adapters;

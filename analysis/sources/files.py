@@ -1,4 +1,5 @@
-"""Weights files: ``.safetensors``, ``torch.save`` files and sharded checkpoints (SPEC §3.3).
+"""Weights files: ``.safetensors``, ``torch.save`` files and sharded checkpoints
+(docs/inputs.md, "Checkpoints").
 
 ``.safetensors`` is read with :func:`safetensors.torch.load_file`; ``.pt/.pth/.bin/.ckpt`` with
 ``torch.load(map_location="cpu", weights_only=True)``, which refuses pickled Python objects

@@ -1,4 +1,5 @@
-"""Hugging Face ``datasets`` directories (``Dataset.save_to_disk``) as data (SPEC §3.3a).
+"""Hugging Face ``datasets`` directories (``Dataset.save_to_disk``) as data
+(docs/inputs.md, "Hugging Face datasets directories").
 
 A spec is ``DIR`` (a ``Dataset``: ``state.json`` and ``dataset_info.json``) or ``DIR:SPLIT`` (one
 split of a ``DatasetDict``: ``dataset_dict.json``). Inputs are the columns ``input_columns``

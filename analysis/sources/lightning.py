@@ -1,4 +1,4 @@
-"""Lightning ``.ckpt`` files (SPEC §3.3a).
+"""Lightning ``.ckpt`` files (docs/inputs.md, "Lightning").
 
 ``ModelCheckpoint`` writes ``lightning_logs/version_K/checkpoints/epoch=E-step=S.ckpt`` (and
 ``last.ckpt`` with ``save_last``): a dict with the LightningModule's ``state_dict`` (keys carry

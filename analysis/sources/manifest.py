@@ -1,4 +1,5 @@
-"""hessfine's run manifest ``hessfine.json`` (SPEC §3.3): model spec, kwargs, reference, data.
+"""hessfine's run manifest ``hessfine.json`` (docs/inputs.md, "The run manifest"): model spec,
+kwargs, reference, data.
 
 Example:
     >>> import tempfile

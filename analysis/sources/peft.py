@@ -1,4 +1,5 @@
-"""PEFT LoRA adapter directories (SPEC §3.3a): the fine-tuned weights are base + ΔW.
+"""PEFT LoRA adapter directories (docs/inputs.md, "PEFT LoRA adapters"): the fine-tuned weights are
+base + ΔW.
 
 ``PeftModel.save_pretrained`` writes ``adapter_config.json`` and ``adapter_model.safetensors``
 (or ``adapter_model.bin``) with keys ``base_model.model.<module>.lora_A.weight`` /

@@ -1,4 +1,4 @@
-"""Directories of runs: every checkpoint below a directory (SPEC §3.1).
+"""Directories of runs: every checkpoint below a directory (docs/inputs.md, "Directories of runs").
 
 :func:`find_checkpoints` lists every weights file below a directory, recursively (one per saved
 epoch of every run), except that a Hugging Face layout directory (:mod:`.hf`) or a PEFT adapter

@@ -1,4 +1,4 @@
-"""Hugging Face ``Trainer`` output directories (SPEC §3.3a).
+"""Hugging Face ``Trainer`` output directories (docs/inputs.md, "Hugging Face Trainer").
 
 ``Trainer(args=TrainingArguments(output_dir))`` writes one ``checkpoint-N/`` per save: the model
 (``model.safetensors`` or ``pytorch_model.bin`` with ``config.json``, or a PEFT adapter), the

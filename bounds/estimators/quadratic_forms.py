@@ -6,12 +6,13 @@ generalization bound (Theorem 2.1) needs
     𝓗_i = max_(x, y) v_iᵀ H_i⁺(x) v_i,
 
 where H_i(x) is the i-th diagonal block of the Hessian of ℓ(f_W(x), y) and H_i⁺ its positive part.
-The estimators (SPEC §4):
+The estimators (``--estimator``, docs/cli.md; recorded as ``settings.estimator``):
 
 * ``block``: v_iᵀ H_i(x) v_i exactly, the second derivative of t ↦ ℓ(f_{W+t·v_i}(x), y) at 0.
   On layers certified piecewise linear (see ``auto``) it equals the Gauss–Newton value from one
   JVP; elsewhere it comes from forward-over-reverse Hessian-vector products vmapped over the
-  examples of the batch (exact for every operation, unlike nested forward mode, SPEC §1.3).
+  examples of the batch (exact for every operation, unlike nested forward mode,
+  docs/mathematics.md, "Known traps in PyTorch's automatic differentiation").
 * ``ggn``: v_iᵀ G_i(x) v_i = z'ᵀ ∇²_z ℓ z' with a single JVP (the Gauss–Newton block); ∇²_z ℓ is
   the model's loss's curvature in the logits (diag p − p pᵀ for cross-entropy). For Linear and
   Conv weights with (B, C) logits and C ≤ 2 × their number, z' of all of them comes instead from
@@ -31,7 +32,8 @@ The estimators (SPEC §4):
   a random combination of the logits along a random probe of W_i vanishes on the first
   example(s) (:func:`hessfine.bounds.operators.certification.certify_piecewise_linear`).
   Uncertified layers use Lanczos quadrature.
-* ``reference-code``: the quantity of the authors' released scripts (SPEC §1.1): batches of
+* ``reference-code``: the quantity of the authors' released scripts
+  (docs/mathematics.md, "What the authors' released code computes"): batches of
   ``reference_batch_size`` examples in order, Hessian of the batch-mean loss, v stacked over all
   selected layers, per layer v_iᵀ (H v)_i (cross-layer blocks included), maximum over batches.
 

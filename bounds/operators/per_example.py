@@ -7,7 +7,7 @@ directional derivative of the per-example gradient,
 
 computed forward-over-reverse — the JVP of the gradient, Pearlmutter's R-operator (Neural
 Computation 1994) — and vmapped over examples: exact for every operation, unlike nested forward
-mode (SPEC §1.3).
+mode (docs/mathematics.md, "Known traps in PyTorch's automatic differentiation").
 
 * :func:`per_example_hvp` — u_b ↦ H_ii(x_b) u_b for a (B, d_i) block, one vector per example;
 * :func:`block_forms_hvp` — v_iᵀ H_ii(x_b) v_i for every example of a batch;
