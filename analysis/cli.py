@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.progress import add_quiet_option
 
 MEASURE_EXAMPLES = """\
 examples:
@@ -80,6 +81,7 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--input-columns",
         nargs="+",
+        action="extend",
         metavar="COL",
         help="datasets directory: input columns (default input_ids attention_mask)",
     )
@@ -135,6 +137,7 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--layers",
         nargs="+",
+        action="extend",
         metavar="GLOB",
         help="parameter-name globs overriding the default layers",
     )
@@ -175,6 +178,7 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         "--noise-sigma",
         type=float,
         nargs="+",
+        action="extend",
         default=[],
         metavar="S",
         help="noise-stability scales σ",
@@ -203,7 +207,7 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--trust-checkpoint", action="store_true", help="allow pickled objects (runs their code)")
     add("--verbose", action="store_true", help="print the layer alignment table")
-    add("--quiet", action="store_true", help="no progress bars")
+    add_quiet_option(parser)
     add(
         "--distribute",
         default="examples",

@@ -56,6 +56,7 @@ from typing import Any
 from hessfine.analysis.checkpoints import MANIFEST, read_manifest
 from hessfine.analysis.correlation import correlations
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.progress import add_quiet_option
 from hessfine.analysis.report import write_report
 from hessfine.analysis.results import write_csv
 from hessfine.analysis.schema import (
@@ -468,14 +469,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", choices=TARGETS, default=TARGETS[0], help="column to correlate with"
     )
-    parser.add_argument(
-        "--format",
-        nargs="+",
-        choices=["png", "pdf", "svg"],
-        default=["png", "pdf"],
-        dest="formats",
-        help="figure formats (default png pdf)",
-    )
+    _format_option(parser)
+    add_quiet_option(parser)
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
     parser.add_argument(
         "--report",
@@ -491,6 +486,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+FORMATS = ("png", "pdf")
+"""Figure formats when ``--format`` is not given."""
+
+
+def _format_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        action="extend",
+        choices=["png", "pdf", "svg"],
+        dest="formats",
+        help="figure formats (default png pdf; repeated options add up)",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``hessfine compare``; print what was written and the correlations; return 0."""
     if args.bootstrap < 0:
@@ -499,15 +509,16 @@ def run(args: argparse.Namespace) -> int:
         args.runs,
         args.out,
         target=args.target,
-        formats=args.formats,
+        formats=args.formats or FORMATS,
         figures=not args.no_figures,
         bootstrap=args.bootstrap,
         report=args.report,
     )
-    print(f"{len(result.rows)} measurements → {args.out}")
-    print(format_correlations(result.correlations))
-    for path in [*result.tables, *result.figures]:
-        print(f"  wrote {path}")
+    if not args.quiet:
+        print(f"{len(result.rows)} measurements → {args.out}")
+        print(format_correlations(result.correlations))
+        for path in [*result.tables, *result.figures]:
+            print(f"  wrote {path}")
     return 0
 
 
@@ -528,14 +539,8 @@ def figures_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("results", nargs="+", metavar="RESULTS", help="result files or directories")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-    parser.add_argument(
-        "--format",
-        nargs="+",
-        choices=["png", "pdf", "svg"],
-        default=["png", "pdf"],
-        dest="formats",
-        help="figure formats (default png pdf)",
-    )
+    _format_option(parser)
+    add_quiet_option(parser)
 
 
 def _read_result_tables(path: Path) -> tuple[list[Row], list[Row], list[Row]]:
@@ -584,9 +589,10 @@ def figures_run(args: argparse.Namespace) -> int:
     write_csv(rows, out / COMPARISON_TABLE, leading=LEADING_COLUMNS)
     write_csv(layers, out / LAYERS_TABLE, leading=KEY_COLUMNS)
     write_csv(noise, out / NOISE_TABLE, leading=KEY_COLUMNS)
-    written = _draw(out / COMPARISON_TABLE, out, args.formats)
-    for path in written:
-        print(f"wrote {path}")
-    if not written:
-        print("nothing to draw: the tables hold no bounds with positive values")
+    written = _draw(out / COMPARISON_TABLE, out, args.formats or FORMATS)
+    if not args.quiet:
+        for path in written:
+            print(f"wrote {path}")
+        if not written:
+            print("nothing to draw: the tables hold no bounds with positive values")
     return 0

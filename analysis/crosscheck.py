@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.progress import add_quiet_option
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.safe_autodiff import differentiable
 from torch import Tensor, nn
@@ -320,12 +321,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=1, help="number of top eigenvalues (1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument(
-        "--layers", nargs="+", default=None, metavar="GLOB", help="parameter-name globs"
+        "--layers",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="GLOB",
+        help="parameter-name globs (repeated options add up)",
     )
     parser.add_argument(
         "--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto: cuda if available)"
     )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    add_quiet_option(parser)
 
 
 def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -378,7 +385,10 @@ def run(args: argparse.Namespace) -> int:
     if len(unused) == len(layers):
         raise InputError("none of the selected layers is used in eval mode; check --layers")
     if unused:
-        print(f"note: left out layers not used in eval mode (zero Hessian): {', '.join(unused)}")
+        if not args.quiet:
+            print(
+                f"note: left out layers not used in eval mode (zero Hessian): {', '.join(unused)}"
+            )
         layers = [name for name in layers if name not in unused]
     rows = crosscheck(
         model,
@@ -390,10 +400,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     params = dict(model.named_parameters())
-    print(
-        f"model {args.model}, {len(layers)} layers, {sum(params[n].numel() for n in layers)} "
-        f"weights, {x.shape[0]} examples, {args.probes} probes, {args.dtype} on {device}"
-    )
+    if not args.quiet:
+        print(
+            f"model {args.model}, {len(layers)} layers, {sum(params[n].numel() for n in layers)} "
+            f"weights, {x.shape[0]} examples, {args.probes} probes, {args.dtype} on {device}"
+        )
     print(format_table(rows))
     if len(rows) - 1 < args.top_k:
         print(

@@ -67,6 +67,7 @@ from hessfine.analysis.compare import compare
 from hessfine.analysis.data import load_data
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.measure import MeasureSettings, measure_path
+from hessfine.analysis.progress import add_quiet_option
 from hessfine.analysis.results import write_json_atomic, write_text_atomic
 from hessfine.finetune.confusion import corrupt_labels, noise_confusion
 from hessfine.finetune.digit_networks import digits_resnet
@@ -597,21 +598,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output directory (default ./hessfine-demo); the pretrained model is cached there",
     )
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hessfine demo``; print where the results are; return 0."""
     settings = QUICK if args.quick else STUDIES[args.study]
     result = run_demo(args.out, settings=settings, seed=args.seed, quiet=args.quiet)
-    print(
-        f"{len(result.measurements)} measurements of {len(result.runs)} runs in "
-        f"{result.seconds['total wall']:.0f} s ({result.seconds['total CPU']:.0f} s CPU) → "
-        f"{result.out}"
-    )
-    print(f"  report:             {result.report}")
-    print(f"  tables and figures: {result.comparison.parent}")
-    for failure in result.failures:
-        print(f"  failed run (left out): {failure}")
-    sys.stdout.flush()
+    if not args.quiet:
+        print(
+            f"{len(result.measurements)} measurements of {len(result.runs)} runs in "
+            f"{result.seconds['total wall']:.0f} s ({result.seconds['total CPU']:.0f} s CPU) → "
+            f"{result.out}"
+        )
+        print(f"  report:             {result.report}")
+        print(f"  tables and figures: {result.comparison.parent}")
+        for failure in result.failures:
+            print(f"  failed run (left out): {failure}")
+        sys.stdout.flush()
     return 0

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO
@@ -21,6 +22,17 @@ from typing import IO
 from tqdm import tqdm
 
 _FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}]"
+
+
+def add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    """``--quiet``, which every subcommand takes: no progress bars, notes or summaries on
+    standard output (errors still go to stderr; a result that is only printed, such as
+    ``crosscheck``'s table, is still printed)."""
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars, notes or summaries on standard output (errors still on stderr)",
+    )
 
 
 class Progress:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.progress import add_quiet_option
 from hessfine.finetune.confusion import corrupt_labels, load_confusion, noise_confusion
 from hessfine.finetune.methods import (
     CONSISTENT_METHODS,
@@ -90,11 +91,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--data", required=True, metavar="TRAIN", help="training data spec")
     what.add_argument("--eval-data", metavar="EVAL", help="evaluation data spec (test split)")
     what.add_argument(
-        "--input-columns", nargs="+", metavar="COL", help="datasets directory: input columns"
+        "--input-columns",
+        nargs="+",
+        action="extend",
+        metavar="COL",
+        help="datasets directory: input columns (repeated options add up)",
     )
     what.add_argument("--label-column", metavar="COL", help="datasets directory: label column")
     what.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
     what.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    add_quiet_option(parser)
     what.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -389,5 +395,6 @@ def run(args: argparse.Namespace) -> int:
         summary += f", eval acc {last['eval_acc']:.3f}"
     if result.manifest["best_epoch"] is not None:
         summary += f", best epoch {result.manifest['best_epoch']}"
-    print(summary, file=sys.stdout)
+    if not args.quiet:
+        print(summary, file=sys.stdout)
     return 0

@@ -269,3 +269,88 @@ def test_threads_option(files, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_every_subcommand_takes_quiet():
+    from hessfine.analysis.cli import build_parser
+
+    parser = build_parser()
+    needs = {
+        "measure": ["ft.pt", "--out", "o"],
+        "finetune": ["--model", "m", "--reference", "r", "--data", "d", "--out", "o"],
+        "compare": ["m", "--out", "o"],
+        "figures": ["m", "--out", "o"],
+        "demo": [],
+        "crosscheck": [],
+    }
+    needs["finetune"] += ["--method", "plain"]
+    for command, required in needs.items():
+        assert parser.parse_args([command, *required, "--quiet"]).quiet is True, command
+
+
+def test_repeated_list_options_add_up():
+    from hessfine.analysis.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["measure", "ft.pt", "--out", "o", "--layers", "a", "--layers", "b", "c"]
+        + [
+            "--noise-sigma",
+            "1e-3",
+            "--noise-sigma",
+            "1e-2",
+            "--input-columns",
+            "x",
+            "--input-columns",
+            "y",
+        ]
+    )
+    assert args.layers == ["a", "b", "c"]
+    assert args.noise_sigma == [1e-3, 1e-2] and args.input_columns == ["x", "y"]
+    compare = parser.parse_args(
+        ["compare", "m", "--out", "o", "--format", "png", "--format", "svg"]
+    )
+    assert compare.formats == ["png", "svg"]
+    assert parser.parse_args(["compare", "m", "--out", "o"]).formats is None  # png pdf
+    check = parser.parse_args(["crosscheck", "--layers", "a", "--layers", "b"])
+    assert check.layers == ["a", "b"]
+
+
+def test_quiet_compare_prints_nothing(files, capsys):
+    assert main(argv(files)) == 0
+    capsys.readouterr()
+    assert main(["compare", str(files / "out"), "--out", str(files / "cmp"), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert (files / "cmp" / "comparison.csv").is_file()
+    assert main(["compare", str(files / "out"), "--out", str(files / "cmp2"), "--no-figures"]) == 0
+    assert "measurements" in capsys.readouterr().out
+
+
+def test_no_exception_text_at_interpreter_exit(tmp_path):
+    """A script using the Python API (estimators and measure) exits with a clean stderr."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import torch, warnings\n"
+        "warnings.filterwarnings('ignore')\n"
+        "from hessfine.bounds.functional import FunctionalModel\n"
+        "from hessfine.bounds.estimators.quadratic_forms import quadratic_forms\n"
+        "from hessfine.bounds.estimators.traces import layer_traces\n"
+        "from hessfine.bounds.estimators.spectra import top_eigenvalues\n"
+        "from tests.oracles import tiny_attention, tiny_data\n"
+        "net = tiny_attention()\n"
+        "fm, params = FunctionalModel.from_module(net)\n"
+        "names = ['attn.in_proj_weight', 'head.weight']\n"
+        "v = {n: 0.1 * torch.randn_like(params[n]) for n in names}\n"
+        "batches = [tiny_data('attention', 8)]\n"
+        "quadratic_forms(fm, params, v, batches)\n"
+        "layer_traces(fm, params, names, batches, probes=4)\n"
+        "top_eigenvalues(fm, params, names, batches, k=1)\n"
+        "print('done')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "done"
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
