@@ -8,7 +8,10 @@ a pickled whole ``nn.Module`` is accepted). A state dict nested under ``state_di
 ``model_state_dict`` or ``model`` (Lightning and common training scripts; repeatedly, e.g.
 ``{"model": {"state_dict": ...}}``) is unwrapped, and so is a mapping whose only tensor-holding
 entry is a mapping. Non-tensor entries are dropped. A ``module.`` (DataParallel/DDP) or
-``model.`` (Lightning) prefix is stripped while *every* key carries it. Sharded checkpoints
+``model.`` (Lightning) prefix is stripped while *every* key carries it; the names under which
+PyTorch's wrappers hold a module (``_orig_mod``, ``_fsdp_wrapped_module``,
+``_checkpoint_wrapped_module``) are removed by :func:`strip_wrappers` when aligning, where the
+keys then match the model. Sharded checkpoints
 (``*.safetensors.index.json`` or ``*.bin.index.json`` with a ``weight_map``) are read shard by
 shard and merged.
 
@@ -37,6 +40,12 @@ from torch import Tensor, nn
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 PREFIXES = ("module.", "model.")
+WRAPPERS = {
+    "_orig_mod": "torch.compile",
+    "_fsdp_wrapped_module": "FSDP",
+    "_checkpoint_wrapped_module": "activation checkpointing",
+}
+"""Attribute names under which PyTorch's wrappers hold the wrapped module, with the wrapper."""
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _CHUNK = 1 << 20
 
@@ -208,3 +217,18 @@ def strip_prefixes(
                 state = {k[len(prefix) :]: v for k, v in state.items()}
                 stripped = True
     return state
+
+
+def strip_wrappers(state: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``state`` with the :data:`WRAPPERS` names removed from its keys wherever they stand
+    (``encoder._orig_mod.layer.weight`` → ``encoder.layer.weight``), and the names removed;
+    ``state`` itself and ``()`` when no key holds one, or when two keys would become one."""
+    unwrapped: dict[str, Any] = {}
+    removed: set[str] = set()
+    for key, value in state.items():
+        *path, last = key.split(".")
+        removed.update(p for p in path if p in WRAPPERS)
+        unwrapped[".".join([*(p for p in path if p not in WRAPPERS), last])] = value
+    if not removed or len(unwrapped) < len(state):
+        return state, ()
+    return unwrapped, tuple(name for name in WRAPPERS if name in removed)
