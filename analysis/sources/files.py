@@ -1,9 +1,10 @@
 """Weights files: ``.safetensors``, ``torch.save`` files and sharded checkpoints
 (docs/inputs.md, "Checkpoints").
 
-``.safetensors`` is read with :func:`safetensors.torch.load_file`; ``.pt/.pth/.bin/.ckpt`` with
-``torch.load(map_location="cpu", weights_only=True)``, which refuses pickled Python objects
-(code) unless the user passes ``--trust-checkpoint`` (``trust=True``: ``weights_only=False``, and
+``.safetensors`` is read with :func:`safetensors.torch.load_file`; ``.pt/.pth/.bin/.ckpt`` and
+timm's ``.pth.tar`` with ``torch.load(map_location="cpu", weights_only=True)``, which refuses
+pickled Python objects (code) other than the plain-data :data:`SAFE_GLOBALS` (an
+``argparse.Namespace``) unless the user passes ``--trust-checkpoint`` (``trust=True``: ``weights_only=False``, and
 a pickled whole ``nn.Module`` is accepted). A state dict nested under ``state_dict``,
 ``model_state_dict`` or ``model`` (Lightning and common training scripts; repeatedly, e.g.
 ``{"model": {"state_dict": ...}}``) is unwrapped, and so is a mapping whose only tensor-holding
@@ -26,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
@@ -37,7 +39,7 @@ import torch
 from hessfine.analysis.errors import InputError
 from torch import Tensor, nn
 
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 PREFIXES = ("module.", "model.")
 WRAPPERS = {
@@ -46,6 +48,10 @@ WRAPPERS = {
     "_checkpoint_wrapped_module": "activation checkpointing",
 }
 """Attribute names under which PyTorch's wrappers hold the wrapped module, with the wrapper."""
+SAFE_GLOBALS = (argparse.Namespace,)
+"""Plain-data classes that ``weights_only`` loading may rebuild (no code runs: the object is
+created empty and its attributes set): timm's ``train.py`` saves its options, an
+``argparse.Namespace``, in every checkpoint."""
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _CHUNK = 1 << 20
 
@@ -65,6 +71,14 @@ def read_json_object(path: Path, *, name: str, fix: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InputError(f"{name} must hold a JSON object, not {type(value).__name__}; {fix}")
     return value
+
+
+def json_safe(value: object) -> Any:
+    """``value`` as plain JSON data: what JSON cannot hold as its ``str``."""
+    try:
+        return json.loads(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def sha256_of(files: Sequence[Path]) -> str:
@@ -96,7 +110,7 @@ def weights_digest(file: Path, *, label: str) -> str:
 
 
 def _check_suffix(file: Path, label: str) -> None:
-    if file.suffix not in WEIGHT_SUFFIXES:
+    if not file.name.endswith(WEIGHT_SUFFIXES):
         raise InputError(
             f"{label} {file}: unsupported file type {file.suffix!r}; "
             f"use one of {', '.join(WEIGHT_SUFFIXES)} or a sharded *.index.json"
@@ -104,9 +118,11 @@ def _check_suffix(file: Path, label: str) -> None:
 
 
 def load_torch(file: Path, *, trust: bool, label: str) -> object:
-    """``torch.load`` on the CPU, ``weights_only`` unless ``trust``; failures as one line."""
+    """``torch.load`` on the CPU, ``weights_only`` (with :data:`SAFE_GLOBALS`) unless ``trust``;
+    failures as one line."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=not trust)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(file, map_location="cpu", weights_only=not trust)
     except Exception as err:  # any unpickling failure: the file is the user's to fix
         found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(err))
         if found and not trust:
