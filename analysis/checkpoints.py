@@ -17,7 +17,8 @@ that applies:
 
 Any other directory with checkpoints below it is a *directory of runs*
 (:mod:`hessfine.analysis.sources.run_collections`). A Lightning ``.ckpt`` file is read by
-:mod:`hessfine.analysis.sources.lightning`.
+:mod:`hessfine.analysis.sources.lightning`, a timm ``.pth.tar`` by
+:mod:`hessfine.analysis.sources.timm_runs`.
 
 Alignment (docs/inputs.md, "Alignment and the head reference"). For the selected layers W_1..W_L,
 ``v_i = W_i − W_i^(s)``. A layer missing from the reference, or there with another shape, is a new
@@ -65,6 +66,7 @@ from hessfine.analysis.sources.lightning import attribute_prefix, is_lightning, 
 from hessfine.analysis.sources.manifest import MANIFEST, read_manifest
 from hessfine.analysis.sources.peft import ADAPTER_CONFIG, LoraAdapter, adapter_file, read_adapter
 from hessfine.analysis.sources.run_collections import find_checkpoints, is_run_collection
+from hessfine.analysis.sources.timm_runs import TIMM_SUFFIX, TimmWeights, read_timm
 from hessfine.analysis.sources.trainer import trainer_record
 from torch import Tensor, nn
 
@@ -98,7 +100,8 @@ class Checkpoint:
     file's parent when that holds ``hessfine.json`` or ``config.json`` — else ``None``.
 
     ``training`` is what the training tool recorded (``tool``, ``step``, ``epoch``; a Trainer's
-    ``logged`` losses, Lightning's ``hyper_parameters``), ``{}`` when nothing. ``adapter`` is a
+    ``logged`` losses, Lightning's ``hyper_parameters``, timm's ``arch``, ``weights``, ``args``
+    and ``summary`` row), ``{}`` when nothing. ``adapter`` is a
     PEFT adapter not yet merged (:func:`apply_adapter`); a merged one has ``deltas`` (exact
     float64 W − W_base of the adapted weights), their ``distances`` (from the factors) and its
     default ``layers``. ``prefixes`` are extra key prefixes that :func:`align` may remove.
@@ -118,13 +121,18 @@ class Checkpoint:
 
 
 def load_checkpoint(
-    path: str | Path, *, trust: bool = False, label: str = "checkpoint"
+    path: str | Path,
+    *,
+    trust: bool = False,
+    label: str = "checkpoint",
+    timm_weights: TimmWeights = "raw",
 ) -> Checkpoint:
     """Load a checkpoint file or single checkpoint directory (see the module docs).
 
     ``trust=True`` allows unpickling arbitrary objects (``--trust-checkpoint``): only for files
     from a trusted source, since unpickling can run code. ``label`` names the input in error
-    messages (e.g. ``"--reference"``).
+    messages (e.g. ``"--reference"``). ``timm_weights`` chooses a timm checkpoint's raw or EMA
+    weights (``--timm-weights``).
     """
     given = Path(path).expanduser()
     if not given.exists():
@@ -150,6 +158,9 @@ def load_checkpoint(
         manifest = read_manifest(given.parent)
         has_config = (given.parent / "config.json").is_file()
         directory = given.parent if manifest or has_config else None
+    if file.name.endswith(TIMM_SUFFIX):
+        state, training = read_timm(file, weights=timm_weights, trust=trust, label=label)
+        return Checkpoint(file, state, sha256_of([file]), manifest, directory, training=training)
     if file.suffix == ".ckpt":
         obj = load_torch(file, trust=trust, label=label)
         state = strip_prefixes(state_of(obj, file, label))
