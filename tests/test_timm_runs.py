@@ -145,7 +145,10 @@ def test_copies_count_once_like_hard_links(timm_run: Path, tmp_path: Path) -> No
     assert not os.path.samefile(copied / "checkpoint-1.pth.tar", copied / "model_best.pth.tar")
     names = [p.name for p in find_checkpoints(copied)]
     assert names == ["checkpoint-1.pth.tar", "last.pth.tar", "milestone-1.pth.tar"]
-    (copied / "checkpoint-1.pth.tar").unlink()  # a best without its numbered copy is measured
+    (copied / "checkpoint-1.pth.tar").rename(copied / "finetuned.pth.tar")  # not timm's name
+    names = [p.name for p in find_checkpoints(copied)]
+    assert names == ["finetuned.pth.tar", "last.pth.tar", "milestone-1.pth.tar"]
+    (copied / "finetuned.pth.tar").unlink()  # a best without its numbered copy is measured
     names = [p.name for p in find_checkpoints(copied)]
     assert names == ["last.pth.tar", "milestone-1.pth.tar", "model_best.pth.tar"]
 

@@ -4,8 +4,8 @@ timm's ``CheckpointSaver`` (``timm/utils/checkpoint_saver.py``) writes into the 
 directory after every epoch E (0-based) ``last.pth.tar``, and keeps ``checkpoint-E.pth.tar``
 while it ranks among the ``--checkpoint-hist`` best by the eval metric, ``model_best.pth.tar``
 (the best so far) and ``milestone-N.pth.tar`` snapshots. These are hard links to one file where
-the file system allows, else copies; each distinct content is one checkpoint
-(:func:`distinct_timm_files`). ``recovery-E-B.pth.tar`` (mid-epoch states for resuming) and the
+the file system allows, else copies; each distinct content is one checkpoint, under its
+``checkpoint-N`` name where it has one (:func:`distinct_timm_files`). ``recovery-E-B.pth.tar`` (mid-epoch states for resuming) and the
 ``tmp.pth.tar``/``recovery_tmp.pth.tar`` being written are not checkpoints. ``summary.csv`` has
 one row per epoch: ``epoch``, ``train_loss``, ``eval_loss``, ``eval_top1``, ``eval_top5``,
 ``lr`` (:func:`summary_row`).
@@ -55,10 +55,10 @@ TIMM_WEIGHTS: tuple[TimmWeights, ...] = ("raw", "ema")
 TIMM_SUFFIX = ".pth.tar"
 SUMMARY = "summary.csv"
 _TRANSIENT = re.compile(r"(recovery[-_].*|tmp)\.pth\.tar")
-_PREFERRED = (
-    re.compile(r"checkpoint-\d+\.pth\.tar"),
+_COPIES = (
     re.compile(r"milestone-\d+\.pth\.tar"),
     re.compile(r"model_best\.pth\.tar"),
+    re.compile(r"last\.pth\.tar"),
 )
 
 
@@ -130,9 +130,10 @@ def summary_row(path: Path, epoch: int | None) -> dict[str, float]:
 
 
 def distinct_timm_files(paths: Sequence[Path]) -> list[Path]:
-    """``paths`` without timm's recovery and temporary files, and with the ``.pth.tar`` files
-    of each directory that hold the same bytes (hard links or copies) counted once: a numbered
-    ``checkpoint-N`` before a ``milestone-N``, ``model_best`` and ``last``."""
+    """``paths`` without timm's recovery and temporary files, and without each
+    ``milestone-N``, ``model_best`` or ``last`` ``.pth.tar`` that holds the same bytes (a hard
+    link or a copy) as a file kept before it in its directory: first the files saved once
+    (``checkpoint-N``), then those names in that order."""
     kept = [p for p in paths if not p.name.endswith(TIMM_SUFFIX)]
     directories: dict[Path, list[Path]] = {}
     for path in paths:
@@ -146,21 +147,22 @@ def distinct_timm_files(paths: Sequence[Path]) -> list[Path]:
         if a.stat().st_size != b.stat().st_size:
             return False
         for file in (a, b):
-            digests.setdefault(file, sha256_of([file]))
+            if file not in digests:
+                digests[file] = sha256_of([file])
         return digests[a] == digests[b]
 
     for files in directories.values():
         distinct: list[Path] = []
-        for file in sorted(files, key=_preference):
-            if not any(same(file, other) for other in distinct):
+        for file in sorted(files, key=lambda f: (_copy_rank(f), f.name)):
+            if not (_copy_rank(file) and any(same(file, other) for other in distinct)):
                 distinct.append(file)
         kept.extend(distinct)
     return kept
 
 
-def _preference(path: Path) -> tuple[int, str]:
-    rank = next((i for i, p in enumerate(_PREFERRED) if p.fullmatch(path.name)), len(_PREFERRED))
-    return rank, path.name
+def _copy_rank(path: Path) -> int:
+    """0 for a file timm saves once, else 1 + the place of its name in :data:`_COPIES`."""
+    return next((i + 1 for i, p in enumerate(_COPIES) if p.fullmatch(path.name)), 0)
 
 
 def _is_int(value: object) -> bool:
