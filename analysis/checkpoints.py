@@ -101,10 +101,9 @@ class Checkpoint:
 
     ``training`` is what the training tool recorded (``tool``, ``step``, ``epoch``; a Trainer's
     ``logged`` losses, Lightning's ``hyper_parameters``, timm's ``arch``, ``weights``, ``args``
-    and ``summary`` row), ``{}`` when nothing. ``adapter`` is a
-    PEFT adapter not yet merged (:func:`apply_adapter`); a merged one has ``deltas`` (exact
-    float64 W − W_base of the adapted weights), their ``distances`` (from the factors) and its
-    default ``layers``. ``prefixes`` are extra key prefixes that :func:`align` may remove.
+    and ``summary`` row), ``{}`` when nothing. ``adapter`` is a PEFT adapter not yet merged
+    (:func:`apply_adapter`); a merged one has ``deltas`` (exact float64 W − W_base of the adapted
+    weights), their ``distances`` (from the factors) and its default ``layers``. ``prefixes`` are extra key prefixes that :func:`align` may remove.
     """
 
     path: Path
@@ -457,13 +456,13 @@ def align(
     ``module.``/``model.``/base-model prefix (Hugging Face ``base_model_prefix``) is added or
     removed, and the names of PyTorch's wrappers (``_orig_mod``, ``_fsdp_wrapped_module``,
     ``_checkpoint_wrapped_module``) removed wherever they stand, when the keys then match the
-    model better. For a selected layer i, W^(s)_i is the
-    reference's tensor when it has the same shape ("reference"); otherwise the layer is a new
-    head and W^(s)_i is zero ("head-zero", v_i = W_i as in the paper's code) or
-    ``head_reference[name]`` ("head-file", same shape required). At least one selected layer must
-    come from the reference. A merged PEFT adapter's exact changes (``finetuned.deltas``) are v_i
-    for the layers they cover, with the distances computed from the factors. Everything is
-    checked before the model is modified, so a failed alignment leaves the model as it was.
+    model better. For a selected layer i, W^(s)_i is the reference's tensor when it has the same
+    shape ("reference"); otherwise the layer is a new head and W^(s)_i is zero ("head-zero",
+    v_i = W_i as in the paper's code) or ``head_reference[name]`` ("head-file", same shape
+    required). At least one selected layer must come from the reference. A merged PEFT adapter's
+    exact changes (``finetuned.deltas``) are v_i for the layers they cover, with the distances
+    computed from the factors. Everything is checked before the model is modified, so a failed
+    alignment leaves the model as it was.
     """
     ft_label, ft_state = _label_state(finetuned, "checkpoint")
     ref_label, ref_state = _label_state(reference, "reference")
