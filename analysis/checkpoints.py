@@ -17,7 +17,8 @@ that applies:
 
 Any other directory with checkpoints below it is a *directory of runs*
 (:mod:`hessfine.analysis.sources.run_collections`). A Lightning ``.ckpt`` file is read by
-:mod:`hessfine.analysis.sources.lightning`.
+:mod:`hessfine.analysis.sources.lightning`, a timm ``.pth.tar`` by
+:mod:`hessfine.analysis.sources.timm_runs`.
 
 Alignment (docs/inputs.md, "Alignment and the head reference"). For the selected layers W_1..W_L,
 ``v_i = W_i − W_i^(s)``. A layer missing from the reference, or there with another shape, is a new
@@ -51,11 +52,13 @@ from hessfine.analysis.sources.files import (
     INDEX_SUFFIXES,
     PREFIXES,
     WEIGHT_SUFFIXES,
+    WRAPPERS,
     load_torch,
     read_weights,
     sha256_of,
     state_of,
     strip_prefixes,
+    strip_wrappers,
     weights_digest,
 )
 from hessfine.analysis.sources.hf import hf_weights
@@ -63,6 +66,7 @@ from hessfine.analysis.sources.lightning import attribute_prefix, is_lightning, 
 from hessfine.analysis.sources.manifest import MANIFEST, read_manifest
 from hessfine.analysis.sources.peft import ADAPTER_CONFIG, LoraAdapter, adapter_file, read_adapter
 from hessfine.analysis.sources.run_collections import find_checkpoints, is_run_collection
+from hessfine.analysis.sources.timm_runs import TIMM_SUFFIX, TimmWeights, read_timm
 from hessfine.analysis.sources.trainer import trainer_record
 from torch import Tensor, nn
 
@@ -96,10 +100,10 @@ class Checkpoint:
     file's parent when that holds ``hessfine.json`` or ``config.json`` — else ``None``.
 
     ``training`` is what the training tool recorded (``tool``, ``step``, ``epoch``; a Trainer's
-    ``logged`` losses, Lightning's ``hyper_parameters``), ``{}`` when nothing. ``adapter`` is a
-    PEFT adapter not yet merged (:func:`apply_adapter`); a merged one has ``deltas`` (exact
-    float64 W − W_base of the adapted weights), their ``distances`` (from the factors) and its
-    default ``layers``. ``prefixes`` are extra key prefixes that :func:`align` may remove.
+    ``logged`` losses, Lightning's ``hyper_parameters``, timm's ``arch``, ``weights``, ``args``
+    and ``summary`` row), ``{}`` when nothing. ``adapter`` is a PEFT adapter not yet merged
+    (:func:`apply_adapter`); a merged one has ``deltas`` (exact float64 W − W_base of the adapted
+    weights), their ``distances`` (from the factors) and its default ``layers``. ``prefixes`` are extra key prefixes that :func:`align` may remove.
     """
 
     path: Path
@@ -116,13 +120,18 @@ class Checkpoint:
 
 
 def load_checkpoint(
-    path: str | Path, *, trust: bool = False, label: str = "checkpoint"
+    path: str | Path,
+    *,
+    trust: bool = False,
+    label: str = "checkpoint",
+    timm_weights: TimmWeights = "raw",
 ) -> Checkpoint:
     """Load a checkpoint file or single checkpoint directory (see the module docs).
 
     ``trust=True`` allows unpickling arbitrary objects (``--trust-checkpoint``): only for files
     from a trusted source, since unpickling can run code. ``label`` names the input in error
-    messages (e.g. ``"--reference"``).
+    messages (e.g. ``"--reference"``). ``timm_weights`` chooses a timm checkpoint's raw or EMA
+    weights (``--timm-weights``).
     """
     given = Path(path).expanduser()
     if not given.exists():
@@ -148,6 +157,9 @@ def load_checkpoint(
         manifest = read_manifest(given.parent)
         has_config = (given.parent / "config.json").is_file()
         directory = given.parent if manifest or has_config else None
+    if file.name.endswith(TIMM_SUFFIX):
+        state, training = read_timm(file, weights=timm_weights, trust=trust, label=label)
+        return Checkpoint(file, state, sha256_of([file]), manifest, directory, training=training)
     if file.suffix == ".ckpt":
         obj = load_torch(file, trust=trust, label=label)
         state = strip_prefixes(state_of(obj, file, label))
@@ -328,6 +340,8 @@ class Alignment:
     ``params``/``buffers`` are the model's complete fine-tuned parameters and buffers (a buffer
     absent from the checkpoint, e.g. a non-persistent one, keeps the model's value);
     ``reference`` and ``directions`` hold W^(s)_i and v_i for the selected ``layers`` only.
+    ``unwrapped`` names, per input (``checkpoint``, ``reference``, ``--head-reference``), the
+    wrapper names removed from its keys (:func:`hessfine.analysis.sources.files.strip_wrappers`).
     """
 
     params: dict[str, Tensor]
@@ -336,9 +350,11 @@ class Alignment:
     reference: dict[str, Tensor]
     directions: dict[str, Tensor]
     rows: list[AlignmentRow]
+    unwrapped: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def format_table(self) -> str:
-        """A plain-text table: layer, shape, numel, source of W^(s), ‖v‖_F."""
+        """A plain-text table: layer, shape, numel, source of W^(s), ‖v‖_F; then the totals and
+        a line for each input whose keys lost wrapper names."""
         header = ("layer", "shape", "numel", "W^(s) from", "||v||_F")
         body = [
             (r.name, "x".join(map(str, r.shape)), str(r.numel), r.source, f"{r.distance:.6g}")
@@ -355,6 +371,9 @@ class Alignment:
         heads = sum(r.source != "reference" for r in self.rows)
         total = sum(r.numel for r in self.rows)
         lines.append(f"{len(self.rows)} layers ({heads} heads), {total} weights")
+        for label, names in self.unwrapped.items():
+            removed = ", ".join(f"{name}. ({WRAPPERS[name]})" for name in names)
+            lines.append(f"{label} keys: removed {removed}")
         return "\n".join(lines)
 
     def to_json(self) -> list[dict[str, Any]]:
@@ -377,19 +396,25 @@ def _label_state(value: Checkpoint | Mapping[str, Tensor], label: str) -> tuple[
     return label, {str(k): v for k, v in value.items() if isinstance(v, Tensor)}
 
 
-def _fit_prefix(state: dict[str, Any], wanted: set[str], prefixes: Sequence[str]) -> dict[str, Any]:
-    """``state`` with a key prefix added or removed when that matches more of ``wanted``."""
-    best, hits = state, len(wanted & state.keys())
-    for prefix in prefixes:
-        if hits == len(wanted):
-            break
-        added = {prefix + k: v for k, v in state.items()}
-        removed = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
-        for candidate in (added, removed):
+def _fit_prefix(
+    state: dict[str, Any], wanted: set[str], prefixes: Sequence[str]
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``state`` with a key prefix added or removed, or the wrapper names removed (and then a
+    prefix), when that matches more of ``wanted``; and the wrapper names it removed."""
+    unwrapped, names = strip_wrappers(state)
+    best, hits, removed = state, len(wanted & state.keys()), ()
+    for base, dropped in ((state, ()), (unwrapped, names)):
+        candidates = [base]
+        for prefix in prefixes:
+            candidates.append({prefix + k: v for k, v in base.items()})
+            candidates.append({k.removeprefix(prefix): v for k, v in base.items()})
+        for candidate in candidates:
+            if hits == len(wanted):
+                return best, removed
             count = len(wanted & candidate.keys())
             if count > hits:
-                best, hits = candidate, count
-    return best
+                best, hits, removed = candidate, count, dropped
+    return best, removed
 
 
 def _all_finite(tensor: Tensor) -> bool:
@@ -429,13 +454,15 @@ def align(
     Every model parameter must be in the fine-tuned state with the model's shape and finite
     values (extra checkpoint entries are ignored; a missing buffer keeps the model's value). A
     ``module.``/``model.``/base-model prefix (Hugging Face ``base_model_prefix``) is added or
-    removed when the keys then match the model better. For a selected layer i, W^(s)_i is the
-    reference's tensor when it has the same shape ("reference"); otherwise the layer is a new
-    head and W^(s)_i is zero ("head-zero", v_i = W_i as in the paper's code) or
-    ``head_reference[name]`` ("head-file", same shape required). At least one selected layer must
-    come from the reference. A merged PEFT adapter's exact changes (``finetuned.deltas``) are v_i
-    for the layers they cover, with the distances computed from the factors. Everything is
-    checked before the model is modified, so a failed alignment leaves the model as it was.
+    removed, and the names of PyTorch's wrappers (``_orig_mod``, ``_fsdp_wrapped_module``,
+    ``_checkpoint_wrapped_module``) removed wherever they stand, when the keys then match the
+    model better. For a selected layer i, W^(s)_i is the reference's tensor when it has the same
+    shape ("reference"); otherwise the layer is a new head and W^(s)_i is zero ("head-zero",
+    v_i = W_i as in the paper's code) or ``head_reference[name]`` ("head-file", same shape
+    required). At least one selected layer must come from the reference. A merged PEFT adapter's
+    exact changes (``finetuned.deltas``) are v_i for the layers they cover, with the distances
+    computed from the factors. Everything is checked before the model is modified, so a failed
+    alignment leaves the model as it was.
     """
     ft_label, ft_state = _label_state(finetuned, "checkpoint")
     ref_label, ref_state = _label_state(reference, "reference")
@@ -455,7 +482,7 @@ def align(
         if finetuned.deltas is not None:
             distances = finetuned.distances or {}
             exact = {k: (v, distances[k]) for k, v in finetuned.deltas.items()}
-            exact = _fit_prefix(exact, set(params), prefixes)
+            exact = _fit_prefix(exact, set(params), prefixes)[0]
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise InputError("no layers selected; pass --layers GLOB patterns that match weights")
@@ -463,7 +490,8 @@ def align(
     if unknown:
         raise InputError(f"layer {unknown[0]!r} is not a parameter of the model; fix --layers")
 
-    ft_state = _fit_prefix(ft_state, set(params) | set(buffers), prefixes)
+    unwrapped: dict[str, tuple[str, ...]] = {}
+    ft_state, unwrapped["checkpoint"] = _fit_prefix(ft_state, set(params) | set(buffers), prefixes)
     missing = [n for n in params if n not in ft_state]
     if missing:
         raise InputError(
@@ -475,10 +503,12 @@ def align(
         _check_shape(ft_label, name, ft_state[name], tensor)
         _check_finite(ft_label, name, ft_state[name])
 
-    ref_state = _fit_prefix(ref_state, set(params), prefixes)
+    ref_state, unwrapped["reference"] = _fit_prefix(ref_state, set(params), prefixes)
     heads: dict[str, Tensor] = {}
     if head_reference is not None:
-        heads = _fit_prefix(_label_state(head_reference, "")[1], set(layers), prefixes)
+        heads, unwrapped["--head-reference"] = _fit_prefix(
+            _label_state(head_reference, "")[1], set(layers), prefixes
+        )
     starts: dict[str, tuple[Tensor, Source]] = {}
     for name in layers:
         shape = params[name].shape
@@ -537,4 +567,5 @@ def align(
         reference=reference_weights,
         directions=directions,
         rows=rows,
+        unwrapped={label: names for label, names in unwrapped.items() if names},
     )

@@ -148,6 +148,13 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         help="W^(s) of a new head (default: the run manifest's head_reference, else zero)",
     )
     add(
+        "--timm-weights",
+        default="raw",
+        choices=["raw", "ema"],
+        help="timm train.py checkpoints: the raw weights (state_dict) or the EMA weights "
+        "(state_dict_ema)",
+    )
+    add(
         "--trace", action="store_true", help="per-layer Hessian traces (mean and positive-part max)"
     )
     add(
@@ -250,6 +257,7 @@ def _run_measure(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         seed=args.seed,
         image_size=args.image_size,
+        timm_weights=args.timm_weights,
     )
     settings.validate()
     context = detect(args.device)

@@ -28,8 +28,8 @@ The columns of every table, with their units and meaning, are declared in
 :mod:`hessfine.analysis.schema` (``docs/schema.md``); :func:`flat_row` builds a ``comparison.csv``
 row from them, copying what a measurement holds and deriving the rest (the run's method, seed,
 noise rate and radii from its manifest; sums over layers; the trace measure; families such as
-``distance_measure_NAME``, ``noise_stability_sigma_σ``, ``pac_bayes_NAME``, ``trainer_NAME``
-and ``metrics_COLUMN``).
+``distance_measure_NAME``, ``noise_stability_sigma_σ``, ``pac_bayes_NAME``, ``trainer_NAME``,
+``timm_COLUMN`` and ``metrics_COLUMN``).
 
 All files are written atomically (a temporary file renamed over the target).
 
@@ -298,9 +298,8 @@ def flat_row(record: Record) -> Row:
         },
         NOISE_PREFIX + "{σ}": lambda: _noise_columns(m.get("noise_stability") or []),
         "pac_bayes_{name}": lambda: _certificate_columns(bounds.get("pac_bayes_certificate")),
-        "trainer_{name}": lambda: {
-            f"trainer_{k}": v for k, v in ((m.get("training") or {}).get("logged") or {}).items()
-        },
+        "trainer_{name}": lambda: _training_columns(m, "logged", "trainer_"),
+        "timm_{column}": lambda: _training_columns(m, "summary", "timm_"),
         "metrics_{column}": lambda: {f"metrics_{k}": v for k, v in record.metrics.items()},
     }
     row: Row = {}
@@ -312,6 +311,12 @@ def flat_row(record: Record) -> Row:
         elif column.source:
             row[column.name] = value_at(m, column.source)
     return row
+
+
+def _training_columns(measurement: Mapping[str, Any], entry: str, prefix: str) -> Row:
+    """The values under ``training.<entry>`` of a measurement, as columns ``<prefix><name>``."""
+    recorded = (measurement.get("training") or {}).get(entry) or {}
+    return {f"{prefix}{k}": v for k, v in recorded.items()}
 
 
 def _noise_columns(entries: Sequence[Mapping[str, Any]]) -> Row:

@@ -60,6 +60,7 @@ from hessfine.analysis.sampling import (
     stratified_sample,
 )
 from hessfine.analysis.schema import MEASUREMENT, SCHEMA_VERSION, SPECTRUM
+from hessfine.analysis.sources.timm_runs import TIMM_WEIGHTS, TimmWeights
 from hessfine.bounds.estimates import UNUSED, QuadraticForm, merge_layers
 from hessfine.bounds.estimators.noise_stability import trace_prediction
 from hessfine.bounds.estimators.quadratic_forms import ESTIMATORS, Estimator
@@ -113,6 +114,7 @@ class MeasureSettings:
     dtype: DType = "float32"
     seed: int = 0
     image_size: int = 224
+    timm_weights: TimmWeights = "raw"
 
     @property
     def effective_batch_size(self) -> int:
@@ -129,6 +131,7 @@ class MeasureSettings:
         out["noise_sigma"] = list(self.noise_sigma)
         out["draws"] = DRAWS_VERSION
         out["tf32"] = False
+        del out["timm_weights"]  # recorded for timm checkpoints only (_Measurement._record)
         return out
 
     def validate(self) -> None:
@@ -187,6 +190,10 @@ class MeasureSettings:
             (
                 self.sample_order in SAMPLE_ORDERS,
                 f"--sample-order must be one of {', '.join(SAMPLE_ORDERS)}, got {self.sample_order!r}",
+            ),
+            (
+                self.timm_weights in TIMM_WEIGHTS,
+                f"--timm-weights must be one of {', '.join(TIMM_WEIGHTS)}, got {self.timm_weights!r}",
             ),
         ]
         for ok, message in checks:
@@ -300,9 +307,14 @@ def _already_measured(result: Path, checkpoint: Path, settings: MeasureSettings)
         return False
     wanted = json.loads(json.dumps(settings.to_json()))
     same_settings = {k: v for k, v in previous.get("settings", {}).items() if k not in RUN_FACTS}
+    weights = same_settings.pop("timm_weights", "raw")  # recorded for timm checkpoints only
     wanted.pop("device")
     digest = previous.get("provenance", {}).get("checkpoint_sha256")
-    return same_settings == wanted and digest == checkpoint_digest(checkpoint)
+    return (
+        same_settings == wanted
+        and weights == settings.timm_weights
+        and digest == checkpoint_digest(checkpoint)
+    )
 
 
 class _Measurement:
@@ -347,6 +359,7 @@ class _Measurement:
             head_reference=s.head_reference,
             image_size=s.image_size,
             device=self.ctx.device,
+            timm_weights=s.timm_weights,
             verbose=self.verbose,
         )
         self.timings["load_s"] = time.perf_counter() - start
@@ -627,6 +640,8 @@ class _Measurement:
         settings["world_size"] = self.ctx.world_size
         settings["batch_size_used"] = self.batch_size
         training = inputs.checkpoint.training
+        if training.get("tool") == "timm":
+            settings["timm_weights"] = s.timm_weights
         whole = results.get("eigenvalues (all layers)")
         traces = results.get("relative trace" if s.noise_relative else "trace", {})
         means = {name: estimate.mean for name, estimate in traces.items()}

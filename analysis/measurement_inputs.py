@@ -42,6 +42,7 @@ from hessfine.analysis.data import LabeledData, Task, check_labels, load_data
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.model_specs import build_model
 from hessfine.analysis.run_labels import NoiseMatrix, RunLabels, noise_matrix, read_run_labels
+from hessfine.analysis.sources.timm_runs import TimmWeights
 from hessfine.bounds.functional import (
     CausalLMLoss,
     CrossEntropy,
@@ -110,14 +111,23 @@ def load_inputs(
     head_reference: str | None,
     image_size: int,
     device: torch.device,
+    timm_weights: TimmWeights = "raw",
     verbose: bool = False,
 ) -> MeasurementInputs:
     """Load checkpoint, reference, model, aligned layers and data (module docstring).
 
-    ``verbose`` prints the layer alignment table.
+    ``timm_weights`` chooses the raw or EMA weights of a timm checkpoint (the reference's are
+    raw); ``verbose`` prints the layer alignment table.
     """
     src = sources
-    checkpoint = load_checkpoint(src.checkpoint, trust=src.trust, label="checkpoint")
+    checkpoint = load_checkpoint(
+        src.checkpoint, trust=src.trust, label="checkpoint", timm_weights=timm_weights
+    )
+    if timm_weights == "ema" and checkpoint.training.get("tool") != "timm":
+        raise InputError(
+            f"checkpoint {checkpoint.path} is not written by timm's train.py, so it has no EMA "
+            "weights; drop --timm-weights ema"
+        )
     manifest = checkpoint.manifest
     base = checkpoint.directory or checkpoint.path.parent
     reference_spec = src.reference or _from_manifest(manifest, "reference", base)

@@ -72,7 +72,7 @@ def small() -> nn.Module:
 # --- files -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".safetensors"])
 def test_every_file_format(resnet, tmp_path, suffix: str) -> None:
     path = _save(resnet.state_dict(), tmp_path / f"weights{suffix}")
     ckpt = load_checkpoint(path)

@@ -7,6 +7,7 @@
 - :mod:`.trainer` — Hugging Face ``Trainer`` output directories and ``trainer_state.json``;
 - :mod:`.peft` — PEFT LoRA adapter directories (base + ΔW);
 - :mod:`.lightning` — Lightning ``.ckpt`` files;
+- :mod:`.timm_runs` — timm ``train.py`` output directories and ``.pth.tar`` files;
 - :mod:`.run_collections` — directories of runs: every checkpoint below a directory;
 - :mod:`.hf_datasets` — Hugging Face ``datasets`` directories as data (read by
   :func:`hessfine.analysis.data.load_data`).

@@ -1,14 +1,18 @@
 """Weights files: ``.safetensors``, ``torch.save`` files and sharded checkpoints
 (docs/inputs.md, "Checkpoints").
 
-``.safetensors`` is read with :func:`safetensors.torch.load_file`; ``.pt/.pth/.bin/.ckpt`` with
-``torch.load(map_location="cpu", weights_only=True)``, which refuses pickled Python objects
-(code) unless the user passes ``--trust-checkpoint`` (``trust=True``: ``weights_only=False``, and
+``.safetensors`` is read with :func:`safetensors.torch.load_file`; ``.pt/.pth/.bin/.ckpt`` and
+timm's ``.pth.tar`` with ``torch.load(map_location="cpu", weights_only=True)``, which refuses
+pickled Python objects (code) other than the plain-data :data:`SAFE_GLOBALS` (an
+``argparse.Namespace``) unless the user passes ``--trust-checkpoint`` (``trust=True``: ``weights_only=False``, and
 a pickled whole ``nn.Module`` is accepted). A state dict nested under ``state_dict``,
 ``model_state_dict`` or ``model`` (Lightning and common training scripts; repeatedly, e.g.
 ``{"model": {"state_dict": ...}}``) is unwrapped, and so is a mapping whose only tensor-holding
 entry is a mapping. Non-tensor entries are dropped. A ``module.`` (DataParallel/DDP) or
-``model.`` (Lightning) prefix is stripped while *every* key carries it. Sharded checkpoints
+``model.`` (Lightning) prefix is stripped while *every* key carries it; the names under which
+PyTorch's wrappers hold a module (``_orig_mod``, ``_fsdp_wrapped_module``,
+``_checkpoint_wrapped_module``) are removed by :func:`strip_wrappers` when aligning, where the
+keys then match the model. Sharded checkpoints
 (``*.safetensors.index.json`` or ``*.bin.index.json`` with a ``weight_map``) are read shard by
 shard and merged.
 
@@ -23,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
@@ -34,9 +39,19 @@ import torch
 from hessfine.analysis.errors import InputError
 from torch import Tensor, nn
 
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 PREFIXES = ("module.", "model.")
+WRAPPERS = {
+    "_orig_mod": "torch.compile",
+    "_fsdp_wrapped_module": "FSDP",
+    "_checkpoint_wrapped_module": "activation checkpointing",
+}
+"""Attribute names under which PyTorch's wrappers hold the wrapped module, with the wrapper."""
+SAFE_GLOBALS = (argparse.Namespace,)
+"""Plain-data classes that ``weights_only`` loading may rebuild (no code runs: the object is
+created empty and its attributes set): timm's ``train.py`` saves its options, an
+``argparse.Namespace``, in every checkpoint."""
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _CHUNK = 1 << 20
 
@@ -56,6 +71,14 @@ def read_json_object(path: Path, *, name: str, fix: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InputError(f"{name} must hold a JSON object, not {type(value).__name__}; {fix}")
     return value
+
+
+def json_safe(value: object) -> Any:
+    """``value`` as plain JSON data: what JSON cannot hold as its ``str``."""
+    try:
+        return json.loads(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def sha256_of(files: Sequence[Path]) -> str:
@@ -87,7 +110,7 @@ def weights_digest(file: Path, *, label: str) -> str:
 
 
 def _check_suffix(file: Path, label: str) -> None:
-    if file.suffix not in WEIGHT_SUFFIXES:
+    if not file.name.endswith(WEIGHT_SUFFIXES):
         raise InputError(
             f"{label} {file}: unsupported file type {file.suffix!r}; "
             f"use one of {', '.join(WEIGHT_SUFFIXES)} or a sharded *.index.json"
@@ -95,9 +118,11 @@ def _check_suffix(file: Path, label: str) -> None:
 
 
 def load_torch(file: Path, *, trust: bool, label: str) -> object:
-    """``torch.load`` on the CPU, ``weights_only`` unless ``trust``; failures as one line."""
+    """``torch.load`` on the CPU, ``weights_only`` (with :data:`SAFE_GLOBALS`) unless ``trust``;
+    failures as one line."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=not trust)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(file, map_location="cpu", weights_only=not trust)
     except Exception as err:  # any unpickling failure: the file is the user's to fix
         found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(err))
         if found and not trust:
@@ -208,3 +233,18 @@ def strip_prefixes(
                 state = {k[len(prefix) :]: v for k, v in state.items()}
                 stripped = True
     return state
+
+
+def strip_wrappers(state: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``state`` with the :data:`WRAPPERS` names removed from its keys wherever they stand
+    (``encoder._orig_mod.layer.weight`` → ``encoder.layer.weight``), and the names removed;
+    ``state`` itself and ``()`` when no key holds one, or when two keys would become one."""
+    unwrapped: dict[str, Any] = {}
+    removed: set[str] = set()
+    for key, value in state.items():
+        *path, last = key.split(".")
+        removed.update(p for p in path if p in WRAPPERS)
+        unwrapped[".".join([*(p for p in path if p not in WRAPPERS), last])] = value
+    if not removed or len(unwrapped) < len(state):
+        return state, ()
+    return unwrapped, tuple(name for name in WRAPPERS if name in removed)

@@ -17,12 +17,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from hessfine.analysis.sources.files import json_safe
 
 LIGHTNING_KEYS = ("pytorch-lightning_version", "lightning_version")
 
@@ -42,7 +42,7 @@ def lightning_record(obj: Mapping[str, Any]) -> dict[str, Any]:
         "tool": "lightning",
         "step": step if isinstance(step, int) else None,
         "epoch": epoch if isinstance(epoch, int) else None,
-        "hyper_parameters": _json_safe(obj.get("hyper_parameters") or {}),
+        "hyper_parameters": json_safe(obj.get("hyper_parameters") or {}),
     }
 
 
@@ -81,10 +81,3 @@ def drop_repeated_last(paths: list[Path]) -> list[Path]:
                 continue
         kept.append(path)
     return kept
-
-
-def _json_safe(value: object) -> Any:
-    try:
-        return json.loads(json.dumps(value, default=str))
-    except (TypeError, ValueError):
-        return str(value)

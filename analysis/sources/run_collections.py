@@ -3,8 +3,10 @@
 :func:`find_checkpoints` lists every weights file below a directory, recursively (one per saved
 epoch of every run), except that a Hugging Face layout directory (:mod:`.hf`) or a PEFT adapter
 directory (:mod:`.peft`) counts as one checkpoint and is not descended into, a Trainer output
-directory (:mod:`.trainer`) contributes its ``checkpoint-N/`` sub-directories only, and a
-Lightning ``last.ckpt`` that repeats a numbered checkpoint is dropped (:mod:`.lightning`). Hidden
+directory (:mod:`.trainer`) contributes its ``checkpoint-N/`` sub-directories only, a
+Lightning ``last.ckpt`` that repeats a numbered checkpoint is dropped (:mod:`.lightning`), and
+in a timm output directory each distinct ``.pth.tar`` counts once, without the recovery files
+(:mod:`.timm_runs`). Hidden
 entries and well-known non-weight files (``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
 ``rng_state*.pth``, ``training_args.bin``) are skipped. :func:`is_run_collection` tells a
 directory of runs from one checkpoint directory.
@@ -30,6 +32,7 @@ from hessfine.analysis.sources.hf import hf_weights
 from hessfine.analysis.sources.lightning import drop_repeated_last
 from hessfine.analysis.sources.manifest import read_manifest
 from hessfine.analysis.sources.peft import adapter_file
+from hessfine.analysis.sources.timm_runs import distinct_timm_files
 from hessfine.analysis.sources.trainer import trainer_checkpoints
 
 NOT_WEIGHTS = frozenset(
@@ -46,7 +49,7 @@ NOT_WEIGHTS = frozenset(
 
 def find_checkpoints(directory: str | Path) -> list[Path]:
     """Every checkpoint under ``directory``: weights files, Hugging Face layout and PEFT adapter
-    directories (module docs).
+    directories, timm's files once per content (module docs).
 
     Sorted by relative path in natural order (``epoch_2`` before ``epoch_10``), so the list is
     stable across runs and file systems.
@@ -67,7 +70,7 @@ def find_checkpoints(directory: str | Path) -> list[Path]:
             continue
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found.extend(here / f for f in filenames if is_weights_name(f))
-    found = drop_repeated_last(found)
+    found = distinct_timm_files(drop_repeated_last(found))
     return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
 
 
