@@ -7,7 +7,8 @@ directory (:mod:`.trainer`) contributes its ``checkpoint-N/`` sub-directories on
 Lightning ``last.ckpt`` that repeats a numbered checkpoint is dropped (:mod:`.lightning`). Hidden
 entries and well-known non-weight files (``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
 ``rng_state*.pth``, ``training_args.bin``) are skipped. :func:`is_run_collection` tells a
-directory of runs from one checkpoint directory.
+directory of runs from one checkpoint directory. A sharded checkpoint directory (:mod:`.sharded`:
+DCP, DeepSpeed ZeRO) is one checkpoint too, not descended into.
 
 Example:
     >>> import tempfile
@@ -30,6 +31,7 @@ from hessfine.analysis.sources.hf import hf_weights
 from hessfine.analysis.sources.lightning import drop_repeated_last
 from hessfine.analysis.sources.manifest import read_manifest
 from hessfine.analysis.sources.peft import adapter_file
+from hessfine.analysis.sources.sharded import is_sharded
 from hessfine.analysis.sources.trainer import trainer_checkpoints
 
 NOT_WEIGHTS = frozenset(
@@ -61,7 +63,7 @@ def find_checkpoints(directory: str | Path) -> list[Path]:
         if trainer:
             dirnames[:] = trainer
             continue
-        if hf_weights(here, filenames) or adapter_file(here):
+        if hf_weights(here, filenames) or adapter_file(here) or is_sharded(here):
             found.append(here)
             dirnames.clear()
             continue
@@ -81,7 +83,7 @@ def is_run_collection(path: str | Path) -> bool:
         return False
     if trainer_checkpoints(path, names):
         return True
-    if hf_weights(path, names):
+    if hf_weights(path, names) or is_sharded(path):
         return False
     found = find_checkpoints(path)
     return bool(found) and not (len(found) == 1 and found[0].parent == path and found[0].is_file())
