@@ -15,6 +15,12 @@ that applies:
 4. a directory whose only checkpoint (see :func:`find_checkpoints`) is one weights file directly
    inside it.
 
+A directory of shards written by distributed training (:mod:`hessfine.analysis.sources.sharded`:
+a DCP directory, a Trainer's ``checkpoint-N/`` with ``pytorch_model_fsdp_0/``, a DeepSpeed ZeRO
+checkpoint) is one checkpoint before rule 4, unless rule 2 or 3 applies. A DCP checkpoint's
+:class:`Checkpoint` has ``pending`` set and an empty state until :func:`materialize` reads the
+tensors the model names (:func:`align` does so).
+
 Any other directory with checkpoints below it is a *directory of runs*
 (:mod:`hessfine.analysis.sources.run_collections`). A Lightning ``.ckpt`` file is read by
 :mod:`hessfine.analysis.sources.lightning`, a timm ``.pth.tar`` by
@@ -66,6 +72,13 @@ from hessfine.analysis.sources.lightning import attribute_prefix, is_lightning, 
 from hessfine.analysis.sources.manifest import MANIFEST, read_manifest
 from hessfine.analysis.sources.peft import ADAPTER_CONFIG, LoraAdapter, adapter_file, read_adapter
 from hessfine.analysis.sources.run_collections import find_checkpoints, is_run_collection
+from hessfine.analysis.sources.sharded import (
+    DcpReader,
+    is_sharded,
+    read_sharded,
+    refuse_shard_file,
+    sharded_digest,
+)
 from hessfine.analysis.sources.timm_runs import TIMM_SUFFIX, TimmWeights, read_timm
 from hessfine.analysis.sources.trainer import trainer_record
 from torch import Tensor, nn
@@ -83,6 +96,7 @@ __all__ = [
     "is_run_collection",
     "load_checkpoint",
     "load_head_reference",
+    "materialize",
     "read_manifest",
     "select_layers",
     "sha256_of",
@@ -103,7 +117,9 @@ class Checkpoint:
     ``logged`` losses, Lightning's ``hyper_parameters``, timm's ``arch``, ``weights``, ``args``
     and ``summary`` row), ``{}`` when nothing. ``adapter`` is a PEFT adapter not yet merged
     (:func:`apply_adapter`); a merged one has ``deltas`` (exact float64 W − W_base of the adapted
-    weights), their ``distances`` (from the factors) and its default ``layers``. ``prefixes`` are extra key prefixes that :func:`align` may remove.
+    weights), their ``distances`` (from the factors) and its default ``layers``. ``prefixes`` are
+    extra key prefixes that :func:`align` may remove. ``pending`` is a DCP checkpoint whose
+    tensors are read for a model (:func:`materialize`).
     """
 
     path: Path
@@ -117,6 +133,7 @@ class Checkpoint:
     distances: dict[str, float] | None = None
     layers: tuple[str, ...] | None = None
     prefixes: tuple[str, ...] = ()
+    pending: DcpReader | None = None
 
 
 def load_checkpoint(
@@ -148,11 +165,23 @@ def load_checkpoint(
             training=trainer_record(adapter_dir),
             adapter=adapter,
         )
+    if _is_sharded_directory(given):
+        found = read_sharded(given, trust=trust, label=label)
+        return Checkpoint(
+            found.path,
+            found.state,
+            found.sha256,
+            read_manifest(given),
+            given,
+            training=found.training,
+            pending=found.reader,
+        )
     if given.is_dir():
         manifest = read_manifest(given)
         file = _resolve_directory(given, manifest, label)
         directory: Path | None = given
     else:
+        refuse_shard_file(given, label=label)
         file = given
         manifest = read_manifest(given.parent)
         has_config = (given.parent / "config.json").is_file()
@@ -205,8 +234,25 @@ def checkpoint_digest(path: str | Path) -> str:
     if adapter_dir is not None:
         return sha256_of([adapter_file(adapter_dir), adapter_dir / ADAPTER_CONFIG])
     label = "checkpoint"
+    if _is_sharded_directory(given):
+        return sharded_digest(given, label=label)
     file = _resolve_directory(given, read_manifest(given), label) if given.is_dir() else given
     return weights_digest(file, label=label)
+
+
+def _is_sharded_directory(path: Path) -> bool:
+    return path.is_dir() and "checkpoint" not in read_manifest(path) and is_sharded(path)
+
+
+def materialize(checkpoint: Checkpoint, model: nn.Module, *, strict: bool = False) -> Checkpoint:
+    """``checkpoint`` with the tensors of a pending DCP checkpoint read for ``model``: those of
+    the model's state-dict names, in the model's dtypes (:meth:`DcpReader.load`). ``strict``
+    (a fine-tuned checkpoint) first requires every parameter with the model's shape."""
+    if checkpoint.pending is None:
+        return checkpoint
+    required = [name for name, _ in model.named_parameters()] if strict else []
+    state = checkpoint.pending.load(model.state_dict(), required=required)
+    return replace(checkpoint, state=state, pending=None)
 
 
 def _adapter_directory(path: Path) -> Path | None:
@@ -215,11 +261,15 @@ def _adapter_directory(path: Path) -> Path | None:
     return directory if file is not None and (path.is_dir() or path == file) else None
 
 
-def load_head_reference(spec: str, *, trust: bool = False) -> dict[str, Tensor] | None:
-    """``--head-reference``: ``"zero"`` gives ``None`` (W^(s) = 0), else the state of a file."""
+def load_head_reference(
+    spec: str, *, trust: bool = False, model: nn.Module | None = None
+) -> dict[str, Tensor] | None:
+    """``--head-reference``: ``"zero"`` gives ``None`` (W^(s) = 0), else the state of a file (a
+    DCP checkpoint read for ``model``)."""
     if spec.strip() == "zero":
         return None
-    return load_checkpoint(spec, trust=trust, label="--head-reference").state
+    checkpoint = load_checkpoint(spec, trust=trust, label="--head-reference")
+    return (checkpoint if model is None else materialize(checkpoint, model)).state
 
 
 def _resolve_directory(directory: Path, manifest: dict[str, Any], label: str) -> Path:
@@ -462,8 +512,13 @@ def align(
     required). At least one selected layer must come from the reference. A merged PEFT adapter's
     exact changes (``finetuned.deltas``) are v_i for the layers they cover, with the distances
     computed from the factors. Everything is checked before the model is modified, so a failed
-    alignment leaves the model as it was.
+    alignment leaves the model as it was. A pending DCP checkpoint is read for the model first
+    (:func:`materialize`; strictly for ``finetuned``).
     """
+    if isinstance(finetuned, Checkpoint):
+        finetuned = materialize(finetuned, model, strict=True)
+    if isinstance(reference, Checkpoint):
+        reference = materialize(reference, model)
     ft_label, ft_state = _label_state(finetuned, "checkpoint")
     ref_label, ref_state = _label_state(reference, "reference")
     params = dict(model.named_parameters())

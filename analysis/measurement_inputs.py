@@ -8,7 +8,8 @@ selected layers with their weight changes v_i = W_i − W_i^(s) (:func:`hessfine
 and the training and evaluation data — under label noise recorded by the run, the clean training
 labels, with the noisy ones kept beside them (:mod:`hessfine.analysis.run_labels`). What the
 command line leaves out comes from the run's manifest (``hessfine.json``): reference, model spec
-and kwargs, data, head reference. Every failure is an :class:`~hessfine.analysis.errors.InputError`
+and kwargs, data, head reference; a DCP checkpoint without ``config.json`` (a Trainer's FSDP
+``checkpoint-N/``) takes the bare ``hf`` spec from the reference's directory. Every failure is an :class:`~hessfine.analysis.errors.InputError`
 that names the input and the fix.
 
 :func:`check_forward` then runs the model once on the data (inputs accepted, logits of the task's
@@ -36,6 +37,7 @@ from hessfine.analysis.checkpoints import (
     apply_adapter,
     load_checkpoint,
     load_head_reference,
+    materialize,
     select_layers,
 )
 from hessfine.analysis.data import LabeledData, Task, check_labels, load_data
@@ -139,11 +141,12 @@ def load_inputs(
             "--reference is required (the pretrained checkpoint); pass --reference PATH"
         )
     reference = load_checkpoint(reference_spec, trust=src.trust, label="--reference")
-    checkpoint = apply_adapter(checkpoint, reference)
     hf_directory = reference.directory if adapter is not None else checkpoint.directory
+    if checkpoint.pending is not None and not _has_config(hf_directory):
+        hf_directory = reference.directory  # a DCP checkpoint: the reference's config
     spec = src.model or manifest.get("model")
     if spec is None:
-        spec = "hf" if hf_directory and (hf_directory / "config.json").is_file() else None
+        spec = "hf" if _has_config(hf_directory) else None
     if spec is None:
         raise InputError("--model is required (e.g. torchvision:resnet18); pass --model SPEC")
     kwargs = src.model_kwargs if src.model_kwargs is not None else manifest.get("model_kwargs", {})
@@ -151,6 +154,8 @@ def load_inputs(
     module = build_model(spec, model_kwargs, hf_directory=hf_directory)
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
     module.to(dtype=torch_dtype)
+    reference = materialize(reference, module)
+    checkpoint = apply_adapter(checkpoint, reference)
     selected = select_layers(module, list(layers or checkpoint.layers or ()))
     head = head_reference
     if head is None:  # not given: the run manifest's head_reference, else zero
@@ -163,7 +168,7 @@ def load_inputs(
         checkpoint,
         reference,
         layers=selected,
-        head_reference=load_head_reference(head, trust=src.trust),
+        head_reference=load_head_reference(head, trust=src.trust, model=module),
     )
     module.to(device=device)
     loss = CausalLMLoss() if task == "causal-lm" else CrossEntropy()
@@ -217,6 +222,10 @@ def load_inputs(
         device=device,
         dtype=torch_dtype,
     )
+
+
+def _has_config(directory: Path | None) -> bool:
+    return directory is not None and (directory / "config.json").is_file()
 
 
 def check_forward(inputs: MeasurementInputs, data: LabeledData, *, task: Task) -> int:

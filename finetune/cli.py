@@ -285,7 +285,7 @@ def _config(args: argparse.Namespace, confusion: Tensor | None) -> FinetuneConfi
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hessfine finetune``; bad input raises :class:`InputError` (exit status 2)."""
-    from hessfine.analysis.checkpoints import load_checkpoint
+    from hessfine.analysis.checkpoints import load_checkpoint, materialize
     from hessfine.analysis.data import check_labels, load_data
     from hessfine.analysis.model_specs import build_model, parse_model_kwargs, resolve_device
     from hessfine.finetune.run_directory import finetune_run
@@ -319,7 +319,9 @@ def run(args: argparse.Namespace) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = build_model(args.model, kwargs)
-    reference = load_checkpoint(args.reference, trust=args.trust_checkpoint, label="--reference")
+    reference = materialize(
+        load_checkpoint(args.reference, trust=args.trust_checkpoint, label="--reference"), model
+    )
     state = model.state_dict()
     matched = {
         name: tensor

@@ -47,7 +47,7 @@ def _args(tmp, out, *extra):
     return tiny_args(tmp, tmp / out, *model, *extra)
 
 
-def _rank(rank: int, port: int, argv: list[str], codes) -> None:
+def _rank(rank: int, port: int, target, argv: list[str], codes) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -55,11 +55,12 @@ def _rank(rank: int, port: int, argv: list[str], codes) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    codes[rank] = main(argv)
+    codes[rank] = target(argv)
 
 
-def run_two_processes(argv: list[str]) -> None:
-    """Run the command line as ranks 0 and 1 of a torchrun-style job (env:// on 127.0.0.1).
+def run_two_processes(argv: list[str], target=main) -> None:
+    """Run ``target(argv)`` (by default the command line) as ranks 0 and 1 of a torchrun-style
+    job (env:// on 127.0.0.1); each must return 0.
 
     The processes are forked so that they share the already imported torch (seconds each).
     """
@@ -68,7 +69,7 @@ def run_two_processes(argv: list[str]) -> None:
         port = sock.getsockname()[1]
     context = multiprocessing.get_context("fork")
     codes = context.Array("i", [-1, -1])
-    procs = [context.Process(target=_rank, args=(r, port, argv, codes)) for r in range(2)]
+    procs = [context.Process(target=_rank, args=(r, port, target, argv, codes)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

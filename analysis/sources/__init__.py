@@ -8,6 +8,9 @@
 - :mod:`.peft` — PEFT LoRA adapter directories (base + ΔW);
 - :mod:`.lightning` — Lightning ``.ckpt`` files;
 - :mod:`.timm_runs` — timm ``train.py`` output directories and ``.pth.tar`` files;
+- :mod:`.sharded` — directories of shards from distributed training: :mod:`.dcp`
+  (``torch.distributed.checkpoint``: FSDP, accelerate, Lightning's sharded checkpoints) and
+  :mod:`.deepspeed` (ZeRO checkpoints);
 - :mod:`.run_collections` — directories of runs: every checkpoint below a directory;
 - :mod:`.hf_datasets` — Hugging Face ``datasets`` directories as data (read by
   :func:`hessfine.analysis.data.load_data`).

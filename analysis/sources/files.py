@@ -117,20 +117,27 @@ def _check_suffix(file: Path, label: str) -> None:
         )
 
 
-def load_torch(file: Path, *, trust: bool, label: str) -> object:
+def pickled_objects(label: str, file: Path, name: str) -> InputError:
+    """The error for a file whose pickle names ``name``, a global that could run code."""
+    return InputError(
+        f"{label} {file} contains pickled Python objects ({name}), which can run code; pass "
+        "--trust-checkpoint only if you trust its source, or save a plain state_dict instead"
+    )
+
+
+def load_torch(file: Path, *, trust: bool, label: str, mmap: bool = False) -> object:
     """``torch.load`` on the CPU, ``weights_only`` (with :data:`SAFE_GLOBALS`) unless ``trust``;
-    failures as one line."""
+    failures as one line.
+
+    ``mmap=True`` maps the tensors' storage from the file instead of reading it into memory.
+    """
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(file, map_location="cpu", weights_only=not trust)
+            return torch.load(file, map_location="cpu", weights_only=not trust, mmap=mmap)
     except Exception as err:  # any unpickling failure: the file is the user's to fix
         found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(err))
         if found and not trust:
-            raise InputError(
-                f"{label} {file} contains pickled Python objects ({found.group(1)}), which can run "
-                "code; pass --trust-checkpoint only if you trust its source, or save a plain "
-                "state_dict instead"
-            ) from None
+            raise pickled_objects(label, file, found.group(1)) from None
         raise InputError(
             f"{label} {file}: cannot read PyTorch checkpoint ({one_line(err)[:300]}); it is "
             "truncated or corrupt, save or copy it again"

@@ -7,7 +7,9 @@ running when it was saved), ``global_step``, ``hyper_parameters`` (``save_hyperp
 and optimizer, scheduler, loop and callback states, which are not weights. The attribute prefix
 is removed where the keys then match ``--model`` (:func:`hessfine.analysis.checkpoints.align`).
 ``last.ckpt`` is a copy of the newest checkpoint when its ``global_step`` equals a numbered one's,
-and is then not counted twice (:func:`drop_repeated_last`).
+and is then not counted twice (:func:`drop_repeated_last`). Under ``FSDPStrategy(state_dict_type=
+"sharded")`` each checkpoint is a directory of that name instead, holding the weights as a
+distributed checkpoint (:mod:`.dcp`) and the rest of the dict in ``meta.pt`` (:data:`META_FILE`).
 
 Example:
     >>> lightning_record({"epoch": 1, "global_step": 4, "pytorch-lightning_version": "2.6",
@@ -25,6 +27,7 @@ import torch
 from hessfine.analysis.sources.files import json_safe
 
 LIGHTNING_KEYS = ("pytorch-lightning_version", "lightning_version")
+META_FILE = "meta.pt"
 
 
 def is_lightning(obj: object) -> bool:
@@ -56,13 +59,14 @@ def attribute_prefix(state: Mapping[str, Any]) -> str | None:
 
 def drop_repeated_last(paths: list[Path]) -> list[Path]:
     """``paths`` without each ``last*.ckpt`` whose ``global_step`` equals that of another
-    ``.ckpt`` in the same directory."""
+    ``.ckpt`` in the same directory (of its ``meta.pt`` for a sharded checkpoint directory)."""
     steps: dict[Path, int | None] = {}
 
     def step(path: Path) -> int | None:
         if path not in steps:
+            file = path / META_FILE if path.is_dir() else path
             try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception:  # unreadable here: kept, and loading it reports the problem
                 obj = None
             value = obj.get("global_step") if isinstance(obj, Mapping) else None

@@ -9,7 +9,8 @@ in a timm output directory each distinct ``.pth.tar`` counts once, without the r
 (:mod:`.timm_runs`). Hidden
 entries and well-known non-weight files (``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
 ``rng_state*.pth``, ``training_args.bin``) are skipped. :func:`is_run_collection` tells a
-directory of runs from one checkpoint directory.
+directory of runs from one checkpoint directory. A sharded checkpoint directory (:mod:`.sharded`:
+DCP, DeepSpeed ZeRO) is one checkpoint too, not descended into.
 
 Example:
     >>> import tempfile
@@ -32,6 +33,7 @@ from hessfine.analysis.sources.hf import hf_weights
 from hessfine.analysis.sources.lightning import drop_repeated_last
 from hessfine.analysis.sources.manifest import read_manifest
 from hessfine.analysis.sources.peft import adapter_file
+from hessfine.analysis.sources.sharded import is_sharded
 from hessfine.analysis.sources.timm_runs import distinct_timm_files
 from hessfine.analysis.sources.trainer import trainer_checkpoints
 
@@ -64,7 +66,7 @@ def find_checkpoints(directory: str | Path) -> list[Path]:
         if trainer:
             dirnames[:] = trainer
             continue
-        if hf_weights(here, filenames) or adapter_file(here):
+        if hf_weights(here, filenames) or adapter_file(here) or is_sharded(here):
             found.append(here)
             dirnames.clear()
             continue
@@ -84,7 +86,7 @@ def is_run_collection(path: str | Path) -> bool:
         return False
     if trainer_checkpoints(path, names):
         return True
-    if hf_weights(path, names):
+    if hf_weights(path, names) or is_sharded(path):
         return False
     found = find_checkpoints(path)
     return bool(found) and not (len(found) == 1 and found[0].parent == path and found[0].is_file())
