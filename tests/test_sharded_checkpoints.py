@@ -112,6 +112,20 @@ def test_dcp_directory_measures_as_the_state_dict(cnn, tmp_path, layout) -> None
     assert found["provenance"]["checkpoint_sha256"] == checkpoint_digest(tmp_path / "step-7")
 
 
+def test_dcp_of_a_compiled_and_checkpoint_wrapped_model(cnn, tmp_path) -> None:
+    """Keys as a compiled model inside FSDP's wrappers writes them (``_orig_mod.``,
+    ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` in the key: the layout of
+    ``torch.compile`` and ``torch.distributed.fsdp`` state dicts) are matched without them."""
+    state = load_file(str(cnn / "ft.safetensors"))
+    wrapped = {
+        f"_orig_mod._fsdp_wrapped_module.{k.replace('.', '._checkpoint_wrapped_module.', 1)}": v
+        for k, v in state.items()
+    }
+    dcp.save({"model": wrapped}, checkpoint_id=tmp_path / "step-3", no_dist=True)
+    _measure(cnn, tmp_path / "step-3", tmp_path / "m")
+    _assert_same_values(_plain(cnn), _read(tmp_path / "m" / "measurement.json"))
+
+
 def test_only_the_models_tensors_are_read_once_in_its_dtype(cnn, tmp_path, monkeypatch) -> None:
     state = load_file(str(cnn / "ft.safetensors"))
     dcp.save({"model": state, "optimizer": _optimizer_state(state)}, checkpoint_id=tmp_path)

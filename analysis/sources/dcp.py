@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 from hessfine.analysis.errors import InputError
-from hessfine.analysis.sources.files import load_torch, one_line, pickled_objects
+from hessfine.analysis.sources.files import load_torch, one_line, pickled_objects, strip_wrappers
 from hessfine.analysis.sources.lightning import (
     META_FILE,
     attribute_prefix,
@@ -193,7 +193,10 @@ class DcpReader:
         """The stored tensors of the names in ``like`` (a model's state dict), each read into a
         new tensor of ``like``'s dtype and the stored shape, keyed by ``like``'s names.
 
-        The namespace holding most of the names is used. Before anything is read, every name in
+        Stored names are matched without the names of PyTorch's wrappers
+        (``_orig_mod``, ``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``:
+        :func:`~hessfine.analysis.sources.files.strip_wrappers`). The namespace holding most of
+        the names is used. Before anything is read, every name in
         ``required`` must be stored with ``like``'s shape, and every shard holding a chunk of a
         requested tensor must be present and long enough; else one line.
         """
@@ -201,8 +204,9 @@ class DcpReader:
 
         entries = self.metadata.state_dict_metadata.items()
         stored = {k: v for k, v in entries if isinstance(v, TensorStorageMetadata)}
-        space = max(self.namespaces, key=lambda p: sum(p + k in stored for k in like))
-        names = {k: space + k for k in like if space + k in stored}
+        plain, _ = strip_wrappers({k: k for k in stored})  # name without wrappers → stored name
+        space = max(self.namespaces, key=lambda p: sum(p + k in plain for k in like))
+        names = {k: plain[space + k] for k in like if space + k in plain}
         self._check_required(like, names, stored, required)
         self._check_shards(set(names.values()))
         targets = {
