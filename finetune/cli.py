@@ -308,10 +308,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--estimate-confusion applies to --method {names} only")
     device = resolve_device(args.device)
 
+    processing = processing_options(args)
     columns = {
         "input_columns": args.input_columns,
         "label_column": args.label_column,
-        "processing": processing_options(args).searching(args.reference),
+        "processing": processing and processing.searching(args.reference),
     }
     train = load_data(args.data, trust=args.trust_checkpoint, label="--data", **columns)
     evaluation = (

@@ -66,8 +66,10 @@ def test_raw_text_measures_as_the_same_text_tokenized_by_hand(bert, tmp_path) ->
     by_hand = {k: tokens[k] for k in ("input_ids", "attention_mask")}
     Dataset.from_dict({**by_hand, "label": LABELS}).save_to_disk(tmp_path / "tokens")
     layer = ("--layers", "classifier.weight")
-    text = _measure(model, raw, tmp_path / "text", "--text-column", "text", *layer)
+    text = _measure(model, raw, tmp_path / "text", "--text-column", "text", *layer,
+                    "--eval-data", raw)  # fmt: skip
     ids = _measure(model, tmp_path / "tokens", tmp_path / "ids", *layer,
+                   "--eval-data", tmp_path / "tokens",
                    "--input-columns", "input_ids", "attention_mask")  # fmt: skip
     _same_numbers(text, ids)
     assert text["data"]["processor"] == {
@@ -78,7 +80,7 @@ def test_raw_text_measures_as_the_same_text_tokenized_by_hand(bert, tmp_path) ->
         "max_length": 32,
         "padding_side": "right",
         "pad_token_id": 0,
-        "truncated": {"train": 0, "eval": None},
+        "truncated": {"train": 0, "eval": 0},
     }
     assert "processor" not in ids["data"]
 

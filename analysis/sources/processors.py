@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -199,10 +199,10 @@ def processor_record(train: LabeledData, evaluation: LabeledData | None) -> dict
         return {}
     record = dict(train.processor)
     if "truncated" in record:
-        used = None if evaluation is None or evaluation.processor is None else evaluation.processor
+        made = None if evaluation is None else evaluation.processor
         record["truncated"] = {
             "train": record["truncated"],
-            "eval": None if used is None else used["truncated"],
+            "eval": None if made is None else made["truncated"],
         }
     return {"processor": record}
 
@@ -395,13 +395,10 @@ def add_processing_options(parser: Any) -> None:
     )
 
 
-def processing_options(args: argparse.Namespace) -> Processing:
-    """The :class:`Processing` of the parsed options of :func:`add_processing_options`."""
-    return Processing(
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        image_column=args.image_column,
-        tokenizer=args.tokenizer,
-        image_processor=args.image_processor,
-        max_length=args.max_length,
-    )
+def processing_options(args: argparse.Namespace) -> Processing | None:
+    """The :class:`Processing` of the parsed options of :func:`add_processing_options`, ``None``
+    when none is given."""
+    options = {f.name: getattr(args, f.name) for f in fields(Processing) if f.name != "search"}
+    if all(value is None for value in options.values()):
+        return None
+    return Processing(**options)
