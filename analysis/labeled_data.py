@@ -16,7 +16,8 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from hessfine.analysis.errors import InputError
@@ -30,12 +31,15 @@ __all__ = ["LabeledData"]
 @dataclass(frozen=True, eq=False)
 class LabeledData:
     """Inputs ``x`` (a tensor, a dict of tensors, or ``None`` when ``dataset`` reads them lazily)
-    and integer labels ``y`` (shape (N,), int64)."""
+    and integer labels ``y`` (shape (N,), int64); ``processor`` records the tokenizer or image
+    processor that made the inputs from raw columns (:mod:`hessfine.analysis.sources.processors`),
+    ``None`` for inputs read as stored."""
 
     name: str
     x: Tensor | dict[str, Tensor] | None
     y: Tensor
     dataset: Dataset | None = None
+    processor: Mapping[str, Any] | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -49,14 +53,10 @@ class LabeledData:
         """The examples at ``indices`` (int64, in that order) as a data set of their own."""
         indices = indices.to(torch.int64).cpu()
         if self.dataset is not None:
-            return LabeledData(
-                self.name, None, self.y[indices], Subset(self.dataset, indices.tolist())
-            )
+            return replace(self, y=self.y[indices], dataset=Subset(self.dataset, indices.tolist()))
         if isinstance(self.x, Mapping):
-            return LabeledData(
-                self.name, {k: v[indices] for k, v in self.x.items()}, self.y[indices]
-            )
-        return LabeledData(self.name, self.x[indices], self.y[indices])
+            return replace(self, x={k: v[indices] for k, v in self.x.items()}, y=self.y[indices])
+        return replace(self, x=self.x[indices], y=self.y[indices])
 
     def batches(
         self,

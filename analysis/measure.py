@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from hessfine.analysis.checkpoints import checkpoint_digest, find_checkpoints, is_run_collection
-from hessfine.analysis.data import TASKS, LabeledData, Task
+from hessfine.analysis.data import TASKS, LabeledData, Processing, Task
 from hessfine.analysis.distributed import Context
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.gpu import full_precision, halving_batches
@@ -60,6 +60,7 @@ from hessfine.analysis.sampling import (
     stratified_sample,
 )
 from hessfine.analysis.schema import MEASUREMENT, SCHEMA_VERSION, SPECTRUM
+from hessfine.analysis.sources.processors import processor_record
 from hessfine.analysis.sources.timm_runs import TIMM_WEIGHTS, TimmWeights
 from hessfine.bounds.estimates import UNUSED, QuadraticForm, merge_layers
 from hessfine.bounds.estimators.noise_stability import trace_prediction
@@ -216,11 +217,14 @@ def measure(
     quiet: bool = True,
     input_columns: tuple[str, ...] | None = None,
     label_column: str | None = None,
+    processing: Processing | None = None,
     context: Context | None = None,
 ) -> dict[str, Any]:
     """Measure one checkpoint and write ``out/measurement.json``; returns the result dict.
 
-    ``input_columns``/``label_column`` choose the columns of a ``datasets`` directory.
+    ``input_columns``/``label_column`` choose the columns of a ``datasets`` directory;
+    ``processing`` names its raw text or image columns, made into inputs by the model's own
+    tokenizer or image processor (:mod:`hessfine.analysis.sources.processors`).
     ``context`` (from :func:`hessfine.analysis.distributed.detect`) shares the work among the
     processes of a ``torchrun`` job; rank 0 writes.
     """
@@ -234,6 +238,7 @@ def measure(
         trust,
         input_columns,
         label_column,
+        processing,
     )
     settings.validate()
     ctx = context if context is not None else Context(device=resolve_device(settings.device))
@@ -663,6 +668,7 @@ class _Measurement:
                 if self.sources.input_columns is None
                 else list(self.sources.input_columns),
                 "label_column": self.sources.label_column,
+                **processor_record(inputs.train, inputs.eval),
                 "n_train": len(inputs.train),
                 "n_eval": None if inputs.eval is None else len(inputs.eval),
                 "n_hessian_samples": self.count,

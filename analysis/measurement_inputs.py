@@ -40,7 +40,7 @@ from hessfine.analysis.checkpoints import (
     materialize,
     select_layers,
 )
-from hessfine.analysis.data import LabeledData, Task, check_labels, load_data
+from hessfine.analysis.data import LabeledData, Processing, Task, check_labels, load_data
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.model_specs import build_model
 from hessfine.analysis.run_labels import NoiseMatrix, RunLabels, noise_matrix, read_run_labels
@@ -71,6 +71,7 @@ class Sources:
     trust: bool = False
     input_columns: tuple[str, ...] | None = None
     label_column: str | None = None
+    processing: Processing | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ def load_inputs(
         "input_columns": src.input_columns,
         "label_column": src.label_column,
         "pad_token_id": getattr(config, "pad_token_id", None),
+        "processing": src.processing and src.processing.searching(base, reference.path),
     }
     train = load_data(str(data_spec), label="--data", **options)
     # Under recorded label noise: measure against the clean labels, keep the noisy ones.
@@ -249,7 +251,7 @@ def check_forward(inputs: MeasurementInputs, data: LabeledData, *, task: Task) -
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(
             f"--data {data.name}: the model rejects inputs of shape {shape} ({first}); "
-            "give data shaped for the model (e.g. --image-size) or the matching --model"
+            "give data shaped for the model (e.g. --image-size, --max-length) or the matching --model"
         ) from None
     causal = task == "causal-lm"
     if logits.dim() != (3 if causal else 2):

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.progress import add_quiet_option
+from hessfine.analysis.sources.processors import add_processing_options, processing_options
 from hessfine.finetune.confusion import corrupt_labels, load_confusion, noise_confusion
 from hessfine.finetune.methods import (
     CONSISTENT_METHODS,
@@ -98,6 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="datasets directory: input columns (repeated options add up)",
     )
     what.add_argument("--label-column", metavar="COL", help="datasets directory: label column")
+    add_processing_options(what)
     what.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
     what.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     add_quiet_option(parser)
@@ -306,7 +308,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--estimate-confusion applies to --method {names} only")
     device = resolve_device(args.device)
 
-    columns = {"input_columns": args.input_columns, "label_column": args.label_column}
+    processing = processing_options(args)
+    columns = {
+        "input_columns": args.input_columns,
+        "label_column": args.label_column,
+        "processing": processing and processing.searching(args.reference),
+    }
     train = load_data(args.data, trust=args.trust_checkpoint, label="--data", **columns)
     evaluation = (
         None

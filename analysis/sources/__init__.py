@@ -13,7 +13,9 @@
   :mod:`.deepspeed` (ZeRO checkpoints);
 - :mod:`.run_collections` — directories of runs: every checkpoint below a directory;
 - :mod:`.hf_datasets` — Hugging Face ``datasets`` directories as data (read by
-  :func:`hessfine.analysis.data.load_data`).
+  :func:`hessfine.analysis.data.load_data`);
+- :mod:`.processors` — their raw text and image columns, made into inputs by the model's own
+  tokenizer or image processor.
 
 Layering (data flows one way): ``hessfine.analysis.errors``, ``.sources``, ``.checkpoints``,
 ``.data`` (with ``.labeled_data`` and ``.digit_sets``), ``.model_specs`` and ``.results`` are the

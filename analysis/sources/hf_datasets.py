@@ -13,6 +13,10 @@ sequences with −100 (ignored by the loss), every other column with 0; when ``i
 padding and no ``attention_mask`` is among the inputs, one is added (1 on tokens, 0 on padding).
 Padding is one vectorised scatter over the flattened column, not a loop over rows.
 
+Raw text and image columns are turned into inputs by the model's own tokenizer or image processor
+in :mod:`hessfine.analysis.sources.processors`, which opens the directory with
+:func:`open_dataset` and reads the labels with :func:`read_labels`.
+
 Example:
     >>> import numpy as np
     >>> _pad(np.array([1, 2, 3, 4, 5]), np.array([3, 2]), value=0).tolist()
@@ -55,6 +59,34 @@ def read_dataset(
     label: str = "--data",
 ) -> tuple[Tensor | dict[str, Tensor], Tensor]:
     """``(x, y)`` from a ``datasets`` directory (module docs)."""
+    loaded = open_dataset(spec, label)
+    columns = list(loaded.column_names)
+    inputs = list(input_columns or [c for c in DEFAULT_INPUTS if c in columns])
+    target = label_column or default_label_column(columns)
+    missing = [c for c in [*inputs, target] if c not in columns]
+    if not inputs or target is None or missing:
+        what = f"column {missing[0]!r}" if missing and missing[0] else "input or label columns"
+        raise InputError(
+            f"{label} {spec}: no {what} (columns: {', '.join(columns)}); name them with "
+            "--input-columns COL... and --label-column COL (raw text or images: --text-column "
+            "COL or --image-column COL)"
+        )
+    table = loaded.with_format("arrow")[:]
+    x: dict[str, Tensor] = {}
+    lengths = None
+    for name in inputs:
+        x[name], ragged = _column(table.column(name), name, pad_token_id, spec, label)
+        if name == "input_ids" and ragged is not None:
+            lengths = ragged
+    if lengths is not None and "attention_mask" not in x:
+        x["attention_mask"] = (torch.arange(x["input_ids"].shape[1]) < lengths[:, None]).long()
+    y = read_labels(loaded, target, spec, label)
+    return (next(iter(x.values())) if len(x) == 1 else x), y
+
+
+def open_dataset(spec: str, label: str) -> Any:
+    """The ``datasets.Dataset`` that ``spec`` names: the directory's, or one split of its
+    DatasetDict."""
     import datasets
 
     directory, split = _split(spec)
@@ -71,32 +103,23 @@ def read_dataset(
             raise InputError(
                 f"{label} {spec}: a DatasetDict with splits {names}; pass {directory}:SPLIT"
             )
-        loaded = loaded[split]
-    elif split is not None:
+        return loaded[split]
+    if split is not None:
         raise InputError(
             f"{label} {spec}: {directory} holds one Dataset, not splits; drop :{split}"
         )
-    columns = list(loaded.column_names)
-    inputs = list(input_columns or [c for c in DEFAULT_INPUTS if c in columns])
-    target = label_column or next((c for c in DEFAULT_LABELS if c in columns), None)
-    missing = [c for c in [*inputs, target] if c not in columns]
-    if not inputs or target is None or missing:
-        what = f"column {missing[0]!r}" if missing and missing[0] else "input or label columns"
-        raise InputError(
-            f"{label} {spec}: no {what} (columns: {', '.join(columns)}); name them with "
-            "--input-columns COL... and --label-column COL"
-        )
-    table = loaded.with_format("arrow")[:]
-    x: dict[str, Tensor] = {}
-    lengths = None
-    for name in inputs:
-        x[name], ragged = _column(table.column(name), name, pad_token_id, spec, label)
-        if name == "input_ids" and ragged is not None:
-            lengths = ragged
-    if lengths is not None and "attention_mask" not in x:
-        x["attention_mask"] = (torch.arange(x["input_ids"].shape[1]) < lengths[:, None]).long()
-    y, _ = _column(table.column(target), target, -100, spec, label)
-    return (next(iter(x.values())) if len(x) == 1 else x), y
+    return loaded
+
+
+def default_label_column(columns: Sequence[str]) -> str | None:
+    """The first of ``label`` and ``labels`` among ``columns``."""
+    return next((c for c in DEFAULT_LABELS if c in columns), None)
+
+
+def read_labels(dataset: Any, column: str, spec: str, label: str) -> Tensor:
+    """The ``column`` of ``dataset`` as labels; ragged label sequences right-padded with −100."""
+    y, _ = _column(dataset.with_format("arrow")[:].column(column), column, -100, spec, label)
+    return y
 
 
 def _split(spec: str) -> tuple[Path, str | None]:
@@ -166,5 +189,5 @@ def _tensor(array: np.ndarray, name: str, spec: str, label: str) -> Tensor:
         return torch.from_numpy(np.array(array)).float()
     raise InputError(
         f"{label} {spec}: column {name!r} holds {array.dtype} values, not numbers; choose "
-        "numeric columns with --input-columns/--label-column"
+        "numeric columns with --input-columns/--label-column (raw text: --text-column COL)"
     )
