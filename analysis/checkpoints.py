@@ -244,14 +244,20 @@ def _resolve_directory(directory: Path, manifest: dict[str, Any], label: str) ->
     )
 
 
-def select_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> list[str]:
+def select_layers(
+    model: nn.Module,
+    patterns: Sequence[str] | None = None,
+    parts: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
     """Names of the layers whose weights the analysis measures, in model order
     (docs/inputs.md, "Default layers").
 
     Default: the ≥2-D ``weight`` of every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and transformers
-    ``Conv1D``, and the attention projections of ``nn.MultiheadAttention`` (``in_proj_weight``
-    or ``q/k/v_proj_weight``; ``out_proj`` is a Linear). Embeddings (and weights tied to them),
-    biases and normalisation parameters are excluded. ``patterns`` (``--layers``) are
+    ``Conv1D``, the attention projections of ``nn.MultiheadAttention`` (``in_proj_weight``
+    or ``q/k/v_proj_weight``; ``out_proj`` is a Linear), and the layers of fused parameters:
+    ``parts`` maps a parameter held fused to the names of its layers, which replace its name
+    (:mod:`hessfine.analysis.fused_experts`). Embeddings (and weights tied to them), biases and
+    normalisation parameters are excluded. ``patterns`` (``--layers``) are
     :func:`fnmatch.fnmatchcase` globs over all parameter names and replace the default; each
     must match something.
 
@@ -262,7 +268,8 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> li
         >>> select_layers(net, ["*.bias"])
         ['0.bias', '1.bias', '3.bias']
     """
-    names = [name for name, _ in model.named_parameters()]
+    parts = parts or {}
+    names = [split for name, _ in model.named_parameters() for split in parts.get(name, [name])]
     if patterns:
         chosen: set[str] = set()
         for pattern in patterns:
@@ -295,9 +302,10 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> li
                 if own.get(attr) is not None
             )
     layers = [
-        n
+        split
         for n, p in model.named_parameters()
-        if n in wanted and p.ndim >= 2 and id(p) not in embedded
+        if n in parts or (n in wanted and p.ndim >= 2 and id(p) not in embedded)
+        for split in parts.get(n, [n])
     ]
     if not layers:
         raise InputError(
