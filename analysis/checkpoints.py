@@ -116,13 +116,14 @@ class Checkpoint:
 
 
 def load_checkpoint(
-    path: str | Path, *, trust: bool = False, label: str = "checkpoint"
+    path: str | Path, *, trust: bool = False, label: str = "checkpoint", tensors: bool = True
 ) -> Checkpoint:
     """Load a checkpoint file or single checkpoint directory (see the module docs).
 
     ``trust=True`` allows unpickling arbitrary objects (``--trust-checkpoint``): only for files
     from a trusted source, since unpickling can run code. ``label`` names the input in error
-    messages (e.g. ``"--reference"``).
+    messages (e.g. ``"--reference"``). ``tensors=False`` leaves ``state`` empty for a weights file
+    that the caller loads itself (a Hugging Face directory, by transformers' ``from_pretrained``).
     """
     given = Path(path).expanduser()
     if not given.exists():
@@ -163,8 +164,10 @@ def load_checkpoint(
                 training=lightning_record(obj),
                 prefixes=() if prefix is None else (prefix,),
             )
-    else:
+    elif tensors:
         state, digest = read_weights(file, trust=trust, label=label)
+    else:
+        state, digest = {}, weights_digest(file, label=label)
     training = trainer_record(directory) if directory is not None else {}
     return Checkpoint(file, state, digest, manifest, directory, training=training)
 
@@ -464,13 +467,7 @@ def align(
             distances = finetuned.distances or {}
             exact = {k: (v, distances[k]) for k, v in finetuned.deltas.items()}
             exact = _fit_prefix(exact, set(params), prefixes)
-    layers = list(dict.fromkeys(layers))
-    if not layers:
-        raise InputError("no layers selected; pass --layers GLOB patterns that match weights")
-    unknown = [n for n in layers if n not in params]
-    if unknown:
-        raise InputError(f"layer {unknown[0]!r} is not a parameter of the model; fix --layers")
-
+    layers = _checked_layers(layers, params)
     ft_state = _fit_prefix(ft_state, set(params) | set(buffers), prefixes)
     missing = [n for n in params if n not in ft_state]
     if missing:
@@ -484,6 +481,59 @@ def align(
         _check_finite(ft_label, name, ft_state[name])
 
     ref_state = _fit_prefix(ref_state, set(params), prefixes)
+    starts = _starts(params, layers, ref_state, head_reference, prefixes, ref_label)
+    with torch.no_grad():
+        for name, tensor in [*params.items(), *loaded.items()]:
+            tensor.copy_(ft_state[name])
+    return _paired(params, buffers, starts, exact)
+
+
+def align_loaded(
+    weights: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor],
+    *,
+    layers: Sequence[str],
+    head_reference: Mapping[str, Tensor] | None = None,
+    exact: Mapping[str, tuple[Tensor, float]] | None = None,
+    labels: tuple[str, str] = ("checkpoint", "reference"),
+) -> Alignment:
+    """Pair the selected layers of weights already loaded into the model with their W^(s).
+
+    ``weights`` are the model's fine-tuned parameters by name (a model loaded by transformers'
+    ``from_pretrained``, its fused parameters split into their layers), ``reference`` the
+    reference's tensors by the same names; a layer absent from it or shaped differently is a new
+    head, as in :func:`align`, and ``exact`` holds the exact changes and distances of a merged
+    PEFT adapter. ``labels`` name the fine-tuned checkpoint and the reference in error messages.
+    """
+    layers = _checked_layers(layers, weights)
+    for name, tensor in weights.items():
+        _check_finite(labels[0], name, tensor)
+    starts = _starts(weights, layers, reference, head_reference, PREFIXES, labels[1])
+    return _paired(weights, buffers, starts, exact or {})
+
+
+def _checked_layers(layers: Sequence[str], params: Mapping[str, Tensor]) -> list[str]:
+    """``layers`` without repeats, each a parameter in ``params``; else an :class:`InputError`."""
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise InputError("no layers selected; pass --layers GLOB patterns that match weights")
+    unknown = [n for n in layers if n not in params]
+    if unknown:
+        raise InputError(f"layer {unknown[0]!r} is not a parameter of the model; fix --layers")
+    return layers
+
+
+def _starts(
+    params: Mapping[str, Tensor],
+    layers: Sequence[str],
+    ref_state: Mapping[str, Tensor],
+    head_reference: Mapping[str, Tensor] | None,
+    prefixes: Sequence[str],
+    ref_label: str,
+) -> dict[str, tuple[Tensor, Source]]:
+    """W^(s) of each selected layer and where it comes from (the reference, else a head: zero or
+    ``head_reference``), checked; at least one must come from the reference."""
     heads: dict[str, Tensor] = {}
     if head_reference is not None:
         heads = _fit_prefix(_label_state(head_reference, "")[1], set(layers), prefixes)
@@ -511,10 +561,17 @@ def align(
             f"{ref_label} shares none of the {len(starts)} selected layers with the model (by name "
             "and shape); check --reference and --model"
         )
+    return starts
 
-    with torch.no_grad():
-        for name, tensor in [*params.items(), *loaded.items()]:
-            tensor.copy_(ft_state[name])
+
+def _paired(
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    starts: Mapping[str, tuple[Tensor, Source]],
+    exact: Mapping[str, tuple[Tensor, float]],
+) -> Alignment:
+    """The alignment of the (loaded) ``params`` with the W^(s) of ``starts``: v_i = W_i − W^(s)_i
+    and ‖v_i‖_F, or a merged adapter's ``exact`` change and distance."""
     reference_weights: dict[str, Tensor] = {}
     directions: dict[str, Tensor] = {}
     rows: list[AlignmentRow] = []
@@ -541,7 +598,7 @@ def align(
     return Alignment(
         params={k: p.detach() for k, p in params.items()},
         buffers={k: b.detach() for k, b in buffers.items()},
-        layers=layers,
+        layers=list(starts),
         reference=reference_weights,
         directions=directions,
         rows=rows,
