@@ -13,7 +13,10 @@ A fused parameter is a 3-D parameter of a module whose ``num_experts`` is its fi
 ``gate_up_proj`` is split into gate and up as transformers' experts interface lays it out (the
 module's ``is_transposed`` and ``is_concatenated``, set by its ``use_experts_implementation``
 decorator: rows, or columns of a transposed slice, one half after the other, or interleaved);
-every other fused parameter gives one layer per expert.
+every other fused parameter gives one layer per expert. The estimators see the layers through
+:class:`~hessfine.bounds.functional.FusedParameter` (the fused tensor rebuilt in the forward
+pass); a checkpoint aligned by name holds the fused tensors whole, and :func:`split_alignment`
+splits that alignment into the layers.
 
 Example:
     >>> import torch
@@ -32,10 +35,18 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+import torch
+from hessfine.analysis.checkpoints import Alignment, AlignmentRow
 from hessfine.bounds.functional import FusedParameter
-from torch import nn
+from torch import Tensor, nn
 
 GATE_UP = "gate_up_proj"
+NOTE = (
+    "Fused mixture-of-experts parameters are measured as one layer per expert matrix, named "
+    "with the expert's index (…experts.gate_proj.E, …experts.up_proj.E, …experts.down_proj.E)."
+)
 
 
 def fused_experts(model: nn.Module) -> tuple[FusedParameter, ...]:
@@ -69,3 +80,46 @@ def _split(module: nn.Module, prefix: str, leaf: str, count: int) -> FusedParame
 def fused_parts(fused: tuple[FusedParameter, ...]) -> dict[str, list[str]]:
     """Each fused parameter's name with the names of its layers."""
     return {f.name: f.names for f in fused}
+
+
+def fused_owners(fused: tuple[FusedParameter, ...]) -> dict[str, str]:
+    """The fused parameter that holds each layer of ``fused``."""
+    return {name: f.name for f in fused for name in f.names}
+
+
+def split_alignment(
+    alignment: Alignment, fused: tuple[FusedParameter, ...], layers: Sequence[str]
+) -> Alignment:
+    """``alignment`` of whole fused parameters with each replaced by its ``layers``: their W^(s)
+    and v are the slices of the fused parameter's, ‖v‖_F is the slice's, the source its own."""
+    owners = fused_owners(fused)
+    rows = {row.name: row for row in alignment.rows}
+    reference = _slices(alignment.reference, fused)
+    directions = _slices(alignment.directions, fused)
+    split_rows = []
+    for name in layers:
+        if name not in owners:
+            split_rows.append(rows[name])
+            continue
+        direction = directions[name]
+        distance = float(torch.linalg.vector_norm(direction, dtype=torch.float64))
+        source = rows[owners[name]].source
+        shape = tuple(direction.shape)
+        split_rows.append(AlignmentRow(name, shape, direction.numel(), source, distance))
+    return Alignment(
+        params=_slices(alignment.params, fused),
+        buffers=alignment.buffers,
+        layers=list(layers),
+        reference={name: reference[name] for name in layers},
+        directions={name: directions[name] for name in layers},
+        rows=split_rows,
+    )
+
+
+def _slices(tensors: Mapping[str, Tensor], fused: tuple[FusedParameter, ...]) -> dict[str, Tensor]:
+    """``tensors`` with each fused parameter's tensor replaced by its layers' slices."""
+    by_name = {f.name: f for f in fused}
+    out: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        out.update(by_name[name].split(tensor) if name in by_name else {name: tensor})
+    return out

@@ -52,7 +52,8 @@ from hessfine.analysis.checkpoints import (
     select_layers,
 )
 from hessfine.analysis.errors import InputError
-from hessfine.analysis.fused_experts import fused_experts, fused_parts
+from hessfine.analysis.fused_experts import NOTE as EXPERTS_NOTE
+from hessfine.analysis.fused_experts import fused_experts, fused_owners, fused_parts
 from hessfine.analysis.model_specs import hf_config, hf_implementations, hf_model_class
 from hessfine.analysis.sources.files import one_line
 from hessfine.analysis.sources.hf import model_directory
@@ -65,10 +66,6 @@ NOTE = (
     "memory (loaded with from_pretrained); for some architectures (ViT, DeiT, BEiT, Swin, "
     "DINOv2, GPT-NeoX, mixture-of-experts models) they differ from the names in the checkpoint "
     "files and in results under those names."
-)
-EXPERTS_NOTE = (
-    "Fused mixture-of-experts parameters are measured as one layer per expert matrix, named "
-    "with the expert's index (…experts.gate_proj.E, …experts.up_proj.E, …experts.down_proj.E)."
 )
 
 
@@ -181,7 +178,7 @@ def _reference(
     fused = fused_experts(model)
     layers = select_layers(model, patterns, fused_parts(fused))
     absent = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
-    owner = {name: f.name for f in fused for name in f.names}
+    owner = fused_owners(fused)
     weights = split_parameters(model, fused)
     kept = {n: weights[n].clone() for n in layers if owner.get(n, n) not in absent}
     return replace(reference, state={}), kept, layers

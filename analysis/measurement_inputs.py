@@ -41,6 +41,13 @@ from hessfine.analysis.checkpoints import (
 )
 from hessfine.analysis.data import LabeledData, Task, check_labels, load_data
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.fused_experts import NOTE as EXPERTS_NOTE
+from hessfine.analysis.fused_experts import (
+    fused_experts,
+    fused_owners,
+    fused_parts,
+    split_alignment,
+)
 from hessfine.analysis.hf_loading import LoadedModel, load_pretrained, pretrained_route
 from hessfine.analysis.model_specs import build_model
 from hessfine.analysis.run_labels import NoiseMatrix, RunLabels, noise_matrix, read_run_labels
@@ -241,14 +248,30 @@ def _load_state(
     trust: bool,
 ) -> LoadedModel:
     """The model built from its spec, the checkpoint's tensors loaded into it by name
-    (:func:`~hessfine.analysis.checkpoints.align`) and paired with the reference's."""
+    (:func:`~hessfine.analysis.checkpoints.align`) and paired with the reference's; fused expert
+    parameters are aligned whole, then split into their selected layers."""
     reference = load_checkpoint(reference_spec, trust=trust, label="--reference")
     checkpoint = apply_adapter(checkpoint, reference)
     module = build_model(spec, model_kwargs, hf_directory=hf_directory)
     module.to(dtype=dtype)
-    selected = select_layers(module, list(layers or checkpoint.layers or ()))
-    alignment = align(module, checkpoint, reference, layers=selected, head_reference=head_reference)
-    return LoadedModel(module, (), selected, alignment, checkpoint, reference)
+    fused = fused_experts(module)
+    selected = select_layers(module, list(layers or checkpoint.layers or ()), fused_parts(fused))
+    owners = fused_owners(fused)
+    whole = list(dict.fromkeys(owners.get(name, name) for name in selected))
+    alignment = align(module, checkpoint, reference, layers=whole, head_reference=head_reference)
+    if not fused:
+        return LoadedModel(module, (), selected, alignment, checkpoint, reference)
+    config = getattr(module, "config", None)
+    return LoadedModel(
+        module,
+        fused,
+        selected,
+        split_alignment(alignment, fused, selected),
+        checkpoint,
+        reference,
+        experts=getattr(config, "_experts_implementation", None),
+        notes=(EXPERTS_NOTE,),
+    )
 
 
 def check_forward(inputs: MeasurementInputs, data: LabeledData, *, task: Task) -> int:

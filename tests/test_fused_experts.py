@@ -5,9 +5,13 @@ transformers' ``batched_mm`` experts)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from hessfine.analysis.checkpoints import select_layers
+from hessfine.analysis.cli import main
 from hessfine.analysis.fused_experts import fused_experts, fused_parts
 from hessfine.bounds.estimators.quadratic_forms import quadratic_forms
 from hessfine.bounds.functional import CausalLMLoss, FunctionalModel, FusedParameter
@@ -113,3 +117,37 @@ def test_per_expert_forms_equal_the_fused_forms(estimator: str) -> None:
             assert form.max == pytest.approx(oracle.max, rel=1e-10, abs=1e-14)
             assert form.mean == pytest.approx(oracle.mean, rel=1e-10, abs=1e-14)
             assert form.argmax == oracle.argmax
+
+
+def test_checkpoint_files_by_name_measure_each_expert(tmp_path: Path) -> None:
+    """A state dict under the names in memory (not a model directory), measured with
+    ``--model hf:DIR``: the fused tensors are aligned whole, then split per expert."""
+    from safetensors.torch import save_file
+
+    model, x, _ = _mixtral()
+    model.float().config.architectures = ["MixtralForCausalLM"]
+    model.config.save_pretrained(tmp_path / "config")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp_path / "base.safetensors"),
+    )
+    fused = fused_experts(model)
+    start = {f.name: model.get_parameter(f.name).detach().clone() for f in fused}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp_path / "tuned.safetensors"),
+    )
+    torch.save({"x": x}, tmp_path / "x.pt")
+    args = ["measure", tmp_path / "tuned.safetensors", "--reference", tmp_path / "base.safetensors",
+            "--model", f"hf:{tmp_path / 'config'}", "--data", tmp_path / "x.pt", "--task", "causal-lm",
+            "--out", tmp_path / "m", "--estimator", "block", "--samples", 2, "--quiet"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    result = json.loads((tmp_path / "m" / "measurement.json").read_text())
+    assert result["settings"]["experts_implementation"] == "batched_mm"
+    layers = {layer["name"]: layer["distance"] for layer in result["layers"]}
+    for f in fused:
+        for name, direction in f.split(model.get_parameter(f.name) - start[f.name]).items():
+            assert layers[name] == pytest.approx(float(direction.norm()), rel=1e-5), name
