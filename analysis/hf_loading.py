@@ -1,19 +1,20 @@
 """Hugging Face model directories loaded by transformers' own loader (docs/inputs.md,
 "Hugging Face directories").
 
-transformers 5 builds many models with parameter names of its own (ViT's ``vit.layers.0.
-attention.q_proj``, Mixtral's fused ``mlp.experts.gate_up_proj``) while their checkpoints keep
-the names they were saved with (``vit.encoder.layer.0.attention.attention.query``, one
-``w1``/``w3``/``w2`` per expert), and ``from_pretrained`` converts between them. A measurement of a
-model directory (:func:`hessfine.analysis.sources.hf.model_directory`: ``save_pretrained``
-output, a Trainer's ``checkpoint-N/``) with the model spec ``hf`` therefore loads it with
-``from_pretrained`` — local files only, no remote code, in the measurement's dtype, the class
-:func:`hessfine.analysis.model_specs.hf_model_class` chooses, ``--model-kwargs`` set on the
-config — and aligns the fine-tuned model with its reference by their names in memory, which are
-the layer names of the results. Fused mixture-of-experts parameters are split into one layer per
-expert matrix (:mod:`hessfine.analysis.fused_experts`).
+transformers 5 builds many models with parameter names of its own (ViT's
+``vit.layers.0.attention.q_proj``, Mixtral's fused ``mlp.experts.gate_up_proj``) while their
+checkpoints keep the names they were saved with (``vit.encoder.layer.0.attention.attention.query``,
+one ``w1``/``w3``/``w2`` per expert), and ``from_pretrained`` converts between them. A
+measurement of a model directory (:func:`hessfine.analysis.sources.hf.model_directory`:
+``save_pretrained`` output, a Trainer's ``checkpoint-N/``) with the model spec ``hf`` or
+``hf:DIR`` therefore loads it with ``from_pretrained`` — local files only, no remote code, in the
+measurement's dtype, the class :func:`hessfine.analysis.model_specs.hf_model_class` chooses,
+``--model-kwargs`` set on the config — and aligns the fine-tuned model with its reference by
+their names in memory, which are the layer names of the results. Fused mixture-of-experts
+parameters are split into one layer per expert matrix (:mod:`hessfine.analysis.fused_experts`).
 
-:func:`load_pretrained` loads, in this order so that only one full model is held at a time:
+:func:`load_pretrained` loads, in this order, so that one whole model at most is in memory at a
+time:
 
 1. the reference, into the fine-tuned model's class and config: a model directory by
    ``from_pretrained``, a weights file as its ``state_dict``; a tensor it lacks or holds with
@@ -25,7 +26,8 @@ expert matrix (:mod:`hessfine.analysis.fused_experts`).
 A PEFT LoRA adapter is applied to its base model as peft applies it: its keys name modules of
 the model in memory. An adapter saved under transformers 4 with the names of then (``query``
 and ``value`` on a ViT) names modules that do not exist, and is refused (peft cannot apply it
-either).
+either); LoRA on expert parameters (``target_parameters``) is refused as before
+(:mod:`hessfine.analysis.sources.peft`).
 
 Example:
     >>> loaded = load_pretrained(load_checkpoint("tuned/", tensors=False),  # doctest: +SKIP

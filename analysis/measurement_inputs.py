@@ -86,8 +86,9 @@ class MeasurementInputs:
 
     ``layers`` are the selected layers (every one, used or not); ``directions`` v_i and
     ``distances`` ‖v_i‖_F per layer; ``attention`` and ``experts`` the implementations of a
-    Hugging Face model; ``notes`` what the loading adds to ``measurement.json → notes``; ``train`` holds the labels the gap is stated against (the
-    run's clean labels under recorded label noise) and ``noisy_train`` those trained on.
+    Hugging Face model; ``notes`` what the loading adds to ``measurement.json → notes``;
+    ``train`` holds the labels the gap is stated against (the run's clean labels under recorded
+    label noise) and ``noisy_train`` those trained on.
     """
 
     checkpoint: Checkpoint

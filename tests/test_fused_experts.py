@@ -149,5 +149,7 @@ def test_checkpoint_files_by_name_measure_each_expert(tmp_path: Path) -> None:
     assert result["settings"]["experts_implementation"] == "batched_mm"
     layers = {layer["name"]: layer["distance"] for layer in result["layers"]}
     for f in fused:
-        for name, direction in f.split(model.get_parameter(f.name) - start[f.name]).items():
+        for name, direction in f.split(
+            model.get_parameter(f.name).detach() - start[f.name]
+        ).items():
             assert layers[name] == pytest.approx(float(direction.norm()), rel=1e-5), name
