@@ -142,8 +142,9 @@ def test_checkpoint_files_by_name_measure_each_expert(tmp_path: Path) -> None:
     )
     torch.save({"x": x}, tmp_path / "x.pt")
     args = ["measure", tmp_path / "tuned.safetensors", "--reference", tmp_path / "base.safetensors",
-            "--model", f"hf:{tmp_path / 'config'}", "--data", tmp_path / "x.pt", "--task", "causal-lm",
-            "--out", tmp_path / "m", "--estimator", "block", "--samples", 2, "--quiet"]  # fmt: skip
+            "--model", f"hf:{tmp_path / 'config'}", "--data", tmp_path / "x.pt",
+            "--task", "causal-lm", "--out", tmp_path / "m", "--estimator", "block",
+            "--samples", 2, "--quiet"]  # fmt: skip
     assert main([str(a) for a in args]) == 0
     result = json.loads((tmp_path / "m" / "measurement.json").read_text())
     assert result["settings"]["experts_implementation"] == "batched_mm"

@@ -165,8 +165,8 @@ def test_measure_command_line_distances_are_transformers(tmp_path: Path, name: s
     lm = name != "vit"
     data = _token_data(tmp_path / "x.pt") if lm else _image_data(tmp_path / "x.pt")
     task = ["--task", "causal-lm"] if lm else []
-    args = ["measure", tuned, "--reference", base, "--model", "hf", "--data", data,
-            "--out", tmp_path / "m", "--estimator", "block", "--samples", 2, "--quiet", *task]  # fmt: skip
+    args = ["measure", tuned, "--reference", base, "--model", "hf", "--data", data, *task,
+            "--out", tmp_path / "m", "--estimator", "block", "--samples", 2, "--quiet"]  # fmt: skip
     assert main([str(a) for a in args]) == 0
     result = json.loads((tmp_path / "m" / "measurement.json").read_text())
     theirs, start = _theirs(tuned), _theirs(base)
