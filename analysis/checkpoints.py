@@ -142,13 +142,15 @@ def load_checkpoint(
     trust: bool = False,
     label: str = "checkpoint",
     timm_weights: TimmWeights = "raw",
+    tensors: bool = True,
 ) -> Checkpoint:
     """Load a checkpoint file or single checkpoint directory (see the module docs).
 
     ``trust=True`` allows unpickling arbitrary objects (``--trust-checkpoint``): only for files
     from a trusted source, since unpickling can run code. ``label`` names the input in error
     messages (e.g. ``"--reference"``). ``timm_weights`` chooses a timm checkpoint's raw or EMA
-    weights (``--timm-weights``).
+    weights (``--timm-weights``). ``tensors=False`` leaves ``state`` empty for a weights file that
+    the caller loads itself (a Hugging Face directory, by transformers' ``from_pretrained``).
     """
     given = Path(path).expanduser()
     if not given.exists():
@@ -204,8 +206,10 @@ def load_checkpoint(
                 training=lightning_record(obj),
                 prefixes=() if prefix is None else (prefix,),
             )
-    else:
+    elif tensors:
         state, digest = read_weights(file, trust=trust, label=label)
+    else:
+        state, digest = {}, weights_digest(file, label=label)
     training = trainer_record(directory) if directory is not None else {}
     return Checkpoint(file, state, digest, manifest, directory, training=training)
 
@@ -306,14 +310,20 @@ def _resolve_directory(directory: Path, manifest: dict[str, Any], label: str) ->
     )
 
 
-def select_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> list[str]:
+def select_layers(
+    model: nn.Module,
+    patterns: Sequence[str] | None = None,
+    parts: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
     """Names of the layers whose weights the analysis measures, in model order
     (docs/inputs.md, "Default layers").
 
     Default: the ≥2-D ``weight`` of every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and transformers
-    ``Conv1D``, and the attention projections of ``nn.MultiheadAttention`` (``in_proj_weight``
-    or ``q/k/v_proj_weight``; ``out_proj`` is a Linear). Embeddings (and weights tied to them),
-    biases and normalisation parameters are excluded. ``patterns`` (``--layers``) are
+    ``Conv1D``, the attention projections of ``nn.MultiheadAttention`` (``in_proj_weight``
+    or ``q/k/v_proj_weight``; ``out_proj`` is a Linear), and the layers of fused parameters:
+    ``parts`` maps a parameter held fused to the names of its layers, which replace its name
+    (:mod:`hessfine.analysis.fused_experts`). Embeddings (and weights tied to them), biases and
+    normalisation parameters are excluded. ``patterns`` (``--layers``) are
     :func:`fnmatch.fnmatchcase` globs over all parameter names and replace the default; each
     must match something.
 
@@ -324,7 +334,8 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> li
         >>> select_layers(net, ["*.bias"])
         ['0.bias', '1.bias', '3.bias']
     """
-    names = [name for name, _ in model.named_parameters()]
+    parts = parts or {}
+    names = [split for name, _ in model.named_parameters() for split in parts.get(name, [name])]
     if patterns:
         chosen: set[str] = set()
         for pattern in patterns:
@@ -357,9 +368,10 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> li
                 if own.get(attr) is not None
             )
     layers = [
-        n
+        split
         for n, p in model.named_parameters()
-        if n in wanted and p.ndim >= 2 and id(p) not in embedded
+        if n in parts or (n in wanted and p.ndim >= 2 and id(p) not in embedded)
+        for split in parts.get(n, [n])
     ]
     if not layers:
         raise InputError(
@@ -538,13 +550,7 @@ def align(
             distances = finetuned.distances or {}
             exact = {k: (v, distances[k]) for k, v in finetuned.deltas.items()}
             exact = _fit_prefix(exact, set(params), prefixes)[0]
-    layers = list(dict.fromkeys(layers))
-    if not layers:
-        raise InputError("no layers selected; pass --layers GLOB patterns that match weights")
-    unknown = [n for n in layers if n not in params]
-    if unknown:
-        raise InputError(f"layer {unknown[0]!r} is not a parameter of the model; fix --layers")
-
+    layers = _checked_layers(layers, params)
     unwrapped: dict[str, tuple[str, ...]] = {}
     ft_state, unwrapped["checkpoint"] = _fit_prefix(ft_state, set(params) | set(buffers), prefixes)
     missing = [n for n in params if n not in ft_state]
@@ -557,13 +563,67 @@ def align(
     for name, tensor in [*params.items(), *loaded.items()]:
         _check_shape(ft_label, name, ft_state[name], tensor)
         _check_finite(ft_label, name, ft_state[name])
-
     ref_state, unwrapped["reference"] = _fit_prefix(ref_state, set(params), prefixes)
+    starts, unwrapped["--head-reference"] = _starts(
+        params, layers, ref_state, head_reference, prefixes, ref_label
+    )
+    with torch.no_grad():
+        for name, tensor in [*params.items(), *loaded.items()]:
+            tensor.copy_(ft_state[name])
+    return _paired(params, buffers, starts, exact, unwrapped)
+
+
+def align_loaded(
+    weights: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor],
+    *,
+    layers: Sequence[str],
+    head_reference: Mapping[str, Tensor] | None = None,
+    exact: Mapping[str, tuple[Tensor, float]] | None = None,
+    labels: tuple[str, str] = ("checkpoint", "reference"),
+) -> Alignment:
+    """Pair the selected layers of weights already loaded into the model with their W^(s).
+
+    ``weights`` are the model's fine-tuned parameters by name (a model loaded by transformers'
+    ``from_pretrained``, its fused parameters split into their layers), ``reference`` the
+    reference's tensors by the same names; a layer absent from it or shaped differently is a new
+    head, as in :func:`align`, and ``exact`` holds the exact changes and distances of a merged
+    PEFT adapter. ``labels`` name the fine-tuned checkpoint and the reference in error messages.
+    """
+    layers = _checked_layers(layers, weights)
+    for name, tensor in weights.items():
+        _check_finite(labels[0], name, tensor)
+    starts, removed = _starts(weights, layers, reference, head_reference, PREFIXES, labels[1])
+    return _paired(weights, buffers, starts, exact or {}, {"--head-reference": removed})
+
+
+def _checked_layers(layers: Sequence[str], params: Mapping[str, Tensor]) -> list[str]:
+    """``layers`` without repeats, each a parameter in ``params``; else an :class:`InputError`."""
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise InputError("no layers selected; pass --layers GLOB patterns that match weights")
+    unknown = [n for n in layers if n not in params]
+    if unknown:
+        raise InputError(f"layer {unknown[0]!r} is not a parameter of the model; fix --layers")
+    return layers
+
+
+def _starts(
+    params: Mapping[str, Tensor],
+    layers: Sequence[str],
+    ref_state: Mapping[str, Tensor],
+    head_reference: Mapping[str, Tensor] | None,
+    prefixes: Sequence[str],
+    ref_label: str,
+) -> tuple[dict[str, tuple[Tensor, Source]], tuple[str, ...]]:
+    """W^(s) of each selected layer and where it comes from (the reference, else a head: zero or
+    ``head_reference``), checked; at least one must come from the reference. Also the wrapper
+    names removed from ``head_reference``'s keys."""
     heads: dict[str, Tensor] = {}
+    removed: tuple[str, ...] = ()
     if head_reference is not None:
-        heads, unwrapped["--head-reference"] = _fit_prefix(
-            _label_state(head_reference, "")[1], set(layers), prefixes
-        )
+        heads, removed = _fit_prefix(_label_state(head_reference, "")[1], set(layers), prefixes)
     starts: dict[str, tuple[Tensor, Source]] = {}
     for name in layers:
         shape = params[name].shape
@@ -588,10 +648,19 @@ def align(
             f"{ref_label} shares none of the {len(starts)} selected layers with the model (by name "
             "and shape); check --reference and --model"
         )
+    return starts, removed
 
-    with torch.no_grad():
-        for name, tensor in [*params.items(), *loaded.items()]:
-            tensor.copy_(ft_state[name])
+
+def _paired(
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    starts: Mapping[str, tuple[Tensor, Source]],
+    exact: Mapping[str, tuple[Tensor, float]],
+    unwrapped: Mapping[str, tuple[str, ...]],
+) -> Alignment:
+    """The alignment of the (loaded) ``params`` with the W^(s) of ``starts``: v_i = W_i − W^(s)_i
+    and ‖v_i‖_F, or a merged adapter's ``exact`` change and distance; ``unwrapped`` the wrapper
+    names removed from each input's keys."""
     reference_weights: dict[str, Tensor] = {}
     directions: dict[str, Tensor] = {}
     rows: list[AlignmentRow] = []
@@ -618,7 +687,7 @@ def align(
     return Alignment(
         params={k: p.detach() for k, p in params.items()},
         buffers={k: b.detach() for k, b in buffers.items()},
-        layers=layers,
+        layers=list(starts),
         reference=reference_weights,
         directions=directions,
         rows=rows,

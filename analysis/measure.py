@@ -78,7 +78,13 @@ Split = Literal["train", "eval"]
 Distribute = Literal["examples", "checkpoints"]
 T = TypeVar("T")
 
-RUN_FACTS = ("device", "world_size", "batch_size_used", "attn_implementation")
+RUN_FACTS = (
+    "device",
+    "world_size",
+    "batch_size_used",
+    "attn_implementation",
+    "experts_implementation",
+)
 """Settings entries that record how a run was executed, not what was measured."""
 
 __all__ = ["MeasureSettings", "Sources", "measure", "measure_path", "unused_layers"]
@@ -642,6 +648,8 @@ class _Measurement:
         settings["device"] = str(inputs.device)
         if inputs.attention is not None:
             settings["attn_implementation"] = inputs.attention
+        if inputs.experts is not None:
+            settings["experts_implementation"] = inputs.experts
         settings["world_size"] = self.ctx.world_size
         settings["batch_size_used"] = self.batch_size
         training = inputs.checkpoint.training
@@ -761,6 +769,7 @@ class _Measurement:
                 f"bounds.distance_measures leave out the 1-D parameters {', '.join(vectors)} "
                 "(they are defined on weight matrices)."
             )
+        notes.extend(self.inputs.notes)
         if self.unused:
             notes.append(
                 f"layers {', '.join(self.unused)} are not used by the model in eval mode: their "

@@ -2,7 +2,8 @@
 
 :func:`load_inputs` turns the command line's (or the Python API's) paths into a
 :class:`MeasurementInputs`: the fine-tuned checkpoint and its reference (a PEFT adapter applied to
-its base), the model built from its spec and put in eval mode as a
+its base), the model built from its spec (a Hugging Face directory loaded by transformers'
+``from_pretrained``, :mod:`hessfine.analysis.hf_loading`) and put in eval mode as a
 :class:`~hessfine.bounds.functional.FunctionalModel` with the task's per-example loss, the
 selected layers with their weight changes v_i = W_i − W_i^(s) (:func:`hessfine.analysis.checkpoints.align`),
 and the training and evaluation data — under label noise recorded by the run, the clean training
@@ -42,8 +43,17 @@ from hessfine.analysis.checkpoints import (
 )
 from hessfine.analysis.data import LabeledData, Processing, Task, check_labels, load_data
 from hessfine.analysis.errors import InputError
+from hessfine.analysis.fused_experts import NOTE as EXPERTS_NOTE
+from hessfine.analysis.fused_experts import (
+    fused_experts,
+    fused_owners,
+    fused_parts,
+    split_alignment,
+)
+from hessfine.analysis.hf_loading import LoadedModel, load_pretrained, pretrained_route
 from hessfine.analysis.model_specs import build_model
 from hessfine.analysis.run_labels import NoiseMatrix, RunLabels, noise_matrix, read_run_labels
+from hessfine.analysis.sources.hf import model_directory
 from hessfine.analysis.sources.timm_runs import TimmWeights
 from hessfine.bounds.functional import (
     CausalLMLoss,
@@ -79,8 +89,10 @@ class MeasurementInputs:
     """Everything a measurement computes on, loaded and aligned.
 
     ``layers`` are the selected layers (every one, used or not); ``directions`` v_i and
-    ``distances`` ‖v_i‖_F per layer; ``train`` holds the labels the gap is stated against (the
-    run's clean labels under recorded label noise) and ``noisy_train`` those trained on.
+    ``distances`` ‖v_i‖_F per layer; ``attention`` and ``experts`` the implementations of a
+    Hugging Face model; ``notes`` what the loading adds to ``measurement.json → notes``;
+    ``train`` holds the labels the gap is stated against (the run's clean labels under recorded
+    label noise) and ``noisy_train`` those trained on.
     """
 
     checkpoint: Checkpoint
@@ -95,6 +107,8 @@ class MeasurementInputs:
     directions: dict[str, Tensor]
     distances: dict[str, float]
     attention: str | None
+    experts: str | None
+    notes: tuple[str, ...]
     train: LabeledData
     noisy_train: LabeledData
     eval: LabeledData | None
@@ -123,8 +137,13 @@ def load_inputs(
     raw); ``verbose`` prints the layer alignment table.
     """
     src = sources
+    hf_weights = model_directory(src.checkpoint) is not None
     checkpoint = load_checkpoint(
-        src.checkpoint, trust=src.trust, label="checkpoint", timm_weights=timm_weights
+        src.checkpoint,
+        trust=src.trust,
+        label="checkpoint",
+        timm_weights=timm_weights,
+        tensors=not hf_weights,
     )
     if timm_weights == "ema" and checkpoint.training.get("tool") != "timm":
         raise InputError(
@@ -141,10 +160,11 @@ def load_inputs(
         raise InputError(
             "--reference is required (the pretrained checkpoint); pass --reference PATH"
         )
-    reference = load_checkpoint(reference_spec, trust=src.trust, label="--reference")
-    hf_directory = reference.directory if adapter is not None else checkpoint.directory
-    if checkpoint.pending is not None and not _has_config(hf_directory):
-        hf_directory = reference.directory  # a DCP checkpoint: the reference's config
+    hf_directory = base
+    if adapter is not None or (checkpoint.pending is not None and not _has_config(base)):
+        # the model is the adapter's base; a DCP checkpoint without config: the reference's
+        given = Path(reference_spec).expanduser()
+        hf_directory = given if given.is_dir() else given.parent
     spec = src.model or manifest.get("model")
     if spec is None:
         spec = "hf" if _has_config(hf_directory) else None
@@ -152,28 +172,37 @@ def load_inputs(
         raise InputError("--model is required (e.g. torchvision:resnet18); pass --model SPEC")
     kwargs = src.model_kwargs if src.model_kwargs is not None else manifest.get("model_kwargs", {})
     model_kwargs = dict(kwargs or {})
-    module = build_model(spec, model_kwargs, hf_directory=hf_directory)
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
-    module.to(dtype=torch_dtype)
-    reference = materialize(reference, module)
-    checkpoint = apply_adapter(checkpoint, reference)
-    selected = select_layers(module, list(layers or checkpoint.layers or ()))
     head = head_reference
     if head is None:  # not given: the run manifest's head_reference, else zero
-        given = manifest.get("head_reference")
+        given_head = manifest.get("head_reference")
         head = (
-            "zero" if given in (None, "zero") else _from_manifest(manifest, "head_reference", base)
+            "zero"
+            if given_head in (None, "zero")
+            else _from_manifest(manifest, "head_reference", base)
         )
-    alignment = align(
-        module,
-        checkpoint,
-        reference,
-        layers=selected,
-        head_reference=load_head_reference(head, trust=src.trust, model=module),
-    )
+    model_options = {
+        "spec": spec,
+        "model_kwargs": model_kwargs,
+        "dtype": torch_dtype,
+        "layers": tuple(layers or ()),
+        "trust": src.trust,
+    }
+    if pretrained_route(spec, checkpoint, reference_spec):
+        head_state = load_head_reference(head, trust=src.trust)
+        loaded = load_pretrained(
+            checkpoint, reference_spec, head_reference=head_state, **model_options
+        )
+    else:
+        if hf_weights and adapter is None:  # a model directory measured with another spec
+            checkpoint = load_checkpoint(src.checkpoint, trust=src.trust, label="checkpoint")
+        loaded = _load_state(
+            checkpoint, reference_spec, hf_directory, head_reference=head, **model_options
+        )
+    module, selected, alignment = loaded.module, loaded.layers, loaded.alignment
     module.to(device=device)
     loss = CausalLMLoss() if task == "causal-lm" else CrossEntropy()
-    fmodel, params = FunctionalModel.from_module(module, loss=loss)
+    fmodel, params = FunctionalModel.from_module(module, loss=loss, fused=loaded.fused)
     config = getattr(module, "config", None)
     if verbose:
         print(alignment.format_table())
@@ -187,7 +216,7 @@ def load_inputs(
         "input_columns": src.input_columns,
         "label_column": src.label_column,
         "pad_token_id": getattr(config, "pad_token_id", None),
-        "processing": src.processing and src.processing.searching(base, reference.path),
+        "processing": src.processing and src.processing.searching(base, loaded.reference.path),
     }
     train = load_data(str(data_spec), label="--data", **options)
     # Under recorded label noise: measure against the clean labels, keep the noisy ones.
@@ -198,8 +227,8 @@ def load_inputs(
         train = replace(train, y=run_labels.clean)
     eval_spec = src.eval_data or _from_manifest(manifest, "data", base, key2="eval")
     return MeasurementInputs(
-        checkpoint=checkpoint,
-        reference=reference,
+        checkpoint=loaded.checkpoint,
+        reference=loaded.reference,
         manifest=manifest,
         model_spec=spec,
         model_kwargs=model_kwargs,
@@ -213,6 +242,8 @@ def load_inputs(
         },
         distances={row.name: row.distance for row in alignment.rows},
         attention=getattr(config, "_attn_implementation", None),
+        experts=loaded.experts,
+        notes=loaded.notes,
         train=train,
         noisy_train=noisy_train,
         eval=None
@@ -228,6 +259,53 @@ def load_inputs(
 
 def _has_config(directory: Path | None) -> bool:
     return directory is not None and (directory / "config.json").is_file()
+
+
+def _load_state(
+    checkpoint: Checkpoint,
+    reference_spec: str,
+    hf_directory: Path,
+    *,
+    spec: str,
+    model_kwargs: dict[str, Any],
+    dtype: torch.dtype,
+    layers: tuple[str, ...],
+    head_reference: str,
+    trust: bool,
+) -> LoadedModel:
+    """The model built from its spec, the checkpoint's tensors loaded into it by name
+    (:func:`~hessfine.analysis.checkpoints.align`; a DCP checkpoint's read for the model) and
+    paired with the reference's; fused expert parameters are aligned whole, then split into
+    their selected layers."""
+    module = build_model(spec, model_kwargs, hf_directory=hf_directory)
+    module.to(dtype=dtype)
+    reference = load_checkpoint(reference_spec, trust=trust, label="--reference")
+    reference = materialize(reference, module)
+    checkpoint = apply_adapter(checkpoint, reference)
+    fused = fused_experts(module)
+    selected = select_layers(module, list(layers or checkpoint.layers or ()), fused_parts(fused))
+    owners = fused_owners(fused)
+    whole = list(dict.fromkeys(owners.get(name, name) for name in selected))
+    alignment = align(
+        module,
+        checkpoint,
+        reference,
+        layers=whole,
+        head_reference=load_head_reference(head_reference, trust=trust, model=module),
+    )
+    if not fused:
+        return LoadedModel(module, (), selected, alignment, checkpoint, reference)
+    config = getattr(module, "config", None)
+    return LoadedModel(
+        module,
+        fused,
+        selected,
+        split_alignment(alignment, fused, selected),
+        checkpoint,
+        reference,
+        experts=getattr(config, "_experts_implementation", None),
+        notes=(EXPERTS_NOTE,),
+    )
 
 
 def check_forward(inputs: MeasurementInputs, data: LabeledData, *, task: Task) -> int:

@@ -18,7 +18,9 @@ Specs:
   implementation (``sdpa`` today; ``{"attn_implementation": "eager"}`` selects another); the
   estimators run it with the differentiable math kernel and pass attention masks already
   expanded (:mod:`hessfine.bounds.functional`), and the measurement records the implementation.
-  Remote code is never executed.
+  The experts of mixture-of-experts models run as ``batched_mm`` (``experts_implementation``
+  selects another), recorded too. Remote code is never executed. A measurement loads the weights
+  of such a directory with transformers' own loader (:mod:`hessfine.analysis.hf_loading`).
 - ``path/to/file.py:FACTORY`` — the file is imported by path and ``FACTORY(**kwargs)`` called.
 - ``package.module:FACTORY`` — ``importlib.import_module`` (the current directory is searched
   too), then ``FACTORY(**kwargs)``.
@@ -126,6 +128,13 @@ def build_model(
     return model.float().eval()
 
 
+#: --model-kwargs entries of a Hugging Face model that choose an implementation, not a config
+#: attribute.
+HF_IMPLEMENTATIONS = ("attn_implementation", "experts_implementation")
+#: The experts implementation of mixture-of-experts models unless --model-kwargs names another:
+#: transformers' default kernels reject float64 (``grouped_mm``) or ``vmap`` (``eager``).
+BATCHED_EXPERTS = "batched_mm"
+
 #: Module paths that run manifests of earlier versions name (before the folders were installed
 #: under ``hessfine``, and before ``finetune.models`` was renamed ``finetune.digit_networks``).
 _LEGACY_MODULES = {
@@ -195,6 +204,15 @@ def _timm(spec: str, name: str, options: dict[str, Any]) -> nn.Module:
 
 
 def _huggingface(spec: str, directory: Path, options: dict[str, Any]) -> nn.Module:
+    config = hf_config(spec, directory, options)
+    model_class = hf_model_class(spec, config)
+    return _call(spec, lambda: model_class(config), {})
+
+
+def hf_config(spec: str, directory: Path, options: Mapping[str, Any]) -> Any:
+    """The config of the Hugging Face directory ``directory`` with ``options`` (--model-kwargs)
+    set on it: ``attn_implementation`` and ``experts_implementation`` choose the implementations
+    (module docs), every other entry overrides a config attribute."""
     try:
         import transformers
     except ImportError:
@@ -206,8 +224,8 @@ def _huggingface(spec: str, directory: Path, options: dict[str, Any]) -> nn.Modu
             f"--model {spec!r}: {directory} has no config.json; point it at a Hugging Face "
             "model directory (as written by save_pretrained)"
         )
-    attention = options.pop("attn_implementation", None)
-    chosen = {} if attention is None else {"attn_implementation": attention}
+    chosen = {key: options.get(key) for key in HF_IMPLEMENTATIONS}
+    chosen["experts_implementation"] = chosen["experts_implementation"] or BATCHED_EXPERTS
     try:
         config = transformers.AutoConfig.from_pretrained(
             str(directory), local_files_only=True, **chosen
@@ -218,27 +236,39 @@ def _huggingface(spec: str, directory: Path, options: dict[str, Any]) -> nn.Modu
             "check the file or upgrade transformers"
         ) from None
     for key, value in options.items():
-        setattr(config, key, value)
+        if key not in HF_IMPLEMENTATIONS:
+            setattr(config, key, value)
+    return config
+
+
+def hf_implementations(config: Any) -> dict[str, str | None]:
+    """The attention and experts implementations that ``config`` asks for (``None``: the
+    model's default), as keyword arguments of ``from_pretrained``."""
+    return {key: getattr(config, f"_{key}", None) for key in HF_IMPLEMENTATIONS}
+
+
+def hf_model_class(spec: str, config: Any) -> type[nn.Module]:
+    """The transformers class that ``config`` names in ``architectures``, else the first of the
+    sequence-classification, image-classification and causal-LM Auto mappings that covers it."""
+    import transformers
+
     named = [getattr(transformers, name, None) for name in config.architectures or []]
     classes = [
         c for c in named if isinstance(c, type) and issubclass(c, transformers.PreTrainedModel)
     ]
     if classes:
-        return _call(spec, lambda: classes[0](config), {})
-    errors = []
-    for auto in (
-        transformers.AutoModelForSequenceClassification,
-        transformers.AutoModelForImageClassification,
-        transformers.AutoModelForCausalLM,
-    ):
-        try:
-            return auto.from_config(config)
-        except ValueError as err:  # this auto class does not cover the config type
-            errors.append(_one_line(err))
+        return classes[0]
+    mappings = (
+        transformers.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+        transformers.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
+        transformers.MODEL_FOR_CAUSAL_LM_MAPPING,
+    )
+    for mapping in mappings:
+        if type(config) in mapping:
+            return mapping[type(config)]
     raise InputError(
         f"--model {spec!r}: no classification or causal-LM model for config type "
-        f"{type(config).__name__} "
-        f"({errors[0]}); set 'architectures' in config.json to a transformers class name"
+        f"{type(config).__name__}; set 'architectures' in config.json to a transformers class name"
     )
 
 

@@ -46,6 +46,14 @@ Conv, Conv1D) and misses weights used any other way (``nn.MultiheadAttention``'s
 ``in_proj_weight``). The tests check the route against dense float64 Hessians of each example run
 alone through transformers' own mask code, for BERT, RoBERTa, DistilBERT, GPT-2, ViT and a GPT-2
 language model with padded batches.
+
+**Fused parameters.** Some modules hold several layers in one tensor: transformers 5 stores the
+experts of a mixture-of-experts block as 3-D parameters (Mixtral's ``experts.gate_up_proj`` of
+shape (E, 2I, H) holds every expert's gate and up projections). A :class:`FusedParameter` names
+the slices of such a tensor as parameters of their own; :meth:`FunctionalModel.from_module` puts
+the slices in the parameter ``dict`` in place of the tensor, and :meth:`FunctionalModel.logits`
+rebuilds the tensor from them inside the forward pass (``torch.cat`` and ``torch.stack``, which
+autograd differentiates and ``vmap`` batches), so every estimator sees each slice as a layer.
 """
 
 from __future__ import annotations
@@ -300,12 +308,84 @@ def _mask_kind(module: nn.Module) -> str | None:
 
 
 @dataclass(frozen=True)
+class FusedParameter:
+    """A parameter held as slices along its first dimension, each slice a layer or a join of layers.
+
+    ``parts[e]`` names the layers that make slice e: one name (the slice itself), or several
+    joined along dimension ``dim`` of the slice — one after the other, or row by row when
+    ``interleaved`` (part j is then every k-th row from row j, k parts).
+
+    Example:
+        >>> fused = FusedParameter("w", (("gate.0", "up.0"), ("gate.1", "up.1")))
+        >>> w = torch.arange(8.0).reshape(2, 2, 2)
+        >>> parts = fused.split(w)
+        >>> parts["up.1"].tolist()
+        [[6.0, 7.0]]
+        >>> torch.equal(fused.join(parts), w)
+        True
+    """
+
+    name: str
+    parts: tuple[tuple[str, ...], ...]
+    dim: int = 0
+    interleaved: bool = False
+
+    @property
+    def names(self) -> list[str]:
+        """Every layer's name, slice by slice."""
+        return [name for group in self.parts for name in group]
+
+    def split(self, tensor: Tensor) -> dict[str, Tensor]:
+        """The layers of ``tensor`` (views, in the order of :attr:`names`)."""
+        out: dict[str, Tensor] = {}
+        for group, piece in zip(self.parts, tensor.unbind(0), strict=True):
+            if self.interleaved:
+                rows = piece.unflatten(self.dim, (-1, len(group))).unbind(self.dim + 1)
+            else:
+                rows = piece.chunk(len(group), dim=self.dim)
+            out.update(zip(group, rows, strict=True))
+        return out
+
+    def join(self, layers: Mapping[str, Tensor]) -> Tensor:
+        """The fused tensor rebuilt from its layers (differentiable, batched under ``vmap``)."""
+        pieces = []
+        for group in self.parts:
+            rows = [layers[name] for name in group]
+            if len(rows) == 1:
+                pieces.append(rows[0])
+            elif self.interleaved:
+                pieces.append(torch.stack(rows, dim=self.dim + 1).flatten(self.dim, self.dim + 1))
+            else:
+                pieces.append(torch.cat(rows, dim=self.dim))
+        return torch.stack(pieces)
+
+
+def split_parameters(
+    module: nn.Module, fused: tuple[FusedParameter, ...] = ()
+) -> dict[str, Tensor]:
+    """The detached parameters of ``module`` by name, each ``fused`` one replaced by its layers
+    (views of it), in the module's order."""
+    split = {f.name: f for f in fused}
+    params: dict[str, Tensor] = {}
+    for name, p in module.named_parameters():
+        params.update(split[name].split(p.detach()) if name in split else {name: p.detach()})
+    return params
+
+
+@dataclass(frozen=True)
 class FunctionalModel:
-    """An ``nn.Module`` in eval mode with its buffers and its per-example loss."""
+    """An ``nn.Module`` in eval mode with its buffers and its per-example loss.
+
+    ``fused`` are the module's parameters that the parameter ``dict`` holds as named slices
+    (module docs); ``whole`` are their tensors, used as they are while every slice is the one
+    :meth:`from_module` made.
+    """
 
     module: nn.Module
     buffers: Mapping[str, Tensor]
     loss: ExampleLoss = CrossEntropy()
+    fused: tuple[FusedParameter, ...] = ()
+    whole: Mapping[str, tuple[Tensor, tuple[Tensor, ...]]] = field(default_factory=dict)
     mask_kind: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -313,17 +393,40 @@ class FunctionalModel:
 
     @classmethod
     def from_module(
-        cls, module: nn.Module, *, loss: ExampleLoss | None = None
+        cls,
+        module: nn.Module,
+        *,
+        loss: ExampleLoss | None = None,
+        fused: tuple[FusedParameter, ...] = (),
     ) -> tuple[FunctionalModel, dict[str, Tensor]]:
-        """Put ``module`` in eval mode; return the functional model and a detached parameter dict."""
+        """Put ``module`` in eval mode; return the functional model and a detached parameter dict
+        (the slices of the ``fused`` parameters in place of each, in the module's order)."""
         module.eval()
-        params = {k: p.detach() for k, p in module.named_parameters()}
+        params = split_parameters(module, fused)
+        whole = {
+            f.name: (module.get_parameter(f.name).detach(), tuple(params[n] for n in f.names))
+            for f in fused
+        }
         buffers = {k: b.detach() for k, b in module.named_buffers()}
-        return cls(module, buffers, loss if loss is not None else CrossEntropy()), params
+        chosen = loss if loss is not None else CrossEntropy()
+        return cls(module, buffers, chosen, tuple(fused), whole), params
+
+    def state(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The module's parameters and buffers for ``params``: each fused parameter rebuilt from
+        its slices (its own tensor while the slices are those :meth:`from_module` made)."""
+        state = {**self.buffers, **params}
+        for fused in self.fused:
+            parts = tuple(state.pop(name) for name in fused.names)
+            tensor, made = self.whole.get(fused.name, (None, ()))
+            same = len(made) == len(parts) and all(a is b for a, b in zip(made, parts, strict=True))
+            state[fused.name] = (
+                tensor if same else fused.join(dict(zip(fused.names, parts, strict=True)))
+            )
+        return state
 
     def logits(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
         """Logits of the batch ``x`` under ``params`` (a full parameter dict)."""
-        state = {**self.buffers, **params}
+        state = self.state(params)
         if isinstance(x, Tensor):
             out = functional_call(self.module, state, (x,))
         else:

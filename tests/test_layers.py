@@ -9,10 +9,10 @@ Four rules hold on it:
 1. The layers: ``bounds`` (pure math) and, beside it, ``analysis.schema`` (the result files'
    names, which imports nothing of the package and which everything but ``bounds`` may use) <
    ``figures`` (tables and plots) and, beside it, the *loading* layer of ``analysis`` (errors,
-   sources, checkpoints, data, labeled_data, digit_sets, model_specs, results) < ``finetune``
-   and ``analysis``' pipelines (measure, compare, ...), which do not import each other, <
-   orchestration (the command lines, the demo and the generated docs pages), which may import
-   anything.
+   sources, checkpoints, data, labeled_data, digit_sets, model_specs, fused_experts,
+   hf_loading, results) < ``finetune`` and ``analysis``' pipelines (measure, compare, ...),
+   which do not import each other, < orchestration (the command lines, the demo and the
+   generated docs pages), which may import anything.
 2. The rooms of ``bounds`` (docs/architecture.md): ``operators`` import only ``functional``,
    ``safe_autodiff``, ``linalg`` and other operators; ``linalg`` only ``functional`` and other
    linalg; an estimator (``bounds.estimators``) never imports another estimator.
@@ -39,6 +39,8 @@ LOADING = {
     "hessfine.analysis.labeled_data",
     "hessfine.analysis.digit_sets",
     "hessfine.analysis.model_specs",
+    "hessfine.analysis.fused_experts",
+    "hessfine.analysis.hf_loading",
     "hessfine.analysis.results",
 }
 SCHEMA = "hessfine.analysis.schema"
