@@ -264,6 +264,7 @@ def flat_row(record: Record) -> Row:
     layers = m.get("layers") or []
     manifest = record.manifest
     forms = [(layer.get("quadratic_form") or {}).get("max") for layer in layers]
+    rule = (manifest.get("confusion_used") or {}).get("rule") or {}
     derived: dict[str, Any] = {
         "measurement": str(record.path),
         "method": manifest.get("method"),
@@ -276,6 +277,8 @@ def flat_row(record: Record) -> Row:
         "radius": _config_value(manifest, "radius"),
         "head_radius": _config_value(manifest, "head_radius"),
         "confusion_source": (manifest.get("confusion_used") or {}).get("source"),
+        "confusion_estimate_kappa": rule.get("estimate_kappa"),
+        "confusion_shrinkage": rule.get("shrinkage"),
         "run": str(record.manifest_path.parent) if record.manifest_path is not None else None,
         "n": bounds.get("n", value_at(m, "data.n_train")),
         TRACE_MEASURE: _trace_measure(bounds, value_at(m, "loss.train")),

@@ -65,6 +65,8 @@ SCALE_RATIO = 10.0
 PRIOR_RATIO = 100.0
 #: A method whose test accuracy has a larger standard deviation over seeds is listed as unstable.
 UNSTABLE_STD = 0.1
+#: A final test accuracy at most this far above chance (1/num_classes) is flagged.
+CHANCE_MARGIN = 0.05
 HOLDS, FAILS, UNTESTED = "holds", "does not hold", "not tested"
 
 
@@ -389,6 +391,49 @@ def _noise_section(
     return lines, table, claims
 
 
+def _caution_section(rows: Sequence[Row]) -> list[str]:
+    """The runs to read with care: final checkpoints within :data:`CHANCE_MARGIN` of chance
+    accuracy (1/num_classes) or below, and runs whose estimated noise matrix the κ rule shrank
+    (docs/bounds.md, "Label noise")."""
+    near_chance = sorted(
+        f"{method_label(r)} (seed {r.get('seed')}, {noise_setting(r)}): test accuracy "
+        f"{r['eval_accuracy']:.3f}, chance {1 / r['num_classes']:.3f}"
+        for r in rows
+        if r.get("final_checkpoint") in (1, None)
+        and finite(r.get("eval_accuracy"))
+        and finite(r.get("num_classes"))
+        and r["eval_accuracy"] <= 1 / r["num_classes"] + CHANCE_MARGIN
+    )
+    shrunk = sorted(
+        {
+            f"{method_label(r)} (seed {r.get('seed')}, {noise_setting(r)}): κ(F̂) = "
+            f"{r['confusion_estimate_kappa']:.3g}, shrunk by λ = {r['confusion_shrinkage']:g}"
+            for r in rows
+            if finite(r.get("confusion_shrinkage")) and r["confusion_shrinkage"] > 0
+        }
+    )
+    if not near_chance and not shrunk:
+        return []
+    lines = ["## Runs to read with care", ""]
+    if near_chance:
+        lines += [
+            f"Final test accuracy within {CHANCE_MARGIN:g} of chance or below (the model learned "
+            "little; its measure says little about generalization):",
+            "",
+            *(f"- {entry}" for entry in near_chance),
+            "",
+        ]
+    if shrunk:
+        lines += [
+            "Dual-T estimates of the noise matrix shrunk to meet κ = ‖F̂⁻¹‖_∞ ≤ 10 before training "
+            '(docs/bounds.md, "Label noise"):',
+            "",
+            *(f"- {entry}" for entry in shrunk),
+            "",
+        ]
+    return lines
+
+
 def _stats_of(values: Sequence[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -439,7 +484,7 @@ def write_report(
     ]
     lines += [f"| {c} | {k} | {m} | **{v}** |" for c, k, m, v in claims]
     lines.append("")
-    lines += sweep_lines + method_lines + noise_lines
+    lines += sweep_lines + method_lines + noise_lines + _caution_section(rows)
     if timings:
         lines += ["## Time", ""]
         lines += [f"- {name}: {value:.0f} s" for name, value in timings.items()]

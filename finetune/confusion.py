@@ -39,7 +39,7 @@ from typing import Literal
 import numpy as np
 import torch
 from hessfine.bounds.functional import ConsistentCrossEntropy
-from hessfine.bounds.generalization import consistent_loss_factor
+from hessfine.bounds.generalization import consistent_loss_factor, noise_matrix_inverse
 from torch import Tensor
 
 __all__ = [
@@ -168,15 +168,9 @@ def corrupt_labels(y: Tensor, F: Tensor, *, generator: torch.Generator) -> Tenso
 
 
 def inverse_confusion(F: Tensor) -> Tensor:
-    """F⁻¹ in float64, after checking that F is a confusion matrix and not (nearly) singular."""
-    matrix = check_confusion(F)
-    condition = torch.linalg.cond(matrix)
-    if not torch.isfinite(condition) or condition > 1e8:
-        raise ValueError(
-            "the confusion matrix is (nearly) singular, so the backward-corrected loss is "
-            f"undefined (condition number {condition.item():.3g}); use a lower noise rate"
-        )
-    return torch.linalg.inv(matrix)
+    """F⁻¹ in float64, after checking that F is a confusion matrix; the one inverse of F
+    (:func:`hessfine.bounds.generalization.noise_matrix_inverse`, which refuses a singular F)."""
+    return noise_matrix_inverse(check_confusion(F))
 
 
 def correction_factor(F: Tensor) -> float:

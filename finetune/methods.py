@@ -54,6 +54,7 @@ from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as nnf
+from hessfine.bounds.generalization import usable_noise_matrix
 from hessfine.finetune.confusion import (
     check_confusion,
     estimate_confusion_dual_t,
@@ -245,8 +246,11 @@ class FinetuneResult:
     ``metrics``: one dict per finished epoch with the keys :data:`METRIC_COLUMNS`.
     ``best_epoch`` and ``best_state`` (a CPU copy of the state dict): the best validation epoch of
     a method with early stopping (None otherwise). ``radii``: per-layer ball radii of the
-    constrained methods. ``confusion``: the F used by the consistent loss and ``confusion_source`` whether it
-    was ``"given"`` or estimated by ``"dual-t"``. ``validation_indices``: the held-out examples.
+    constrained methods. ``confusion``: the F used by the consistent loss, ``confusion_source``
+    whether it was ``"given"`` or estimated by ``"dual-t"``, and for an estimate
+    ``confusion_rule``, how the κ rule treated it
+    (:func:`hessfine.bounds.generalization.usable_noise_matrix`).
+    ``validation_indices``: the held-out examples.
     """
 
     metrics: list[dict[str, float | None]]
@@ -255,6 +259,7 @@ class FinetuneResult:
     radii: dict[str, float] | None = None
     confusion: list[list[float]] | None = None
     confusion_source: Literal["given", "dual-t"] | None = None
+    confusion_rule: dict[str, float] | None = None
     validation_indices: list[int] | None = None
 
 
@@ -385,15 +390,7 @@ def _estimate_confusion(
     result = finetune(estimator, reference, train_x=x, train_y=y, config=plain)
     if result.best_state is not None:
         estimator.load_state_dict(result.best_state)
-    estimate = estimate_confusion_dual_t(predict_probs(estimator, x), y)
-    try:
-        inverse_confusion(estimate)
-    except ValueError:
-        raise ValueError(
-            "the Dual-T estimate of the noise matrix is singular (the noisy-label model predicts "
-            "too few classes); give the confusion matrix or noise rate instead"
-        ) from None
-    return estimate
+    return estimate_confusion_dual_t(predict_probs(estimator, x), y)
 
 
 def _noise_matrix(
@@ -402,15 +399,18 @@ def _noise_matrix(
     x: Tensor,
     y: Tensor,
     config: FinetuneConfig,
-) -> tuple[Tensor, Literal["given", "dual-t"]]:
-    """F for a method that needs it — the config's, or the Dual-T estimate — and its source,
-    checked against the model's number of classes."""
-    if config.estimate_confusion:
-        confusion, source = _estimate_confusion(model, centres, x, y, config), "dual-t"
-    else:
-        confusion, source = config.confusion_matrix(), "given"
-    check_confusion(confusion, _logits(model, x[:2]).shape[1])
-    return confusion, source
+) -> tuple[Tensor, Literal["given", "dual-t"], dict[str, float] | None]:
+    """F for a method that needs it — the config's, or the Dual-T estimate made usable by the
+    κ rule (:func:`hessfine.bounds.generalization.usable_noise_matrix`) — its source, checked
+    against the model's number of classes, and the rule's record for an estimate."""
+    if not config.estimate_confusion:
+        confusion = config.confusion_matrix()
+        check_confusion(confusion, _logits(model, x[:2]).shape[1])
+        return confusion, "given", None
+    estimate = _estimate_confusion(model, centres, x, y, config)
+    check_confusion(estimate, _logits(model, x[:2]).shape[1])
+    usable = usable_noise_matrix(estimate)
+    return usable.matrix, "dual-t", usable.to_json()
 
 
 def _train_epoch(
@@ -503,9 +503,9 @@ def finetune(
     generator = torch.Generator().manual_seed(config.seed)
     noisy, clean = train_y.long().cpu(), clean.long().cpu()
 
-    confusion, inverse, source = config.confusion_matrix(), None, None
+    confusion, inverse, source, rule = config.confusion_matrix(), None, None, None
     if method.needs_confusion:
-        confusion, source = _noise_matrix(model, centres, train_x, noisy, config)
+        confusion, source, rule = _noise_matrix(model, centres, train_x, noisy, config)
         inverse = inverse_confusion(confusion).to(device)
     fit, validation = torch.arange(len(train_x)), None
     if method.early_stopping:
@@ -567,5 +567,6 @@ def finetune(
         radii=radii,
         confusion=None if confusion is None else confusion.cpu().tolist(),
         confusion_source=source,
+        confusion_rule=rule,
         validation_indices=None if validation is None else validation.tolist(),
     )

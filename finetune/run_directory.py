@@ -293,6 +293,7 @@ def finetune_run(
         manifest["confusion_used"] = {
             "source": result.confusion_source,
             "matrix": result.confusion,
+            "rule": result.confusion_rule,
         }
     manifest["complete"] = True
     _write_json(directory / MANIFEST, manifest)

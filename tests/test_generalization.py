@@ -318,3 +318,34 @@ def test_consistent_loss_factor_is_the_largest_row_sum_of_the_inverse():
     rows = torch.linalg.inv(F).abs().sum(dim=1)
     assert rows.max() > rows.min() + 0.1  # asymmetric noise: the rows differ
     assert consistent_loss_factor(F) == pytest.approx(float(rows.max()), rel=1e-12)
+
+
+def test_a_usable_estimate_is_kept_and_a_degenerate_one_shrunk_within_the_kappa_limit():
+    from hessfine.bounds.generalization import KAPPA_LIMIT, usable_noise_matrix
+    from hessfine.finetune.confusion import symmetric_confusion
+
+    good = symmetric_confusion(10, 0.4)
+    kept = usable_noise_matrix(good)
+    assert kept.shrinkage == 0.0 and torch.equal(kept.matrix, good.double())
+    assert kept.kappa == pytest.approx(consistent_loss_factor(good)) == kept.estimate_kappa
+    # a Dual-T-like estimate: diagonal 0.14–0.42 and uneven rows, invertible but with a huge κ
+    g = torch.Generator().manual_seed(3)
+    rough = torch.rand(10, 10, generator=g, dtype=torch.float64) ** 4
+    rough.fill_diagonal_(0.0)
+    rough = rough / rough.sum(dim=1, keepdim=True) * (1 - torch.linspace(0.14, 0.42, 10))[:, None]
+    rough = rough + torch.diag(torch.linspace(0.14, 0.42, 10, dtype=torch.float64))
+    assert consistent_loss_factor(rough) > KAPPA_LIMIT
+    used = usable_noise_matrix(rough, steps=20)
+    assert 0 < used.shrinkage <= 1 and used.kappa <= KAPPA_LIMIT
+    flip = float(1 - rough.diagonal().mean())
+    assert used.flip_rate == pytest.approx(flip)
+    assert float(1 - used.matrix.diagonal().mean()) == pytest.approx(flip)  # same noise level
+    assert torch.allclose(used.matrix.sum(dim=1), torch.ones(10, dtype=torch.float64))
+    one_less = usable_noise_matrix(rough, steps=20).shrinkage - 1 / 20
+    symmetric = torch.full_like(rough, flip / 9).fill_diagonal_(1 - flip)
+    assert consistent_loss_factor((1 - one_less) * rough + one_less * symmetric) > KAPPA_LIMIT
+    assert used.target == "symmetric"
+    singular = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    assert usable_noise_matrix(singular).kappa <= KAPPA_LIMIT
+    chance = usable_noise_matrix(symmetric_confusion(10, 0.85))  # S(ρ̂) itself: κ > the limit
+    assert chance.target == "identity" and chance.shrinkage > 0 and chance.kappa <= KAPPA_LIMIT

@@ -182,6 +182,7 @@ def finetune_methods() -> dict[str, Any]:
                     "radii": result.radii,
                     "confusion": result.confusion,
                     "confusion_source": result.confusion_source,
+                    "confusion_rule": result.confusion_rule,
                     "norms": {
                         k: float(v.double().pow(2).sum()) for k, v in net.state_dict().items()
                     },

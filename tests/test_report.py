@@ -96,3 +96,21 @@ def test_absent_studies_are_not_tested(tmp_path: Path) -> None:
 )
 def test_scale_verdict_thresholds(ratio: float | None, verdict: str) -> None:
     assert report.scale_verdict(ratio) == verdict
+
+
+def test_runs_near_chance_and_shrunk_noise_estimates_are_flagged(tmp_path: Path) -> None:
+    rows = _rows(robust_accuracy=0.7)
+    for row in rows:
+        row["num_classes"] = 10
+    dual_t = {"noise_rate": 0.4, "noise_kind": "symmetric", "confusion_source": "dual-t"}
+    near = {"eval_accuracy": 0.14, "confusion_estimate_kappa": 65.6, "confusion_shrinkage": 0.35}
+    rows += [
+        comparison_row("robust", seed, 10, num_classes=10, **dual_t, **near) for seed in (0, 1)
+    ]
+    report.write_report(rows, tmp_path, formats=("png",), bootstrap=10)
+    text = (tmp_path / report.REPORT).read_text(encoding="utf-8")
+    section = text[text.index("## Runs to read with care") :]
+    assert section.count("test accuracy 0.140, chance 0.100") == 2
+    assert "κ(F̂) = 65.6, shrunk by λ = 0.35" in section
+    report.write_report(_rows(robust_accuracy=0.7), tmp_path / "clean", formats=("png",))
+    assert "read with care" not in (tmp_path / "clean" / report.REPORT).read_text("utf-8")

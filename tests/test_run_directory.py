@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from hessfine.analysis.errors import InputError
+from hessfine.bounds.generalization import consistent_loss_factor
 from hessfine.finetune import cli
 from hessfine.finetune.confusion import corrupt_labels, symmetric_confusion
 from hessfine.finetune.digit_networks import digits_cnn
@@ -452,6 +453,9 @@ def test_cli_estimate_confusion_uses_dual_t(tmp_path, capsys):
     assert manifest["config"]["estimate_confusion"] is True
     used = torch.tensor(manifest["confusion_used"]["matrix"], dtype=torch.float64)
     assert manifest["confusion_used"]["source"] == "dual-t"
+    rule = manifest["confusion_used"]["rule"]
+    assert rule["kappa"] <= rule["kappa_limit"] == 10 and 0 <= rule["shrinkage"] <= 1
+    assert consistent_loss_factor(used) == pytest.approx(rule["kappa"])
     torch.testing.assert_close(used.sum(dim=1), torch.ones(10, dtype=torch.float64))
     applied = torch.tensor(manifest["label_noise"]["confusion_matrix"], dtype=torch.float64)
     assert not torch.allclose(used, applied)
