@@ -364,13 +364,45 @@ def _sort_key(row: Row) -> tuple[str, float, float, str]:
     )
 
 
-def collect(paths: Iterable[str | Path]) -> list[Row]:
+def with_common_c(rows: Sequence[Row], loss_bound: float | None = None) -> list[Row]:
+    """``rows`` with the bounds at one loss bound C for all of them: ``C_common`` (``loss_bound``,
+    else the largest loss seen over all the rows' measurements), ``hessian_distance_measure_common_c``
+    = Σ_i sqrt(C_common·𝓗_i/n) and ``theorem_2_1_common_c`` = (1+ε)·L̂ + (1+ε)·that.
+
+    Theorem 2.1's C bounds the loss of every checkpoint compared; the per-measurement C (its own
+    largest loss on the Hessian examples) falls as a run fits its data, which moves the measure
+    independently of the curvature (docs/bounds.md, "Hessian distance measure and Theorem 2.1").
+    """
+    losses = [row["max_loss"] for row in rows if finite(row.get("max_loss"))]
+    common = loss_bound if loss_bound is not None else max(losses, default=None)
+    out = []
+    for row in rows:
+        total, n, eps = row.get("sum_sqrt_hessian_quadratic_form"), row.get("n"), row.get("epsilon")
+        measure = theorem = None
+        if finite(common) and finite(total) and finite(n) and n > 0:
+            measure = math.sqrt(common / n) * total
+            if finite(row.get("train_loss")) and finite(eps):
+                theorem = (1 + eps) * row["train_loss"] + (1 + eps) * measure
+        out.append(
+            {
+                **row,
+                "C_common": common,
+                "hessian_distance_measure_common_c": measure,
+                "theorem_2_1_common_c": theorem,
+            }
+        )
+    return out
+
+
+def collect(paths: Iterable[str | Path], *, loss_bound: float | None = None) -> list[Row]:
     """Flat ``comparison.csv`` rows of every measurement under ``paths`` (files or directories,
-    searched recursively), sorted by method, seed and epoch.
+    searched recursively), sorted by method, seed and epoch, with the common-C bounds of
+    :func:`with_common_c`.
 
     Raises :class:`InputError` for a missing path, no measurements, or an unreadable one.
     """
-    return sorted((flat_row(r) for r in load_records(paths)), key=_sort_key)
+    rows = sorted((flat_row(r) for r in load_records(paths)), key=_sort_key)
+    return with_common_c(rows, loss_bound)
 
 
 def write_comparison(rows: Sequence[Row], out: Path) -> Path:
@@ -400,13 +432,15 @@ def compare(
     bootstrap: int = 1000,
     report: bool = False,
     settings: Mapping[str, Any] | None = None,
+    loss_bound: float | None = None,
 ) -> Comparison:
     """Collect, write the four tables and draw the figures into ``out``; with ``report`` also
     the study figures and ``report.md`` (:mod:`hessfine.analysis.report`; ``settings`` are
-    printed in its settings section)."""
+    printed in its settings section). ``loss_bound`` is the common C of :func:`with_common_c`
+    (default: the largest loss seen)."""
     records = load_records(paths)
     pairs = sorted(((flat_row(r), r) for r in records), key=lambda p: _sort_key(p[0]))
-    rows = [p[0] for p in pairs]
+    rows = with_common_c([p[0] for p in pairs], loss_bound)
     out = Path(out)
     layers = [lr for row, r in pairs for lr in layer_rows(r.measurement, row)]
     noise = [nr for row, r in pairs for nr in noise_rows(r.measurement, row)]
@@ -486,6 +520,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write the study figures and report.md (hessfine.analysis.report)",
     )
     parser.add_argument(
+        "--loss-bound",
+        type=float,
+        metavar="C",
+        help="one loss bound C for every measurement, for hessian_distance_measure_common_c and "
+        "theorem_2_1_common_c (default: the largest loss seen over all of them)",
+    )
+    parser.add_argument(
         "--bootstrap",
         type=int,
         default=1000,
@@ -513,6 +554,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``hessfine compare``; print what was written and the correlations; return 0."""
     if args.bootstrap < 0:
         raise InputError(f"--bootstrap {args.bootstrap}: give a number of replicates ≥ 0")
+    if args.loss_bound is not None and not (math.isfinite(args.loss_bound) and args.loss_bound > 0):
+        raise InputError(f"--loss-bound {args.loss_bound}: give a finite positive loss bound")
     result = compare(
         args.runs,
         args.out,
@@ -521,6 +564,7 @@ def run(args: argparse.Namespace) -> int:
         figures=not args.no_figures,
         bootstrap=args.bootstrap,
         report=args.report,
+        loss_bound=args.loss_bound,
     )
     if not args.quiet:
         print(f"{len(result.rows)} measurements → {args.out}")

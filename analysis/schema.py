@@ -208,8 +208,12 @@ LEADING_COLUMNS = tuple(
 """The columns that come first in comparison.csv, in this order; the others follow in the order
 of :data:`COMPARISON_COLUMNS` (families expanded in place)."""
 
+HDM_COMMON = "hessian_distance_measure_common_c"
+
 MEASURE_COLUMNS = (
     HDM,
+    HDM_COMMON,
+    "theorem_2_1_common_c",
     "theorem_2_1",
     "trace_corollary",
     TRACE_MEASURE,

@@ -435,3 +435,29 @@ def test_compare_report_writes_report_md(study: Path) -> None:
         compare.run(
             _parse(compare.add_arguments, [str(study), "--out", str(out), "--bootstrap", "-1"])
         )
+
+
+def test_common_loss_bound_over_all_compared_measurements(tmp_path: Path) -> None:
+    low = measurement("a.safetensors", gap=0.1, forms=[0.04, 0.09])
+    high = measurement("b.safetensors", gap=0.2, forms=[0.01, 0.16])
+    low["loss"]["max"], high["loss"]["max"] = 0.5, 3.0
+    write_json(tmp_path / "a" / "measurement.json", low)
+    write_json(tmp_path / "b" / "measurement.json", high)
+    for bound, expected in ((None, 3.0), (8.0, 8.0)):
+        rows = {
+            Path(r["checkpoint"]).stem: r for r in compare.collect([tmp_path], loss_bound=bound)
+        }
+        for name, forms in (("a", [0.04, 0.09]), ("b", [0.01, 0.16])):
+            row = rows[name]
+            assert row["C_common"] == expected
+            hdm = sum(math.sqrt(expected * h / 100) for h in forms)
+            assert row["hessian_distance_measure_common_c"] == pytest.approx(hdm, rel=1e-12)
+            assert row["theorem_2_1_common_c"] == pytest.approx(0.25 + hdm, rel=1e-12)
+        # the per-measurement measure keeps each measurement's own C (2 in the documents)
+        assert rows["a"]["hessian_distance_measure"] == low["bounds"]["hessian_distance_measure"]
+    args = _parse(compare.add_arguments, [str(tmp_path), "--out", str(tmp_path / "c")])
+    assert args.loss_bound is None
+    with pytest.raises(InputError, match="--loss-bound"):
+        compare.run(
+            _parse(compare.add_arguments, [str(tmp_path), "--out", "c", "--loss-bound", "0"])
+        )
