@@ -404,12 +404,17 @@ def _noise_section(
     return lines, table, claims
 
 
+def _setting(row: Row) -> str:
+    """The run's label setting: its noise (``symmetric 40%``) or clean labels."""
+    return noise_setting(row) if finite(row.get("noise_rate")) else "clean labels"
+
+
 def _caution_section(rows: Sequence[Row]) -> list[str]:
     """The runs to read with care: final checkpoints within :data:`CHANCE_MARGIN` of chance
     accuracy (1/num_classes) or below, and runs whose estimated noise matrix the κ rule shrank
     (docs/bounds.md, "Label noise")."""
     near_chance = sorted(
-        f"{method_label(r)} (seed {r.get('seed')}, {noise_setting(r)}): test accuracy "
+        f"{method_label(r)} (seed {r.get('seed')}, {_setting(r)}): test accuracy "
         f"{r['eval_accuracy']:.3f}, chance {1 / r['num_classes']:.3f}"
         for r in rows
         if r.get("final_checkpoint") in (1, None)
@@ -419,7 +424,7 @@ def _caution_section(rows: Sequence[Row]) -> list[str]:
     )
     shrunk = sorted(
         {
-            f"{method_label(r)} (seed {r.get('seed')}, {noise_setting(r)}): κ(F̂) = "
+            f"{method_label(r)} (seed {r.get('seed')}, {_setting(r)}): κ(F̂) = "
             f"{r['confusion_estimate_kappa']:.3g}, shrunk by λ = {r['confusion_shrinkage']:g}"
             for r in rows
             if finite(r.get("confusion_shrinkage")) and r["confusion_shrinkage"] > 0

@@ -107,10 +107,12 @@ def test_runs_near_chance_and_shrunk_noise_estimates_are_flagged(tmp_path: Path)
     rows += [
         comparison_row("robust", seed, 10, num_classes=10, **dual_t, **near) for seed in (0, 1)
     ]
+    rows.append(comparison_row("plain", 5, 10, num_classes=10, eval_accuracy=0.12))
     report.write_report(rows, tmp_path, formats=("png",), bootstrap=10)
     text = (tmp_path / report.REPORT).read_text(encoding="utf-8")
     section = text[text.index("## Runs to read with care") :]
     assert section.count("test accuracy 0.140, chance 0.100") == 2
     assert "κ(F̂) = 65.6, shrunk by λ = 0.35" in section
+    assert "plain (seed 5, clean labels): test accuracy 0.120" in section
     report.write_report(_rows(robust_accuracy=0.7), tmp_path / "clean", formats=("png",))
     assert "read with care" not in (tmp_path / "clean" / report.REPORT).read_text("utf-8")
