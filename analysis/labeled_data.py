@@ -32,9 +32,9 @@ __all__ = ["LabeledData"]
 class LabeledData:
     """Inputs ``x`` (a tensor, a dict of tensors, or ``None`` when ``dataset`` reads them lazily)
     and labels ``y``, one row per example: int64 class labels (N,) or token labels (N, T),
-    float32 targets (N, L) (:mod:`hessfine.analysis.tasks`); ``processor`` records the tokenizer or image
-    processor that made the inputs from raw columns (:mod:`hessfine.analysis.sources.processors`),
-    ``None`` for inputs read as stored."""
+    float32 targets (N, L) (:mod:`hessfine.analysis.tasks`); ``processor`` records the
+    tokenizer or image processor that made the inputs from raw columns
+    (:mod:`hessfine.analysis.sources.processors`), ``None`` for inputs read as stored."""
 
     name: str
     x: Tensor | dict[str, Tensor] | None
@@ -68,8 +68,8 @@ class LabeledData:
         device: torch.device | str | None = None,
     ) -> Iterator[tuple[Inputs, Tensor]]:
         """Batches ``(x, y)`` of the first ``limit`` examples (all when ``None`` or larger than
-        the data) in file order. Floating inputs and labels are cast to ``dtype`` when given; everything is
-        moved to ``device`` when given. Images of an ImageFolder are read batch by batch."""
+        the data) in file order. Floating inputs and labels are cast to ``dtype`` when given;
+        everything is moved to ``device`` when given. Images of an ImageFolder are read batch by batch."""
         if batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
         if limit is not None and limit < 1:

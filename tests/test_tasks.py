@@ -17,6 +17,9 @@ import math
 import pytest
 import torch
 from hessfine.analysis.cli import main
+from hessfine.analysis.data import load_data
+from hessfine.analysis.errors import InputError
+from hessfine.analysis.tasks import choose_task
 from torch.func import functional_call
 
 from tests.oracles import (
@@ -222,3 +225,179 @@ def test_traces_eigenvalues_noise_certificate_accuracy_and_notes(saved):
     errors = float(((made - right) / made).mean())
     assert certificate["deterministic_error"] == pytest.approx(errors, rel=1e-12)
     assert 0.0 <= certificate["empirical_error"] <= certificate["bound"] <= 1.0
+
+
+# --- how the task is chosen ---------------------------------------------------------------------
+
+
+def _module(class_name, **config):
+    """A module of class ``class_name`` with a config holding ``config`` (num_labels 2 unless
+    given, as a Hugging Face config's default)."""
+    from types import SimpleNamespace
+
+    module = type(class_name, (torch.nn.Module,), {})()
+    module.config = SimpleNamespace(**{"num_labels": 2, "problem_type": None, **config})
+    return module
+
+
+@pytest.mark.parametrize(
+    "class_name, config, task, source",
+    [
+        (
+            "BertForSequenceClassification",
+            {"problem_type": "regression"},
+            "regression",
+            "config.problem_type",
+        ),
+        (
+            "BertForSequenceClassification",
+            {"problem_type": "single_label_classification"},
+            "classification",
+            "config.problem_type",
+        ),
+        (
+            "BertForSequenceClassification",
+            {"problem_type": "multi_label_classification", "num_labels": 1},
+            "multi-label",
+            "config.problem_type",
+        ),
+        ("BertForSequenceClassification", {"num_labels": 1}, "regression", "config.num_labels"),
+        ("BertForTokenClassification", {}, "token-classification", "model class"),
+        ("T5ForConditionalGeneration", {"is_encoder_decoder": True}, "seq2seq-lm", "model class"),
+        (
+            "LlavaForConditionalGeneration",
+            {"is_encoder_decoder": False},
+            "causal-lm",
+            "model class",
+        ),
+        ("LlamaForCausalLM", {}, "causal-lm", "model class"),
+        ("GPT2LMHeadModel", {}, "causal-lm", "model class"),
+        ("BertForSequenceClassification", {}, "classification", "default"),
+    ],
+)
+def test_the_task_of_a_hugging_face_model(class_name, config, task, source):
+    module = _module(class_name, **config)
+    chosen = choose_task(None, module, hugging_face=True)
+    assert (chosen.task, chosen.source) == (task, source)
+    assert choose_task("regression", module, hugging_face=True).source == "given"
+    other = choose_task(None, module, hugging_face=False)  # --model other than hf
+    assert (other.task, other.source) == ("classification", None)
+
+
+def test_an_unknown_problem_type_is_one_line():
+    with pytest.raises(InputError, match="problem_type 'ranking'.*pass --task"):
+        choose_task(None, _module("BertModel", problem_type="ranking"), hugging_face=True)
+
+
+# --- labels of each task from .pt files and datasets directories --------------------------------
+
+
+def _dataset(path, **columns):
+    from datasets import Dataset
+
+    Dataset.from_dict(columns).save_to_disk(str(path))
+    return str(path)
+
+
+def test_labels_of_each_task_from_datasets_directories(tmp_path):
+    ids = [[5, 6, 7], [8, 9], [4, 3, 2, 7]]
+    read = {
+        "token-classification": _dataset(
+            tmp_path / "tok", input_ids=ids, labels=[[-100, 1, 2], [0, -100], [2, 2, 1, 0]]
+        ),
+        "regression": _dataset(tmp_path / "reg", input_ids=ids, label=[0.5, -1.0, 2.0]),
+        "multi-label": _dataset(
+            tmp_path / "ml", input_ids=ids, labels=[[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+        ),
+        "seq2seq-lm": _dataset(tmp_path / "s2s", input_ids=ids, labels=[[4, 5], [6], [7, 8, 9, 1]]),
+    }
+    data = {task: load_data(spec, task=task, pad_token_id=0) for task, spec in read.items()}
+    assert data["token-classification"].y.tolist() == [
+        [-100, 1, 2, -100],
+        [0, -100, -100, -100],
+        [2, 2, 1, 0],
+    ]
+    assert data["token-classification"].x["attention_mask"].tolist()[1] == [1, 1, 0, 0]
+    assert data["regression"].y.dtype == torch.float32
+    assert data["regression"].y.tolist() == [[0.5], [-1.0], [2.0]]
+    assert data["multi-label"].y.shape == (3, 2)
+    assert data["seq2seq-lm"].y.tolist()[1] == [6, -100, -100, -100]
+
+
+@pytest.mark.parametrize(
+    "task, y, needles",
+    [
+        (
+            "classification",
+            torch.zeros(3, 4, dtype=torch.long),
+            ["1-D tensor of class labels (N,)", "(3, 4)", "--task token-classification"],
+        ),
+        (
+            "token-classification",
+            torch.zeros(3, dtype=torch.long),
+            ["shaped like input_ids (3, 4)", "got (3,)"],
+        ),
+        ("token-classification", torch.full((3, 4), -2), ["ids ≥ 0 or -100"]),
+        ("regression", torch.zeros(3, 4, 2), ["(N,), (N, 1) or (N, L) numbers", "(3, 4, 2)"]),
+        ("multi-label", torch.zeros(3), ["(N, L) of 0/1", "(3,)"]),
+        ("multi-label", torch.full((3, 2), 2.0), ["labels 0 or 1"]),
+        ("seq2seq-lm", torch.zeros(3, 2), ["integer labels y (N, T_dec)"]),
+    ],
+)
+def test_wrong_labels_are_one_line(tmp_path, task, y, needles):
+    x = {"input_ids": torch.ones(3, 4, dtype=torch.long), "attention_mask": torch.ones(3, 4)}
+    torch.save({"x": x, "y": y}, tmp_path / "bad.pt")
+    with pytest.raises(InputError) as err:
+        load_data(str(tmp_path / "bad.pt"), task=task, label="--eval-data")
+    message = str(err.value)
+    assert "\n" not in message and "--eval-data" in message
+    for needle in needles:
+        assert needle in message
+
+
+# --- what does not apply exits 2 with one line --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def regressor(tmp_path_factory):
+    """The one-output BERT regressor saved as tuned/ and base/, with 10 examples."""
+    tmp = tmp_path_factory.mktemp("regressor")
+    model, _ = tiny_task_hf("bert-regression")
+    model.float().save_pretrained(tmp / "tuned")
+    model.save_pretrained(tmp / "base")
+    x, y = _batch("bert-regression", model, (0, 1))
+    torch.save({"x": x, "y": y.float()}, tmp / "train.pt")
+    token = torch.zeros(x["input_ids"].shape, dtype=torch.long)
+    torch.save({"x": x, "y": token}, tmp / "tokens.pt")
+    return tmp
+
+
+def _refused(capsys, tmp, *extra, data="train.pt"):
+    argv = ["measure", str(tmp / "tuned"), "--reference", str(tmp / "base"), "--quiet"]
+    argv += ["--data", str(tmp / data), "--out", str(tmp / "out"), "--samples", "2", *extra]
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warn" not in line.lower()]
+    assert len(lines) == 1 and not (tmp / "out" / "measurement.json").exists()
+    return lines[0]
+
+
+def test_what_does_not_apply_is_refused_with_one_line(regressor, capsys):
+    line = _refused(capsys, regressor, "--certificate")  # the task chosen: regression
+    assert "a regression predicts no classes" in line
+    assert "a regression predicts no classes" in _refused(
+        capsys, regressor, "--certificate", "--task", "regression"
+    )
+    line = _refused(capsys, regressor, data="tokens.pt")
+    assert "for the model's L = 1 outputs, got (10, 6)" in line
+    line = _refused(capsys, regressor, "--task", "classification", data="tokens.pt")
+    assert "--task token-classification" in line
+    line = _refused(capsys, regressor, "--task", "token-classification")
+    assert "shaped like input_ids (10, 6)" in line
+    (regressor / "tuned" / "hessfine.json").write_text(
+        json.dumps({"label_noise": {"kind": "symmetric", "rate": 0.2}, "labels": "labels.csv"})
+    )
+    try:
+        line = _refused(capsys, regressor)
+    finally:
+        (regressor / "tuned" / "hessfine.json").unlink()
+    assert "records label noise" in line and "classification only" in line
