@@ -66,29 +66,25 @@ def _measurement(path: Path) -> dict:
 # --- Hugging Face Trainer --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _train(model, x: dict, y: torch.Tensor, out: Path, *, steps: int, eval_steps: int):
+    """A transformers ``Trainer`` after ``steps`` CPU steps on (x, y): batches of 8, a
+    checkpoint per step in ``out``, evaluated on the same data in one batch every
+    ``eval_steps``."""
     from datasets import Dataset
-    from transformers import BertForSequenceClassification, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
-    root = tmp_path_factory.mktemp("trainer")
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(_bert_config())
-    model.save_pretrained(root / "base")
-    x, y = _tokens(16)
-    torch.save({"x": x, "y": y}, root / "train.pt")
-    rows = {k: v.tolist() for k, v in x.items()} | {"labels": y.tolist()}
-    dataset = Dataset.from_dict(rows)
+    dataset = Dataset.from_dict({k: v.tolist() for k, v in x.items()} | {"labels": y.tolist()})
     args = TrainingArguments(
-        str(root / "out"),
+        str(out),
         per_device_train_batch_size=8,
+        per_device_eval_batch_size=len(y),
         learning_rate=0.05,
-        max_steps=3,
+        max_steps=steps,
         save_strategy="steps",
         save_steps=1,
         logging_steps=1,
         eval_strategy="steps",
-        eval_steps=2,
+        eval_steps=eval_steps,
         report_to="none",
         use_cpu=True,
         seed=0,
@@ -96,7 +92,20 @@ def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset)
     trainer.train()
-    trainer.save_model(str(root / "out"))
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("trainer")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(_bert_config())
+    model.save_pretrained(root / "base")
+    x, y = _tokens(16)
+    torch.save({"x": x, "y": y}, root / "train.pt")
+    _train(model, x, y, root / "out", steps=3, eval_steps=2).save_model(str(root / "out"))
     return root
 
 
@@ -188,9 +197,6 @@ def _task_labels(task: str, x: dict) -> torch.Tensor:
 @pytest.fixture(scope="module", params=["token-classification", "seq2seq-lm"])
 def task_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """(task, root): two Trainer steps of the task's model on 16 padded sequences."""
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-
     task = request.param
     root = tmp_path_factory.mktemp(task)
     torch.manual_seed(0)
@@ -199,25 +205,7 @@ def task_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     x, _ = _tokens(16)
     y = _task_labels(task, x)
     torch.save({"x": x, "y": y}, root / "train.pt")
-    dataset = Dataset.from_dict({k: v.tolist() for k, v in x.items()} | {"labels": y.tolist()})
-    args = TrainingArguments(
-        str(root / "out"),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=16,
-        learning_rate=0.05,
-        max_steps=2,
-        save_strategy="steps",
-        save_steps=1,
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=1,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset)
-    trainer.train()
+    _train(model, x, y, root / "out", steps=2, eval_steps=1)
     return task, root
 
 
