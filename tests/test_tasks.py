@@ -176,10 +176,11 @@ def _errors(task, model, x, y):
     return right, made
 
 
-def test_traces_eigenvalues_noise_certificate_accuracy_and_notes(saved):
+def test_traces_eigenvalues_density_noise_certificate_accuracy_and_notes(saved):
     task, model, params, _, layers, _, (x, y), hessians = saved
     sigma = 1e-3
-    extra = ["--trace", "--trace-probes", "200", "--eigen", "2", "--noise-sigma", str(sigma)]
+    extra = ["--trace", "--trace-probes", "200", "--eigen", "2", "--density"]
+    extra += ["--noise-sigma", str(sigma)]
     extra += ["--noise-draws", "500"] + ([] if task == "regression" else ["--certificate"])
     result = run(saved, "everything", *extra)
     H = dense_mean_hessian(model, params, layers, x, y, OWN_LOSS)
@@ -197,6 +198,10 @@ def test_traces_eigenvalues_noise_certificate_accuracy_and_notes(saved):
             entry["top_eigenvalues"], entry["top_eigenvalue_residuals"], top.tolist(), strict=True
         ):
             assert abs(got - want) <= residual + 1e-9 * abs(want)
+    whole = torch.linalg.eigvalsh(H).flip(0)[:2].tolist()
+    assert result["top_eigenvalues_all_layers"]["values"] == pytest.approx(whole, rel=1e-6)
+    spectrum = json.loads((saved[5] / "everything" / "spectrum.json").read_text())
+    assert max(max(nodes) for nodes in spectrum["nodes"]) <= whole[0] * (1 + 1e-6)
     # the classifier heads are linear in their weights: Tr[H⁺] = Tr[G], from curvature_factors
     assert "exact-ggn" in methods or task == "seq2seq-lm"
     row = result["noise_stability"][0]
