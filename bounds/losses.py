@@ -99,6 +99,8 @@ def example_errors(loss: ExampleLoss, z: Tensor, y: Tensor) -> Tensor:
 class CrossEntropy:
     """Classification cross-entropy ℓ(z, y) = −log softmax(z)_y; z is (N, C), y is (N,).
 
+    ∇_z ℓ = p − e_y, ∇²_z ℓ = diag p − p pᵀ = M Mᵀ with M = diag(√p) − p √pᵀ (p = softmax(z)).
+
     Example:
         >>> loss = CrossEntropy()
         >>> z, y = torch.zeros(2, 4), torch.tensor([0, 3])
@@ -300,7 +302,8 @@ class ConsistentCrossEntropy:
     """Backward-corrected cross-entropy ℓ̄(z, ỹ) = Σ_j (F⁻¹)[ỹ, j]·ℓ(z, j) (Patrini et al. 2017).
 
     ``inverse`` is F⁻¹ for the row-stochastic noise matrix F (F[y, z] = P(observed z | clean y));
-    its rows sum to one, so ∇²_z ℓ̄ = diag p − p pᵀ as for cross-entropy. Unbiased for the clean
+    its rows sum to one, so ∇_z ℓ̄ = p − (F⁻¹)[ỹ] and ∇²_z ℓ̄ = diag p − p pᵀ as for
+    cross-entropy. Unbiased for the clean
     loss: E_ỹ[ℓ̄(z, ỹ) | y] = ℓ(z, y).
 
     Example:
