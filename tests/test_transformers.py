@@ -135,9 +135,10 @@ def test_traces_eigenvalues_and_noise_run_and_match_where_exact(name):
     assert abs(noise.mean - predicted) <= 5 * noise.stderr + 1e-3 * abs(predicted)
 
 
-@pytest.mark.parametrize("name", ["distilbert", "gpt2", "vit"])
+@pytest.mark.parametrize("name", ["distilbert", "gpt2", "vit", "gpt2-lm"])
 def test_certificate_runs_on_padded_batches(name):
-    """The certificate vmaps over groups of examples: masks must expand inside that vmap too."""
+    """The certificate vmaps over groups of examples: masks must expand inside that vmap too.
+    A language model's 0-1 error of a sequence is its token error over the label positions."""
     module, fm, params, v, x, y, _ = setup(name)
     twice = (
         {k: torch.cat([t, t]) for k, t in x.items()} if isinstance(x, dict) else torch.cat([x, x])
@@ -155,6 +156,15 @@ def test_certificate_runs_on_padded_batches(name):
         generator=torch.Generator().manual_seed(0),
     )
     assert 0.0 <= certificate.empirical_error <= certificate.bound <= 1.0
+    with torch.no_grad():
+        logits = module(**x).logits if isinstance(x, dict) else module(x).logits
+    if name == "gpt2-lm":
+        valid = y[:, 1:] != -100
+        wrong = (logits[:, :-1].argmax(-1) != y[:, 1:]) & valid
+        errors = wrong.sum(dim=1) / valid.sum(dim=1)
+    else:
+        errors = (logits.argmax(-1) != y).double()
+    assert certificate.deterministic_error == pytest.approx(float(errors.mean()), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
