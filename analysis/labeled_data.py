@@ -1,7 +1,7 @@
 """The labelled data set every loader returns: :class:`LabeledData`.
 
 Inputs held in memory (a tensor, or a dict of tensors for text models) or read lazily from a
-``Dataset`` (an ImageFolder), with integer labels; batches come in file order, without
+``Dataset`` (an ImageFolder), with labels; batches come in file order, without
 shuffling, and :meth:`LabeledData.subset` gives the examples of a sample
 (:mod:`hessfine.analysis.sampling`) in the sample's order. :func:`hessfine.analysis.data.load_data`
 and the built-in digit sets (:mod:`hessfine.analysis.digit_sets`) build it.
@@ -31,9 +31,10 @@ __all__ = ["LabeledData"]
 @dataclass(frozen=True, eq=False)
 class LabeledData:
     """Inputs ``x`` (a tensor, a dict of tensors, or ``None`` when ``dataset`` reads them lazily)
-    and integer labels ``y`` (shape (N,), int64); ``processor`` records the tokenizer or image
-    processor that made the inputs from raw columns (:mod:`hessfine.analysis.sources.processors`),
-    ``None`` for inputs read as stored."""
+    and labels ``y``, one row per example: int64 class labels (N,) or token labels (N, T),
+    float32 targets (N, L) (:mod:`hessfine.analysis.tasks`); ``processor`` records the
+    tokenizer or image processor that made the inputs from raw columns
+    (:mod:`hessfine.analysis.sources.processors`), ``None`` for inputs read as stored."""
 
     name: str
     x: Tensor | dict[str, Tensor] | None
@@ -67,8 +68,8 @@ class LabeledData:
         device: torch.device | str | None = None,
     ) -> Iterator[tuple[Inputs, Tensor]]:
         """Batches ``(x, y)`` of the first ``limit`` examples (all when ``None`` or larger than
-        the data) in file order. Floating inputs are cast to ``dtype`` when given; everything is
-        moved to ``device`` when given. Images of an ImageFolder are read batch by batch."""
+        the data) in file order. Floating inputs and labels are cast to ``dtype`` when given;
+        everything is moved to ``device`` when given. Images of an ImageFolder are read batch by batch."""
         if batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
         if limit is not None and limit < 1:
@@ -93,7 +94,7 @@ class LabeledData:
             )
             for start, (x, _) in zip(range(0, count, batch_size), loader, strict=True):
                 y = self.y[start : min(start + batch_size, count)]
-                yield to_device(x, target, dtype), y.to(target)
+                yield to_device(x, target, dtype), to_device(y, target, dtype)
             return
         for start in range(0, count, batch_size):
             stop = min(start + batch_size, count)
@@ -101,4 +102,4 @@ class LabeledData:
                 x: Inputs = {k: v[start:stop] for k, v in self.x.items()}
             else:
                 x = self.x[start:stop]
-            yield to_device(x, target, dtype), self.y[start:stop].to(target)
+            yield to_device(x, target, dtype), to_device(self.y[start:stop], target, dtype)

@@ -92,10 +92,13 @@ __all__ = ["MeasureSettings", "Sources", "measure", "measure_path", "unused_laye
 
 @dataclass(frozen=True)
 class MeasureSettings:
-    """Every option of ``hessfine measure`` that changes the numbers (recorded in the result)."""
+    """Every option of ``hessfine measure`` that changes the numbers (recorded in the result).
+
+    ``task`` None chooses the task from the model (:func:`hessfine.analysis.tasks.choose_task`);
+    the result records the task measured and how it was chosen."""
 
     estimator: Estimator = "auto"
-    task: Task = "classification"
+    task: Task | None = None
     lanczos_steps: int = 128
     positive_rtol: float = 1e-2
     samples: int | None = 256
@@ -141,18 +144,23 @@ class MeasureSettings:
         del out["timm_weights"]  # recorded for timm checkpoints only (_Measurement._record)
         return out
 
+    def check_task(self, task: str | None) -> None:
+        """Raise :class:`InputError` for options that do not apply to ``task``."""
+        if task == "regression" and self.certificate:
+            raise InputError(
+                "--certificate bounds a 0-1 error, and a regression predicts no classes; drop "
+                "--certificate with --task regression"
+            )
+
     def validate(self) -> None:
         """Raise :class:`InputError` for option values that cannot work."""
         if self.estimator not in ESTIMATORS:
             raise InputError(
                 f"--estimator {self.estimator!r} is unknown; use one of {', '.join(ESTIMATORS)}"
             )
-        if self.task not in TASKS:
+        if self.task is not None and self.task not in TASKS:
             raise InputError(f"--task {self.task!r} is unknown; use one of {', '.join(TASKS)}")
-        if self.task == "causal-lm" and self.certificate:
-            raise InputError(
-                "--certificate bounds the 0-1 error of a classifier; drop it with --task causal-lm"
-            )
+        self.check_task(self.task)
         largest = torch.finfo(torch.float64 if self.dtype == "float64" else torch.float32).max
         checks = [
             (
@@ -319,6 +327,8 @@ def _already_measured(result: Path, checkpoint: Path, settings: MeasureSettings)
     wanted = json.loads(json.dumps(settings.to_json()))
     same_settings = {k: v for k, v in previous.get("settings", {}).items() if k not in RUN_FACTS}
     weights = same_settings.pop("timm_weights", "raw")  # recorded for timm checkpoints only
+    if same_settings.pop("task_source", None) != "given" and settings.task is None:
+        same_settings["task"] = None  # chosen from the model then and now: the checkpoint decides
     wanted.pop("device")
     digest = previous.get("provenance", {}).get("checkpoint_sha256")
     return (
@@ -406,6 +416,7 @@ class _Measurement:
             raise InputError(
                 "--hessian-split eval needs --eval-data; pass it or use --hessian-split train"
             )
+        s.check_task(inputs.task.task)
         if s.certificate and len(inputs.train) < 8:
             raise InputError(
                 f"--certificate needs at least 8 training examples (the PAC-Bayes-kl bound), "
@@ -415,7 +426,7 @@ class _Measurement:
         self.sample = self._sample(population)
         self.hessian_data = self._sampled(population, self.sample)
         self.count = len(self.hessian_data)
-        self.num_classes = check_forward(inputs, self.hessian_data, task=s.task)
+        self.num_classes = check_forward(inputs, self.hessian_data)
         x, y = next(iter(self.batches(self.hessian_data, 1)))
         self.unused = unused_layers(inputs.fmodel, inputs.params, inputs.layers, x, y)
         if len(self.unused) == len(inputs.layers):
@@ -512,14 +523,17 @@ class _Measurement:
 
     # ------------------------------------------------------------------------ statistics
     def _loss_statistics(self) -> dict[str, float | None]:
-        """Mean loss and accuracy on train/eval, and the largest loss on the Hessian examples."""
+        """Mean loss, accuracy (None without predictions: regression) and the fraction of examples
+        predicted right throughout (exact match) on train/eval, and the largest loss on the
+        Hessian examples."""
         fmodel, params = self.inputs.fmodel, self.inputs.params
         out: dict[str, float | None] = {}
         for split, data in (("train", self.inputs.train), ("eval", self.inputs.eval)):
             if data is None:
                 out[f"{split}_loss"] = out[f"{split}_accuracy"] = None
+                out[f"{split}_exact_match"] = None
                 continue
-            sums = torch.zeros(4, dtype=torch.float64)
+            sums = torch.zeros(5, dtype=torch.float64)
             batches = self.local_batches(data)
             with (
                 torch.no_grad(),
@@ -529,12 +543,14 @@ class _Measurement:
                 for x, y in self.local(data, None):
                     logits = fmodel.logits(params, x).double()
                     right, made = fmodel.loss.correct(logits, y)
-                    part = [fmodel.loss(logits, y).sum(), right.sum(), made.sum()]
+                    exact = (right == made).to(logits.dtype)
+                    part = [fmodel.loss(logits, y).sum(), right.sum(), made.sum(), exact.sum()]
                     sums += torch.stack([*(t.cpu() for t in part), torch.tensor(float(len(y)))])
                     update(1)
-            total, correct, predictions, n = self.ctx.all_sum(sums).tolist()
+            total, correct, predictions, exact_matches, n = self.ctx.all_sum(sums).tolist()
             out[f"{split}_loss"] = total / n
-            out[f"{split}_accuracy"] = correct / max(predictions, 1.0)
+            out[f"{split}_accuracy"] = correct / predictions if predictions else None
+            out[f"{split}_exact_match"] = exact_matches / n if predictions else None
         worst = 0.0
         with torch.no_grad(), differentiable():
             for x, y in self.local(self.hessian_data, self.count):
@@ -645,6 +661,9 @@ class _Measurement:
                 }
             )
         settings = s.to_json()
+        settings["task"] = inputs.task.task
+        if inputs.task.source is not None:
+            settings["task_source"] = inputs.task.source
         settings["device"] = str(inputs.device)
         if inputs.attention is not None:
             settings["attn_implementation"] = inputs.attention
@@ -709,6 +728,14 @@ class _Measurement:
                 "train": stats["train_accuracy"],
                 "eval": stats["eval_accuracy"],
                 "train_noisy": stats["train_noisy_accuracy"],
+                **(
+                    {
+                        "train_exact_match": stats["train_exact_match"],
+                        "eval_exact_match": stats["eval_exact_match"],
+                    }
+                    if inputs.task.task == "multi-label"
+                    else {}
+                ),
             },
             "generalization_gap": {
                 "loss": _difference(stats["eval_loss"], stats["train_loss"]),

@@ -41,7 +41,7 @@ from hessfine.analysis.checkpoints import (
     materialize,
     select_layers,
 )
-from hessfine.analysis.data import LabeledData, Processing, Task, check_labels, load_data
+from hessfine.analysis.data import LabeledData, Processing, load_data
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.fused_experts import NOTE as EXPERTS_NOTE
 from hessfine.analysis.fused_experts import (
@@ -55,15 +55,21 @@ from hessfine.analysis.model_specs import build_model
 from hessfine.analysis.run_labels import NoiseMatrix, RunLabels, noise_matrix, read_run_labels
 from hessfine.analysis.sources.hf import model_directory
 from hessfine.analysis.sources.timm_runs import TimmWeights
+from hessfine.analysis.tasks import NOTES as TASK_NOTES
+from hessfine.analysis.tasks import (
+    TaskChoice,
+    check_task_labels,
+    choose_task,
+    task_loss,
+    with_decoder_inputs,
+)
 from hessfine.bounds.functional import (
-    CausalLMLoss,
-    CrossEntropy,
     FunctionalModel,
     NondeterministicModelError,
     check_deterministic,
 )
 from hessfine.bounds.safe_autodiff import differentiable
-from torch import Tensor
+from torch import Tensor, nn
 
 DType = Literal["float32", "float64"]
 
@@ -90,7 +96,9 @@ class MeasurementInputs:
 
     ``layers`` are the selected layers (every one, used or not); ``directions`` v_i and
     ``distances`` ‖v_i‖_F per layer; ``attention`` and ``experts`` the implementations of a
-    Hugging Face model; ``notes`` what the loading adds to ``measurement.json → notes``;
+    Hugging Face model; ``task`` the task measured and how it was chosen
+    (:func:`hessfine.analysis.tasks.choose_task`); ``notes`` what the loading adds to
+    ``measurement.json → notes``;
     ``train`` holds the labels the gap is stated against (the run's clean labels under recorded
     label noise) and ``noisy_train`` those trained on.
     """
@@ -108,6 +116,7 @@ class MeasurementInputs:
     distances: dict[str, float]
     attention: str | None
     experts: str | None
+    task: TaskChoice
     notes: tuple[str, ...]
     train: LabeledData
     noisy_train: LabeledData
@@ -122,7 +131,7 @@ class MeasurementInputs:
 def load_inputs(
     sources: Sources,
     *,
-    task: Task,
+    task: str | None,
     dtype: DType,
     layers: tuple[str, ...] | None,
     head_reference: str | None,
@@ -134,7 +143,8 @@ def load_inputs(
     """Load checkpoint, reference, model, aligned layers and data (module docstring).
 
     ``timm_weights`` chooses the raw or EMA weights of a timm checkpoint (the reference's are
-    raw); ``verbose`` prints the layer alignment table.
+    raw); ``verbose`` prints the layer alignment table; ``task`` is the task given, None to
+    choose it from the model (:func:`hessfine.analysis.tasks.choose_task`).
     """
     src = sources
     hf_weights = model_directory(src.checkpoint) is not None
@@ -201,8 +211,9 @@ def load_inputs(
         )
     module, selected, alignment = loaded.module, loaded.layers, loaded.alignment
     module.to(device=device)
-    loss = CausalLMLoss() if task == "causal-lm" else CrossEntropy()
-    fmodel, params = FunctionalModel.from_module(module, loss=loss, fused=loaded.fused)
+    chosen = choose_task(task, module, hugging_face=spec.strip().partition(":")[0] == "hf")
+    task = chosen.task
+    fmodel, params = FunctionalModel.from_module(module, loss=task_loss(task), fused=loaded.fused)
     config = getattr(module, "config", None)
     if verbose:
         print(alignment.format_table())
@@ -218,7 +229,12 @@ def load_inputs(
         "pad_token_id": getattr(config, "pad_token_id", None),
         "processing": src.processing and src.processing.searching(base, loaded.reference.path),
     }
-    train = load_data(str(data_spec), label="--data", **options)
+    if task != "classification" and (manifest.get("label_noise") or noise_matrix(manifest)):
+        raise InputError(
+            f"checkpoint {checkpoint.path}: the run records label noise, which hessfine measures "
+            f"for classification only, not --task {task}; measure a run without label noise"
+        )
+    train = _task_data(load_data(str(data_spec), label="--data", **options), task, module, "--data")
     # Under recorded label noise: measure against the clean labels, keep the noisy ones.
     run_labels = read_run_labels(manifest, base, train)
     noisy_train = train
@@ -243,18 +259,29 @@ def load_inputs(
         distances={row.name: row.distance for row in alignment.rows},
         attention=getattr(config, "_attn_implementation", None),
         experts=loaded.experts,
-        notes=loaded.notes,
+        task=chosen,
+        notes=loaded.notes + ((TASK_NOTES[task],) if task in TASK_NOTES else ()),
         train=train,
         noisy_train=noisy_train,
         eval=None
         if eval_spec is None
-        else load_data(str(eval_spec), label="--eval-data", **options),
+        else _task_data(
+            load_data(str(eval_spec), label="--eval-data", **options), task, module, "--eval-data"
+        ),
         run_labels=run_labels,
         noise=noise_matrix(manifest),
         data_specs={"train": str(data_spec), "eval": None if eval_spec is None else str(eval_spec)},
         device=device,
         dtype=torch_dtype,
     )
+
+
+def _task_data(data: LabeledData, task: str, module: nn.Module, option: str) -> LabeledData:
+    """``data`` as the task's model takes it: for seq2seq-lm with the decoder inputs made from
+    its labels (:func:`hessfine.analysis.tasks.with_decoder_inputs`)."""
+    if task != "seq2seq-lm":
+        return data
+    return with_decoder_inputs(data, module, option=option)
 
 
 def _has_config(directory: Path | None) -> bool:
@@ -308,10 +335,11 @@ def _load_state(
     )
 
 
-def check_forward(inputs: MeasurementInputs, data: LabeledData, *, task: Task) -> int:
+def check_forward(inputs: MeasurementInputs, data: LabeledData) -> int:
     """The number of logits per prediction, once the model has accepted the first examples of
     ``data``, given logits of the task's shape twice alike (deterministic) and the labels of the
-    training and evaluation data are within them; else an :class:`InputError`."""
+    training and evaluation data fit them (:func:`hessfine.analysis.tasks.check_task_labels`);
+    else an :class:`InputError`."""
     fmodel, params = inputs.fmodel, inputs.params
     x, _ = next(
         iter(data.batches(min(4, len(data)), limit=4, dtype=inputs.dtype, device=inputs.device))
@@ -331,19 +359,22 @@ def check_forward(inputs: MeasurementInputs, data: LabeledData, *, task: Task) -
             f"--data {data.name}: the model rejects inputs of shape {shape} ({first}); "
             "give data shaped for the model (e.g. --image-size, --max-length) or the matching --model"
         ) from None
-    causal = task == "causal-lm"
-    if logits.dim() != (3 if causal else 2):
-        wanted = "(batch, length, vocabulary)" if causal else "(batch, classes)"
-        hint = "" if causal else "; pass --task causal-lm for a language model"
-        raise InputError(
-            f"--model {inputs.model_spec}: expected {wanted} logits, got shape "
-            f"{tuple(logits.shape)}{hint}"
+    task, sequence = inputs.task.task, fmodel.loss.sequence
+    if logits.dim() != (3 if sequence else 2):
+        wanted = "(batch, length, vocabulary)" if sequence else "(batch, outputs)"
+        other = (
+            "classification, regression or multi-label"
+            if sequence
+            else "token-classification, causal-lm or seq2seq-lm"
         )
-    classes = logits.shape[-1]
-    check_labels(inputs.train, classes, option="--data")
+        raise InputError(
+            f"--model {inputs.model_spec}: --task {task} expects {wanted} logits, got shape "
+            f"{tuple(logits.shape)}; pass --task {other} for this model"
+        )
+    check_task_labels(inputs.train, task, logits.shape, option="--data")
     if inputs.eval is not None:
-        check_labels(inputs.eval, classes, option="--eval-data")
-    return classes
+        check_task_labels(inputs.eval, task, logits.shape, option="--eval-data")
+    return logits.shape[-1]
 
 
 def unused_layers(

@@ -14,38 +14,41 @@ Example:
 **Per-example losses.** A :class:`FunctionalModel` carries its loss ℓ(z, y) (``fmodel.loss``), and
 every estimator takes its per-example quantities from it: the loss itself, its curvature in the
 logits z'ᵀ ∇²_z ℓ z' (the Gauss–Newton form, docs/mathematics.md, "Computing the quantities fast and
-exactly") and a factorisation ∇²_z ℓ = Σ_k r_k r_kᵀ (for exact Gauss–Newton traces). Three losses
-are provided:
-
-* :class:`CrossEntropy` — classification, ℓ(z, y) = −log softmax(z)_y, ∇²_z ℓ = diag p − p pᵀ.
-* :class:`CausalLMLoss` — causal language modelling (docs/inputs.md, "Tasks"): one example is one
-  sequence with logits z ∈ ℝ^{T×V} and labels y ∈ ℤ^T given unshifted as Hugging Face takes them;
-  the token at position t predicts label y_{t+1}, labels −100 are ignored, and
-  ℓ = (1/m) Σ_{t ∈ S} −log softmax(z_t)_{y_{t+1}} over the m label positions S. Its Hessian in
-  the logits is block diagonal over positions, (1/m)(diag p_t − p_t p_tᵀ) on each t ∈ S.
-* :class:`ConsistentCrossEntropy` — the backward-corrected loss for class-conditional label noise
-  (Patrini et al., CVPR 2017; docs/bounds.md, "Label noise"): ℓ̄(z, ỹ) = Σ_j (F⁻¹)[ỹ, j]·ℓ(z, j).
-  Because the rows of F⁻¹ sum to one, ℓ̄ = logsumexp(z) − (F⁻¹)[ỹ]·z, whose logit Hessian is that of
-  cross-entropy; its weight-space Hessian differs through the gradient p − (F⁻¹)[ỹ] that multiplies
-  z''.
+exactly") and a factorisation ∇²_z ℓ = Σ_k r_k r_kᵀ (for exact Gauss–Newton traces). The losses of
+the tasks — :class:`CrossEntropy`, :class:`TokenCrossEntropy`, :class:`CausalLMLoss`,
+:class:`Seq2SeqLMLoss`, :class:`SquaredError`, :class:`BinaryCrossEntropy` and
+:class:`ConsistentCrossEntropy` — live in :mod:`hessfine.bounds.losses` and are importable from
+here too.
 
 **Hugging Face attention masks.** transformers ≥ 5 derives its 4-D attention mask from the 2-D
 ``attention_mask`` with data-dependent control flow (``masking_utils``), which ``vmap`` over
 examples cannot trace. For a module with a Hugging Face ``config``, :meth:`FunctionalModel.logits`
-therefore passes the mask already expanded: an additive (N, 1, T, T) float mask, 0 where query t
-may attend key s (key not padding, and s ≤ t for causal models) and the dtype's most negative
-value elsewhere — the mask transformers itself builds, which it then uses as given whatever the
-attention implementation. The expansion is elementwise, so it is the same inside and outside
-``vmap``, and it leaves the logits unchanged. It is full bidirectional or full causal
-attention: a model with sliding-window layers (Mistral, Gemma 2) is reproduced exactly only for
-sequences shorter than its window. Of the routes considered this one keeps every
-estimator as it is (vmapped per-example products, exact for any operation); the vmap-free
-alternative — per-example weight copies injected by forward hooks, out + op(x; U_n), so that one
-forward-over-reverse pass over the batch yields H_n u_n — needs a hook per layer type (Linear,
-Conv, Conv1D) and misses weights used any other way (``nn.MultiheadAttention``'s
-``in_proj_weight``). The tests check the route against dense float64 Hessians of each example run
-alone through transformers' own mask code, for BERT, RoBERTa, DistilBERT, GPT-2, ViT and a GPT-2
-language model with padded batches.
+therefore passes the masks already expanded, additive float masks with 0 where query t may attend
+key s and the dtype's most negative value elsewhere — masks that transformers uses as given
+whatever the attention implementation (a 4-D mask is returned as it is by its mask functions).
+Three kinds (:attr:`FunctionalModel.mask_kind`):
+
+* ``bidirectional`` (BERT, ViT…): (N, 1, 1, T), key s not padding, broadcast over the queries;
+* ``causal`` (GPT-2, Llama…): (N, 1, T, T), key s not padding and s ≤ t;
+* ``encoder-decoder`` (T5, BART; ``config.is_encoder_decoder``): the encoder self-attention and
+  the decoder's cross-attention both attend to the encoder's keys, so ``attention_mask`` becomes
+  the key-padding mask (N, 1, 1, T_enc), broadcast over the T_enc encoder queries and the T_dec
+  decoder queries alike; the decoder self-attention gets its own causal mask (N, 1, T_dec, T_dec)
+  as ``decoder_attention_mask`` (over the keys ``decoder_attention_mask`` leaves, all when it is
+  absent, as the model does when it makes its decoder inputs from labels), and ``use_cache`` is
+  off. The decoder inputs (``decoder_input_ids``) come with the inputs.
+
+The expansion is elementwise, so it is the same inside and outside ``vmap``, and it leaves the
+logits unchanged. It is full bidirectional or full causal attention: a model with
+sliding-window layers (Mistral, Gemma 2) is reproduced exactly only for sequences shorter than
+its window. Of the routes considered this one keeps every estimator as it is (vmapped
+per-example products, exact for any operation); the vmap-free alternative — per-example weight
+copies injected by forward hooks, out + op(x; U_n), so that one forward-over-reverse pass over
+the batch yields H_n u_n — needs a hook per layer type (Linear, Conv, Conv1D) and misses weights
+used any other way (``nn.MultiheadAttention``'s ``in_proj_weight``). The tests check the route
+against dense float64 Hessians of each example run alone through transformers' own mask code,
+for BERT, RoBERTa, DistilBERT, GPT-2, ViT, a GPT-2 language model, T5 and BART with padded
+batches.
 
 **Fused parameters.** Some modules hold several layers in one tensor: transformers 5 stores the
 experts of a mixture-of-experts block as 3-D parameters (Mixtral's ``experts.gate_up_proj`` of
@@ -62,9 +65,51 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from hessfine.bounds.losses import (
+    BinaryCrossEntropy,
+    CausalLMLoss,
+    ConsistentCrossEntropy,
+    CrossEntropy,
+    ExampleLoss,
+    Seq2SeqLMLoss,
+    SquaredError,
+    TokenCrossEntropy,
+    per_example_cross_entropy,
+    softmax_ce_curvature,
+    softmax_ce_curvature_factors,
+)
 from torch import Tensor, nn
 from torch.func import functional_call
+
+__all__ = [
+    "Batch",
+    "BinaryCrossEntropy",
+    "CausalLMLoss",
+    "ConsistentCrossEntropy",
+    "CrossEntropy",
+    "ExampleLoss",
+    "FunctionalModel",
+    "FusedParameter",
+    "Inputs",
+    "NondeterministicModelError",
+    "Seq2SeqLMLoss",
+    "SquaredError",
+    "TokenCrossEntropy",
+    "batch_size",
+    "check_deterministic",
+    "expanded_attention_mask",
+    "expanded_inputs",
+    "index_inputs",
+    "logits_of",
+    "per_example_cross_entropy",
+    "slice_inputs",
+    "softmax_ce_curvature",
+    "softmax_ce_curvature_factors",
+    "split_parameters",
+    "to_device",
+    "unsqueeze_inputs",
+    "with_layer",
+]
 
 Inputs = Tensor | Mapping[str, Tensor]
 Batch = tuple[Inputs, Tensor]
@@ -122,173 +167,10 @@ def to_device(x: Inputs, device: torch.device | str, dtype: torch.dtype | None =
     return {k: move(v) for k, v in x.items()}
 
 
-def per_example_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """ℓ(z, y) = −log softmax(z)_y for every example (no reduction)."""
-    return F.cross_entropy(logits, y, reduction="none")
-
-
-def softmax_ce_curvature(z: Tensor, z1: Tensor) -> Tensor:
-    """z1ᵀ (diag p − p pᵀ) z1 over the last dimension, p = softmax(z): the softmax CE Hessian."""
-    p = torch.softmax(z, dim=-1)
-    pz = (p * z1).sum(dim=-1)
-    return (p * z1 * z1).sum(dim=-1) - pz * pz
-
-
-def softmax_ce_curvature_factors(z: Tensor) -> Tensor:
-    """Vectors r_c with Σ_c r_c r_cᵀ = diag p − p pᵀ over the last dimension: shape (C, *z.shape).
-
-    r_c = √p_c (e_c − p) are the columns of M = diag(√p) − p √pᵀ, M Mᵀ = diag p − p pᵀ.
-    """
-    p = torch.softmax(z, dim=-1)
-    classes = z.shape[-1]
-    eye = torch.eye(classes, dtype=z.dtype, device=z.device).reshape(
-        classes, *([1] * (z.dim() - 1)), classes
-    )
-    root = p.sqrt().movedim(-1, 0).unsqueeze(-1)
-    return root * (eye - p.unsqueeze(0))
-
-
-@dataclass(frozen=True)
-class CrossEntropy:
-    """Classification cross-entropy ℓ(z, y) = −log softmax(z)_y; z is (N, C), y is (N,).
-
-    Example:
-        >>> loss = CrossEntropy()
-        >>> z, y = torch.zeros(2, 4), torch.tensor([0, 3])
-        >>> loss(z, y)
-        tensor([1.3863, 1.3863])
-    """
-
-    task = "classification"
-
-    def __call__(self, z: Tensor, y: Tensor) -> Tensor:
-        """Per-example losses, shape (N,)."""
-        return per_example_cross_entropy(z, y)
-
-    def curvature(self, z: Tensor, z1: Tensor, y: Tensor | None = None) -> Tensor:
-        """z1ᵀ ∇²_z ℓ z1 per example (the labels do not enter), shape (N,)."""
-        return softmax_ce_curvature(z, z1)
-
-    def curvature_factors(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """r_k with Σ_k r_k r_kᵀ = ∇²_z ℓ per example, shape (C, N, C)."""
-        return softmax_ce_curvature_factors(z)
-
-    def correct(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per example, the number of correct predictions and of predictions made (1 each)."""
-        right = (z.argmax(dim=-1) == y).to(z.dtype)
-        return right, torch.ones_like(right)
-
-
-@dataclass(frozen=True)
-class CausalLMLoss:
-    """Mean next-token cross-entropy of each sequence over its label positions
-    (docs/inputs.md, "Tasks").
-
-    z is (N, T, V); y is (N, T), unshifted (position t predicts y[:, t+1]), −100 ignored. A
-    sequence without any label position has loss 0 and no curvature.
-
-    Example:
-        >>> loss = CausalLMLoss()
-        >>> z = torch.zeros(1, 3, 5)
-        >>> loss(z, torch.tensor([[-100, 2, -100]]))  # one label position: log 5
-        tensor([1.6094])
-    """
-
-    task = "causal-lm"
-    ignore_index: int = -100
-
-    def _shifted(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Logits z_t, targets y_{t+1} (ignored ones set to 0), weights 1/m on label positions."""
-        if y is None:
-            raise ValueError("the causal-LM curvature depends on the label positions: pass y")
-        logits, labels = z[:, :-1], y[:, 1:]
-        valid = labels != self.ignore_index
-        count = valid.sum(dim=1, keepdim=True).clamp(min=1)
-        weights = valid.to(z.dtype) / count.to(z.dtype)
-        return logits, labels.masked_fill(~valid, 0), weights
-
-    def __call__(self, z: Tensor, y: Tensor) -> Tensor:
-        """Per-sequence losses, shape (N,)."""
-        logits, labels, weights = self._shifted(z, y)
-        tokens = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-        return (weights * tokens).sum(dim=1)
-
-    def curvature(self, z: Tensor, z1: Tensor, y: Tensor | None = None) -> Tensor:
-        """z1ᵀ ∇²_z ℓ z1 = Σ_t w_t · z1_tᵀ (diag p_t − p_t p_tᵀ) z1_t per sequence, shape (N,)."""
-        logits, _, weights = self._shifted(z, y)
-        return (weights * softmax_ce_curvature(logits, z1[:, :-1])).sum(dim=1)
-
-    def curvature_factors(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """r_(t,c) = √w_t · √p_tc (e_c − p_t) placed at position t: shape ((T−1)·V, N, T, V)."""
-        logits, _, weights = self._shifted(z, y)
-        n, steps, vocab = logits.shape
-        per_token = softmax_ce_curvature_factors(logits) * weights.sqrt().unsqueeze(-1)
-        place = torch.eye(steps, steps + 1, dtype=z.dtype, device=z.device)
-        factors = torch.einsum("cntv,ts->tcnsv", per_token, place)
-        return factors.reshape(steps * vocab, n, steps + 1, vocab)
-
-    def correct(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per sequence, the number of label positions predicted right and of label positions."""
-        valid = y[:, 1:] != self.ignore_index
-        right = (z[:, :-1].argmax(dim=-1) == y[:, 1:]) & valid
-        return right.sum(dim=1).to(z.dtype), valid.sum(dim=1).to(z.dtype)
-
-
-@dataclass(frozen=True, eq=False)
-class ConsistentCrossEntropy:
-    """Backward-corrected cross-entropy ℓ̄(z, ỹ) = Σ_j (F⁻¹)[ỹ, j]·ℓ(z, j) (Patrini et al. 2017).
-
-    ``inverse`` is F⁻¹ for the row-stochastic noise matrix F (F[y, z] = P(observed z | clean y));
-    its rows sum to one, so ∇²_z ℓ̄ = diag p − p pᵀ as for cross-entropy. Unbiased for the clean
-    loss: E_ỹ[ℓ̄(z, ỹ) | y] = ℓ(z, y).
-
-    Example:
-        >>> F_ = torch.tensor([[0.8, 0.2], [0.2, 0.8]])
-        >>> loss = ConsistentCrossEntropy(torch.linalg.inv(F_))
-        >>> z = torch.tensor([[1.0, -1.0]])
-        >>> clean = CrossEntropy()(z, torch.tensor([0]))
-        >>> noisy = F_[0, 0] * loss(z, torch.tensor([0])) + F_[0, 1] * loss(z, torch.tensor([1]))
-        >>> torch.allclose(noisy, clean)
-        True
-    """
-
-    inverse: Tensor
-    task = "classification"
-
-    def __post_init__(self) -> None:
-        rows = self.inverse.sum(dim=1)
-        if self.inverse.dim() != 2 or self.inverse.shape[0] != self.inverse.shape[1]:
-            raise ValueError(
-                f"F⁻¹ must be a square matrix, not of shape {tuple(self.inverse.shape)}"
-            )
-        if not torch.allclose(rows, torch.ones_like(rows), atol=1e-6):
-            raise ValueError("the rows of F⁻¹ must sum to one (F must be row-stochastic)")
-
-    def __call__(self, z: Tensor, y: Tensor) -> Tensor:
-        """Per-example ℓ̄ = −Σ_j (F⁻¹)[ỹ, j] log softmax(z)_j, shape (N,)."""
-        weights = self.inverse.to(device=z.device, dtype=z.dtype)[y]
-        return -(weights * torch.log_softmax(z, dim=-1)).sum(dim=-1)
-
-    def curvature(self, z: Tensor, z1: Tensor, y: Tensor | None = None) -> Tensor:
-        """z1ᵀ ∇²_z ℓ̄ z1 = z1ᵀ (diag p − p pᵀ) z1 per example, shape (N,)."""
-        return softmax_ce_curvature(z, z1)
-
-    def curvature_factors(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """r_k with Σ_k r_k r_kᵀ = ∇²_z ℓ̄ per example, shape (C, N, C)."""
-        return softmax_ce_curvature_factors(z)
-
-    def correct(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per example, agreement of the prediction with the observed label (1 prediction each)."""
-        return CrossEntropy().correct(z, y)
-
-
-ExampleLoss = CrossEntropy | CausalLMLoss | ConsistentCrossEntropy
-
-
 def expanded_attention_mask(mask: Tensor, *, causal: bool, dtype: torch.dtype) -> Tensor:
-    """(N, T) 0/1 key mask → additive (N, 1, T, T) mask: 0 where attending is allowed, else min.
-
-    Query t may attend key s when s is not padding (and s ≤ t when ``causal``).
+    """(N, T) 0/1 key mask → additive mask, 0 where attending is allowed, else min: the
+    key-padding mask (N, 1, 1, T), broadcast over the queries, or with ``causal`` the
+    (N, 1, T, T) mask that also hides the keys s > t from query t.
     """
     keep = mask[:, None, None, :].to(torch.bool)
     if causal:
@@ -298,11 +180,38 @@ def expanded_attention_mask(mask: Tensor, *, causal: bool, dtype: torch.dtype) -
     return zeros.masked_fill(~keep, torch.finfo(dtype).min)
 
 
+def expanded_inputs(kind: str, x: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The keyword inputs ``x`` of a Hugging Face model of mask ``kind`` with its 2-D masks
+    expanded (module docs): ``attention_mask`` into the key-padding mask (causal for ``causal``
+    models); for ``encoder-decoder`` models also the decoder's causal mask, from
+    ``decoder_attention_mask`` or over every decoder position, and ``use_cache`` off."""
+    kwargs: dict = dict(x)
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        kwargs["attention_mask"] = expanded_attention_mask(
+            mask, causal=kind == "causal", dtype=dtype
+        )
+    if kind == "encoder-decoder":
+        decoder = kwargs.get("decoder_input_ids")
+        own = kwargs.get("decoder_attention_mask")
+        if own is None and decoder is not None:
+            own = torch.ones_like(decoder)
+        if own is not None and own.dim() == 2:
+            kwargs["decoder_attention_mask"] = expanded_attention_mask(
+                own, causal=True, dtype=dtype
+            )
+        kwargs["use_cache"] = False
+    return kwargs
+
+
 def _mask_kind(module: nn.Module) -> str | None:
-    """ "causal" / "bidirectional" for a Hugging Face model (a ``config`` naming its attention)."""
+    """ "encoder-decoder" / "causal" / "bidirectional" for a Hugging Face model (a ``config``
+    naming its attention), None for other modules."""
     config = getattr(module, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         return None
+    if getattr(config, "is_encoder_decoder", False) is True:
+        return "encoder-decoder"
     causal = any(getattr(m, "is_causal", False) is True for m in module.modules())
     return "causal" if causal else "bidirectional"
 
@@ -430,13 +339,11 @@ class FunctionalModel:
         if isinstance(x, Tensor):
             out = functional_call(self.module, state, (x,))
         else:
-            kwargs = dict(x)
-            mask = kwargs.get("attention_mask")
-            if self.mask_kind is not None and mask is not None and mask.dim() == 2:
-                dtype = next(iter(params.values())).dtype
-                kwargs["attention_mask"] = expanded_attention_mask(
-                    mask, causal=self.mask_kind == "causal", dtype=dtype
-                )
+            kwargs = (
+                dict(x)
+                if self.mask_kind is None
+                else expanded_inputs(self.mask_kind, x, next(iter(params.values())).dtype)
+            )
             out = functional_call(self.module, state, (), kwargs)
         return logits_of(out)
 

@@ -26,7 +26,11 @@ With probability ≥ 1 − δ/2 over the sample, simultaneously for every lattic
 
     kl(ê_Q ‖ e_Q) ≤ [KL(Q‖P) + Σ_i log(1/π(k_i)) + log(4·sqrt(n)/δ)] / n,
 
-where ê_Q and e_Q are the expected 0-1 training and test errors of the stochastic predictor.
+where ê_Q and e_Q are the expected 0-1 training and test errors of the stochastic predictor. The
+0-1 error of an example is the fraction of its predictions that are wrong
+(:func:`hessfine.bounds.losses.example_errors`, in [0, 1]): 0 or 1 for a classifier, the token
+error over the label positions of a sequence, the per-label error of a multi-label example. A
+regression makes no predictions; its certificate is refused.
 ê_Q is estimated by Monte Carlo: for each of ``draws`` repetitions every training example (or
 every group of g = ``examples_per_draw`` consecutive examples) gets its own independent weight
 draw, so the N = draws·n/g group error rates are independent [0, 1] variables whose mean is
@@ -61,6 +65,7 @@ from hessfine.bounds.functional import (
 )
 from hessfine.bounds.linalg.probes import base_key, keyed_generator
 from hessfine.bounds.linalg.sharding import LOCAL, Shard
+from hessfine.bounds.losses import example_errors
 from hessfine.bounds.safe_autodiff import differentiable
 from torch import Tensor
 from torch.func import vmap
@@ -271,6 +276,8 @@ def pac_bayes_certificate(
     The batches are streamed once (memory does not grow with ``n``).
     """
     layers = list(layers)
+    if fmodel.loss.task == "regression":
+        raise ValueError("a regression predicts no classes: its 0-1 error is not defined")
     grid = tuple(float(g) for g in grid)
     if not grid or any(not (math.isfinite(g) and g > 0) for g in grid):
         raise ValueError(f"grid must be a non-empty tuple of positive scales, got {grid}")
@@ -372,7 +379,8 @@ def _error_counts(
     progress: Callable[[int], None] | None,
 ) -> Tensor:
     """[examples, deterministic 0-1 errors, stochastic errors at every scale], summed over
-    processes, in one streamed pass over the batches.
+    processes, in one streamed pass over the batches; each example's 0-1 error is
+    :func:`hessfine.bounds.losses.example_errors`.
 
     In repetition d the group starting at global example m gets unit noise Z from the generator
     keyed by (``key``, d, m), shared by every scale (W + σ_s ⊙ Z at scale s): the counts depend
@@ -393,7 +401,7 @@ def _error_counts(
                 raise ValueError(
                     f"every batch size must be a multiple of examples_per_draw = {group}"
                 )
-            wrong = int((fmodel.logits(params, x).argmax(dim=-1) != y).sum())
+            wrong = float(example_errors(fmodel.loss, fmodel.logits(params, x), y).sum())
             counts[0] += size
             counts[1] += wrong
             if not noisy:
@@ -414,8 +422,8 @@ def _error_counts(
                     labels = y[start * group : stop * group]
                     for s, sigmas in enumerate(scale_sigmas):
                         noise = {name: sigmas[name] * z[name] for name in noisy}
-                        logits = vmap(one)(noise, xg)
-                        counts[2 + s] += int((logits.argmax(dim=-1).reshape(-1) != labels).sum())
+                        logits = vmap(one)(noise, xg).flatten(0, 1)
+                        counts[2 + s] += float(example_errors(fmodel.loss, logits, labels).sum())
                 if progress is not None:
                     progress(1)
     return shard.sum(counts)

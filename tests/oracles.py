@@ -7,11 +7,15 @@ against these quantities.
 
 Notation (docs/mathematics.md, "Notation and the per-layer quantity"). For one example (x, y) with
 loss ℓ(f_W(x), y) (cross-entropy unless an oracle loss — :func:`causal_lm_loss`,
-:func:`consistent_loss` — is passed; inputs are tensors or dicts of tensors, outputs tensors or
-objects with ``.logits``) and selected layer i with flattened weight w_i:
+:func:`token_cross_entropy`, :func:`squared_error`, :func:`binary_cross_entropy`,
+:func:`consistent_loss`, or :data:`OWN_LOSS`, the model's own ``.loss`` for the example alone — is
+passed; inputs are tensors or dicts of tensors, outputs tensors or objects with ``.logits``) and
+selected layer i with flattened weight w_i:
 
 * H_i(x) = ∇²_{w_i} ℓ — the i-th diagonal block of the per-example Hessian;
-* G_i(x) = J_iᵀ (diag(p) − p pᵀ) J_i — its Gauss–Newton part, J_i = ∂ logits / ∂ w_i, p = softmax;
+* G_i(x) = J_iᵀ Λ J_i — its Gauss–Newton part, J_i = ∂ logits / ∂ w_i, Λ = ∇²_z ℓ by autograd, or
+  the task's Λ written out (:func:`task_curvature`: diag(p) − p pᵀ, p = softmax, per label
+  position for token losses; (2/L)·I; diag σ(1 − σ)/L);
 * H_i^+ = U max(D, 0) Uᵀ for H_i = U D Uᵀ;
 * the Hessian of the mean loss over a batch w.r.t. the concatenation of several layers
   (cross-layer blocks included), used by the authors' reference-code estimator
@@ -212,12 +216,76 @@ def cross_entropy(z: Tensor, y: Tensor) -> Tensor:
 
 def causal_lm_loss(z: Tensor, y: Tensor) -> Tensor:
     """Mean over label positions of −log softmax(z_t)_{y_{t+1}} (labels −100 skipped), by a loop."""
+    return token_cross_entropy(z, y, shift=1)
+
+
+def token_cross_entropy(z: Tensor, y: Tensor, *, shift: int = 0) -> Tensor:
+    """Mean over label positions t of −log softmax(z_t)_{y_{t+shift}} (labels −100 skipped), by a
+    loop: token classification and seq2seq LM (``shift`` 0), causal LM (1)."""
     terms = []
-    for t in range(z.shape[1] - 1):
-        label = int(y[0, t + 1])
+    for t in range(z.shape[1] - shift):
+        label = int(y[0, t + shift])
         if label != -100:
             terms.append(-torch.log_softmax(z[0, t], dim=-1)[label])
     return torch.stack(terms).mean() if terms else z.sum() * 0.0
+
+
+def squared_error(z: Tensor, y: Tensor) -> Tensor:
+    """(1/L) Σ_l (z_l − y_l)² of one example, by a loop."""
+    target = y.reshape(z.shape)
+    return sum((z[0, k] - target[0, k]) ** 2 for k in range(z.shape[1])) / z.shape[1]
+
+
+def binary_cross_entropy(z: Tensor, y: Tensor) -> Tensor:
+    """(1/L) Σ_l −[y_l log σ(z_l) + (1 − y_l) log(1 − σ(z_l))] of one example, by a loop."""
+    terms = []
+    for k in range(z.shape[1]):
+        p = torch.sigmoid(z[0, k])
+        terms.append(-(y[0, k] * torch.log(p) + (1 - y[0, k]) * torch.log1p(-p)))
+    return sum(terms) / z.shape[1]
+
+
+OWN_LOSS = "the model's own .loss"
+"""The oracle loss that runs a Hugging Face model on the example alone with ``labels`` and takes
+its ``.loss`` (decoder inputs, when the inputs hold them, left for the model to make)."""
+
+
+def task_curvature(task: str, z: Tensor, y: Tensor) -> Tensor:
+    """The task's Λ = ∇²_z ℓ of one example, written out entry by entry over the flattened logits
+    z (1, …): (2/L)·I (regression), diag σ(1 − σ)/L (multi-label), diag p − p pᵀ
+    (classification), and for the token tasks (1/m)(diag p_t − p_t p_tᵀ) on the m label
+    positions t (causal-lm: position t labelled by y_{t+1})."""
+    size = z.numel()
+    A = torch.zeros(size, size, dtype=z.dtype)
+    if task == "regression":
+        for k in range(size):
+            A[k, k] = 2.0 / size
+        return A
+    if task == "multi-label":
+        for k in range(size):
+            p = torch.sigmoid(z.reshape(-1)[k])
+            A[k, k] = p * (1 - p) / size
+        return A
+    if task == "classification":
+        return _softmax_block(z.reshape(-1))
+    shift = 1 if task == "causal-lm" else 0
+    steps, vocab = z.shape[1], z.shape[2]
+    positions = [t for t in range(steps - shift) if int(y[0, t + shift]) != -100]
+    for t in positions:
+        block = _softmax_block(z[0, t]) / len(positions)
+        A[t * vocab : (t + 1) * vocab, t * vocab : (t + 1) * vocab] = block
+    return A
+
+
+def _softmax_block(z: Tensor) -> Tensor:
+    """diag p − p pᵀ, entry by entry, p = softmax(z)."""
+    p = torch.softmax(z, dim=-1)
+    size = z.numel()
+    A = torch.zeros(size, size, dtype=z.dtype)
+    for a in range(size):
+        for b in range(size):
+            A[a, b] = (p[a] if a == b else 0.0) - p[a] * p[b]
+    return A
 
 
 def consistent_loss(inverse: Tensor) -> OracleLoss:
@@ -250,6 +318,16 @@ def _logits(module: nn.Module, params: Mapping[str, Tensor], x: Inputs) -> Tenso
     return out if isinstance(out, Tensor) else out.logits
 
 
+def _example_loss(
+    module: nn.Module, params: Mapping[str, Tensor], x: Inputs, y: Tensor, loss: OracleLoss | str
+) -> Tensor:
+    """ℓ of the one example (x, y): ``loss`` of its logits, or the model's own ``.loss``."""
+    if loss == OWN_LOSS:
+        inputs = {k: v for k, v in x.items() if k != "decoder_input_ids"}
+        return functional_call(module, dict(params), (), {**inputs, "labels": y}).loss
+    return loss(_logits(module, params, x), y)
+
+
 def _with_flat(
     params: Mapping[str, Tensor], layers: Sequence[str], flat: Tensor
 ) -> dict[str, Tensor]:
@@ -273,7 +351,7 @@ def dense_block_hessians(
     layer: str,
     x: Inputs,
     y: Tensor,
-    loss: OracleLoss = cross_entropy,
+    loss: OracleLoss | str = cross_entropy,
 ) -> Tensor:
     """Per-example H_i(x_n) = ∇²_{w_i} ℓ(f(x_n), y_n), shape (N, d, d), d = numel of ``layer``."""
     module.eval()
@@ -284,7 +362,7 @@ def dense_block_hessians(
             xn, yn = example(x, n), y[n : n + 1]
 
             def loss_n(flat: Tensor, xn: Inputs = xn, yn: Tensor = yn) -> Tensor:
-                return loss(_logits(module, _with_flat(params, [layer], flat), xn), yn)
+                return _example_loss(module, _with_flat(params, [layer], flat), xn, yn, loss)
 
             blocks.append(torch.autograd.functional.hessian(loss_n, w, vectorize=True))
     return torch.stack(blocks)
@@ -297,8 +375,10 @@ def dense_ggn_blocks(
     x: Inputs,
     y: Tensor,
     loss: OracleLoss = cross_entropy,
+    curvature: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Per-example G_i(x_n) = J_nᵀ (∇²_z ℓ) J_n, shape (N, d, d), ∇²_z ℓ by dense autograd."""
+    """Per-example G_i(x_n) = J_nᵀ Λ J_n, shape (N, d, d): Λ = ``curvature(z, y)`` when given
+    (e.g. :func:`task_curvature`), else ∇²_z ℓ by dense autograd."""
     module.eval()
     w = _flat(params, [layer])
     blocks = []
@@ -312,7 +392,10 @@ def dense_ggn_blocks(
             J = torch.autograd.functional.jacobian(logits, w, vectorize=True)
             with torch.no_grad():
                 z = logits(w)
-            A = torch.autograd.functional.hessian(lambda z, yn=yn: loss(z, yn), z)
+            if curvature is not None:
+                A = curvature(z, yn)
+            else:
+                A = torch.autograd.functional.hessian(lambda z, yn=yn: loss(z, yn), z)
             J = J.reshape(z.numel(), -1)
             blocks.append(J.T @ A.reshape(z.numel(), z.numel()) @ J)
     return torch.stack(blocks)
@@ -387,7 +470,7 @@ def dense_mean_hessian(
     layers: Sequence[str],
     x: Inputs,
     y: Tensor,
-    loss: OracleLoss = cross_entropy,
+    loss: OracleLoss | str = cross_entropy,
 ) -> Tensor:
     """Hessian of the mean loss over the batch w.r.t. the concatenated flattened ``layers``, (D, D).
 
@@ -400,7 +483,8 @@ def dense_mean_hessian(
     def mean_loss(flat: Tensor) -> Tensor:
         weights = _with_flat(params, layers, flat)
         terms = [
-            loss(_logits(module, weights, example(x, n)), y[n : n + 1]) for n in range(count(x))
+            _example_loss(module, weights, example(x, n), y[n : n + 1], loss)
+            for n in range(count(x))
         ]
         return torch.stack(terms).mean()
 
@@ -427,7 +511,7 @@ def dense_batch_mean_hessians(
     x: Inputs,
     y: Tensor,
     batch_size: int,
-    loss: OracleLoss = cross_entropy,
+    loss: OracleLoss | str = cross_entropy,
 ) -> list[Tensor]:
     """:func:`dense_mean_hessian` of consecutive batches of ``batch_size`` examples, in order."""
     return [
@@ -573,3 +657,108 @@ def tiny_hf(name: str, *, seed: int = 0) -> tuple[nn.Module, Inputs, Tensor, lis
             0, CLASSES, (len(HF_LENGTHS),), generator=torch.Generator().manual_seed(seed)
         )
     return model.to(DTYPE).eval(), x, y, layers
+
+
+#: The tiny model of each task of :func:`tiny_task_hf` (seq2seq-lm: also ``bart``).
+TASK_MODELS = {
+    "token-classification": "bert-token",
+    "regression": "bert-regression",
+    "multi-label": "bert-multi-label",
+    "seq2seq-lm": "bart",
+}
+#: Label lengths of the tiny seq2seq batches (decoder length 4): −100 after them.
+LABEL_LENGTHS = (4, 3, 1, 2, 4)
+
+
+def tiny_task_hf(name: str) -> tuple[nn.Module, list[str]]:
+    """A float64 random Hugging Face model of a task and two small layers to measure.
+
+    ``name``: bert-token (``BertForTokenClassification``, 3 labels), bert-regression (one output,
+    ``num_labels`` 1), bert-multi-label (3 labels, ``problem_type`` multi_label_classification),
+    t5 and bart (``…ForConditionalGeneration``). BERT and BART are initialised with a larger
+    spread than transformers' default, so that the curvature of every layer is well above
+    round-off. T5
+    computes the variance of its RMS norm in float32 even in a float64 model, so its float64
+    derivatives agree to float32 precision only; BART's are float64 throughout.
+    """
+    import transformers as tf
+
+    small = {"num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8}
+    small["initializer_range"] = 0.5
+    bert = ["bert.encoder.layer.0.attention.self.query.weight", "classifier.weight"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if name == "bert-token":
+            config = tf.BertConfig(hidden_size=4, vocab_size=20, num_labels=3, **small)
+            model, layers = tf.BertForTokenClassification(config), bert
+        elif name in ("bert-regression", "bert-multi-label"):
+            regression = name == "bert-regression"
+            config = tf.BertConfig(
+                hidden_size=4,
+                vocab_size=20,
+                num_labels=1 if regression else 3,
+                problem_type=None if regression else "multi_label_classification",
+                **small,
+            )
+            model, layers = tf.BertForSequenceClassification(config), bert
+        elif name == "t5":
+            config = tf.T5Config(
+                vocab_size=20,
+                d_model=4,
+                d_kv=2,
+                d_ff=8,
+                num_layers=1,
+                num_heads=2,
+                relative_attention_num_buckets=4,
+                relative_attention_max_distance=8,
+                decoder_start_token_id=0,
+            )
+            model = tf.T5ForConditionalGeneration(config)
+            layers = [
+                "encoder.block.0.layer.0.SelfAttention.q.weight",
+                "decoder.block.0.layer.1.EncDecAttention.k.weight",
+            ]
+        elif name == "bart":
+            config = tf.BartConfig(
+                vocab_size=20,
+                d_model=4,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=8,
+                decoder_ffn_dim=8,
+                max_position_embeddings=16,
+                init_std=0.5,
+            )
+            model = tf.BartForConditionalGeneration(config)
+            layers = [
+                "model.encoder.layers.0.self_attn.q_proj.weight",
+                "model.decoder.layers.0.encoder_attn.k_proj.weight",
+            ]
+        else:
+            raise ValueError(f"unknown tiny task model {name!r}")
+    return model.to(DTYPE).eval(), layers
+
+
+def tiny_task_batch(name: str, model: nn.Module, *, seed: int = 0) -> tuple[Inputs, Tensor]:
+    """Padded inputs and labels of len(HF_LENGTHS) examples for a model of :func:`tiny_task_hf`:
+    token labels (N, 6) with −100 at padding and position 0; regression targets (N,); 0/1 labels
+    (N, 3); seq2seq labels (N, 4) with −100 after LABEL_LENGTHS, and the decoder inputs the
+    model makes from them (``decoder_input_ids``)."""
+    g = torch.Generator().manual_seed(seed + 100)
+    x = tiny_text_inputs(20, model.config.pad_token_id, seed=seed)
+    n = len(HF_LENGTHS)
+    if name == "bert-token":
+        y = torch.randint(0, 3, x["input_ids"].shape, generator=g)
+        y = y.masked_fill(x["attention_mask"] == 0, -100)
+        y[:, 0] = -100
+    elif name == "bert-regression":
+        y = torch.randn(n, generator=g, dtype=DTYPE)
+    elif name == "bert-multi-label":
+        y = torch.randint(0, 2, (n, 3), generator=g).to(DTYPE)
+    else:
+        y = torch.randint(3, 20, (n, max(LABEL_LENGTHS)), generator=g)
+        y = y.masked_fill(torch.arange(y.shape[1]) >= torch.tensor(LABEL_LENGTHS)[:, None], -100)
+        x["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=y)
+    return x, y

@@ -10,7 +10,7 @@ Four rules hold on it:
    names, which imports nothing of the package and which everything but ``bounds`` may use) <
    ``figures`` (tables and plots) and, beside it, the *loading* layer of ``analysis`` (errors,
    sources, checkpoints, data, labeled_data, digit_sets, model_specs, fused_experts,
-   hf_loading, results) < ``finetune`` and ``analysis``' pipelines (measure, compare, ...),
+   hf_loading, results, tasks) < ``finetune`` and ``analysis``' pipelines (measure, compare, ...),
    which do not import each other, < orchestration (the command lines, the demo and the
    generated docs pages), which may import anything.
 2. The rooms of ``bounds`` (docs/architecture.md): ``operators`` import only ``functional``,
@@ -42,6 +42,7 @@ LOADING = {
     "hessfine.analysis.fused_experts",
     "hessfine.analysis.hf_loading",
     "hessfine.analysis.results",
+    "hessfine.analysis.tasks",
 }
 SCHEMA = "hessfine.analysis.schema"
 ORCHESTRATION = {

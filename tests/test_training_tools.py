@@ -66,29 +66,25 @@ def _measurement(path: Path) -> dict:
 # --- Hugging Face Trainer --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _train(model, x: dict, y: torch.Tensor, out: Path, *, steps: int, eval_steps: int):
+    """A transformers ``Trainer`` after ``steps`` CPU steps on (x, y): batches of 8, a
+    checkpoint per step in ``out``, evaluated on the same data in one batch every
+    ``eval_steps``."""
     from datasets import Dataset
-    from transformers import BertForSequenceClassification, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
-    root = tmp_path_factory.mktemp("trainer")
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(_bert_config())
-    model.save_pretrained(root / "base")
-    x, y = _tokens(16)
-    torch.save({"x": x, "y": y}, root / "train.pt")
-    rows = {k: v.tolist() for k, v in x.items()} | {"labels": y.tolist()}
-    dataset = Dataset.from_dict(rows)
+    dataset = Dataset.from_dict({k: v.tolist() for k, v in x.items()} | {"labels": y.tolist()})
     args = TrainingArguments(
-        str(root / "out"),
+        str(out),
         per_device_train_batch_size=8,
+        per_device_eval_batch_size=len(y),
         learning_rate=0.05,
-        max_steps=3,
+        max_steps=steps,
         save_strategy="steps",
         save_steps=1,
         logging_steps=1,
         eval_strategy="steps",
-        eval_steps=2,
+        eval_steps=eval_steps,
         report_to="none",
         use_cpu=True,
         seed=0,
@@ -96,7 +92,20 @@ def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset)
     trainer.train()
-    trainer.save_model(str(root / "out"))
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("trainer")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(_bert_config())
+    model.save_pretrained(root / "base")
+    x, y = _tokens(16)
+    torch.save({"x": x, "y": y}, root / "train.pt")
+    _train(model, x, y, root / "out", steps=3, eval_steps=2).save_model(str(root / "out"))
     return root
 
 
@@ -149,6 +158,97 @@ def test_logged_losses_are_taken_at_or_nearest_the_step() -> None:
     }
     assert logged_near(history, 19)["loss"] == 1.0
     assert logged_near([], 3) == {}
+
+
+# --- Trainer runs of other tasks: a token classifier, a T5 fine-tune --------------------------
+
+
+def _task_model(task: str):
+    """A tiny random BertForTokenClassification, or T5ForConditionalGeneration."""
+    from transformers import BertForTokenClassification, T5Config, T5ForConditionalGeneration
+
+    if task == "token-classification":
+        return BertForTokenClassification(_bert_config())
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=8,
+        d_kv=4,
+        d_ff=16,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def _task_labels(task: str, x: dict) -> torch.Tensor:
+    """Token labels (−100 at padding and at the first token), or decoder labels of 2 to 4
+    tokens: the sequences have different numbers of label positions."""
+    g = torch.Generator().manual_seed(1)
+    if task == "token-classification":
+        y = torch.randint(0, CLASSES, x["input_ids"].shape, generator=g)
+        y = y.masked_fill(x["attention_mask"] == 0, -100)
+        y[:, 0] = -100
+        return y
+    y = torch.randint(2, VOCAB, (len(x["input_ids"]), 4), generator=g)
+    return y.masked_fill(torch.arange(4) >= 2 + torch.arange(len(y))[:, None] % 3, -100)
+
+
+@pytest.fixture(scope="module", params=["token-classification", "seq2seq-lm"])
+def task_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(task, root): two Trainer steps of the task's model on 16 padded sequences."""
+    task = request.param
+    root = tmp_path_factory.mktemp(task)
+    torch.manual_seed(0)
+    model = _task_model(task)
+    model.save_pretrained(root / "base")
+    x, _ = _tokens(16)
+    y = _task_labels(task, x)
+    torch.save({"x": x, "y": y}, root / "train.pt")
+    _train(model, x, y, root / "out", steps=2, eval_steps=1)
+    return task, root
+
+
+def test_trainer_runs_of_other_tasks_are_measured_and_compared(task_run) -> None:
+    """The task is chosen from the saved model's class; hessfine's train loss is the mean over
+    sequences of each one's mean token loss, the Trainer's (evaluated on the same data, one
+    batch) the token-weighted mean: they differ as the docs say (trainer_{name})."""
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForTokenClassification
+
+    task, root = task_run
+    measured = root / "m" / "checkpoint-1" / "measurement.json"
+    times = []
+    for _ in range(2):  # the second run skips what the first measured (the task chosen alike)
+        _cli("measure", root / "out", "--reference", root / "base", "--data", root / "train.pt",
+             "--out", root / "m", "--estimator", "ggn", "--samples", 4, "--quiet")  # fmt: skip
+        times.append(measured.stat().st_mtime_ns)
+    assert times[0] == times[1]
+    _cli("compare", root / "m", "--out", root / "cmp", "--no-figures")
+    rows = sorted(_rows(root / "cmp"), key=lambda r: int(r["step"]))
+    assert [r["step"] for r in rows] == ["1", "2"]
+    data = torch.load(root / "train.pt")
+    x, y = data["x"], data["y"]
+    loader = (
+        AutoModelForTokenClassification if task == "token-classification" else AutoModelForSeq2SeqLM
+    )
+    for row in rows:
+        assert row["task"] == task
+        m = _measurement(root / "m" / f"checkpoint-{row['step']}" / "measurement.json")
+        assert m["settings"]["task_source"] == "model class"
+        model = loader.from_pretrained(root / "out" / f"checkpoint-{row['step']}").eval()
+        with torch.no_grad():
+            losses = torch.stack(
+                [
+                    model(**{k: v[n : n + 1] for k, v in x.items()}, labels=y[n : n + 1]).loss
+                    for n in range(len(y))
+                ]
+            )
+        positions = (y != -100).sum(dim=1).float()
+        weighted = float((losses * positions).sum() / positions.sum())
+        assert float(row["train_loss"]) == pytest.approx(float(losses.mean()), rel=1e-5)
+        assert float(row["trainer_eval_loss"]) == pytest.approx(weighted, rel=1e-5)
+        assert abs(weighted - float(losses.mean())) > 1e-4
+        assert 0.0 <= float(row["train_accuracy"]) <= 1.0
 
 
 # --- PEFT LoRA adapters ----------------------------------------------------------------------

@@ -14,11 +14,12 @@ from hessfine.bounds.estimators.noise_stability import noise_stability
 from hessfine.bounds.estimators.quadratic_forms import quadratic_forms
 from hessfine.bounds.estimators.spectra import spectral_density, top_eigenvalues
 from hessfine.bounds.estimators.traces import layer_traces, positive_trace_max
-from hessfine.bounds.functional import CausalLMLoss, FunctionalModel
+from hessfine.bounds.functional import CausalLMLoss, FunctionalModel, Seq2SeqLMLoss
 from hessfine.bounds.operators.gauss_newton import gauss_newton_traces
 from hessfine.bounds.pac_bayes import pac_bayes_certificate
 
 from tests.oracles import (
+    OWN_LOSS,
     assert_matches,
     causal_lm_loss,
     cross_entropy,
@@ -27,7 +28,10 @@ from tests.oracles import (
     dense_mean_hessian,
     perturbed_reference,
     positive_part,
+    task_curvature,
     tiny_hf,
+    tiny_task_batch,
+    tiny_task_hf,
     tiny_text_inputs,
 )
 from tests.oracles import quadratic_forms as dense_forms
@@ -131,9 +135,10 @@ def test_traces_eigenvalues_and_noise_run_and_match_where_exact(name):
     assert abs(noise.mean - predicted) <= 5 * noise.stderr + 1e-3 * abs(predicted)
 
 
-@pytest.mark.parametrize("name", ["distilbert", "gpt2", "vit"])
+@pytest.mark.parametrize("name", ["distilbert", "gpt2", "vit", "gpt2-lm"])
 def test_certificate_runs_on_padded_batches(name):
-    """The certificate vmaps over groups of examples: masks must expand inside that vmap too."""
+    """The certificate vmaps over groups of examples: masks must expand inside that vmap too.
+    A language model's 0-1 error of a sequence is its token error over the label positions."""
     module, fm, params, v, x, y, _ = setup(name)
     twice = (
         {k: torch.cat([t, t]) for k, t in x.items()} if isinstance(x, dict) else torch.cat([x, x])
@@ -151,6 +156,49 @@ def test_certificate_runs_on_padded_batches(name):
         generator=torch.Generator().manual_seed(0),
     )
     assert 0.0 <= certificate.empirical_error <= certificate.bound <= 1.0
+    with torch.no_grad():
+        logits = module(**x).logits if isinstance(x, dict) else module(x).logits
+    if name == "gpt2-lm":
+        valid = y[:, 1:] != -100
+        wrong = (logits[:, :-1].argmax(-1) != y[:, 1:]) & valid
+        errors = wrong.sum(dim=1) / valid.sum(dim=1)
+    else:
+        errors = (logits.argmax(-1) != y).double()
+    assert certificate.deterministic_error == pytest.approx(float(errors.mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_encoder_decoder_models_match_their_own_loss_with_padding(name):
+    """Padded encoder inputs and labels, decoder inputs made from the labels: the losses and the
+    block and Gauss–Newton forms equal those of each example run alone through the model with
+    ``labels``. T5 computes its RMS norm's variance in float32 even in float64, so its
+    derivatives agree to float32 precision only."""
+    module, layers = tiny_task_hf(name)
+    x, y = tiny_task_batch(name, module)
+    fm, params = FunctionalModel.from_module(module, loss=Seq2SeqLMLoss())
+    assert fm.mask_kind == "encoder-decoder"
+    own = [
+        module(
+            **{k: v[n : n + 1] for k, v in x.items() if k != "decoder_input_ids"},
+            labels=y[n : n + 1],
+        ).loss
+        for n in range(len(y))
+    ]
+    torch.testing.assert_close(fm.losses(params, x, y), torch.stack(own).detach())
+    reference = perturbed_reference(params, layers)
+    v = {layer: params[layer] - reference[layer] for layer in layers}
+    rel = 1e-5 if name == "t5" else 1e-9
+    for estimator in ("block", "ggn"):
+        forms = quadratic_forms(fm, params, v, batches(x, y), estimator=estimator)
+        for layer in layers:
+            if estimator == "block":
+                blocks = dense_block_hessians(module, params, layer, x, y, OWN_LOSS)
+            else:
+                curvature = lambda z, yn: task_curvature("seq2seq-lm", z, yn)  # noqa: E731
+                blocks = dense_ggn_blocks(module, params, layer, x, y, curvature=curvature)
+            values = dense_forms(blocks, v[layer])
+            assert forms[layer].max == pytest.approx(float(values.max()), rel=rel)
+            assert forms[layer].mean == pytest.approx(float(values.mean()), rel=rel)
 
 
 def test_expanded_mask_leaves_the_logits_of_real_tokens_unchanged():
@@ -165,6 +213,11 @@ def test_expanded_mask_leaves_the_logits_of_real_tokens_unchanged():
     fb, pb = FunctionalModel.from_module(bert)
     assert fb.mask_kind == "bidirectional"
     torch.testing.assert_close(fb.logits(pb, xb), bert(**xb).logits)
+    bart, _ = tiny_task_hf("bart")
+    xs, _ = tiny_task_batch("bart", bart)
+    fs, ps = FunctionalModel.from_module(bart)
+    assert fs.mask_kind == "encoder-decoder"
+    torch.testing.assert_close(fs.logits(ps, xs), bart(**xs).logits)
 
 
 @pytest.mark.parametrize("task", ["classification", "causal-lm"])

@@ -103,7 +103,8 @@ def layer_traces(
     """Per-layer Tr[H̄_ii] of the mean-loss Hessian over all examples in ``batches``.
 
     With ``output_probes`` (default), ``hutchinson`` treats the layers certified piecewise
-    linear on the first batch (classification losses) through H_ii = G_ii: with ``exact_ggn``
+    linear on the first batch (losses with one logit vector per example: classification,
+    regression, multi-label) through H_ii = G_ii: with ``exact_ggn``
     (default, unscaled traces, ``nn.Linear``/``nn.Conv2d`` weights) exactly, as the mean of
     the per-example Tr[G_i(x_n)]
     (:func:`hessfine.bounds.operators.layer_io.layer_io_gauss_newton_traces`, route
@@ -174,8 +175,9 @@ def _hutchinson(hvp, params, layers, probes, generator, scaling):
 
 
 def _certified(fmodel, params, layers, batches) -> list[str]:
-    """The layers whose Hessian block is the Gauss–Newton block (classification losses only)."""
-    if not batches or getattr(fmodel.loss, "task", None) != "classification":
+    """The layers whose Hessian block is the Gauss–Newton block (losses with one logit vector per
+    example only: not ``fmodel.loss.sequence``)."""
+    if not batches or fmodel.loss.sequence:
         return []
     ratios = certify_piecewise_linear(
         fmodel, params, layers, batches[0][0], generator=keyed_generator("certify-traces")

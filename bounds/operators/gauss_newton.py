@@ -119,7 +119,8 @@ def gauss_newton_traces(
     The r_k factor the loss's curvature in the logits, Σ_k r_k r_kᵀ = ∇²_z ℓ
     (``fmodel.loss.curvature_factors``). J_iᵀ r_k is the gradient of r_k · z with respect to W_i,
     so the value is a sum of squared per-example gradient norms. For ``nn.Linear`` and
-    ``nn.Conv2d`` (groups 1, zero padding) weights and classification losses these are formed
+    ``nn.Conv2d`` (groups 1, zero padding) weights and losses with one logit vector per example
+    (not ``fmodel.loss.sequence``: classification, regression, multi-label) these are formed
     without per-example gradients, from one backward pass of the batch per factor
     (:func:`hessfine.bounds.operators.layer_io.layer_io_gauss_newton_traces`: the "ghost norm"
     of Goodfellow, arXiv:1510.01799, and Li, Tramèr, Liang & Hashimoto, ICLR 2022). Other layers
@@ -127,7 +128,7 @@ def gauss_newton_traces(
     (:func:`vjp_gauss_newton_traces`).
     """
     traces: dict[str, Tensor] = {}
-    if getattr(fmodel.loss, "task", None) == "classification":
+    if not fmodel.loss.sequence:
         with differentiable():
             traces = layer_io_gauss_newton_traces(fmodel, params, layers, x, y)
     rest = [name for name in layers if name not in traces]

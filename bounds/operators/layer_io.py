@@ -220,8 +220,8 @@ def layer_io_gauss_newton_traces(
 
     Layers: the Linear and Conv2d (groups 1, numeric padding) weights used in the forward pass;
     the others are absent from the result. From the recorded layer inputs and one backward pass
-    of the batch per curvature factor r_k (see the module docstring); for classification losses
-    (``fmodel.loss.task == "classification"``), whose factors are per-example (K, B, C).
+    of the batch per curvature factor r_k (see the module docstring); for losses with one logit
+    vector per example (not ``fmodel.loss.sequence``), whose factors are per-example (K, B, C).
     """
     modules = _unfoldable_modules(fmodel, layers)
     if not modules:
