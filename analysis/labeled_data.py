@@ -33,13 +33,15 @@ class LabeledData:
     """Inputs ``x`` (a tensor, a dict of tensors, or ``None`` when ``dataset`` reads them lazily)
     and integer labels ``y`` (shape (N,), int64); ``processor`` records the tokenizer or image
     processor that made the inputs from raw columns (:mod:`hessfine.analysis.sources.processors`),
-    ``None`` for inputs read as stored."""
+    ``None`` for inputs read as stored. ``iterated``: the examples are in the order an iterable
+    (a ``DataLoader``) yielded them, so the Hessian examples are the first N, not a sample."""
 
     name: str
     x: Tensor | dict[str, Tensor] | None
     y: Tensor
     dataset: Dataset | None = None
     processor: Mapping[str, Any] | None = None
+    iterated: bool = False
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

@@ -58,6 +58,7 @@ from hessfine.analysis.sources.timm_runs import TimmWeights
 from hessfine.bounds.functional import (
     CausalLMLoss,
     CrossEntropy,
+    ExampleLoss,
     FunctionalModel,
     NondeterministicModelError,
     check_deterministic,
@@ -92,7 +93,9 @@ class MeasurementInputs:
     ``distances`` ‖v_i‖_F per layer; ``attention`` and ``experts`` the implementations of a
     Hugging Face model; ``notes`` what the loading adds to ``measurement.json → notes``;
     ``train`` holds the labels the gap is stated against (the run's clean labels under recorded
-    label noise) and ``noisy_train`` those trained on.
+    label noise) and ``noisy_train`` those trained on; ``data_specs`` what
+    ``measurement.json → data`` records of where the data came from (``train``, ``eval``,
+    ``input_columns``, ``label_column``).
     """
 
     checkpoint: Checkpoint
@@ -114,7 +117,7 @@ class MeasurementInputs:
     eval: LabeledData | None
     run_labels: RunLabels | None
     noise: NoiseMatrix | None
-    data_specs: dict[str, str | None]
+    data_specs: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
 
@@ -201,8 +204,7 @@ def load_inputs(
         )
     module, selected, alignment = loaded.module, loaded.layers, loaded.alignment
     module.to(device=device)
-    loss = CausalLMLoss() if task == "causal-lm" else CrossEntropy()
-    fmodel, params = FunctionalModel.from_module(module, loss=loss, fused=loaded.fused)
+    fmodel, params = FunctionalModel.from_module(module, loss=task_loss(task), fused=loaded.fused)
     config = getattr(module, "config", None)
     if verbose:
         print(alignment.format_table())
@@ -251,10 +253,20 @@ def load_inputs(
         else load_data(str(eval_spec), label="--eval-data", **options),
         run_labels=run_labels,
         noise=noise_matrix(manifest),
-        data_specs={"train": str(data_spec), "eval": None if eval_spec is None else str(eval_spec)},
+        data_specs={
+            "train": str(data_spec),
+            "eval": None if eval_spec is None else str(eval_spec),
+            "input_columns": None if src.input_columns is None else list(src.input_columns),
+            "label_column": src.label_column,
+        },
         device=device,
         dtype=torch_dtype,
     )
+
+
+def task_loss(task: Task) -> ExampleLoss:
+    """The per-example loss of ``task``: cross-entropy, or the causal-LM sequence loss."""
+    return CausalLMLoss() if task == "causal-lm" else CrossEntropy()
 
 
 def _has_config(directory: Path | None) -> bool:
