@@ -61,6 +61,7 @@ __all__ = [
     "LabeledData",
     "Processing",
     "check_labels",
+    "checked_data",
     "load_data",
 ]
 
@@ -126,9 +127,7 @@ def load_data(
             pad_token_id=pad_token_id,
             label=label,
         )
-        if task == "causal-lm":
-            return _checked_sequences(spec, x, y, label)
-        return _checked(spec, x, y, label)
+        return checked_data(spec, x, y, task=task, label=label)
     if spec.startswith("digits:"):  # after the datasets directories (BUILTIN_PREFIXES)
         return load_builtin(spec, label=label)
     path = Path(spec).expanduser()
@@ -144,9 +143,7 @@ def load_data(
         raise InputError(
             f"{label} {path}: unsupported data file type {path.suffix!r}; pass {_FORMATS}"
         )
-    if task == "causal-lm":
-        return _checked_sequences(str(path), x, y, label)
-    return _checked(str(path), x, y, label)
+    return checked_data(str(path), x, y, task=task, label=label)
 
 
 def _processed(
@@ -178,8 +175,15 @@ def _processed(
     if raw.dataset is not None:
         y = _labels(f"{label} {spec}", raw.y)
         return LabeledData(spec, None, y, raw.dataset, processor=raw.record)
-    checked = _checked_sequences if task == "causal-lm" else _checked
-    return replace(checked(spec, raw.x, raw.y, label), processor=raw.record)
+    return replace(checked_data(spec, raw.x, raw.y, task=task, label=label), processor=raw.record)
+
+
+def checked_data(name: str, x: object, y: object, *, task: Task, label: str) -> LabeledData:
+    """Inputs ``x`` (a tensor or a dict of tensors) and labels ``y`` checked for ``task`` (module
+    docs) as a :class:`LabeledData` named ``name``; ``label`` names the input in messages."""
+    if task == "causal-lm":
+        return _checked_sequences(name, x, y, label)
+    return _checked(name, x, y, label)
 
 
 def _one_line(err: BaseException) -> str:
