@@ -93,7 +93,12 @@ __all__ = ["MeasureSettings", "Sources", "measure", "measure_path", "unused_laye
 
 @dataclass(frozen=True)
 class MeasureSettings:
-    """Every option of ``hessfine measure`` that changes the numbers (recorded in the result)."""
+    """Every option of ``hessfine measure`` that changes the numbers (recorded in the result).
+
+    The fields are the command line's options with ``_`` for ``-`` and their defaults
+    (docs/cli.md); ``hessfine.measure_model`` and the training callbacks take them as keyword
+    arguments. Exported as ``hessfine.MeasureSettings``.
+    """
 
     estimator: Estimator = "auto"
     task: Task = "classification"
@@ -227,13 +232,34 @@ def measure(
     processing: Processing | None = None,
     context: Context | None = None,
 ) -> dict[str, Any]:
-    """Measure one checkpoint and write ``out/measurement.json``; returns the result dict.
+    """Measure one checkpoint on disk and write ``out/measurement.json``.
 
-    ``input_columns``/``label_column`` choose the columns of a ``datasets`` directory;
-    ``processing`` names its raw text or image columns, made into inputs by the model's own
-    tokenizer or image processor (:mod:`hessfine.analysis.sources.processors`).
-    ``context`` (from :func:`hessfine.analysis.distributed.detect`) shares the work among the
-    processes of a ``torchrun`` job; rank 0 writes.
+    What ``hessfine measure CHECKPOINT`` does (exported as ``hessfine.measure``; for a module in
+    memory see ``hessfine.measure_model``).
+
+    Args:
+        checkpoint: The fine-tuned checkpoint: a weights file, a Hugging Face or Trainer
+            directory, a PEFT adapter, a Lightning or timm checkpoint, a sharded checkpoint.
+        reference: The pretrained checkpoint (default: from the run manifest, or a PEFT
+            adapter's local base).
+        data: The training data spec (default: from the run manifest).
+        out: The output directory.
+        eval_data: The evaluation data spec, for the measured gap.
+        model: The model spec (``torchvision:NAME``, ``hf``, ``file.py:FACTORY``, …).
+        model_kwargs: Keyword arguments of the model spec.
+        settings: The options that change the numbers.
+        trust: Allow pickled objects in checkpoint files (they can run code).
+        verbose: Print the layer alignment table.
+        quiet: No progress bars.
+        input_columns: The input columns of a ``datasets`` directory.
+        label_column: Its label column.
+        processing: Its raw text or image columns, made into inputs by the model's own tokenizer
+            or image processor (:mod:`hessfine.analysis.sources.processors`).
+        context: This process's share of a ``torchrun`` job
+            (:func:`hessfine.analysis.distributed.detect`); rank 0 writes.
+
+    Returns:
+        The ``measurement.json`` document.
     """
     sources = Sources(
         Path(checkpoint),
