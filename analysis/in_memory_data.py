@@ -6,8 +6,9 @@
 
 - a pair ``(x, y)``: ``x`` a tensor or a dict of tensors (``input_ids``, ``attention_mask``,
   …), ``y`` the labels (``None`` for a causal language model: its inputs);
-- a ``datasets.Dataset``: its numeric columns that the model's ``forward`` takes (as the
-  Trainer passes them) and the label column ``label`` or ``labels``, ragged rows right-padded
+- a ``datasets.Dataset``: its columns that the model's ``forward`` takes (as the Trainer passes
+  them; else its only column besides the labels, passed positionally) and the label column
+  ``label`` or ``labels``, ragged rows right-padded
   (:func:`hessfine.analysis.sources.hf_datasets.dataset_tensors`);
 - a map-style ``torch.utils.data.Dataset`` (``len`` and indexing; a list too): its examples in
   index order;
@@ -17,8 +18,9 @@
 - a path or spec string: :func:`~hessfine.analysis.data.load_data`.
 
 An example or a batch is a pair ``(inputs, labels)`` (a list or tuple) or a Hugging Face-style
-dict whose ``labels`` (else ``label``) entry holds the labels and whose other entries are
-inputs; ``-100`` marks ignored tokens of a causal LM. Examples and batches are gathered into
+dict whose ``labels`` (else ``label``) entry holds the labels and whose entries named as the
+model's ``forward`` arguments are its inputs (an only other entry is the positional input);
+``-100`` marks ignored tokens of a causal LM. Examples and batches are gathered into
 tensors: sequences of different lengths are right-padded, ``input_ids`` (and every input but
 ``attention_mask`` and ``token_type_ids``, which take 0) with the model's ``pad_token_id``,
 label sequences with −100, and an ``attention_mask`` is added when ``input_ids`` needed padding
@@ -191,10 +193,15 @@ def _hf_dataset(
 ) -> LabeledData:
     """A ``datasets.Dataset``: the numeric columns the model takes, padded (module docs)."""
     columns = [c for c in data.column_names if c not in DEFAULT_LABELS]
-    chosen = [c for c in columns if input_names is None or c in input_names]
+    chosen = _input_keys(columns, input_names)
+    if not chosen:
+        raise ValueError(
+            f"{label}: no column the model takes (columns: {', '.join(data.column_names)}); "
+            "name the inputs as forward's arguments"
+        )
     x, y = dataset_tensors(
         data,
-        input_columns=chosen or None,
+        input_columns=chosen,
         pad_token_id=pad_token_id,
         spec=IN_MEMORY,
         label=label,
@@ -242,21 +249,17 @@ def _parts(
     """``(inputs, labels)`` of one example or batch: a pair, or a dict with labels."""
     if isinstance(element, Mapping):
         key = next((k for k in LABEL_KEYS if k in element), None)
-        inputs = {
-            k: v
-            for k, v in element.items()
-            if k != key
-            and k not in LABEL_KEYS
-            and (input_names is None or k in input_names)
-            and not _text(v)
-        }
-        if not inputs:
+        labels = None if key is None else element[key]
+        keys = [k for k, v in element.items() if k not in LABEL_KEYS and not _text(v)]
+        chosen = _input_keys(keys, input_names)
+        if not chosen:
             raise ValueError(
                 f"{label}: a dict example has no entry the model takes (entries: "
-                f"{', '.join(map(str, element))}); give its inputs by the names of forward's "
-                "arguments"
+                f"{', '.join(map(str, element))}); name the inputs as forward's arguments"
             )
-        return inputs, None if key is None else element[key]
+        if input_names is not None and chosen[0] not in input_names:  # the only entry
+            return element[chosen[0]], labels
+        return {k: element[k] for k in chosen}, labels
     if isinstance(element, tuple | list) and len(element) == 2:
         return element[0], element[1]
     if isinstance(element, Tensor):
@@ -265,6 +268,14 @@ def _parts(
         f"{label}: an example or batch must be an (inputs, labels) pair or a dict with "
         f"'labels', got {type(element).__name__}"
     )
+
+
+def _input_keys(keys: list[str], input_names: Collection[str] | None) -> list[str]:
+    """The entries (or columns) that are inputs: those named as forward's arguments, else the
+    only one there is (the model's positional input)."""
+    if input_names is None:
+        return keys
+    return [k for k in keys if k in input_names] or (keys if len(keys) == 1 else [])
 
 
 def _text(value: Any) -> bool:

@@ -60,6 +60,7 @@ class TrainingMeasure:
         self.samples = samples
         self.train: LabeledData | None = None
         self.eval: LabeledData | None = None
+        self.size: int | None = None
         self.start: Any = None
 
     @property
@@ -75,11 +76,11 @@ class TrainingMeasure:
         """
         measured = measured_module(model)
         with torch.inference_mode(False):
-            self.train, size = self._sample(self.data, measured.module, "data")
+            self.train, self.size = self._sample(self.data, measured.module, "data")
             if self.eval_data is not None:
                 self.eval, _ = self._sample(self.eval_data, measured.module, "eval_data")
-            if self.settings.n_train is None and size is not None:
-                self.settings = replace(self.settings, n_train=size)
+            if self.settings.n_train is None and self.size is not None:
+                self.settings = replace(self.settings, n_train=self.size)
             self.start = self.reference
             if self.reference is None and measured.peft is None:
                 self.start = selected_weights(measured, self.settings.layers)
@@ -102,7 +103,9 @@ class TrainingMeasure:
 
         Args:
             model: The model being trained.
-            training: What ``measurement.json → training`` records (tool, step, epoch, ...).
+            training: What ``measurement.json → training`` records (tool, step, epoch, ...);
+                ``sample`` is added: the training sample's size, the data's size, its order
+                (``stratified`` or ``iteration``) and seed.
             directory: Where the result goes.
 
         Returns:
@@ -112,6 +115,8 @@ class TrainingMeasure:
             self.prepare(model)
         measured = measured_module(model)
         context = joined(model_device(self.settings.device, measured.module))
+        order = "iteration" if self.train.iterated else "stratified"
+        sample = {"examples": len(self.train), "of": self.size, "order": order}
         result = measure_objects(
             measured,
             reference=self.start,
@@ -119,7 +124,7 @@ class TrainingMeasure:
             eval_data=self.eval,
             settings=self.settings,
             context=context,
-            training=training,
+            training={**training, "sample": {**sample, "seed": self.settings.seed}},
         )
         if context.is_writer:
             result.save(directory)
