@@ -236,7 +236,10 @@ def test_settings_are_checked_by_name(mlp) -> None:
     data = (torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 3)
     with pytest.raises(TypeError, match="unknown setting 'sample'.*samples"):
         measure_model(tuned, reference=pretrained, data=data, sample=4)
-    with pytest.raises(ValueError, match="^estimator must be one of auto, block, positive, ggn, reference-code, got .exact.$"):
+    with pytest.raises(
+        ValueError,
+        match="^estimator must be one of auto, block, positive, ggn, reference-code, got .exact.$",
+    ):
         measure_model(tuned, reference=pretrained, data=data, estimator="exact")
     with pytest.raises(TypeError, match="trace: expected bool"):
         measure_model(tuned, reference=pretrained, data=data, trace="yes")
