@@ -560,10 +560,13 @@ class _Measurement:
 
     # ------------------------------------------------------------------------ statistics
     def _loss_statistics(self) -> dict[str, float | None]:
-        """Mean loss and accuracy on train/eval, and the largest loss on the Hessian examples."""
+        """Mean loss and accuracy on train/eval, and the largest loss on the Hessian examples
+        (taken in the same pass when they are a whole split)."""
         fmodel, params = self.inputs.fmodel, self.inputs.params
         out: dict[str, float | None] = {}
-        for split, data in (("train", self.inputs.train), ("eval", self.inputs.eval)):
+        worst = 0.0
+        splits = (("train", self.inputs.train), ("eval", self.inputs.eval))
+        for split, data in splits:
             if data is None:
                 out[f"{split}_loss"] = out[f"{split}_accuracy"] = None
                 continue
@@ -575,7 +578,10 @@ class _Measurement:
                 self.progress.stage(f"{split} loss", total=batches, unit="batch") as update,
             ):
                 for x, y in self.local(data, None):
-                    logits = fmodel.logits(params, x).double()
+                    raw = fmodel.logits(params, x)
+                    if data is self.hessian_data:
+                        worst = max(worst, float(fmodel.loss(raw, y).max()))
+                    logits = raw.double()
                     right, made = fmodel.loss.correct(logits, y)
                     part = [fmodel.loss(logits, y).sum(), right.sum(), made.sum()]
                     sums += torch.stack([*(t.cpu() for t in part), torch.tensor(float(len(y)))])
@@ -583,10 +589,10 @@ class _Measurement:
             total, correct, predictions, n = self.ctx.all_sum(sums).tolist()
             out[f"{split}_loss"] = total / n
             out[f"{split}_accuracy"] = correct / max(predictions, 1.0)
-        worst = 0.0
-        with torch.no_grad(), differentiable():
-            for x, y in self.local(self.hessian_data, self.count):
-                worst = max(worst, float(fmodel.losses(params, x, y).max()))
+        if all(data is not self.hessian_data for _, data in splits):
+            with torch.no_grad(), differentiable():
+                for x, y in self.local(self.hessian_data, self.count):
+                    worst = max(worst, float(fmodel.losses(params, x, y).max()))
         out["max"] = self.ctx.max(worst)
         return out
 
