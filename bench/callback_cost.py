@@ -62,9 +62,7 @@ def run(estimator: str, samples: int, *, eval_examples: int, eval_steps: int, st
             save_strategy="no",
         )
         callback = HessianMeasureCallback(data=train, samples=samples, estimator=estimator)
-        trainer = Trainer(
-            model, args, train_dataset=train, eval_dataset=val, callbacks=[callback]
-        )
+        trainer = Trainer(model, args, train_dataset=train, eval_dataset=val, callbacks=[callback])
         trainer.train()
         evaluations = [e["eval_runtime"] for e in trainer.state.log_history if "eval_runtime" in e]
         files = sorted(Path(out, "hessfine").rglob("measurement.json"))
