@@ -6,7 +6,7 @@ or of modules in memory (:func:`hessfine.measure_model`, the training callbacks)
 (:meth:`Measurement.to_json`; fields in ``docs/schema.md``) and the spectral density of
 ``spectrum.json`` when one was asked for; :meth:`Measurement.save` writes both files, atomically.
 The per-layer values and the bounds are also typed, frozen attributes (:class:`MeasuredLayer`,
-:class:`MeasuredBounds`), :meth:`Measurement.scalars` gives the single numbers a training log
+:class:`hessfine.bounds.generalization.Bounds`), :meth:`Measurement.scalars` gives the single numbers a training log
 takes (the columns of ``comparison.csv`` of the same names) and :meth:`Measurement.to_frame`
 the per-layer table as a pandas ``DataFrame`` (the columns of ``layers.csv``).
 
@@ -26,6 +26,7 @@ from typing import Any
 
 from hessfine.analysis.results import json_text, write_json_atomic
 from hessfine.analysis.schema import KEY_COLUMNS, MEASUREMENT, SPECTRUM
+from hessfine.bounds.generalization import Bounds
 
 SCALARS = (
     "hessian_distance_measure",
@@ -101,61 +102,14 @@ class MeasuredLayer:
         )
 
 
-@dataclass(frozen=True)
-class MeasuredBounds:
-    """The bounds of one measurement (``measurement.json → bounds``; docs/bounds.md).
-
-    Attributes:
-        C: The loss bound C.
-        n: The training-set size n.
-        epsilon: ε of Theorem 2.1.
-        hessian_distance_measure: Σ_i sqrt(C·𝓗_i/n).
-        theorem_2_1: (1+ε)·L̂ + (1+ε)·hessian_distance_measure.
-        trace_corollary: The trace corollary's bound (with ``trace``), else None.
-        pac_bayes_certificate: The certified bound on the stochastic predictor's test error
-            (with ``certificate``), else None.
-        theorem_2_1_noisy_labels: The noisy-label bound (a run with a noise matrix), else None.
-    """
-
-    C: float
-    n: int
-    epsilon: float
-    hessian_distance_measure: float
-    theorem_2_1: float
-    trace_corollary: float | None
-    pac_bayes_certificate: float | None
-    theorem_2_1_noisy_labels: float | None
-
-    @classmethod
-    def from_json(cls, bounds: Mapping[str, Any]) -> MeasuredBounds:
-        """The bounds of ``measurement.json → bounds``.
-
-        Args:
-            bounds: That entry.
-
-        Returns:
-            The typed bounds.
-        """
-        certificate = bounds.get("pac_bayes_certificate") or {}
-        return cls(
-            C=bounds["C"],
-            n=bounds["n"],
-            epsilon=bounds["epsilon"],
-            hessian_distance_measure=bounds["hessian_distance_measure"],
-            theorem_2_1=bounds["theorem_2_1"],
-            trace_corollary=bounds.get("trace_corollary"),
-            pac_bayes_certificate=certificate.get("bound"),
-            theorem_2_1_noisy_labels=bounds.get("theorem_2_1_noisy_labels"),
-        )
-
-
 @dataclass(frozen=True, eq=False)
 class Measurement:
     """The result of one measurement (frozen): the document of ``measurement.json`` and its parts.
 
     Attributes:
         layers: The selected layers, in the model's order.
-        bounds: The bounds.
+        bounds: The bounds (:class:`hessfine.bounds.generalization.Bounds`: ``theorem_2_1``,
+            ``hessian_distance_measure``, ``trace_corollary``, ``pac_bayes_certificate``, …).
         generalization_gap: The measured gap, evaluation − training loss (None without
             evaluation data).
         document: ``measurement.json`` as JSON text (what :meth:`to_json` parses).
@@ -168,7 +122,7 @@ class Measurement:
     """
 
     layers: tuple[MeasuredLayer, ...]
-    bounds: MeasuredBounds
+    bounds: Bounds
     generalization_gap: float | None
     document: str = field(repr=False)
     spectrum: str | None = field(default=None, repr=False)
@@ -191,7 +145,7 @@ class Measurement:
         document = json.loads(text)
         return cls(
             layers=tuple(MeasuredLayer.from_json(entry) for entry in document["layers"]),
-            bounds=MeasuredBounds.from_json(document["bounds"]),
+            bounds=Bounds(**document["bounds"]),
             generalization_gap=document["generalization_gap"]["loss"],
             document=text,
             spectrum=None if spectrum is None else json_text(spectrum),

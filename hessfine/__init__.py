@@ -5,8 +5,8 @@ The names a user needs, loaded on first use (``import hessfine`` imports nothing
 
 - :func:`measure_model` measures a module in memory against its reference on data in memory,
   :func:`measure` a checkpoint on disk (what ``hessfine measure`` does); both return or write
-  the same ``measurement.json`` (:class:`Measurement`, with :class:`MeasuredLayer` and
-  :class:`MeasuredBounds`), for the options of :class:`MeasureSettings`;
+  the same ``measurement.json`` (:class:`Measurement`, with :class:`MeasuredLayer` and the
+  bounds), for the options of :class:`MeasureSettings`;
 - :func:`compare` collects measurements into ``comparison.csv``, correlations and figures (what
   ``hessfine compare`` does);
 - :mod:`hessfine.integrations` holds the training callbacks (``transformers``' ``Trainer``,
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hessfine.analysis.compare import compare
     from hessfine.analysis.measure import MeasureSettings, measure
-    from hessfine.analysis.measurement import MeasuredBounds, MeasuredLayer, Measurement
+    from hessfine.analysis.measurement import MeasuredLayer, Measurement
     from hessfine.analysis.python_api import measure_model
 
 _EXPORTS = {
@@ -39,13 +39,11 @@ _EXPORTS = {
     "MeasureSettings": "hessfine.analysis.measure",
     "Measurement": "hessfine.analysis.measurement",
     "MeasuredLayer": "hessfine.analysis.measurement",
-    "MeasuredBounds": "hessfine.analysis.measurement",
     "compare": "hessfine.analysis.compare",
 }
 
 __all__ = [
     "MeasureSettings",
-    "MeasuredBounds",
     "MeasuredLayer",
     "Measurement",
     "compare",

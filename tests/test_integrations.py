@@ -21,8 +21,7 @@ from hessfine.analysis.cli import main
 from torch import nn
 
 from tests.test_distributed import assert_same, run_two_processes
-
-VOCAB, CLASSES = 50, 3
+from tests.test_training_tools import CLASSES, VOCAB, bert_config
 
 
 def _rows(directory: Path) -> list[dict[str, str]]:
@@ -31,19 +30,9 @@ def _rows(directory: Path) -> list[dict[str, str]]:
 
 
 def _bert():
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    config = BertConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        vocab_size=VOCAB,
-        max_position_embeddings=32,
-        num_labels=CLASSES,
-        pad_token_id=0,
-    )
-    return BertForSequenceClassification(config)
+    return BertForSequenceClassification(bert_config())
 
 
 def _token_dataset(n: int, seed: int):
@@ -292,5 +281,5 @@ def test_the_package_exports_load_lazily() -> None:
     import hessfine
 
     assert set(hessfine.__all__) == {"measure_model", "measure", "MeasureSettings", "Measurement",
-                                     "MeasuredLayer", "MeasuredBounds", "compare"}  # fmt: skip
+                                     "MeasuredLayer", "compare"}  # fmt: skip
     assert hessfine.Measurement.__module__ == "hessfine.analysis.measurement"

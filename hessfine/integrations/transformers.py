@@ -40,6 +40,8 @@ PREFIX = "hessfine_"
 class HessianMeasureCallback(TrainerCallback):
     """Measure the Hessian quantities and bounds at each evaluation of a ``Trainer``.
 
+    The hooks are the Trainer's (``TrainerCallback``); their arguments are the Trainer's.
+
     Args:
         reference: The pretrained weights W^(s) (a module, a state dict or a path); default: the
             weights when training begins (a CPU copy of the selected layers), a PeftModel's base.
@@ -107,14 +109,7 @@ class HessianMeasureCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """With ``every=N``, ask for a log at every N-th step (it carries the measure).
-
-        Args:
-            args: The Trainer's arguments.
-            state: Its state.
-            control: Its control flags.
-            **kwargs: The Trainer's objects.
-        """
+        """With ``every=N``, ask for a log at every N-th step (it carries the measure)."""
         if self.every != "evaluate" and state.global_step % self.every == 0:
             self._due = True
             control.should_log = True
@@ -122,27 +117,13 @@ class HessianMeasureCallback(TrainerCallback):
     def on_prediction_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Note that an evaluation (or a prediction) runs: the next log is its metrics.
-
-        Args:
-            args: The Trainer's arguments.
-            state: Its state.
-            control: Its control flags.
-            **kwargs: The Trainer's objects.
-        """
+        """Note that an evaluation (or a prediction) runs: the next log is its metrics."""
         self._evaluating = True
 
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """The evaluation is over (its log was measured).
-
-        Args:
-            args: The Trainer's arguments.
-            state: Its state.
-            control: Its control flags.
-            **kwargs: The Trainer's objects.
-        """
+        """The evaluation (or prediction) is over: its log, if any, was measured."""
         self._evaluating = False
 
     on_predict = on_evaluate
