@@ -25,7 +25,8 @@ tensors: sequences of different lengths are right-padded, ``input_ids`` (and eve
 ``attention_mask`` and ``token_type_ids``, which take 0) with the model's ``pad_token_id``,
 label sequences with −100, and an ``attention_mask`` is added when ``input_ids`` needed padding
 and none was given. The whole data is held in memory; :func:`sampled_data` reads only a fixed
-sample of it (the training callbacks' examples).
+sample of it (the training callbacks' examples). Iterating leaves torch's global random state as
+it was (a shuffling ``DataLoader`` draws its order from it), so a training's order is unchanged.
 
 Example:
     >>> import torch
@@ -89,7 +90,8 @@ def object_data(
             (data[i] for i in range(len(data))), task, label, pad_token_id, input_names, False
         )
     if isinstance(data, Iterable):
-        gathered = _gathered(iter(data), task, label, pad_token_id, input_names, _batched(data))
+        with torch.random.fork_rng(devices=[]):  # a shuffling DataLoader draws from it
+            gathered = _gathered(iter(data), task, label, pad_token_id, input_names, _batched(data))
         return replace(gathered, iterated=True)
     raise TypeError(
         f"{label}: expected a DataLoader, a Dataset, a datasets.Dataset, an (x, y) pair of "
@@ -134,8 +136,9 @@ def sampled_data(
         chosen = _gathered(examples, task, label, pad_token_id, input_names, False)
         return chosen, len(data)
     batched = _batched(data)
-    stream = _first(iter(data), count, batched)
-    chosen = _gathered(stream, task, label, pad_token_id, input_names, batched)
+    with torch.random.fork_rng(devices=[]):  # a shuffling DataLoader draws from it
+        stream = _first(iter(data), count, batched)
+        chosen = _gathered(stream, task, label, pad_token_id, input_names, batched)
     first = chosen.subset(torch.arange(min(count, len(chosen))))
     return replace(first, iterated=True), _dataset_size(data)
 

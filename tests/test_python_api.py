@@ -206,6 +206,10 @@ def test_every_data_form_gives_the_files_examples(mlp) -> None:
     first = measure_model(tuned, reference=pretrained, data=loader, **options).to_json()
     assert first["data"]["hessian_sample"]["order"] == "iteration"
     assert first["data"]["hessian_sample"]["indices"] == list(range(8))
+    state = torch.random.get_rng_state()  # a shuffling loader leaves the global RNG as it was
+    shuffled = torch.utils.data.DataLoader(loader.dataset, batch_size=3, shuffle=True)
+    measure_model(tuned, reference=pretrained, data=shuffled, **options)
+    assert torch.equal(state, torch.random.get_rng_state())
 
 
 def test_settings_are_checked_by_name(mlp) -> None:
