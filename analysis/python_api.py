@@ -46,6 +46,7 @@ from hessfine.analysis.in_memory_inputs import (
 from hessfine.analysis.labeled_data import LabeledData
 from hessfine.analysis.measure import MeasureSettings, measure_inputs
 from hessfine.analysis.measurement import Measurement
+from hessfine.analysis.measurement_inputs import MeasurementInputs
 from hessfine.analysis.model_specs import resolve_device
 from hessfine.bounds.estimators.quadratic_forms import Estimator
 from torch import nn
@@ -149,7 +150,7 @@ def measure_objects(
     """
     module = measured.module
 
-    def load() -> Any:
+    def load() -> MeasurementInputs:
         options = {
             "task": settings.task,
             "pad_token_id": pad_token_id(module),

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from hessfine.analysis.distributed import joined
+from hessfine.analysis.errors import InputError
 from hessfine.analysis.in_memory_data import sampled_data
 from hessfine.analysis.in_memory_inputs import (
     forward_names,
@@ -28,7 +29,12 @@ from hessfine.analysis.in_memory_inputs import (
 )
 from hessfine.analysis.labeled_data import LabeledData
 from hessfine.analysis.measurement import Measurement
-from hessfine.analysis.python_api import measure_objects, measure_settings, model_device
+from hessfine.analysis.python_api import (
+    measure_objects,
+    measure_settings,
+    model_device,
+    python_message,
+)
 from torch import nn
 
 
@@ -131,12 +137,15 @@ class TrainingMeasure:
         return result
 
     def _sample(self, data: Any, module: nn.Module, label: str) -> tuple[LabeledData, int | None]:
-        return sampled_data(
-            data,
-            self.samples,
-            seed=self.settings.seed,
-            task=self.settings.task,
-            label=label,
-            pad_token_id=pad_token_id(module),
-            input_names=forward_names(module),
-        )
+        try:
+            return sampled_data(
+                data,
+                self.samples,
+                seed=self.settings.seed,
+                task=self.settings.task,
+                label=label,
+                pad_token_id=pad_token_id(module),
+                input_names=forward_names(module),
+            )
+        except InputError as err:
+            raise ValueError(python_message(err)) from None
