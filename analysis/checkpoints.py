@@ -582,20 +582,25 @@ def align_loaded(
     head_reference: Mapping[str, Tensor] | None = None,
     exact: Mapping[str, tuple[Tensor, float]] | None = None,
     labels: tuple[str, str] = ("checkpoint", "reference"),
+    prefixes: Sequence[str] = PREFIXES,
 ) -> Alignment:
     """Pair the selected layers of weights already loaded into the model with their W^(s).
 
     ``weights`` are the model's fine-tuned parameters by name (a model loaded by transformers'
-    ``from_pretrained``, its fused parameters split into their layers), ``reference`` the
-    reference's tensors by the same names; a layer absent from it or shaped differently is a new
-    head, as in :func:`align`, and ``exact`` holds the exact changes and distances of a merged
-    PEFT adapter. ``labels`` name the fine-tuned checkpoint and the reference in error messages.
+    ``from_pretrained``, its fused parameters split into their layers; a module in memory),
+    ``reference`` the reference's tensors, by the same names once a key prefix of ``prefixes``
+    or a wrapper's name is added or removed where that matches more of them (as in
+    :func:`align`); a layer absent from it or shaped differently is a new head, as in
+    :func:`align`, and ``exact`` holds the exact changes and distances of a merged PEFT adapter.
+    ``labels`` name the fine-tuned weights and the reference in error messages.
     """
     layers = _checked_layers(layers, weights)
     for name, tensor in weights.items():
         _check_finite(labels[0], name, tensor)
-    starts, removed = _starts(weights, layers, reference, head_reference, PREFIXES, labels[1])
-    return _paired(weights, buffers, starts, exact or {}, {"--head-reference": removed})
+    reference, unwrapped = _fit_prefix(dict(reference), set(weights), prefixes)
+    starts, removed = _starts(weights, layers, reference, head_reference, prefixes, labels[1])
+    names = {"reference": unwrapped, "--head-reference": removed}
+    return _paired(weights, buffers, starts, exact or {}, names)
 
 
 def _checked_layers(layers: Sequence[str], params: Mapping[str, Tensor]) -> list[str]:

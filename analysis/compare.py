@@ -434,10 +434,25 @@ def compare(
     settings: Mapping[str, Any] | None = None,
     loss_bound: float | None = None,
 ) -> Comparison:
-    """Collect, write the four tables and draw the figures into ``out``; with ``report`` also
-    the study figures and ``report.md`` (:mod:`hessfine.analysis.report`; ``settings`` are
-    printed in its settings section). ``loss_bound`` is the common C of :func:`with_common_c`
-    (default: the largest loss seen)."""
+    """Collect measurements, write the four tables and draw the figures into ``out``.
+
+    What ``hessfine compare`` does (exported as ``hessfine.compare``).
+
+    Args:
+        paths: ``measurement.json`` files, or directories searched for them recursively (a
+            ``hessfine measure`` output, a training callback's ``OUTPUT_DIR/hessfine``).
+        out: The output directory.
+        target: The column every measure is correlated with (default: the measured gap).
+        formats: The figures' file formats.
+        figures: Whether to draw the figures.
+        bootstrap: Bootstrap resamples of the correlations' intervals.
+        report: Also the study figures and ``report.md`` (:mod:`hessfine.analysis.report`).
+        settings: What the report's settings section prints.
+        loss_bound: The common C of :func:`with_common_c` (default: the largest loss seen).
+
+    Returns:
+        The rows of ``comparison.csv``, the correlations, and the paths written.
+    """
     records = load_records(paths)
     pairs = sorted(((flat_row(r), r) for r in records), key=lambda p: _sort_key(p[0]))
     rows = with_common_c([p[0] for p in pairs], loss_bound)

@@ -66,6 +66,7 @@ __all__ = [
     "Processing",
     "Task",
     "check_labels",
+    "checked_data",
     "load_data",
 ]
 
@@ -112,7 +113,7 @@ def load_data(
             pad_token_id=pad_token_id,
             label=label,
         )
-        return _checked(spec, x, y, label, task)
+        return checked_data(spec, x, y, task=task, label=label)
     if spec.startswith("digits:"):  # after the datasets directories (BUILTIN_PREFIXES)
         return load_builtin(spec, label=label)
     path = Path(spec).expanduser()
@@ -128,7 +129,7 @@ def load_data(
         raise InputError(
             f"{label} {path}: unsupported data file type {path.suffix!r}; pass {_FORMATS}"
         )
-    return _checked(str(path), x, y, label, task)
+    return checked_data(str(path), x, y, task=task, label=label)
 
 
 def _processed(
@@ -165,7 +166,13 @@ def _processed(
     if raw.dataset is not None:
         y = task_labels(task, f"{label} {spec}", None, raw.y)
         return LabeledData(spec, None, y, raw.dataset, processor=raw.record)
-    return replace(_checked(spec, raw.x, raw.y, label, task), processor=raw.record)
+    return replace(checked_data(spec, raw.x, raw.y, task=task, label=label), processor=raw.record)
+
+
+def checked_data(name: str, x: object, y: object, *, task: Task, label: str) -> LabeledData:
+    """Inputs ``x`` (a tensor or a dict of tensors) and labels ``y`` checked for ``task`` (module
+    docs) as a :class:`LabeledData` named ``name``; ``label`` names the input in messages."""
+    return _checked(name, x, y, label, task)
 
 
 def _one_line(err: BaseException) -> str:

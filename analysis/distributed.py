@@ -108,6 +108,23 @@ class Context:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
 
+def joined(device: torch.device) -> Context:
+    """This process's place in the process group its program already joined (a distributed
+    training's), or one process when there is none; collectives run on ``device`` under NCCL.
+
+    A measurement inside training (the callbacks of :mod:`hessfine.integrations`) runs on every
+    rank at the same point, so each computes its share as under ``torchrun``; rank 0 writes.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return Context(device=device)
+    return Context(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        device=device,
+        backend=str(dist.get_backend()),
+    )
+
+
 def detect(device: str) -> Context:
     """The torchrun context (joining its process group), or one process when not under torchrun.
 

@@ -94,8 +94,8 @@ def split_alignment(
     and v are the slices of the fused parameter's, ‖v‖_F is the slice's, the source its own."""
     owners = fused_owners(fused)
     rows = {row.name: row for row in alignment.rows}
-    reference = _slices(alignment.reference, fused)
-    directions = _slices(alignment.directions, fused)
+    reference = fused_slices(alignment.reference, fused)
+    directions = fused_slices(alignment.directions, fused)
     split_rows = []
     for name in layers:
         if name not in owners:
@@ -107,7 +107,7 @@ def split_alignment(
         shape = tuple(direction.shape)
         split_rows.append(AlignmentRow(name, shape, direction.numel(), source, distance))
     return Alignment(
-        params=_slices(alignment.params, fused),
+        params=fused_slices(alignment.params, fused),
         buffers=alignment.buffers,
         layers=list(layers),
         reference={name: reference[name] for name in layers},
@@ -116,7 +116,9 @@ def split_alignment(
     )
 
 
-def _slices(tensors: Mapping[str, Tensor], fused: tuple[FusedParameter, ...]) -> dict[str, Tensor]:
+def fused_slices(
+    tensors: Mapping[str, Tensor], fused: tuple[FusedParameter, ...]
+) -> dict[str, Tensor]:
     """``tensors`` with each fused parameter's tensor replaced by its layers' slices."""
     by_name = {f.name: f for f in fused}
     out: dict[str, Tensor] = {}

@@ -121,7 +121,9 @@ def load_pretrained(
         directory = model_directory(checkpoint.path)
         config = _config(spec, directory, model_kwargs)
         model_class = hf_model_class(spec, config)
-        start, weights, selected = _reference(reference, model_class, config, dtype, layers, trust)
+        start, weights, selected = reference_weights(
+            reference, model_class, config, dtype, layers, trust
+        )
         label = f"checkpoint {directory}"
         model, _ = _from_pretrained(model_class, directory, config, dtype, label, trust)
     fused = fused_experts(model)
@@ -154,7 +156,7 @@ def _loaded(
     )
 
 
-def _reference(
+def reference_weights(
     spec: str,
     model_class: type[nn.Module],
     config: Any,
@@ -208,26 +210,67 @@ def _adapted(
     fused = fused_experts(model)
     weights = split_parameters(model, fused)
     buffers = dict(model.named_buffers())
-    _check_adapter_names(adapter, weights, buffers, model_class)
-    merged, deltas, distances, adapted = adapter.merged(weights, f"checkpoint {adapter.directory}")
-    layers = select_layers(model, patterns or adapted, fused_parts(fused))
-    start = {name: weights[name].clone() for name in layers}
+    merged = merge_adapter(model, fused, adapter, weights, buffers, patterns=patterns, label=label)
     targets = {**weights, **buffers}
     with torch.no_grad():
-        for name in [*deltas, *adapter.saved]:
-            targets[name].copy_(merged[name])
+        for name, tensor in merged.changed.items():
+            targets[name].copy_(tensor)
+    done = replace(
+        checkpoint,
+        adapter=None,
+        deltas=merged.deltas,
+        distances=merged.distances,
+        layers=tuple(merged.adapted),
+    )
+    return _loaded(model, fused, merged.layers, merged.alignment, done, base)
+
+
+@dataclass(frozen=True, eq=False)
+class MergedAdapter:
+    """A LoRA adapter applied to a model's base weights (:func:`merge_adapter`).
+
+    ``changed`` are the tensors that differ from the base (W_base + ΔW of the adapted weights,
+    the saved modules' tensors), ``alignment`` pairs the selected ``layers`` with the base
+    weights (v_i = ΔW_i exactly where adapted), ``deltas`` and ``distances`` are the exact
+    float64 changes and their norms, ``adapted`` the adapter's default layers.
+    """
+
+    changed: dict[str, Tensor]
+    layers: list[str]
+    alignment: Alignment
+    deltas: dict[str, Tensor]
+    distances: dict[str, float]
+    adapted: list[str]
+
+
+def merge_adapter(
+    model: nn.Module,
+    fused: tuple[FusedParameter, ...],
+    adapter: LoraAdapter,
+    weights: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    *,
+    patterns: Sequence[str],
+    label: str,
+) -> MergedAdapter:
+    """``adapter`` applied to the base ``weights`` and ``buffers`` of ``model`` (by their names
+    in memory, ``fused`` parameters split into their layers), without changing them; the layers
+    are ``patterns`` (``--layers``), else the adapter's; ``label`` names the base in messages.
+    The base weights of the changed layers are copied (so the caller may load ``changed`` into
+    the model)."""
+    _check_adapter_names(adapter, weights, buffers, type(model))
+    merged, deltas, distances, adapted = adapter.merged(weights, f"checkpoint {adapter.directory}")
+    layers = select_layers(model, patterns or adapted, fused_parts(fused))
+    changed = {name: merged[name] for name in [*deltas, *adapter.saved]}
     alignment = align_loaded(
-        weights,
-        buffers,
-        start,
+        {name: changed.get(name, tensor) for name, tensor in weights.items()},
+        {name: changed.get(name, tensor) for name, tensor in buffers.items()},
+        {name: weights[name].clone() if name in changed else weights[name] for name in layers},
         layers=layers,
         exact={name: (delta, distances[name]) for name, delta in deltas.items()},
         labels=(f"checkpoint {adapter.directory}", label),
     )
-    done = replace(
-        checkpoint, adapter=None, deltas=deltas, distances=distances, layers=tuple(adapted)
-    )
-    return _loaded(model, fused, layers, alignment, done, base)
+    return MergedAdapter(changed, layers, alignment, deltas, distances, adapted)
 
 
 def _check_adapter_names(

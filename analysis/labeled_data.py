@@ -34,13 +34,16 @@ class LabeledData:
     and labels ``y``, one row per example: int64 class labels (N,) or token labels (N, T),
     float32 targets (N, L) (:mod:`hessfine.analysis.tasks`); ``processor`` records the
     tokenizer or image processor that made the inputs from raw columns
-    (:mod:`hessfine.analysis.sources.processors`), ``None`` for inputs read as stored."""
+    (:mod:`hessfine.analysis.sources.processors`), ``None`` for inputs read as stored.
+    ``iterated``: the examples are in the order an iterable (a ``DataLoader``) yielded them, so
+    the Hessian examples are the first N, not a sample."""
 
     name: str
     x: Tensor | dict[str, Tensor] | None
     y: Tensor
     dataset: Dataset | None = None
     processor: Mapping[str, Any] | None = None
+    iterated: bool = False
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

@@ -39,6 +39,7 @@ from hessfine.analysis.data import TASKS, LabeledData, Processing, Task
 from hessfine.analysis.distributed import Context
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.gpu import full_precision, halving_batches
+from hessfine.analysis.measurement import Measurement
 from hessfine.analysis.measurement_inputs import (
     DType,
     MeasurementInputs,
@@ -50,7 +51,7 @@ from hessfine.analysis.measurement_inputs import (
 from hessfine.analysis.model_specs import resolve_device
 from hessfine.analysis.progress import Progress
 from hessfine.analysis.quantities import QUANTITIES, REPORTED_PHASES, Plan, Quantity
-from hessfine.analysis.results import timestamp, versions, write_json_atomic
+from hessfine.analysis.results import timestamp, versions
 from hessfine.analysis.run_labels import noisy_label_statistics
 from hessfine.analysis.sampling import (
     SAMPLE_ORDERS,
@@ -95,7 +96,12 @@ class MeasureSettings:
     """Every option of ``hessfine measure`` that changes the numbers (recorded in the result).
 
     ``task`` None chooses the task from the model (:func:`hessfine.analysis.tasks.choose_task`);
-    the result records the task measured and how it was chosen."""
+    the result records the task measured and how it was chosen.
+
+    The fields are the command line's options with ``_`` for ``-`` and their defaults
+    (docs/cli.md); ``hessfine.measure_model`` and the training callbacks take them as keyword
+    arguments. Exported as ``hessfine.MeasureSettings``.
+    """
 
     estimator: Estimator = "auto"
     task: Task | None = None
@@ -234,13 +240,34 @@ def measure(
     processing: Processing | None = None,
     context: Context | None = None,
 ) -> dict[str, Any]:
-    """Measure one checkpoint and write ``out/measurement.json``; returns the result dict.
+    """Measure one checkpoint on disk and write ``out/measurement.json``.
 
-    ``input_columns``/``label_column`` choose the columns of a ``datasets`` directory;
-    ``processing`` names its raw text or image columns, made into inputs by the model's own
-    tokenizer or image processor (:mod:`hessfine.analysis.sources.processors`).
-    ``context`` (from :func:`hessfine.analysis.distributed.detect`) shares the work among the
-    processes of a ``torchrun`` job; rank 0 writes.
+    What ``hessfine measure CHECKPOINT`` does (exported as ``hessfine.measure``; for a module in
+    memory see ``hessfine.measure_model``).
+
+    Args:
+        checkpoint: The fine-tuned checkpoint: a weights file, a Hugging Face or Trainer
+            directory, a PEFT adapter, a Lightning or timm checkpoint, a sharded checkpoint.
+        reference: The pretrained checkpoint (default: from the run manifest, or a PEFT
+            adapter's local base).
+        data: The training data spec (default: from the run manifest).
+        out: The output directory.
+        eval_data: The evaluation data spec, for the measured gap.
+        model: The model spec (``torchvision:NAME``, ``hf``, ``file.py:FACTORY``, …).
+        model_kwargs: Keyword arguments of the model spec.
+        settings: The options that change the numbers.
+        trust: Allow pickled objects in checkpoint files (they can run code).
+        verbose: Print the layer alignment table.
+        quiet: No progress bars.
+        input_columns: The input columns of a ``datasets`` directory.
+        label_column: Its label column.
+        processing: Its raw text or image columns, made into inputs by the model's own tokenizer
+            or image processor (:mod:`hessfine.analysis.sources.processors`).
+        context: This process's share of a ``torchrun`` job
+            (:func:`hessfine.analysis.distributed.detect`); rank 0 writes.
+
+    Returns:
+        The ``measurement.json`` document.
     """
     sources = Sources(
         Path(checkpoint),
@@ -256,7 +283,47 @@ def measure(
     )
     settings.validate()
     ctx = context if context is not None else Context(device=resolve_device(settings.device))
-    return _Measurement(sources, settings, ctx, verbose=verbose, quiet=quiet).run(Path(out))
+
+    def load() -> MeasurementInputs:
+        torch.manual_seed(settings.seed)  # models built from their spec start from this seed
+        return load_inputs(
+            sources,
+            task=settings.task,
+            dtype=settings.dtype,
+            layers=settings.layers,
+            head_reference=settings.head_reference,
+            image_size=settings.image_size,
+            device=ctx.device,
+            timm_weights=settings.timm_weights,
+            verbose=verbose and ctx.is_writer,
+        )
+
+    result = measure_inputs(load, settings, ctx, quiet=quiet)
+    if ctx.is_writer:
+        result.save(out)
+    return result.to_json()
+
+
+def measure_inputs(
+    load: Callable[[], MeasurementInputs],
+    settings: MeasureSettings,
+    ctx: Context,
+    *,
+    quiet: bool = True,
+) -> Measurement:
+    """The measuring core that files and Python objects both go through.
+
+    ``load()`` gives the :class:`MeasurementInputs` (:func:`load_inputs` for files,
+    :func:`hessfine.analysis.in_memory_inputs.object_inputs` for modules and data in memory); it
+    is timed as ``load_s``. Then the Hessian examples are chosen, the quantities of
+    :data:`~hessfine.analysis.quantities.QUANTITIES` that ``settings`` ask for are computed on
+    this process's share of them (``ctx``), and the bounds assembled. Nothing is written: the
+    :class:`Measurement` holds ``measurement.json`` (and ``spectrum.json``) for ``save``.
+    """
+    with full_precision():
+        start = time.perf_counter()
+        inputs = load()
+        return _Measurement(inputs, settings, ctx, quiet=quiet, start=start).run()
 
 
 def measure_path(
@@ -346,44 +413,27 @@ class _Measurement:
 
     def __init__(
         self,
-        sources: Sources,
+        inputs: MeasurementInputs,
         settings: MeasureSettings,
         ctx: Context,
         *,
-        verbose: bool,
         quiet: bool,
+        start: float,
     ):
-        self.sources = sources
+        self.inputs = inputs
         self.settings = settings
         self.ctx = ctx
-        self.verbose = verbose and ctx.is_writer
         self.quiet = quiet
+        self.start = start
         self.progress = Progress(enabled=not quiet and ctx.is_writer)
         self.batch_size = settings.effective_batch_size
         self.timings = dict.fromkeys(("load_s", *REPORTED_PHASES), 0.0)
+        self.timings["load_s"] = time.perf_counter() - start
         self.results: dict[str, Any] = {}
         self.consistent: ConsistentCrossEntropy | None = None
 
-    def run(self, out: Path) -> dict[str, Any]:
-        with full_precision():
-            return self._run(out)
-
-    def _run(self, out: Path) -> dict[str, Any]:
-        start = time.perf_counter()
-        s = self.settings
-        torch.manual_seed(s.seed)
-        self.inputs: MeasurementInputs = load_inputs(
-            self.sources,
-            task=s.task,
-            dtype=s.dtype,
-            layers=s.layers,
-            head_reference=s.head_reference,
-            image_size=s.image_size,
-            device=self.ctx.device,
-            timm_weights=s.timm_weights,
-            verbose=self.verbose,
-        )
-        self.timings["load_s"] = time.perf_counter() - start
+    def run(self) -> Measurement:
+        """Choose the examples, compute the asked quantities and bounds: the result."""
         self._choose_examples()
         stats = self._retrying(self._loss_statistics)
         stats.update(self._noisy_label_statistics())
@@ -397,15 +447,12 @@ class _Measurement:
                 elapsed = time.perf_counter() - t
                 self.timings[quantity.phase] = self.timings.get(quantity.phase, 0.0) + elapsed
         bounds = self._bounds(stats)
-        self.timings["total_s"] = time.perf_counter() - start
-        result = self._record(stats, bounds)
+        self.timings["total_s"] = time.perf_counter() - self.start
         density = self.results.get("density")
-        if self.ctx.is_writer:
-            if density is not None:
-                spectrum = {"checkpoint": str(self.inputs.checkpoint.path), **density.to_json()}
-                write_json_atomic(out / SPECTRUM, spectrum)
-            write_json_atomic(out / MEASUREMENT, result)
-        return result
+        spectrum = None
+        if density is not None:
+            spectrum = {"checkpoint": str(self.inputs.checkpoint.path), **density.to_json()}
+        return Measurement.from_record(self._record(stats, bounds), spectrum)
 
     # ------------------------------------------------------------------------ examples
     def _choose_examples(self) -> None:
@@ -437,10 +484,11 @@ class _Measurement:
         self.layers = [name for name in inputs.layers if name not in self.unused]
 
     def _sample(self, data: LabeledData) -> Sample:
-        """The Hessian examples: stratified (seeded) or the first N in file order; all if N ≥ |data|."""
+        """The Hessian examples: stratified (seeded) or the first N in file (or iteration) order;
+        all if N ≥ |data|."""
         s = self.settings
         count = len(data) if s.samples is None else min(s.samples, len(data))
-        if s.sample_order == "file" or count == len(data):
+        if s.sample_order == "file" or data.iterated or count == len(data):
             return file_sample(data.y, count)
         return stratified_sample(data.y, count, generator=torch.Generator().manual_seed(s.seed))
 
@@ -525,10 +573,12 @@ class _Measurement:
     def _loss_statistics(self) -> dict[str, float | None]:
         """Mean loss, accuracy (None without predictions: regression) and the fraction of examples
         predicted right throughout (exact match) on train/eval, and the largest loss on the
-        Hessian examples."""
+        Hessian examples (taken in the same pass when they are a whole split)."""
         fmodel, params = self.inputs.fmodel, self.inputs.params
         out: dict[str, float | None] = {}
-        for split, data in (("train", self.inputs.train), ("eval", self.inputs.eval)):
+        worst = 0.0
+        splits = (("train", self.inputs.train), ("eval", self.inputs.eval))
+        for split, data in splits:
             if data is None:
                 out[f"{split}_loss"] = out[f"{split}_accuracy"] = None
                 out[f"{split}_exact_match"] = None
@@ -541,7 +591,10 @@ class _Measurement:
                 self.progress.stage(f"{split} loss", total=batches, unit="batch") as update,
             ):
                 for x, y in self.local(data, None):
-                    logits = fmodel.logits(params, x).double()
+                    raw = fmodel.logits(params, x)
+                    if data is self.hessian_data:
+                        worst = max(worst, float(fmodel.loss(raw, y).max()))
+                    logits = raw.double()
                     right, made = fmodel.loss.correct(logits, y)
                     exact = (right == made).to(logits.dtype)
                     part = [fmodel.loss(logits, y).sum(), right.sum(), made.sum(), exact.sum()]
@@ -551,10 +604,10 @@ class _Measurement:
             out[f"{split}_loss"] = total / n
             out[f"{split}_accuracy"] = correct / predictions if predictions else None
             out[f"{split}_exact_match"] = exact_matches / n if predictions else None
-        worst = 0.0
-        with torch.no_grad(), differentiable():
-            for x, y in self.local(self.hessian_data, self.count):
-                worst = max(worst, float(fmodel.losses(params, x, y).max()))
+        if all(data is not self.hessian_data for _, data in splits):
+            with torch.no_grad(), differentiable():
+                for x, y in self.local(self.hessian_data, self.count):
+                    worst = max(worst, float(fmodel.losses(params, x, y).max()))
         out["max"] = self.ctx.max(worst)
         return out
 
@@ -691,10 +744,6 @@ class _Measurement:
             "settings": settings,
             "data": {
                 **inputs.data_specs,
-                "input_columns": None
-                if self.sources.input_columns is None
-                else list(self.sources.input_columns),
-                "label_column": self.sources.label_column,
                 **processor_record(inputs.train, inputs.eval),
                 "n_train": len(inputs.train),
                 "n_eval": None if inputs.eval is None else len(inputs.eval),
@@ -761,10 +810,12 @@ class _Measurement:
 
     def _sample_record(self) -> dict[str, Any]:
         s = self.settings
-        population = len(self.inputs.train if s.hessian_split == "train" else self.inputs.eval)
-        if len(self.sample.indices) == population:  # every example, in file order
-            return {**self.sample.to_json("file", population), "indices": None}
-        return self.sample.to_json(s.sample_order, population)
+        data = self.inputs.train if s.hessian_split == "train" else self.inputs.eval
+        population = len(data)
+        every = len(self.sample.indices) == population
+        order = "iteration" if data.iterated else "file" if every else s.sample_order
+        record = self.sample.to_json(order, population)
+        return {**record, "indices": None} if every else record  # None: all, in that order
 
     def _data_index(self, form: QuadraticForm) -> int | None:
         """Index in the data set of the example attaining 𝓗_i (None for batches, unused layers)."""
@@ -775,11 +826,11 @@ class _Measurement:
     def _notes(self) -> list[str]:
         """Plain-language caveats about this result (``measurement.json → notes``)."""
         s = self.settings
-        how = (
-            "a seeded class-stratified sample"
-            if self._sample_record()["order"] == "stratified"
-            else "in file order"
-        )
+        how = {
+            "stratified": "a seeded class-stratified sample",
+            "file": "in file order",
+            "iteration": "the first in iteration order, not a random sample",
+        }[self._sample_record()["order"]]
         notes = [
             f"𝓗_i (quadratic_form.max) is a maximum over {self.count} examples of the "
             f"{s.hessian_split} split ({how}; indices in data.hessian_sample), not over the data "

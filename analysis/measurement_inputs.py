@@ -100,7 +100,9 @@ class MeasurementInputs:
     (:func:`hessfine.analysis.tasks.choose_task`); ``notes`` what the loading adds to
     ``measurement.json → notes``;
     ``train`` holds the labels the gap is stated against (the run's clean labels under recorded
-    label noise) and ``noisy_train`` those trained on.
+    label noise) and ``noisy_train`` those trained on; ``data_specs`` what
+    ``measurement.json → data`` records of where the data came from (``train``, ``eval``,
+    ``input_columns``, ``label_column``).
     """
 
     checkpoint: Checkpoint
@@ -123,7 +125,7 @@ class MeasurementInputs:
     eval: LabeledData | None
     run_labels: RunLabels | None
     noise: NoiseMatrix | None
-    data_specs: dict[str, str | None]
+    data_specs: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
 
@@ -270,7 +272,12 @@ def load_inputs(
         ),
         run_labels=run_labels,
         noise=noise_matrix(manifest),
-        data_specs={"train": str(data_spec), "eval": None if eval_spec is None else str(eval_spec)},
+        data_specs={
+            "train": str(data_spec),
+            "eval": None if eval_spec is None else str(eval_spec),
+            "input_columns": None if src.input_columns is None else list(src.input_columns),
+            "label_column": src.label_column,
+        },
         device=device,
         dtype=torch_dtype,
     )

@@ -50,9 +50,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def json_text(data: Any) -> str:
+    """``data`` as the indented JSON text of a result file (non-finite floats become null)."""
+    return json.dumps(_finite(data), indent=2, sort_keys=False) + "\n"
+
+
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON atomically (non-finite floats become null)."""
-    return write_text_atomic(path, json.dumps(_finite(data), indent=2, sort_keys=False) + "\n")
+    return write_text_atomic(path, json_text(data))
 
 
 def _format(value: object) -> str:

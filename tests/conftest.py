@@ -36,15 +36,16 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(autouse=True)
 def written_results_follow_the_schema(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every measurement.json and spectrum.json a test writes has exactly the declared fields
-    (hessfine.analysis.schema, docs/schema.md): the writer is checked on every configuration the
-    tests measure, not only on the pinned ones."""
-    from hessfine.analysis import measure, schema
+    (hessfine.analysis.schema, docs/schema.md): the writer (Measurement.save, which the command
+    line, measure_model and the callbacks all use) is checked on every configuration the tests
+    measure, not only on the pinned ones."""
+    from hessfine.analysis import measurement, schema
 
     fields = {
         schema.MEASUREMENT: schema.MEASUREMENT_FIELDS,
         schema.SPECTRUM: schema.SPECTRUM_FIELDS,
     }
-    write = measure.write_json_atomic
+    write = measurement.write_json_atomic
 
     def checked(path, data):
         declared = fields.get(Path(path).name)
@@ -54,4 +55,4 @@ def written_results_follow_the_schema(monkeypatch: pytest.MonkeyPatch) -> None:
             assert not problems, f"{path} does not follow the schema: {problems}"
         return write(path, data)
 
-    monkeypatch.setattr(measure, "write_json_atomic", checked)
+    monkeypatch.setattr(measurement, "write_json_atomic", checked)

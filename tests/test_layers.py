@@ -11,8 +11,9 @@ Four rules hold on it:
    ``figures`` (tables and plots) and, beside it, the *loading* layer of ``analysis`` (errors,
    sources, checkpoints, data, labeled_data, digit_sets, model_specs, fused_experts,
    hf_loading, results, tasks) < ``finetune`` and ``analysis``' pipelines (measure, compare, ...),
-   which do not import each other, < orchestration (the command lines, the demo and the
-   generated docs pages), which may import anything.
+   which do not import each other, < orchestration (the command lines, the demo, the
+   generated docs pages, the top-level package ``hessfine`` with its exports and the training
+   integrations ``hessfine.integrations``), which may import anything.
 2. The rooms of ``bounds`` (docs/architecture.md): ``operators`` import only ``functional``,
    ``safe_autodiff``, ``linalg`` and other operators; ``linalg`` only ``functional`` and other
    linalg; an estimator (``bounds.estimators``) never imports another estimator.
@@ -31,6 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("bounds", "analysis", "figures", "finetune")
+TOP = "hessfine"  # the folder of the top-level package and its integrations
 LOADING = {
     "hessfine.analysis",
     "hessfine.analysis.errors",
@@ -57,7 +59,7 @@ _MOVED = "hessfine.bounds.moved"
 
 def _layer(module: str) -> int:
     """0 bounds, 1 figures, 2 loading, 3 finetune and analysis pipelines, 4 orchestration."""
-    if module in ORCHESTRATION:
+    if module in ORCHESTRATION or module == TOP or module.startswith(f"{TOP}.integrations"):
         return 4
     if module == SCHEMA:
         return 0
@@ -72,11 +74,11 @@ def _layer(module: str) -> int:
 
 def _modules() -> dict[str, Path]:
     found = {}
-    for folder in FOLDERS:
+    for folder in (*FOLDERS, TOP):
         for path in (ROOT / folder).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
             parts = parts[:-1] if parts[-1] == "__init__" else parts
-            found["hessfine." + ".".join(parts)] = path
+            found[".".join(parts if folder == TOP else ("hessfine", *parts))] = path
     return found
 
 
@@ -192,6 +194,9 @@ CYCLES = _cycles(GRAPH)
 
 def test_the_layers_are_found() -> None:
     assert "hessfine.analysis.sources.files" in MODULES
+    assert {"hessfine", "hessfine.integrations.transformers"} <= MODULES.keys()
+    assert _layer("hessfine") == _layer("hessfine.integrations.lightning") == 4
+    assert _layer("hessfine.analysis.python_api") == 3
     assert {m for m in ORCHESTRATION | LOADING} <= MODULES.keys()
     assert not _allowed("hessfine.analysis.data", "hessfine.finetune.run_directory")
     assert not _allowed("hessfine.finetune.run_directory", "hessfine.analysis.measure")

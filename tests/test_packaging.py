@@ -1,4 +1,6 @@
-"""One import name: a regular (non-editable) install adds only ``hessfine`` to site-packages.
+"""One import name: a regular (non-editable) install adds only ``hessfine`` to site-packages:
+the package's own ``__init__`` and integrations (the folder ``hessfine/``) with the four folders
+mapped under it.
 
 The wheel is built from a copy of the sources with the environment's setuptools (no build
 isolation, so no network), installed with pip into a temporary target, and used from a directory
@@ -17,7 +19,16 @@ import pytest
 from hessfine.analysis.model_specs import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "bounds", "analysis", "figures", "finetune")
+SOURCES = (
+    "setup.cfg",
+    "pyproject.toml",
+    "README.md",
+    "hessfine",
+    "bounds",
+    "analysis",
+    "figures",
+    "finetune",
+)
 
 
 def _run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -54,9 +65,10 @@ def test_wheel_has_the_one_top_level_name_hessfine(installed):
     assert {t for t in tops if not t.endswith(".dist-info")} == {"hessfine"}
     packages = {p.name for p in target.iterdir() if not p.name.endswith(".dist-info")}
     assert packages - {"bin"} == {"hessfine"}
-    assert {"analysis", "bounds", "figures", "finetune"} <= {
+    assert {"__init__.py", "integrations", "analysis", "bounds", "figures", "finetune"} <= {
         p.name for p in (target / "hessfine").iterdir()
     }
+    assert (target / "hessfine" / "integrations" / "transformers.py").is_file()
 
 
 def test_installed_package_works_next_to_a_users_analysis_and_figures(installed, tmp_path):
@@ -73,6 +85,9 @@ def test_installed_package_works_next_to_a_users_analysis_and_figures(installed,
         "assert analysis.OWNER == 'user analysis' and figures.OWNER == 'user figures'\n"
         f"assert m.__file__.startswith({str(target)!r}), m.__file__\n"
         f"assert t.__file__.startswith({str(target)!r}), t.__file__\n"
+        "import hessfine\n"
+        f"assert hessfine.__file__.startswith({str(target)!r}), hessfine.__file__\n"
+        "assert hessfine.measure_model.__module__ == 'hessfine.analysis.python_api'\n"
         "print(type(build_model('finetune.models:digits_cnn', {})).__module__)\n"
         f"sys.argv = ['hessfine', 'measure', '--help']\n"
         "try:\n"

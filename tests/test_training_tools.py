@@ -25,7 +25,7 @@ from torch import nn
 VOCAB, SEQ, CLASSES = 50, 8, 3
 
 
-def _bert_config():
+def bert_config():
     from transformers import BertConfig
 
     return BertConfig(
@@ -40,7 +40,7 @@ def _bert_config():
     )
 
 
-def _tokens(n: int) -> tuple[dict, torch.Tensor]:
+def tokens(n: int) -> tuple[dict, torch.Tensor]:
     """Token ids 1..VOCAB-1 with every other row cut short and right-padded with 0."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, VOCAB, (n, SEQ), generator=g)
@@ -101,9 +101,9 @@ def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("trainer")
     torch.manual_seed(0)
-    model = BertForSequenceClassification(_bert_config())
+    model = BertForSequenceClassification(bert_config())
     model.save_pretrained(root / "base")
-    x, y = _tokens(16)
+    x, y = tokens(16)
     torch.save({"x": x, "y": y}, root / "train.pt")
     _train(model, x, y, root / "out", steps=3, eval_steps=2).save_model(str(root / "out"))
     return root
@@ -168,7 +168,7 @@ def _task_model(task: str):
     from transformers import BertForTokenClassification, T5Config, T5ForConditionalGeneration
 
     if task == "token-classification":
-        return BertForTokenClassification(_bert_config())
+        return BertForTokenClassification(bert_config())
     config = T5Config(
         vocab_size=VOCAB,
         d_model=8,
@@ -202,7 +202,7 @@ def task_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     torch.manual_seed(0)
     model = _task_model(task)
     model.save_pretrained(root / "base")
-    x, _ = _tokens(16)
+    x, _ = tokens(16)
     y = _task_labels(task, x)
     torch.save({"x": x, "y": y}, root / "train.pt")
     _train(model, x, y, root / "out", steps=2, eval_steps=1)
@@ -305,8 +305,8 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("peft")
     torch.manual_seed(0)
-    BertForSequenceClassification(_bert_config()).double().save_pretrained(root / "bert")
-    x, y = _tokens(12)
+    BertForSequenceClassification(bert_config()).double().save_pretrained(root / "bert")
+    x, y = tokens(12)
     torch.save({"x": x, "y": y}, root / "tokens.pt")
 
     def bert():
@@ -393,7 +393,7 @@ def _measure_pair(root: Path, name: str, base: str, *extra: object) -> tuple[dic
     return adapter, _measurement(root / "mm" / name / "measurement.json")
 
 
-def _assert_same_measurement(adapter: dict, merged: dict) -> None:
+def assert_same_measurement(adapter: dict, merged: dict) -> None:
     assert [a["name"] for a in adapter["layers"]] == [b["name"] for b in merged["layers"]]
     for a, b in zip(adapter["layers"], merged["layers"], strict=True):
         assert a["distance"] > 0
@@ -451,7 +451,7 @@ def test_lora_adapter_equals_the_merged_model(adapters, name, data, reference, e
         extra += ["--model", f"{adapters / 'conv_net.py'}:build"]
     adapter, merged = _measure_pair(adapters, name, reference, *extra)
     assert [layer["name"] for layer in adapter["layers"]] == expected
-    _assert_same_measurement(adapter, merged)
+    assert_same_measurement(adapter, merged)
 
 
 def test_adapter_distances_come_from_the_factors(adapters) -> None:

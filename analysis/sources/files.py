@@ -91,6 +91,17 @@ def sha256_of(files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 of tensors held in memory: for each name in sorted order, the name, dtype and shape
+    (``name\\0dtype\\0shape\\0``), then the tensor's bytes in row-major order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def read_weights(file: Path, *, trust: bool, label: str) -> tuple[dict[str, Tensor], str]:
     """The state dict in a weights file or shard index (prefixes stripped), and its SHA-256
     (of all shards' bytes in sorted shard-name order for a sharded checkpoint)."""

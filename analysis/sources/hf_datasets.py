@@ -59,12 +59,35 @@ def read_dataset(
     label: str = "--data",
 ) -> tuple[Tensor | dict[str, Tensor], Tensor]:
     """``(x, y)`` from a ``datasets`` directory (module docs)."""
-    loaded = open_dataset(spec, label)
+    return dataset_tensors(
+        open_dataset(spec, label),
+        input_columns=input_columns,
+        label_column=label_column,
+        pad_token_id=pad_token_id,
+        spec=spec,
+        label=label,
+    )
+
+
+def dataset_tensors(
+    loaded: Any,
+    *,
+    input_columns: Sequence[str] | None = None,
+    label_column: str | None = None,
+    pad_token_id: int | None = None,
+    spec: str,
+    label: str = "--data",
+    labels_optional: bool = False,
+) -> tuple[Tensor | dict[str, Tensor], Tensor | None]:
+    """``(x, y)`` from a ``datasets.Dataset`` (module docs); ``spec`` names it in messages.
+
+    ``labels_optional``: without a label column ``y`` is None (a causal language model's
+    labels are then its inputs)."""
     columns = list(loaded.column_names)
     inputs = list(input_columns or [c for c in DEFAULT_INPUTS if c in columns])
     target = label_column or default_label_column(columns)
-    missing = [c for c in [*inputs, target] if c not in columns]
-    if not inputs or target is None or missing:
+    missing = [c for c in [*inputs, target] if c not in columns and c is not None]
+    if not inputs or (target is None and not labels_optional) or missing:
         what = f"column {missing[0]!r}" if missing and missing[0] else "input or label columns"
         raise InputError(
             f"{label} {spec}: no {what} (columns: {', '.join(columns)}); name them with "
@@ -80,7 +103,7 @@ def read_dataset(
             lengths = ragged
     if lengths is not None and "attention_mask" not in x:
         x["attention_mask"] = (torch.arange(x["input_ids"].shape[1]) < lengths[:, None]).long()
-    y = read_labels(loaded, target, spec, label)
+    y = None if target is None else read_labels(loaded, target, spec, label)
     return (next(iter(x.values())) if len(x) == 1 else x), y
 
 

@@ -182,6 +182,23 @@ def read_adapter(directory: Path, *, trust: bool, label: str) -> tuple[LoraAdapt
             "save the adapter with save_pretrained"
         )
     config = _config(directory / ADAPTER_CONFIG, label)
+    tensors = read_file(file, trust=trust, label=label)
+    adapter = lora_adapter(config, tensors, directory=directory, file=file, label=label)
+    return adapter, sha256_of([file, directory / ADAPTER_CONFIG])
+
+
+def lora_adapter(
+    config: Mapping[str, Any],
+    tensors: Mapping[str, Tensor],
+    *,
+    directory: Path,
+    file: Path,
+    label: str,
+) -> LoraAdapter:
+    """The LoRA adapter of an ``adapter_config.json`` document and the adapter's tensors (keys as
+    ``save_pretrained`` writes them); other PEFT types and variants are refused in one line
+    naming ``label`` and ``directory``."""
+    config = dict(config)
     where = f"{label} {directory}"
     kind = str(config.get("peft_type", "")).upper()
     if kind != "LORA":
@@ -201,11 +218,8 @@ def read_adapter(directory: Path, *, trust: bool, label: str) -> tuple[LoraAdapt
             f"{where}: init_lora_weights={init!r} changes the base weights; convert the adapter to "
             "plain LoRA (save_pretrained(path_initial_model_for_weight_conversion=...)) or merge it"
         )
-    tensors = read_file(file, trust=trust, label=label)
     factors, saved = _factors(tensors, config, where)
-    digest = sha256_of([file, directory / ADAPTER_CONFIG])
-    adapter = LoraAdapter(directory, file, config, factors, saved, _base(config, directory))
-    return adapter, digest
+    return LoraAdapter(directory, file, config, factors, saved, _base(config, directory))
 
 
 def _config(path: Path, label: str) -> dict[str, Any]:
