@@ -836,6 +836,16 @@ class _Measurement:
             f"{s.hessian_split} split ({how}; indices in data.hessian_sample), not over the data "
             "distribution, so theorem_2_1 and trace_corollary are estimates, not certified bounds."
         ]
+        forms = self.results["quadratic forms"]
+        pruned = [n for n in self.layers if forms[n].diagnostics.get("pruned_fraction", 0) > 0]
+        if pruned:
+            notes.append(
+                f"quadratic_form.mean of {', '.join(pruned)} is a low estimate: the positive part "
+                "stops an example once it cannot attain the layer's maximum (diagnostics."
+                "pruned_fraction), before its own value has converged, so the mean can lie below "
+                "the exact mean by more than --positive-rtol (the maximum stays within it); "
+                "--positive-rtol 0 gives exact means."
+            )
         if s.estimator == "reference-code":
             notes.append(
                 f"reference-code: consecutive batches of {s.effective_batch_size} of those "
