@@ -60,8 +60,8 @@ from hessfine.analysis.tasks import (
     TaskChoice,
     check_task_labels,
     choose_task,
+    task_data,
     task_loss,
-    with_decoder_inputs,
 )
 from hessfine.bounds.functional import (
     FunctionalModel,
@@ -69,7 +69,7 @@ from hessfine.bounds.functional import (
     check_deterministic,
 )
 from hessfine.bounds.safe_autodiff import differentiable
-from torch import Tensor, nn
+from torch import Tensor
 
 DType = Literal["float32", "float64"]
 
@@ -236,7 +236,9 @@ def load_inputs(
             f"checkpoint {checkpoint.path}: the run records label noise, which hessfine measures "
             f"for classification only, not --task {task}; measure a run without label noise"
         )
-    train = _task_data(load_data(str(data_spec), label="--data", **options), task, module, "--data")
+    train = task_data(
+        load_data(str(data_spec), label="--data", **options), task, module, option="--data"
+    )
     # Under recorded label noise: measure against the clean labels, keep the noisy ones.
     run_labels = read_run_labels(manifest, base, train)
     noisy_train = train
@@ -267,8 +269,11 @@ def load_inputs(
         noisy_train=noisy_train,
         eval=None
         if eval_spec is None
-        else _task_data(
-            load_data(str(eval_spec), label="--eval-data", **options), task, module, "--eval-data"
+        else task_data(
+            load_data(str(eval_spec), label="--eval-data", **options),
+            task,
+            module,
+            option="--eval-data",
         ),
         run_labels=run_labels,
         noise=noise_matrix(manifest),
@@ -281,14 +286,6 @@ def load_inputs(
         device=device,
         dtype=torch_dtype,
     )
-
-
-def _task_data(data: LabeledData, task: str, module: nn.Module, option: str) -> LabeledData:
-    """``data`` as the task's model takes it: for seq2seq-lm with the decoder inputs made from
-    its labels (:func:`hessfine.analysis.tasks.with_decoder_inputs`)."""
-    if task != "seq2seq-lm":
-        return data
-    return with_decoder_inputs(data, module, option=option)
 
 
 def _has_config(directory: Path | None) -> bool:

@@ -36,6 +36,7 @@ from tests.oracles import (
     tiny_task_hf,
 )
 from tests.oracles import quadratic_forms as dense_forms
+from tests.test_training_tools import assert_same_measurement
 
 SOURCES = {
     "token-classification": "model class",
@@ -152,6 +153,22 @@ def test_every_estimator_matches_the_models_own_loss(saved, estimator):
         assert form["max"] == pytest.approx(float(values.max()), rel=1e-6, abs=1e-12)
         assert form["mean"] == pytest.approx(float(values.mean()), rel=1e-6, abs=1e-12)
         assert form["argmax"] == int(values.argmax())
+
+
+def test_measure_model_chooses_the_task_and_agrees_with_the_cli(saved):
+    """The model in memory, with the task left to hessfine, gives the command line's numbers."""
+    from hessfine.analysis.python_api import measure_model
+
+    task, model, _, _, layers, tmp, (x, y), _ = saved
+    files = run(saved, "api-cli", "--estimator", "ggn")
+    memory = measure_model(
+        model, reference=tmp / "base", data=(x, y), estimator="ggn", samples="all",
+        dtype="float64", batch_size=4, layers=layers,
+    ).to_json()  # fmt: skip
+    assert memory["settings"]["task"] == task
+    # transformers' forward with labels records problem_type in the config of the model in memory
+    assert memory["settings"]["task_source"] in (SOURCES[task], "config.problem_type")
+    assert_same_measurement(memory, files)
 
 
 def _decoded(task, model, x, y):
