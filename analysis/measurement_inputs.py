@@ -2,7 +2,8 @@
 
 :func:`load_inputs` turns the command line's (or the Python API's) paths into a
 :class:`MeasurementInputs`: the fine-tuned checkpoint and its reference (a PEFT adapter applied to
-its base), the model built from its spec (a Hugging Face directory loaded by transformers'
+its base; a reference that is an adapter, as ``hessfine finetune --reference ADAPTER`` records,
+merged into its own base: :func:`hessfine.analysis.hf_loading.load_reference`), the model built from its spec (a Hugging Face directory loaded by transformers'
 ``from_pretrained``, :mod:`hessfine.analysis.hf_loading`) and put in eval mode as a
 :class:`~hessfine.bounds.functional.FunctionalModel` with the task's per-example loss, the
 selected layers with their weight changes v_i = W_i − W_i^(s) (:func:`hessfine.analysis.checkpoints.align`),
@@ -38,7 +39,6 @@ from hessfine.analysis.checkpoints import (
     apply_adapter,
     load_checkpoint,
     load_head_reference,
-    materialize,
     select_layers,
 )
 from hessfine.analysis.data import LabeledData, Processing, load_data
@@ -50,7 +50,12 @@ from hessfine.analysis.fused_experts import (
     fused_parts,
     split_alignment,
 )
-from hessfine.analysis.hf_loading import LoadedModel, load_pretrained, pretrained_route
+from hessfine.analysis.hf_loading import (
+    LoadedModel,
+    load_pretrained,
+    load_reference,
+    pretrained_route,
+)
 from hessfine.analysis.model_specs import build_model
 from hessfine.analysis.run_labels import NoiseMatrix, RunLabels, noise_matrix, read_run_labels
 from hessfine.analysis.sources.hf import model_directory
@@ -310,8 +315,7 @@ def _load_state(
     their selected layers."""
     module = build_model(spec, model_kwargs, hf_directory=hf_directory)
     module.to(dtype=dtype)
-    reference = load_checkpoint(reference_spec, trust=trust, label="--reference")
-    reference = materialize(reference, module)
+    reference = load_reference(reference_spec, module, trust=trust)
     checkpoint = apply_adapter(checkpoint, reference)
     fused = fused_experts(module)
     selected = select_layers(module, list(layers or checkpoint.layers or ()), fused_parts(fused))

@@ -38,6 +38,11 @@ from tests.oracles import (
 from tests.oracles import quadratic_forms as dense_forms
 from tests.test_training_tools import assert_same_measurement
 
+BOUNDED_LOSS = {
+    "token-classification": "token error (mean over label positions)",
+    "multi-label": "per-label error (mean over labels)",
+    "seq2seq-lm": "token error (mean over label positions)",
+}
 SOURCES = {
     "token-classification": "model class",
     "regression": "config.num_labels",
@@ -244,6 +249,7 @@ def test_traces_eigenvalues_density_noise_certificate_accuracy_and_notes(saved):
         exact = float((right == made).double().mean())
         assert accuracy["train_exact_match"] == pytest.approx(exact, rel=1e-12)
     certificate = result["bounds"]["pac_bayes_certificate"]
+    assert certificate["bounded_loss"] == BOUNDED_LOSS[task]
     errors = float(((made - right) / made).mean())
     assert certificate["deterministic_error"] == pytest.approx(errors, rel=1e-12)
     assert 0.0 <= certificate["empirical_error"] <= certificate["bound"] <= 1.0
