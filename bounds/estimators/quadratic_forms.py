@@ -40,7 +40,11 @@ The estimators (``--estimator``, docs/cli.md; recorded as ``settings.estimator``
 All per-example values are reduced on the fly (running max, argmax and mean), so memory does not
 grow with the number of examples; each layer's reduction is a
 :class:`hessfine.bounds.estimates.QuadraticForm` whose ``route`` says how it was computed
-(``ggn-certified``, ``ggn``, ``hvp``, ``lanczos`` or ``reference-code``).
+(``ggn-certified``, ``ggn``, ``hvp``, ``lanczos`` or ``reference-code``). On the ``lanczos``
+route every value is a lower bound of v_iᵀH_i⁺(x)v_i, so ``max`` and ``mean`` are lower bounds,
+and ``mean_upper`` is the mean of rigorous per-example upper bounds (the value where the Krylov
+space was exhausted, else the Cauchy–Schwarz bound of
+:class:`hessfine.bounds.linalg.positive_quadrature.PositiveQuadrature`).
 
 Example:
     >>> import torch
@@ -300,6 +304,7 @@ def _example_forms(
         forms = gauss_newton(x, y)
         for name in names:
             route = routes[name]
+            upper = None
             if name in forms:
                 values = forms[name]
                 diagnostics[name]["ggn_products"] = gauss_newton.products[name]
@@ -307,9 +312,9 @@ def _example_forms(
                 values = block_forms_hvp(fmodel, params, name, directions[name], x, y)
             else:
                 result = positive[name]
-                values = result.values
+                values, upper = result.values, result.upper
                 _fold_lanczos_diagnostics(diagnostics[name], result, lanczos_steps, positive_rtol)
-            reductions[name].update(values, start=first)
+            reductions[name].update(values, start=first, upper=upper)
             if progress is not None:
                 progress(1)
     return {
