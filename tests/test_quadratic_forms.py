@@ -250,6 +250,7 @@ def test_default_mean_is_bracketed_by_its_interval_and_the_max_is_a_lower_bound(
         lanczos_means.append(abs(form["mean"] - mean) / mean)
         assert form["mean_lower"] <= mean * (1 + 1e-9) and form["mean_upper"] >= mean * (1 - 1e-9)
         assert form["max"] <= top * (1 + 1e-9) and abs(form["max"] - top) <= 1e-2 * top
+    # the interval is what holds: the mean alone misses rtol on the smooth networks
     assert network == "cnn" or max(lanczos_means) > 1e-2
 
 
