@@ -118,13 +118,20 @@ def test_target_data_is_seeded_per_seed(tmp_path: Path) -> None:
     assert torch.equal(stored.y, a.y)
 
 
+def _images(x: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in x.flatten(1)}
+
+
 def test_the_validation_split_is_held_out_and_noisy_under_noise(tmp_path: Path) -> None:
     settings = dataclasses.replace(TINY, n_train=300, n_validation=400)
     data = demo.target_data(tmp_path, settings, 0)
     assert len(data.val_y) == 400 and torch.equal(load_data(str(data.val_file)).x, data.val_x)
-    # no validation image is a training image: the split is held out of n
-    train = data.x.flatten(1)
-    assert not any(torch.equal(v, t) for v in data.val_x.flatten(1) for t in train)
+    # no validation image is a training image: the split is held out of n, for every seed
+    held = _images(data.val_x)
+    assert not held & _images(data.x)
+    other = demo.target_data(tmp_path / "seed1", settings, 1, validation_seed=0)
+    assert torch.equal(other.val_x, data.val_x) and len(other.y) == 300
+    assert not held & _images(other.x) and _images(other.x) != _images(data.x)
     # the training set is the one drawn before the validation split existed
     plain = demo.target_data(tmp_path / "b", dataclasses.replace(settings, n_validation=0), 0)
     assert torch.equal(plain.x, data.x)
