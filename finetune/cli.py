@@ -68,7 +68,7 @@ examples:
       --lr-step-size 10 --lr-gamma 0.1 --out runs/nso
 
   # choose the learning rate and the radius on a validation split (20% of --data held out)
-  hessfine finetune ... --method distance-constraint --select lr=0.01,0.05 --select radius=0.3,1 \
+  hessfine finetune ... --method distance-constraint --select lr=0.01,0.05 --select radius=0.3,1 \\
       --out runs/dc-selected
 
   # a torchvision model with a new 10-class head, saving every 5th epoch
