@@ -51,7 +51,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from hessfine.finetune.method_registry import REGISTRY
-from hessfine.finetune.methods import FinetuneConfig, evaluate, finetune
+from hessfine.finetune.methods import FinetuneConfig, evaluate, finetune, held_out_split
 from torch import Tensor, nn
 
 __all__ = [
@@ -330,12 +330,8 @@ def validation_split(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor
     """
     if not 0 < fraction < 1:
         raise ValueError(f"the validation fraction {fraction} must lie in (0, 1)")
-    if n < 3:
-        raise ValueError(f"a validation split needs at least 3 training examples, got {n}")
-    held = min(max(1, round(fraction * n)), n - 2)
     state = np.random.SeedSequence([seed, _SPLIT_TAG]).generate_state(1, dtype=np.uint64)[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(state)))
-    return order[held:].sort().values, order[:held].sort().values
+    return held_out_split(n, fraction, torch.Generator().manual_seed(int(state)))
 
 
 def candidate_configs(

@@ -27,24 +27,16 @@ from hessfine.finetune.selection import (
     validation_split,
 )
 from safetensors.torch import save_file
-from sklearn.datasets import load_digits
 
 SPEC = "hessfine.finetune.digit_networks:digits_cnn"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    bunch = load_digits()
-    x = torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.long)
+def digits(uci_digits):
+    x, y = uci_digits
     return x[:200], y[:200]
 
 
@@ -208,28 +200,21 @@ def test_a_diverging_point_is_recorded_and_never_chosen(digits, monkeypatch) -> 
     failed, trained = selection.scores
     assert failed.validation_accuracy is None and "diverged" in failed.error
     assert selection.choice == {"lr": 0.05} and trained.error is None
-    with pytest.raises(ValueError, match="method plain does not use radius"):
-        select(
-            model,
-            reference,
-            train_x=x,
-            train_y=y,
-            val_x=x,
-            val_y=y,
-            config=FinetuneConfig("plain"),
-            grid=SelectionGrid.parse(["radius=1"]),
-        )
-    with pytest.raises(ValueError, match="at lr=-1: lr = -1.0 is out of range"):
-        select(
-            model,
-            reference,
-            train_x=x,
-            train_y=y,
-            val_x=x,
-            val_y=y,
-            config=FinetuneConfig("plain"),
-            grid=SelectionGrid.parse(["lr=-1"]),
-        )
+    for text, message in (
+        ("radius=1", "method plain does not use radius"),
+        ("lr=-1", "at lr=-1: lr = -1.0 is out of range"),
+    ):
+        with pytest.raises(ValueError, match=message):  # before anything is trained
+            select(
+                model,
+                reference,
+                train_x=x,
+                train_y=y,
+                val_x=x,
+                val_y=y,
+                config=FinetuneConfig("plain"),
+                grid=SelectionGrid.parse([text]),
+            )
     with pytest.raises(ValueError, match="2 scores for 1 points"):
         Selection.from_scores("plain", SelectionGrid.parse(["lr=1"]), [failed, trained], {})
 
