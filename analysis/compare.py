@@ -259,7 +259,14 @@ def _selection_columns(selection: object) -> Row:
     """The ``selected``, ``selection_taken_from``, ``selection_validation_accuracy`` and
     ``selection_points`` cells of a run manifest's ``selection`` entry (empty without one)."""
     if not isinstance(selection, Mapping):
-        return {}
+        return dict.fromkeys(
+            (
+                "selected",
+                "selection_taken_from",
+                "selection_validation_accuracy",
+                "selection_points",
+            )
+        )
     choice = selection.get("choice") if isinstance(selection.get("choice"), Mapping) else {}
     grid = selection.get("grid") if isinstance(selection.get("grid"), Mapping) else {}
     accuracy = None

@@ -735,9 +735,10 @@ def _describe(settings: DemoSettings, record: dict[str, Any]) -> dict[str, Any]:
         "selection": f"grid {_grid_text(settings)} (each method takes the learning rate and the "
         f"options it has; head radius = {settings.head_ratio:g} × radius); the largest "
         f"validation accuracy on {settings.n_validation} other images of {TARGET} (held out "
-        "of n; labels drawn from the run's noise under label noise), ties to the lower "
-        "validation loss; once per method and label setting on the first seed, reused for "
-        "the other seeds",
+        "of every seed's training set, so out of n; labels drawn from the run's noise under "
+        "label noise), ties to the lower validation loss; once per method and label setting "
+        "on the first seed, reused for the other seeds; the grid is fixed in advance, the "
+        "same for every method and label setting",
         "radius sweep": f"{SWEPT_METHOD} at radii {', '.join(f'{r:g}' for r in settings.radii)}"
         f" (head radius = {settings.head_ratio:g} × radius), {settings.sweep_seeds} seeds, at "
         f"the learning rate selected for {SWEPT_METHOD}",
