@@ -695,8 +695,11 @@ class _Measurement:
     def _forward_chunks(
         self, kind: str, compute: Callable[[Inputs, Tensor], T], x: Inputs, y: Tensor
     ) -> list[T]:
-        """``compute`` on the examples of a batch, in the calls of ``kind`` the plan sizes."""
-        calls = self.memory.calls(kind)
+        """``compute`` on the examples of a batch, in the calls of ``kind`` the plan sizes: one
+        size for every batch (fitted on the first batch's first examples), so that equal splits
+        give equal values."""
+        calls = self.memory.calls(kind, steady=True)
+        calls.fit(lambda k: compute(slice_inputs(x, 0, k), y[:k]), len(y))
         return calls.run(lambda a, b: compute(slice_inputs(x, a, b), y[a:b]), len(y))
 
     def _noisy_label_statistics(self) -> dict[str, float | None]:

@@ -17,6 +17,10 @@ in calls of a size chosen, before and during each stage, from measured calls:
 * a call that fails with an out-of-memory error (``MemoryError``, or a ``RuntimeError`` saying
   "out of memory", CUDA's included) is rerun with half the items and b is raised to match;
   one that fails, or outgrows the headroom, on one item raises :class:`MemoryBudgetError`;
+* a ``steady`` kind of call keeps one size once fitted (it may only shrink, when a call grows
+  more than predicted), with its probe pass run apart (:meth:`CallSize.fit`, values discarded):
+  equal batches are then split alike, so that a value computed twice (the loss of a split that
+  is both the training and the evaluation data) is the same to the last bit;
 * :class:`MemoryPlan` holds the call sizes of one stage, one per kind of call (keyed by name),
   and reports the sizes chosen (:meth:`MemoryPlan.sizes`).
 
@@ -88,7 +92,8 @@ class CallSize:
     """Items per call of one kind of call, from the measured growth of its calls.
 
     ``fixed`` and ``per_item`` (bytes) may be known before any call (then no probe pass runs
-    and measured calls can only raise ``per_item``); ``cap`` bounds the items of a call.
+    and measured calls can only raise ``per_item``); ``cap`` bounds the items of a call;
+    ``steady``: once fitted, calls keep the first size chosen, or a smaller one (no ramp).
     """
 
     def __init__(
@@ -100,9 +105,11 @@ class CallSize:
         fixed: int = 0,
         per_item: float | None = None,
         recorded: bool = True,
+        steady: bool = False,
     ) -> None:
         self.kind, self.meter, self.cap = kind, meter, cap
         self.fixed, self.per_item, self.recorded = fixed, per_item, recorded
+        self.steady = steady
         self.probed = per_item is None  # else the costs are known: no probe pass, no ramp
         self.growth: list[tuple[int, int]] = []
         self.made = 0
@@ -118,8 +125,10 @@ class CallSize:
                 return max(1, min(limit, _PROBES[self.made]))
             return max(1, limit)  # not measurable (nested calls): one call as without a meter
         fits = math.floor((room(self.meter) - self.fixed) / self.per_item)
+        if self.steady and self.chosen is not None:
+            fits = min(fits, self.chosen)
         self.chosen = max(1, fits if self.cap is None else min(self.cap, fits))
-        if self.probed:  # at most twice the largest call measured
+        if self.probed and not self.steady:  # at most twice the largest call measured
             fits = min(fits, 2 * max(k for k, _ in self.growth))
         return max(1, min(limit, fits))
 
@@ -224,16 +233,24 @@ class MemoryPlan:
         per_item: float | None = None,
         capped: bool = True,
         recorded: bool = True,
+        steady: bool = False,
     ) -> CallSize:
         """The :class:`CallSize` of ``kind`` (created on first use, with the known costs).
 
         ``capped``: its calls hold at most ``cap`` items (False: items that are not examples);
-        ``recorded``: its size is reported by :meth:`sizes` (False: probe calls).
+        ``recorded``: its size is reported by :meth:`sizes` (False: probe calls); ``steady``:
+        see :class:`CallSize`.
         """
         if kind not in self.kinds:
             cap = self.cap if capped else None
             self.kinds[kind] = CallSize(
-                kind, self.meter, cap, fixed=fixed, per_item=per_item, recorded=recorded
+                kind,
+                self.meter,
+                cap,
+                fixed=fixed,
+                per_item=per_item,
+                recorded=recorded,
+                steady=steady,
             )
         return self.kinds[kind]
 
