@@ -1,8 +1,8 @@
 """Calls sized to a memory budget from their measured memory growth.
 
-A measurement bounds its peak memory (``--max-memory``, docs/cli.md). Work whose memory grows
-with the number of items per call — examples, or (layer, example) pairs of a Lanczos run — runs
-in calls of a size chosen, before and during each stage, from measured calls:
+A measurement bounds its peak memory (``--max-memory``; docs/mathematics.md, "The memory
+plan"). Work whose memory grows with the number of items per call — examples, or (layer,
+example) pairs of a Lanczos run — runs in calls of a size chosen, before and during each stage, from measured calls:
 
 * a :class:`Meter` (given by the caller; :mod:`hessfine.analysis.memory` measures the resident
   set on the CPU and the allocated memory on CUDA) reports the ``headroom`` left under the
