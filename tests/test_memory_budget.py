@@ -14,7 +14,7 @@ budget on all 16 examples). Two budgets, 100 and 180 MiB above it, each for 2 an
 at ``--batch-size 16``: every peak stays within its budget plus ``ALLOWANCE``, while the 16
 examples without a budget take more than the larger budget (so the budget is what kept them
 in), and the maximum and its example are those of the run without a budget. Marked ``memory``
-(deselected by default; run in CI by ``.ci/run`` after the unit tests; about three minutes on
+(deselected by default; run in CI by ``.ci/run`` after the unit tests; about four minutes on
 two cores).
 """
 
