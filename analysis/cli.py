@@ -140,7 +140,19 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         help="which N examples: a seeded class-stratified sample (default) or the first N in file "
         "order",
     )
-    add("--batch-size", type=int, metavar="B", help="batch size (default 32; 4 for reference-code)")
+    add(
+        "--batch-size",
+        type=int,
+        metavar="B",
+        help="examples per batch, the most per call (default 32; reference-code: 4, its batch)",
+    )
+    add(
+        "--max-memory",
+        metavar="SIZE",
+        help="bound on the peak memory (CPU: resident set; CUDA: allocated), model included: "
+        "bytes, a size (6GiB, 500MB) or a fraction (0.5) of the memory available at start; "
+        "calls are sized to it from measured probe calls (default 0.5 on the CPU, 0.8 on CUDA)",
+    )
     add("--hessian-split", default="train", choices=["train", "eval"])
     add(
         "--layers",
@@ -246,6 +258,7 @@ def _run_measure(args: argparse.Namespace) -> int:
         samples=args.samples,
         sample_order=args.sample_order,
         batch_size=args.batch_size,
+        max_memory=args.max_memory,
         hessian_split=args.hessian_split,
         layers=None if args.layers is None else tuple(args.layers),
         head_reference=args.head_reference,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -48,6 +49,13 @@ from hessfine.analysis.measurement_inputs import (
     load_inputs,
     unused_layers,
 )
+from hessfine.analysis.memory import (
+    MemoryBudget,
+    ProcessMeter,
+    human,
+    parse_max_memory,
+    resolve_budget,
+)
 from hessfine.analysis.model_specs import resolve_device
 from hessfine.analysis.progress import Progress
 from hessfine.analysis.quantities import QUANTITIES, REPORTED_PHASES, Plan, Quantity
@@ -66,14 +74,16 @@ from hessfine.analysis.sources.timm_runs import TIMM_WEIGHTS, TimmWeights
 from hessfine.bounds.estimates import UNUSED, QuadraticForm, merge_layers
 from hessfine.bounds.estimators.noise_stability import trace_prediction
 from hessfine.bounds.estimators.quadratic_forms import ESTIMATORS, Estimator
-from hessfine.bounds.functional import Batch, ConsistentCrossEntropy
+from hessfine.bounds.functional import Batch, ConsistentCrossEntropy, Inputs, slice_inputs
 from hessfine.bounds.generalization import Bounds, assemble_bounds, noise_matrix_inverse
+from hessfine.bounds.linalg.memory import MemoryBudgetError, MemoryPlan
 from hessfine.bounds.linalg.probes import DRAWS_VERSION, keyed_generator
 from hessfine.bounds.operators.certification import (
     certification_tolerance,
     certify_piecewise_linear,
 )
 from hessfine.bounds.safe_autodiff import differentiable
+from torch import Tensor
 
 Split = Literal["train", "eval"]
 Distribute = Literal["examples", "checkpoints"]
@@ -85,8 +95,12 @@ RUN_FACTS = (
     "batch_size_used",
     "attn_implementation",
     "experts_implementation",
+    "max_memory",
+    "max_memory_bytes",
+    "chunks",
 )
-"""Settings entries that record how a run was executed, not what was measured."""
+"""Settings entries that record how a run was executed, not what was measured (a resumed run
+with other values of them is already measured)."""
 
 __all__ = ["MeasureSettings", "Sources", "measure", "measure_path", "unused_layers"]
 
@@ -131,6 +145,7 @@ class MeasureSettings:
     seed: int = 0
     image_size: int = 224
     timm_weights: TimmWeights = "raw"
+    max_memory: int | float | str | None = None
 
     @property
     def effective_batch_size(self) -> int:
@@ -220,6 +235,8 @@ class MeasureSettings:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        if self.max_memory is not None:
+            parse_max_memory(self.max_memory)
 
 
 def measure(
@@ -322,8 +339,27 @@ def measure_inputs(
     """
     with full_precision():
         start = time.perf_counter()
+        budget = _budget(settings, ctx)
         inputs = load()
-        return _Measurement(inputs, settings, ctx, quiet=quiet, start=start).run()
+        meter = ProcessMeter(budget.bytes, inputs.device)
+        if not meter.measurable:
+            return _Measurement(inputs, settings, ctx, quiet=quiet, start=start).run()
+        loaded = meter.usage()
+        if loaded > budget.bytes:
+            raise InputError(
+                f"{budget.option} is less than the {human(loaded)} the model and data take once "
+                "loaded; raise --max-memory"
+            )
+        return _Measurement(inputs, settings, ctx, quiet=quiet, start=start).run(meter, budget)
+
+
+def _budget(settings: MeasureSettings, ctx: Context) -> MemoryBudget:
+    """The memory budget of this process (a fraction of the memory available is shared by the
+    processes of a torchrun job on this machine, on the CPU)."""
+    processes = 1
+    if ctx.active and ctx.device.type != "cuda":
+        processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return resolve_budget(settings.max_memory, ctx.device, processes=processes)
 
 
 def measure_path(
@@ -396,7 +432,8 @@ def _already_measured(result: Path, checkpoint: Path, settings: MeasureSettings)
     weights = same_settings.pop("timm_weights", "raw")  # recorded for timm checkpoints only
     if same_settings.pop("task_source", None) != "given" and settings.task is None:
         same_settings["task"] = None  # chosen from the model then and now: the checkpoint decides
-    wanted.pop("device")
+    for fact in RUN_FACTS:
+        wanted.pop(fact, None)
     digest = previous.get("provenance", {}).get("checkpoint_sha256")
     return (
         same_settings == wanted
@@ -431,18 +468,30 @@ class _Measurement:
         self.timings["load_s"] = time.perf_counter() - start
         self.results: dict[str, Any] = {}
         self.consistent: ConsistentCrossEntropy | None = None
+        self.memory = MemoryPlan()
+        self.chunks: dict[str, dict[str, int]] = {}
 
-    def run(self) -> Measurement:
-        """Choose the examples, compute the asked quantities and bounds: the result."""
+    def run(
+        self, meter: ProcessMeter | None = None, budget: MemoryBudget | None = None
+    ) -> Measurement:
+        """Choose the examples, compute the asked quantities and bounds: the result.
+
+        ``meter``: the memory meter that sizes every stage's calls under ``budget`` (None: no
+        budget, each call takes its whole batch).
+        """
+        self.meter, self.budget = meter, budget
+        self.loaded = None if meter is None else meter.usage()
         self._choose_examples()
-        stats = self._retrying(self._loss_statistics)
+        stats = self._within_budget("loss", lambda: self._retrying(self._loss_statistics))
         stats.update(self._noisy_label_statistics())
         for quantity in QUANTITIES:
+            self.memory = MemoryPlan(self.meter, cap=self.batch_size)
             plan = quantity.plan(self)
             if plan is not None:
                 t = time.perf_counter()
-                self.results[quantity.name] = self._retrying(
-                    lambda q=quantity, p=plan: self._compute(q, p)
+                self.results[quantity.name] = self._within_budget(
+                    quantity.name,
+                    lambda q=quantity, p=plan: self._retrying(lambda: self._compute(q, p)),
                 )
                 elapsed = time.perf_counter() - t
                 self.timings[quantity.phase] = self.timings.get(quantity.phase, 0.0) + elapsed
@@ -532,6 +581,27 @@ class _Measurement:
         )
         return value
 
+    def _within_budget(self, name: str, compute: Callable[[], T]) -> T:
+        """``compute()`` of the stage ``name`` under its memory plan (``memory``, made before
+        the stage; the loss pass makes its own), whose chosen call sizes are recorded in
+        ``chunks``. A call that cannot fit one example under the budget is a one-line error."""
+        if name == "loss":
+            self.memory = MemoryPlan(self.meter, cap=self.batch_size)
+        try:
+            return compute()
+        except MemoryBudgetError as err:
+            assert self.budget is not None
+            needed = "runs out of memory" if err.needed is None else f"needs {human(err.needed)}"
+            raise InputError(
+                f"{self.budget.option} is too small: one example of the {name} stage "
+                f"({err.kind}) {needed} with {human(max(err.headroom, 0))} left under it after "
+                "the model and data; raise --max-memory or select fewer --layers"
+            ) from None
+        finally:
+            sizes = self.memory.sizes()
+            if sizes:
+                self.chunks[name] = sizes
+
     def _note_retry(self, size: int) -> None:
         if not self.quiet and self.ctx.is_writer:
             print(f"CUDA out of memory: retrying with batch size {size}")
@@ -583,33 +653,54 @@ class _Measurement:
                 out[f"{split}_loss"] = out[f"{split}_accuracy"] = None
                 out[f"{split}_exact_match"] = None
                 continue
-            sums = torch.zeros(5, dtype=torch.float64)
+            sums = torch.zeros(6, dtype=torch.float64)  # 6th: the largest loss
             batches = self.local_batches(data)
+            hessian = data is self.hessian_data
+
+            def part(x: Inputs, y: Tensor, hessian: bool = hessian) -> Tensor:
+                raw = fmodel.logits(params, x)
+                top = fmodel.loss(raw, y).max() if hessian else torch.tensor(0.0)
+                logits = raw.double()
+                right, made = fmodel.loss.correct(logits, y)
+                exact = (right == made).to(logits.dtype)
+                part = [fmodel.loss(logits, y).sum(), right.sum(), made.sum(), exact.sum()]
+                count = torch.tensor(float(len(y)), dtype=torch.float64)
+                return torch.stack([*(t.cpu().double() for t in part), count, top.cpu().double()])
+
             with (
                 torch.no_grad(),
                 differentiable(),
                 self.progress.stage(f"{split} loss", total=batches, unit="batch") as update,
             ):
                 for x, y in self.local(data, None):
-                    raw = fmodel.logits(params, x)
-                    if data is self.hessian_data:
-                        worst = max(worst, float(fmodel.loss(raw, y).max()))
-                    logits = raw.double()
-                    right, made = fmodel.loss.correct(logits, y)
-                    exact = (right == made).to(logits.dtype)
-                    part = [fmodel.loss(logits, y).sum(), right.sum(), made.sum(), exact.sum()]
-                    sums += torch.stack([*(t.cpu() for t in part), torch.tensor(float(len(y)))])
+                    for found in self._forward_chunks("loss", part, x, y):
+                        sums[:5] += found[:5]
+                        worst = max(worst, float(found[5]))
                     update(1)
-            total, correct, predictions, exact_matches, n = self.ctx.all_sum(sums).tolist()
+            total, correct, predictions, exact_matches, n = self.ctx.all_sum(sums[:5]).tolist()
             out[f"{split}_loss"] = total / n
             out[f"{split}_accuracy"] = correct / predictions if predictions else None
             out[f"{split}_exact_match"] = exact_matches / n if predictions else None
         if all(data is not self.hessian_data for _, data in splits):
+
+            def largest(x: Inputs, y: Tensor) -> float:
+                return float(fmodel.losses(params, x, y).max())
+
             with torch.no_grad(), differentiable():
                 for x, y in self.local(self.hessian_data, self.count):
-                    worst = max(worst, float(fmodel.losses(params, x, y).max()))
+                    worst = max(worst, *self._forward_chunks("loss:largest", largest, x, y))
         out["max"] = self.ctx.max(worst)
         return out
+
+    def _forward_chunks(
+        self, kind: str, compute: Callable[[Inputs, Tensor], T], x: Inputs, y: Tensor
+    ) -> list[T]:
+        """``compute`` on the examples of a batch, in the calls of ``kind`` the plan sizes: one
+        size for every batch (fitted on the first batch's first examples), so that equal splits
+        give equal values."""
+        calls = self.memory.calls(kind, steady=True)
+        calls.fit(lambda k: compute(slice_inputs(x, 0, k), y[:k]), len(y))
+        return calls.run(lambda a, b: compute(slice_inputs(x, a, b), y[a:b]), len(y))
 
     def _noisy_label_statistics(self) -> dict[str, float | None]:
         """Loss and accuracy on the noisy training labels and the consistent loss (F known)."""
@@ -724,6 +815,8 @@ class _Measurement:
             settings["experts_implementation"] = inputs.experts
         settings["world_size"] = self.ctx.world_size
         settings["batch_size_used"] = self.batch_size
+        settings["max_memory_bytes"] = None if self.budget is None else self.budget.bytes
+        settings["chunks"] = self.chunks
         training = inputs.checkpoint.training
         if training.get("tool") == "timm":
             settings["timm_weights"] = s.timm_weights
@@ -802,6 +895,10 @@ class _Measurement:
                 "reference_sha256": inputs.reference.sha256,
                 "device_name": _device_name(inputs.device),
                 "timings": {k: float(v) for k, v in self.timings.items()},
+                "memory": {
+                    "after_load_bytes": self.loaded,
+                    "peak_bytes": None if self.meter is None else self.meter.highest(),
+                },
             },
         }
         if "density" in results:

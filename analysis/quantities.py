@@ -52,6 +52,7 @@ from hessfine.bounds.estimators.traces import (
     relative_noise_traces,
 )
 from hessfine.bounds.functional import Batch, ConsistentCrossEntropy
+from hessfine.bounds.linalg.memory import MemoryPlan
 from hessfine.bounds.linalg.probes import keyed_generator
 from hessfine.bounds.pac_bayes import pac_bayes_certificate
 
@@ -70,6 +71,7 @@ class MeasurementRun(Protocol):
     hessian_data: LabeledData
     consistent: ConsistentCrossEntropy | None
     results: dict[str, Any]
+    memory: MemoryPlan
 
     def batches(self, data: LabeledData, count: int | None) -> Iterator[Batch]: ...
 
@@ -143,7 +145,7 @@ def _forms(run: Run) -> Plan:
     options |= {"positive_rtol": s.positive_rtol, "reference_batch_size": run.batch_size}
     return Plan(
         total=_layer_batches(run),
-        options={**options, "certify_on": first_x},
+        options={**options, "certify_on": first_x, "memory": run.memory},
         subject="directions",
         complete=_with_unused(run, lambda name: QuadraticForm.unused(name, run.count)),
     )
@@ -157,7 +159,7 @@ def _trace(run: Run) -> Plan | None:
     unused = TraceEstimate.unused(s.trace_probes)
     return Plan(
         s.trace_probes * factor,
-        {"probes": s.trace_probes, "route": s.trace_method},
+        {"probes": s.trace_probes, "route": s.trace_method, "memory": run.memory},
         complete=_with_unused(run, lambda name: unused),
     )
 
@@ -170,7 +172,7 @@ def _positive_trace(run: Run) -> Plan | None:
     options = {"probes": s.positive_trace_probes, "lanczos_steps": s.lanczos_steps}
     return Plan(
         _layer_batches(run),
-        {**options, "certified": certified, "rtol": s.positive_rtol},
+        {**options, "certified": certified, "rtol": s.positive_rtol, "memory": run.memory},
         complete=_with_unused(run, lambda name: PositiveTrace.unused()),
     )
 
@@ -181,7 +183,7 @@ def _eigenvalues(run: Run) -> Plan | None:
         return None
     steps = sum(_lanczos_steps(run, _numel(run, [name])) for name in run.layers)
     zeros = _with_unused(run, lambda name: Eigenvalues.unused(_numel(run, [name]), k))
-    return Plan(steps, {"k": k}, complete=zeros)
+    return Plan(steps, {"k": k, "memory": run.memory}, complete=zeros)
 
 
 def _whole_eigenvalues(run: Run) -> Plan | None:
@@ -191,19 +193,23 @@ def _whole_eigenvalues(run: Run) -> Plan | None:
     zeros = _numel(run, run.unused)
     return Plan(
         _lanczos_steps(run, _numel(run, run.layers)),
-        {"k": k},
+        {"k": k, "memory": run.memory},
         complete=lambda whole: whole.with_zeros(zeros, k),
     )
 
 
 def _density(run: Run) -> Plan | None:
-    return Plan(4 * min(64, _numel(run, run.layers))) if run.settings.density else None
+    if not run.settings.density:
+        return None
+    return Plan(4 * min(64, _numel(run, run.layers)), {"memory": run.memory})
 
 
 def _relative_trace(run: Run) -> Plan | None:
     s = run.settings
     wanted = bool(s.noise_sigma) and s.noise_relative
-    return Plan(s.trace_probes, {"probes": s.trace_probes}) if wanted else None
+    return (
+        Plan(s.trace_probes, {"probes": s.trace_probes, "memory": run.memory}) if wanted else None
+    )
 
 
 def _noise(run: Run) -> Plan | None:
@@ -263,6 +269,7 @@ def consistent_forms(run: Run) -> tuple[dict[str, QuadraticForm], dict[str, bool
                 certify_on=first_x,
                 shard=run.ctx.shard(run.batch_size),
                 progress=update,
+                memory=run.memory,
             )
         out.update(merge_layers(run.ctx.gather(noisy)))
     return out, reused, all(certified[name] for name in run.layers)
@@ -293,6 +300,7 @@ def certificate(run: Run) -> dict[str, Any]:
             run.local(run.hessian_data, None),
             estimator="ggn",
             shard=ctx.shard(run.batch_size),
+            memory=run.memory,
         )
         curvature, source = along_v(merge_layers(ctx.gather(ggn))), "gauss_newton"
     if not any(a > 0 for a in curvature.values()):

@@ -191,6 +191,19 @@ def test_unknown_option_value(files, capsys):
     run_bad(capsys, files, argv(files, **{"--estimator": "magic"}), "--estimator")
 
 
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [
+        ("banana", "is not a memory size"),
+        ("0", "is not a memory size"),
+        ("6GB2", "is not a memory size"),
+        ("1KiB", "the model and data take once loaded; raise --max-memory"),
+    ],
+)
+def test_a_bad_memory_budget_is_one_line(files, capsys, budget, expected):
+    run_bad(capsys, files, [*argv(files), "--max-memory", budget], "--max-memory", expected)
+
+
 @pytest.mark.parametrize("samples", ["0", "-3", "many"])
 def test_samples_must_be_positive(files, capsys, samples):
     args = argv(files)

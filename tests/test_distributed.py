@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from tests.oracles import TINY_LAYERS, perturbed_reference, tiny_data, tiny_mlp
 from tests.test_measure import tiny_args
 
-EXECUTION = {"provenance", "world_size"}
+EXECUTION = {"provenance", "world_size", "max_memory_bytes", "chunks"}
+"""How a run was executed: its processes, and its memory budget and chunks (per process)."""
 
 
 def _state(tensors):

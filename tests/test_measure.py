@@ -277,6 +277,10 @@ def test_directory_of_runs_is_measured_and_resumed(tmp_path, monkeypatch, capsys
     measure_path(runs, out=tmp_path / "out", quiet=False, **kwargs)
     assert "skipping" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in written} == stamps
+    budget = MeasureSettings(samples=4, dtype="float64", max_memory="8GiB")  # how, not what
+    measure_path(runs, out=tmp_path / "out", quiet=False, **{**kwargs, "settings": budget})
+    assert "skipping" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in written} == stamps
     measure_path(
         runs,
         out=tmp_path / "out",

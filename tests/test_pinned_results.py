@@ -16,7 +16,8 @@ do that only for a deliberate change of the numbers, and say why in the commit):
 * ``finetune_methods.json`` — one short run of every fine-tuning method: per-epoch metrics and
   the squared norm of every final parameter.
 
-Paths, timings, timestamps, versions and the fine-tuned checkpoints' hashes are left out of the comparison; floats agree to a
+Paths, timings, timestamps, versions, the fine-tuned checkpoints' hashes and the memory budget's
+bytes, chunks and use (which depend on the machine) are left out of the comparison; floats agree to a
 relative 1e-6 (float64 measurements) or 1e-4 (float32 training, whose sums may be reordered).
 """
 
@@ -43,6 +44,7 @@ PINNED = Path(__file__).parent / "pinned"
 SPECS = {"attention": "tests.oracles:tiny_attention", "cnn": "tests.oracles:tiny_cnn"}
 VOLATILE = {"timestamp", "timings", "hessfine_version", "torch_version", "python_version"}
 VOLATILE |= {"checkpoint_sha256"}  # float32 training is reproducible to round-off, not bitwise
+VOLATILE |= {"memory", "max_memory_bytes", "chunks"}  # the memory of the machine and the moment
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:

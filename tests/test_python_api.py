@@ -230,6 +230,14 @@ def test_settings_are_checked_by_name(mlp) -> None:
         measure_model(tuned, data=data)
     with pytest.raises(ValueError, match="^data <in-memory>: labels range over 0..5"):
         measure_model(tuned, reference=pretrained, data=(data[0], torch.arange(6)))
+    with pytest.raises(ValueError, match="^max_memory 'banana' is not a memory size"):
+        measure_model(tuned, reference=pretrained, data=data, max_memory="banana")
+    with pytest.raises(ValueError, match="^max_memory 1KiB .* take once loaded; raise max_memory$"):
+        measure_model(tuned, reference=pretrained, data=data, max_memory="1KiB")
+    settings = measure_model(tuned, reference=pretrained, data=data, max_memory="6GiB").to_json()[
+        "settings"
+    ]
+    assert settings["max_memory"] == "6GiB" and settings["max_memory_bytes"] == 6 * 2**30
     result = measure_model(tuned, reference=pretrained, data=data, noise_sigma=1e-3,
                            noise_draws=2, layers="2.*", samples="all")  # fmt: skip
     assert result.to_json()["settings"]["noise_sigma"] == [1e-3]

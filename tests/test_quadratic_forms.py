@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from hessfine.bounds.estimators import quadratic_forms as quadratic_forms_module
 from hessfine.bounds.estimators.quadratic_forms import (
     positive_forms,
     positive_forms_layers,
@@ -262,8 +261,7 @@ def test_lockstep_positive_part_matches_layer_by_layer_under_a_small_memory_budg
     # the layers of a step are split over several calls: the results are still those of
     # positive_forms run layer by layer (the same chunks, hence the same pruning), with
     # vmapped forward-over-reverse products (retained-graph budget 0) or retained graphs
-    monkeypatch.setattr(quadratic_forms_module, "_ELEMENT_BUDGET", 200)
-    monkeypatch.setattr(quadratic_forms_module, "_LOCKSTEP_BUDGET", 700)
+    monkeypatch.setattr(per_example_module, "_LOCKSTEP_BUDGET", 700)
     monkeypatch.setattr(per_example_module, "_ELEMENT_BUDGET", 200)
     monkeypatch.setattr(retained_module, "_RETAINED_BUDGET", budget)
     _, fm, params, directions, x, y, _ = setup("attention")
@@ -325,7 +323,7 @@ def test_pruning_keeps_the_maximiser_whose_early_estimate_is_low(
     # per chunk (then example 0's final R − e is the floor of example 1's run), example 1 may
     # only be pruned below example 0's R − e: the max and argmax are the dense oracle's.
     if one_example_per_chunk:
-        monkeypatch.setattr(quadratic_forms_module, "_ELEMENT_BUDGET", 6 * 48)
+        monkeypatch.setattr(per_example_module, "_ELEMENT_BUDGET", 6 * 48)
     H, v = crossing_hessians()
     module = DesignedHessians(v.numel())
     fm, params = FunctionalModel.from_module(module)
@@ -349,7 +347,7 @@ def test_later_chunks_are_pruned_against_the_best_value_of_earlier_ones(monkeypa
     # 2, v·H⁺v = 12.26, converging slowly: its R + e at step 4 (12.6) is far below the best
     # R − e of chunk 1 (48, not the other one's 0.1), so it is pruned there rather than running
     # to the step cap.
-    monkeypatch.setattr(quadratic_forms_module, "_ELEMENT_BUDGET", 2 * 12 * 48)
+    monkeypatch.setattr(per_example_module, "_ELEMENT_BUDGET", 2 * 12 * 48)
     (slow, _), v = crossing_hessians()
     two = torch.diag(torch.tensor([2.0] * 24 + [-1.0] * 24, dtype=torch.float64))
     H = torch.stack([two, 0.01 * slow, slow])

@@ -17,9 +17,11 @@ def test_readme_has_exactly_two_setup_commands():
     assert tests.endswith("python -m pytest") and "'.[test]'" in tests
 
 
-def test_ci_runs_the_readme_test_command():
-    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+def test_ci_runs_the_readme_test_command_then_the_memory_tests():
+    *_, ci, memory = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci == readme_commands()[1]
+    assert memory == "python -m pytest -m memory"
+    assert f"`{memory}`" in (ROOT / "README.md").read_text()
 
 
 def test_readme_picture_exists():

@@ -61,7 +61,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from hessfine.bounds.estimates import QuadraticForm, RunningReduction
@@ -72,6 +72,7 @@ from hessfine.bounds.functional import (
     batch_size,
     slice_inputs,
 )
+from hessfine.bounds.linalg.memory import CallSize, MemoryPlan
 from hessfine.bounds.linalg.positive_quadrature import (
     PositiveQuadrature,
     positive_quadrature,
@@ -83,16 +84,14 @@ from hessfine.bounds.operators.certification import (
     certify_piecewise_linear,
 )
 from hessfine.bounds.operators.gauss_newton import GaussNewtonForms
-from hessfine.bounds.operators.per_example import PerExampleHVP, block_forms_hvp
+from hessfine.bounds.operators.per_example import PerExampleHVP, block_forms_hvp, lanczos_layout
 from hessfine.bounds.safe_autodiff import differentiable
 from torch import Tensor
 from torch.func import grad, jvp
 
 Estimator = Literal["auto", "block", "positive", "ggn", "reference-code"]
 ESTIMATORS: tuple[str, ...] = ("auto", "block", "positive", "ggn", "reference-code")
-
-_ELEMENT_BUDGET = 2**26
-_LOCKSTEP_BUDGET = 2**28
+_Values = TypeVar("_Values", Tensor, dict[str, Tensor])
 
 
 def positive_forms(
@@ -106,6 +105,7 @@ def positive_forms(
     steps: int,
     rtol: float = 1e-2,
     floor: float = float("-inf"),
+    memory: MemoryPlan | None = None,
 ) -> PositiveQuadrature:
     """v_iᵀ H_i⁺(x) v_i for every example by adaptive Lanczos quadrature started from v_i.
 
@@ -115,25 +115,29 @@ def positive_forms(
     estimate) cannot attain the maximum (within the batch, so that results do not depend on how
     batches are split over processes), or after ``steps`` steps. ``floor`` is a value already
     attained elsewhere. Examples are processed in chunks so that the Lanczos basis stays within
-    memory. The products come from one retained double-backward graph per chunk (rebuilt as
-    examples finish) when the chunk fits its budget, else from vmapped forward-over-reverse
-    calls (:class:`hessfine.bounds.operators.per_example.PerExampleHVP`).
+    memory (:func:`hessfine.bounds.operators.per_example.lanczos_layout`, sized by ``memory``).
+    The products come from one retained double-backward graph per chunk (rebuilt as examples
+    finish) when the chunk fits its budget, else from vmapped forward-over-reverse calls
+    (:class:`hessfine.bounds.operators.per_example.PerExampleHVP`).
     """
-    dim = v.numel()
-    steps = min(steps, dim)
-    n = batch_size(x)
-    chunk = max(1, min(n, _ELEMENT_BUDGET // max(steps * dim, 1)))
-    parts = []
-    for start in range(0, n, chunk):
-        ys = y[start : start + chunk]
-        products = PerExampleHVP(fmodel, params, slice_inputs(x, start, start + chunk), ys)
+    memory = memory if memory is not None else MemoryPlan()
+    ((_, calls),) = lanczos_layout(fmodel, params, [name], x, y, steps=steps, memory=memory)
+    steps = min(steps, v.numel())
+
+    def chunk(start: int, stop: int) -> PositiveQuadrature:
+        nonlocal floor
+        ys = y[start:stop]
+        products = PerExampleHVP(
+            fmodel, params, slice_inputs(x, start, stop), ys, planned=memory.measured
+        )
         start_vectors = v.reshape(1, -1).expand(ys.shape[0], -1).clone()
         part = positive_quadrature(
             products.of_layer(name), start_vectors, max_steps=steps, rtol=rtol, floor=floor
         )
         floor = max(floor, float((part.values - part.errors).max()))
-        parts.append(part)
-    return PositiveQuadrature.cat(parts)
+        return part
+
+    return PositiveQuadrature.cat(calls.run(chunk, batch_size(x)))
 
 
 def positive_forms_layers(
@@ -145,6 +149,7 @@ def positive_forms_layers(
     *,
     steps: int,
     rtol: float = 1e-2,
+    memory: MemoryPlan | None = None,
 ) -> dict[str, PositiveQuadrature]:
     """:func:`positive_forms` for several layers at once, their Lanczos steps in lockstep.
 
@@ -152,10 +157,11 @@ def positive_forms_layers(
     one product call for the still-running examples of every layer, so the sequential tails of
     the layers (the maximising example may need many more steps than the rest) overlap. Each
     layer's stopping rule is its own; the values are those of :func:`positive_forms` up to
-    round-off. Examples are processed in the chunks :func:`positive_forms` uses for the widest
-    layer; layers run in lockstep as long as their Lanczos bases together stay within a larger
-    budget (then the next set of layers runs). While the P running (layer, example) pairs of a
-    step fit one call (P · Σ_i d_i within the per-call budget), the products come from retained
+    round-off. Examples are processed in chunks, and layers run in lockstep, as far as memory
+    allows (:func:`hessfine.bounds.operators.per_example.lanczos_layout`: sized by the
+    ``memory`` plan, or without one by fixed element counts; then the next set of layers
+    runs). While the P running (layer, example) pairs of a step fit one call (P · Σ_i d_i
+    within the per-call budget, or always under a memory plan), the products come from retained
     double-backward graphs (one per layer while the pairs are many, one joint graph for the
     tail; rebuilt as pairs and layers finish), which on the CPU are several times cheaper per
     step than vmapped forward-over-reverse calls (bench/BENCHMARKS.md, issue 10 item 3);
@@ -163,48 +169,38 @@ def positive_forms_layers(
     within the budget (:class:`hessfine.bounds.operators.per_example.PerExampleHVP`).
     """
     names = list(directions)
-    n = batch_size(x)
-    sizes = [min(steps, v.numel()) * v.numel() for v in directions.values()]
-    chunk = max(1, min(n, _ELEMENT_BUDGET // max(sizes, default=1)))
+    memory = memory if memory is not None else MemoryPlan()
     parts: dict[str, list[PositiveQuadrature]] = {name: [] for name in names}
-    for lockstep in _budget_groups([chunk * size for size in sizes], _LOCKSTEP_BUDGET):
+    layout = lanczos_layout(fmodel, params, names, x, y, steps=steps, memory=memory)
+    for lockstep, calls in layout:
         chosen = [names[f] for f in lockstep]
         floors = [float("-inf")] * len(chosen)
-        for start in range(0, n, chunk):
-            ys = y[start : start + chunk]
+
+        def chunk(
+            start: int, stop: int, chosen: list[str] = chosen, floors: list[float] = floors
+        ) -> list[PositiveQuadrature]:
+            ys = y[start:stop]
             starts = [directions[m].reshape(1, -1).expand(ys.shape[0], -1).clone() for m in chosen]
-            products = PerExampleHVP(fmodel, params, slice_inputs(x, start, start + chunk), ys)
+            products = PerExampleHVP(
+                fmodel, params, slice_inputs(x, start, stop), ys, planned=memory.measured
+            )
 
             def matvec(
-                families: list[int],
-                blocks: list[Tensor],
-                members: list[Tensor],
-                chosen: list[str] = chosen,
-                products: PerExampleHVP = products,
+                families: list[int], blocks: list[Tensor], members: list[Tensor]
             ) -> list[Tensor]:
                 return products([chosen[f] for f in families], blocks, members)
 
             results = positive_quadrature_many(
                 matvec, starts, max_steps=steps, rtol=rtol, floors=floors
             )
-            for f, (name, part) in enumerate(zip(chosen, results, strict=True)):
+            for f, part in enumerate(results):
                 floors[f] = max(floors[f], float((part.values - part.errors).max()))
+            return results
+
+        for results in calls.run(chunk, batch_size(x)):
+            for name, part in zip(chosen, results, strict=True):
                 parts[name].append(part)
     return {name: PositiveQuadrature.cat(chunks) for name, chunks in parts.items()}
-
-
-def _budget_groups(costs: list[int], budget: int) -> list[list[int]]:
-    """Consecutive groups of indices whose costs add up to at most ``budget`` (or one alone)."""
-    groups: list[list[int]] = []
-    total = 0
-    for f, cost in enumerate(costs):
-        if groups and total + cost <= budget:
-            groups[-1].append(f)
-            total += cost
-        else:
-            groups.append([f])
-            total = cost
-    return groups
 
 
 def quadratic_forms(
@@ -222,6 +218,7 @@ def quadratic_forms(
     certify_on: Inputs | None = None,
     shard: Shard = LOCAL,
     progress: Callable[[int], None] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> dict[str, QuadraticForm]:
     """Per-layer max / mean / argmax over examples of the chosen quadratic form.
 
@@ -235,7 +232,11 @@ def quadratic_forms(
     stream; for ``reference-code`` of exactly ``reference_batch_size``), ``argmax`` is global and
     the per-process results are merged by the caller
     (:meth:`hessfine.bounds.estimates.QuadraticForm.merge`). ``progress`` is called with 1 per
-    layer and batch.
+    layer and batch. ``memory``: the plan that sizes the calls on each batch (Gauss–Newton
+    forms, each layer's Hessian-vector products, the Lanczos chunks;
+    :mod:`hessfine.bounds.linalg.memory`); without one a call takes the whole batch and the
+    Lanczos runs are chunked by fixed element counts. ``reference-code`` takes its batches
+    whole: their size is its definition.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
@@ -257,6 +258,7 @@ def quadratic_forms(
             certify_on=certify_on,
             shard=shard,
             progress=progress,
+            memory=memory if memory is not None else MemoryPlan(),
         )
 
 
@@ -274,6 +276,7 @@ def _example_forms(
     certify_on: Inputs | None,
     shard: Shard,
     progress: Callable[[int], None] | None,
+    memory: MemoryPlan,
 ) -> dict[str, QuadraticForm]:
     names = list(directions)
     reductions = {name: RunningReduction() for name in names}
@@ -300,8 +303,11 @@ def _example_forms(
             y,
             steps=lanczos_steps,
             rtol=positive_rtol,
+            memory=memory,
         )
-        forms = gauss_newton(x, y)
+        forms = (
+            _in_chunks(memory.calls("ggn"), gauss_newton, x, y) if gauss_newton.directions else {}
+        )
         for name in names:
             route = routes[name]
             upper = None
@@ -309,7 +315,11 @@ def _example_forms(
                 values = forms[name]
                 diagnostics[name]["ggn_products"] = gauss_newton.products[name]
             elif route == "hvp":
-                values = block_forms_hvp(fmodel, params, name, directions[name], x, y)
+
+                def hvp(xs: Inputs, ys: Tensor, name: str = name) -> Tensor:
+                    return block_forms_hvp(fmodel, params, name, directions[name], xs, ys)
+
+                values = _in_chunks(memory.calls(f"hvp:{name}"), hvp, x, y)
             else:
                 result = positive[name]
                 values, upper = result.values, result.upper
@@ -325,6 +335,17 @@ def _example_forms(
         )
         for name in names
     }
+
+
+def _in_chunks(
+    calls: CallSize, compute: Callable[[Inputs, Tensor], _Values], x: Inputs, y: Tensor
+) -> _Values:
+    """``compute(x, y)`` of per-example values (a tensor, or a dict of them) in the chunks of
+    examples that ``calls`` sizes."""
+    parts = calls.run(lambda a, b: compute(slice_inputs(x, a, b), y[a:b]), batch_size(x))
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 def _choose_routes(

@@ -31,6 +31,7 @@ import torch
 from hessfine.bounds.estimates import Eigenvalues, SpectralDensity
 from hessfine.bounds.functional import Batch, FunctionalModel
 from hessfine.bounds.linalg.lanczos import LanczosResult, lanczos, lanczos_many, ritz_values
+from hessfine.bounds.linalg.memory import MemoryPlan
 from hessfine.bounds.linalg.probes import rademacher
 from hessfine.bounds.linalg.sharding import LOCAL, Shard
 from hessfine.bounds.operators.mean_loss import block_diagonal_hvp, flat_operator, mean_loss_hvp
@@ -48,9 +49,12 @@ def _top(
     generator: torch.Generator,
     shard: Shard,
     progress: Callable[[float], None] | None,
+    memory: MemoryPlan | None,
 ) -> Eigenvalues:
     shapes = {name: params[name].shape for name in layers}
-    hvp = mean_loss_hvp(fmodel, params, layers, batches, shard=shard, progress=progress)
+    hvp = mean_loss_hvp(
+        fmodel, params, layers, batches, shard=shard, progress=progress, memory=memory
+    )
     matvec = flat_operator(hvp, shapes)
     first = params[layers[0]]
     dim = sum(params[name].numel() for name in layers)
@@ -83,6 +87,7 @@ def top_eigenvalues(
     generator: torch.Generator | None = None,
     shard: Shard = LOCAL,
     progress: Callable[[float], None] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> dict[str, Eigenvalues]:
     """The k largest eigenvalues of every layer's diagonal block of the mean-loss Hessian.
 
@@ -91,7 +96,8 @@ def top_eigenvalues(
     backward pass per batch, each then costing one double-backward pass that reaches back to
     its own layer only (:func:`hessfine.bounds.operators.mean_loss.block_diagonal_hvp`). With a
     ``shard`` the Hessian products are summed over processes (every process runs the same
-    Lanczos); ``progress`` counts Lanczos steps.
+    Lanczos); ``progress`` counts Lanczos steps; ``memory`` sizes the examples per call
+    (:mod:`hessfine.bounds.linalg.memory`).
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     batches = list(batches)
@@ -99,7 +105,9 @@ def top_eigenvalues(
     starts = [
         rademacher((1, params[n].numel()), generator=generator, like=params[n]) for n in layers
     ]
-    hvp = block_diagonal_hvp(fmodel, params, layers, batches, shard=shard, progress=progress)
+    hvp = block_diagonal_hvp(
+        fmodel, params, layers, batches, shard=shard, progress=progress, memory=memory
+    )
 
     def blocks(running: list[int], qs: list[Tensor]) -> list[Tensor]:
         u = {layers[i]: q[0].view_as(params[layers[i]]) for i, q in zip(running, qs, strict=True)}
@@ -123,12 +131,14 @@ def whole_top_eigenvalues(
     generator: torch.Generator | None = None,
     shard: Shard = LOCAL,
     progress: Callable[[float], None] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> Eigenvalues:
     """The k largest eigenvalues of the mean-loss Hessian of all selected layers together."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    batches = list(batches)
     with differentiable():
         return _top(
-            fmodel, params, list(layers), list(batches), k, steps, generator, shard, progress
+            fmodel, params, list(layers), batches, k, steps, generator, shard, progress, memory
         )
 
 
@@ -145,11 +155,12 @@ def spectral_density(
     generator: torch.Generator | None = None,
     shard: Shard = LOCAL,
     progress: Callable[[float], None] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> SpectralDensity:
     """SLQ estimate of the eigenvalue density of the selected-layer mean-loss Hessian.
 
     With a ``shard`` the Hessian products are summed over processes; ``progress`` counts
-    Lanczos steps times runs.
+    Lanczos steps times runs; ``memory`` sizes the examples per call.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     layers = list(layers)
@@ -157,7 +168,9 @@ def spectral_density(
     shapes = {name: params[name].shape for name in layers}
     dim = sum(params[name].numel() for name in layers)
     with differentiable():
-        hvp = mean_loss_hvp(fmodel, params, layers, batches, shard=shard, progress=progress)
+        hvp = mean_loss_hvp(
+            fmodel, params, layers, batches, shard=shard, progress=progress, memory=memory
+        )
         matvec = flat_operator(hvp, shapes)
         start = rademacher((runs, dim), generator=generator, like=params[layers[0]])
         result = lanczos(matvec, start, steps=steps)

@@ -66,6 +66,7 @@ from hessfine.bounds.functional import (
     index_inputs,
     slice_inputs,
 )
+from hessfine.bounds.linalg.memory import CallSize, MemoryPlan
 from hessfine.bounds.linalg.positive_quadrature import positive_quadrature
 from hessfine.bounds.linalg.probes import base_key, keyed_generator, rademacher
 from hessfine.bounds.linalg.sharding import LOCAL, Shard
@@ -76,7 +77,11 @@ from hessfine.bounds.operators.certification import (
 from hessfine.bounds.operators.gauss_newton import gauss_newton_traces
 from hessfine.bounds.operators.layer_io import layer_io_gauss_newton_traces
 from hessfine.bounds.operators.mean_loss import flat_operator, mean_loss_hvp
-from hessfine.bounds.operators.per_example import PerExampleHVP, dense_example_blocks
+from hessfine.bounds.operators.per_example import (
+    PerExampleHVP,
+    dense_example_blocks,
+    lanczos_layout,
+)
 from hessfine.bounds.safe_autodiff import differentiable
 from torch import Tensor
 
@@ -99,6 +104,7 @@ def layer_traces(
     progress: Callable[[float], None] | None = None,
     output_probes: bool = True,
     exact_ggn: bool = True,
+    memory: MemoryPlan | None = None,
 ) -> dict[str, TraceEstimate]:
     """Per-layer Tr[H̄_ii] of the mean-loss Hessian over all examples in ``batches``.
 
@@ -117,8 +123,12 @@ def layer_traces(
     of Tr[D_i H̄_ii D_i] = Σ_j D_ij² (H̄_ii)_jj instead: probes z ⊙ D. Every process of ``shard``
     draws the same probes and the Hessian products are summed over processes
     (:func:`hessfine.bounds.operators.mean_loss.mean_loss_hvp`); ``progress`` counts probe vectors.
+    ``memory`` sizes the examples per call of the Hessian products and exact Gauss–Newton traces
+    (:mod:`hessfine.bounds.linalg.memory`; the output-space probes take whole batches, since
+    each batch's ‖g_i‖² is their sample).
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    memory = memory if memory is not None else MemoryPlan()
     batches = list(batches)
     if probes < 2:
         raise ValueError(f"probes must be at least 2 (for a standard error), not {probes}")
@@ -128,11 +138,12 @@ def layer_traces(
             hessian = [name for name in layers if name not in ggn]
             out = {}
             if ggn and exact_ggn and scaling is None:
-                out.update(_exact_ggn_traces(fmodel, params, ggn, batches, probes, shard))
+                found = _exact_ggn_traces(fmodel, params, ggn, batches, probes, shard, memory)
+                out.update(found)
                 ggn = [name for name in ggn if name not in out]
             if hessian:
                 hvp = mean_loss_hvp(
-                    fmodel, params, hessian, batches, shard=shard, progress=progress
+                    fmodel, params, hessian, batches, shard=shard, progress=progress, memory=memory
                 )
                 out.update(_hutchinson(hvp, params, hessian, probes, generator, scaling))
             if ggn:
@@ -147,7 +158,15 @@ def layer_traces(
         if route == "hutch++":
             return {
                 name: _hutchplusplus(
-                    mean_loss_hvp(fmodel, params, [name], batches, shard=shard, progress=progress),
+                    mean_loss_hvp(
+                        fmodel,
+                        params,
+                        [name],
+                        batches,
+                        shard=shard,
+                        progress=progress,
+                        memory=memory,
+                    ),
                     params[name],
                     name,
                     probes,
@@ -185,14 +204,20 @@ def _certified(fmodel, params, layers, batches) -> list[str]:
     return [n for n in layers if ratios[n] <= certification_tolerance(params[n].dtype)]
 
 
-def _exact_ggn_traces(fmodel, params, layers, batches, probes, shard):
+def _exact_ggn_traces(fmodel, params, layers, batches, probes, shard, memory):
     """Mean over examples of the exact per-example Tr[G_i] (ghost norms); layers it can do."""
     totals: dict[str, Tensor] = {}
     count = 0
+    calls = memory.calls("exact-ggn")
     for _, (x, y) in shard.indexed(batches):
-        values = layer_io_gauss_newton_traces(fmodel, params, layers, x, y)
-        layers = [name for name in layers if name in values]
-        totals = {name: totals.get(name, 0.0) + values[name].sum() for name in layers}
+
+        def traces(start, stop, x=x, y=y, layers=layers):
+            xs = slice_inputs(x, start, stop)
+            return layer_io_gauss_newton_traces(fmodel, params, layers, xs, y[start:stop])
+
+        for values in calls.run(traces, batch_size(x)):
+            layers = [name for name in layers if name in values]
+            totals = {name: totals.get(name, 0.0) + values[name].sum() for name in layers}
         count += int(y.shape[0])
     if not layers:
         return {}
@@ -282,6 +307,7 @@ def relative_noise_traces(
     generator: torch.Generator,
     shard: Shard = LOCAL,
     progress: Callable[[float], None] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> dict[str, TraceEstimate]:
     """Per-layer Tr[D_i H̄_ii D_i] = Σ_j W_ij² (H̄_ii)_jj with D_i = diag|W_i| (Hutchinson).
 
@@ -302,6 +328,7 @@ def relative_noise_traces(
         scaling=scaling,
         shard=shard,
         progress=progress,
+        memory=memory,
     )
 
 
@@ -319,6 +346,7 @@ def positive_trace_max(
     generator: torch.Generator | None = None,
     shard: Shard = LOCAL,
     progress: Callable[[int], None] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> dict[str, PositiveTrace]:
     """max over examples of Tr[H_i⁺(x)]: exact where possible, SLQ with a standard error elsewhere.
 
@@ -338,9 +366,11 @@ def positive_trace_max(
     ``shard`` the batches are this process's share and ``argmax`` is the global example index
     (the per-process results are merged by the caller:
     :meth:`hessfine.bounds.estimates.PositiveTrace.merge`). ``progress`` is called with 1 per
-    layer and batch.
+    layer and batch. ``memory`` sizes the examples (SLQ: the (example, probe) members) per call
+    (:mod:`hessfine.bounds.linalg.memory`); without it, fixed element counts do.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    memory = memory if memory is not None else MemoryPlan()
     if dense_limit is None:
         dense_limit = min(probes * lanczos_steps, 4096)
     key = base_key(generator)
@@ -352,23 +382,27 @@ def positive_trace_max(
     with differentiable():
         for first, (x, y) in shard.indexed(batches):
             if exact:
-                for start, stop in _example_chunks(fmodel, params, exact, x, y):
+                calls = _example_chunks(fmodel, params, exact, x, y, memory)
+
+                def traces(start, stop, x=x, y=y, first=first):
                     values = gauss_newton_traces(
                         fmodel, params, exact, slice_inputs(x, start, stop), y[start:stop]
                     )
                     for name in exact:
                         reductions[name].update(values[name], start=first + start)
+
+                calls.run(traces, batch_size(x))
                 if progress is not None:
                     progress(len(exact))
             for name in dense:
                 reductions[name].update(
-                    _dense_positive_traces(fmodel, params, name, x, y), start=first
+                    _dense_positive_traces(fmodel, params, name, x, y, memory), start=first
                 )
                 if progress is not None:
                     progress(1)
             for name in slq:
                 mean, stderr = _slq_positive_traces(
-                    fmodel, params, name, x, y, probes, lanczos_steps, rtol, (key, first)
+                    fmodel, params, name, x, y, probes, lanczos_steps, rtol, (key, first), memory
                 )
                 before = reductions[name].max
                 reductions[name].update(mean, start=first)
@@ -390,24 +424,26 @@ def positive_trace_max(
     }
 
 
-def _dense_positive_traces(fmodel, params, name, x, y):
+def _dense_positive_traces(fmodel, params, name, x, y, memory):
     """Exact Tr[H_i⁺(x_n)] = Σ_j max(λ_j, 0) per example, shape (B,), in example chunks."""
     d = params[name].numel()
-    chunk = max(1, _ELEMENT_BUDGET // (d * d))
-    values = []
-    for start in range(0, y.shape[0], chunk):
+    calls = _sized(memory, f"dense:{name}", max(1, _ELEMENT_BUDGET // (d * d)))
+
+    def traces(start, stop):
         blocks = dense_example_blocks(
-            fmodel, params, name, slice_inputs(x, start, start + chunk), y[start : start + chunk]
+            fmodel, params, name, slice_inputs(x, start, stop), y[start:stop]
         )
-        values.append(torch.linalg.eigvalsh(blocks.double()).clamp(min=0.0).sum(dim=1))
-    return torch.cat(values)
+        return torch.linalg.eigvalsh(blocks.double()).clamp(min=0.0).sum(dim=1)
+
+    return torch.cat(calls.run(traces, y.shape[0]))
 
 
-def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, rtol, keys):
+def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, rtol, keys, memory):
     """Per-example SLQ estimates of Tr[H_i⁺(x)] and their standard errors, shape (B,).
 
     All (example, probe) pairs run as one batch of Lanczos members, in chunks that keep the
-    Lanczos bases within memory. The products come from retained double-backward graphs (as
+    Lanczos bases within memory (:func:`hessfine.bounds.operators.per_example.lanczos_layout`,
+    the members counted as examples). The products come from retained double-backward graphs (as
     for the quadratic forms' positive part) when the running members fit their budget, else
     from vmapped forward-over-reverse calls
     (:class:`hessfine.bounds.operators.per_example.PerExampleHVP`). ``keys`` = (base key, global
@@ -424,21 +460,22 @@ def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, rtol, keys):
         for n in range(count)
     ]
     z = torch.stack(per_example, dim=1).reshape(probes * count, dim)
-    chunk = max(1, _ELEMENT_BUDGET // (steps * dim))
-    values = []
-    for start in range(0, examples.numel(), chunk):
-        idx = examples[start : start + chunk]
+    (_, calls), *_ = lanczos_layout(
+        fmodel, params, [name], x, y, steps=steps, memory=memory, capped=False
+    )
+
+    def members(start, stop):
+        idx = examples[start:stop]
         # each (example, probe) member is its own row of the products' examples
-        products = PerExampleHVP(fmodel, params, index_inputs(x, idx), y[idx])
-        result = positive_quadrature(
-            products.of_layer(name),
-            z[start : start + chunk],
-            max_steps=steps,
-            rtol=rtol,
-            prune=False,
+        products = PerExampleHVP(
+            fmodel, params, index_inputs(x, idx), y[idx], planned=memory.measured
         )
-        values.append(result.values)
-    samples = torch.cat(values).reshape(probes, count)
+        result = positive_quadrature(
+            products.of_layer(name), z[start:stop], max_steps=steps, rtol=rtol, prune=False
+        )
+        return result.values
+
+    samples = torch.cat(calls.run(members, examples.numel())).reshape(probes, count)
     if probes > 1:
         stderr = samples.std(dim=0) / math.sqrt(probes)
     else:
@@ -446,11 +483,17 @@ def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, rtol, keys):
     return samples.mean(dim=0), stderr
 
 
-def _example_chunks(fmodel, params, layers, x, y):
-    """Example ranges small enough that per-example, per-factor gradients fit in memory."""
+def _example_chunks(fmodel, params, layers, x, y, memory):
+    """The sizes of calls small enough that per-example, per-factor gradients fit in memory:
+    measured under a memory plan, else from the number of gradient entries per example."""
+    if memory.measured:
+        return memory.calls("exact-ggn")
     z = fmodel.logits(params, slice_inputs(x, 0, 1))
     factors = fmodel.loss.curvature_factors(z, y[:1]).shape[0]
     per_example = sum(params[name].numel() for name in layers) * factors
-    size = max(1, _ELEMENT_BUDGET // max(per_example, 1))
-    n = batch_size(x)
-    return [(start, min(n, start + size)) for start in range(0, n, size)]
+    return CallSize("exact-ggn", None, max(1, _ELEMENT_BUDGET // max(per_example, 1)))
+
+
+def _sized(memory, kind, chunk):
+    """The calls of ``kind`` under a memory plan, else of ``chunk`` items (an element count)."""
+    return memory.calls(kind) if memory.measured else CallSize(kind, None, chunk)

@@ -26,7 +26,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from hessfine.bounds.functional import Batch, FunctionalModel
+from hessfine.bounds.functional import (
+    Batch,
+    FunctionalModel,
+    Inputs,
+    batch_size,
+    slice_inputs,
+)
+from hessfine.bounds.linalg.memory import MemoryPlan
 from hessfine.bounds.linalg.sharding import LOCAL, Shard
 from torch import Tensor
 
@@ -41,41 +48,54 @@ def mean_loss_hvp(
     *,
     shard: Shard = LOCAL,
     progress: Callable[[float], None] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> ProbeMap:
     """u ↦ H u for the mean-loss Hessian over ``layers``; u maps each layer to (P, *shape).
 
     Pearlmutter's double-backward product (Neural Computation 1994): per batch, one forward and
     one backward pass with ``create_graph`` give the gradient g(W); then each of the P probes
     costs one backward pass through that graph, H u = ∇_W (g · u). The graph of one batch is held
-    at a time. With a ``shard`` over several processes the batches are this process's share and
-    the products and the example count are summed over processes (every process gets H u).
-    ``progress`` is called with 1/len(batches) per probe and batch (one unit per vector).
+    at a time; a ``memory`` plan splits a batch into calls of as many examples as it allows
+    (:mod:`hessfine.bounds.linalg.memory`; H u is a sum over examples). With a ``shard`` over
+    several processes the batches are this process's share and the products and the example
+    count are summed over processes (every process gets H u). ``progress`` is called with
+    1/len(batches) per probe and batch (one unit per vector).
     """
     layers = list(layers)
     total = shard.total(sum(y.shape[0] for _, y in batches))
+    calls = (memory if memory is not None else MemoryPlan()).calls("mean-loss")
+
+    def add(x: Inputs, y: Tensor, u: Mapping[str, Tensor], out: dict[str, Tensor], share: float):
+        """Σ over the examples (x, y) of ∇²ℓ_n u, added to ``out`` (``share``: of the batch)."""
+        probes = next(iter(u.values())).shape[0]
+        weights = [params[name].detach().requires_grad_(True) for name in layers]
+        with torch.enable_grad():
+            selected = dict(zip(layers, weights, strict=True))
+            loss = fmodel.losses({**params, **selected}, x, y).sum()
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
+            for p in range(probes):
+                hv = torch.autograd.grad(
+                    grads,
+                    weights,
+                    [u[name][p] for name in layers],
+                    retain_graph=p < probes - 1,
+                    allow_unused=True,
+                )
+                for name, h in zip(layers, hv, strict=True):
+                    if h is not None:
+                        out[name][p] += h.detach()
+                if progress is not None:
+                    progress(share / len(batches))
 
     def apply(u: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        probes = next(iter(u.values())).shape[0]
         out = {name: torch.zeros_like(u[name]) for name in layers}
         for x, y in batches:
-            weights = [params[name].detach().requires_grad_(True) for name in layers]
-            with torch.enable_grad():
-                selected = dict(zip(layers, weights, strict=True))
-                loss = fmodel.losses({**params, **selected}, x, y).sum()
-                grads = torch.autograd.grad(loss, weights, create_graph=True)
-                for p in range(probes):
-                    hv = torch.autograd.grad(
-                        grads,
-                        weights,
-                        [u[name][p] for name in layers],
-                        retain_graph=p < probes - 1,
-                        allow_unused=True,
-                    )
-                    for name, h in zip(layers, hv, strict=True):
-                        if h is not None:
-                            out[name][p] += h.detach()
-                    if progress is not None:
-                        progress(1 / len(batches))
+            n = batch_size(x)
+            calls.run(
+                lambda a, b, x=x, y=y, n=n: add(slice_inputs(x, a, b), y[a:b], u, out, (b - a) / n),
+                n,
+                retry=False,  # it adds to ``out``
+            )
         if shard.world_size > 1:
             summed = shard.sum(flatten(out, layers))
             out = unflatten(summed, {name: out[name].shape[1:] for name in layers})
@@ -92,38 +112,50 @@ def block_diagonal_hvp(
     *,
     shard: Shard = LOCAL,
     progress: Callable[[float], None] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> Callable[[Mapping[str, Tensor]], dict[str, Tensor]]:
     """u ↦ (H̄_ii u_i)_i for any subset of ``layers``: the diagonal blocks' products together.
 
     Per batch one forward and one backward pass with ``create_graph`` give g(W); then layer i
     costs one double-backward pass ∇_{W_i}(g_i · u_i), which only reaches back to W_i (cheaper
     than a full product for late layers). u maps some layers to vectors shaped like the weight.
+    A ``memory`` plan splits batches into calls as for :func:`mean_loss_hvp`.
     """
     layers = list(layers)
     total = shard.total(sum(y.shape[0] for _, y in batches))
+    calls = (memory if memory is not None else MemoryPlan()).calls("mean-loss")
+
+    def add(x: Inputs, y: Tensor, u: Mapping[str, Tensor], out: dict[str, Tensor], share: float):
+        """Σ over the examples (x, y) of ∇²_{W_i}ℓ_n u_i, added to ``out``."""
+        weights = {name: params[name].detach().requires_grad_(True) for name in layers}
+        with torch.enable_grad():
+            loss = fmodel.losses({**params, **weights}, x, y).sum()
+            grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True)
+            grads = dict(zip(layers, grads, strict=True))
+            for j, name in enumerate(out):
+                if grads[name].requires_grad:
+                    (h,) = torch.autograd.grad(
+                        grads[name],
+                        weights[name],
+                        u[name],
+                        retain_graph=j < len(out) - 1,
+                        allow_unused=True,
+                    )
+                    if h is not None:
+                        out[name] += h.detach()
+                if progress is not None:
+                    progress(share / len(batches))
 
     def apply(u: Mapping[str, Tensor]) -> dict[str, Tensor]:
         names = [name for name in layers if name in u]
         out = {name: torch.zeros_like(u[name]) for name in names}
         for x, y in batches:
-            weights = {name: params[name].detach().requires_grad_(True) for name in layers}
-            with torch.enable_grad():
-                loss = fmodel.losses({**params, **weights}, x, y).sum()
-                grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True)
-                grads = dict(zip(layers, grads, strict=True))
-                for j, name in enumerate(names):
-                    if grads[name].requires_grad:
-                        (h,) = torch.autograd.grad(
-                            grads[name],
-                            weights[name],
-                            u[name],
-                            retain_graph=j < len(names) - 1,
-                            allow_unused=True,
-                        )
-                        if h is not None:
-                            out[name] += h.detach()
-                    if progress is not None:
-                        progress(1 / len(batches))
+            n = batch_size(x)
+            calls.run(
+                lambda a, b, x=x, y=y, n=n: add(slice_inputs(x, a, b), y[a:b], u, out, (b - a) / n),
+                n,
+                retry=False,  # it adds to ``out``
+            )
         if shard.world_size > 1:
             summed = shard.sum(torch.cat([out[name].reshape(-1) for name in names]))
             out = {

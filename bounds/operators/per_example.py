@@ -49,14 +49,19 @@ from hessfine.bounds.functional import (
     Inputs,
     batch_size,
     index_inputs,
+    slice_inputs,
     unsqueeze_inputs,
     with_layer,
 )
+from hessfine.bounds.linalg.memory import CallSize, MemoryPlan
 from hessfine.bounds.operators.retained import RetainedTail, retained_fits
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 _ELEMENT_BUDGET = 2**26
+_LOCKSTEP_BUDGET = 2**28
+_BASIS_COPIES = 2
+"""Copies of its Lanczos basis a run may hold at once: the basis and its compacted copy."""
 
 
 class PairHVP(Protocol):
@@ -187,20 +192,32 @@ class PerExampleHVP:
     layer while the pairs are many, one joint graph for the tail; rebuilt as pairs and layers
     finish), which on the CPU are several times cheaper per step than vmapped
     forward-over-reverse calls (bench/BENCHMARKS.md, issue 10 item 3); otherwise from
-    :class:`VmappedPairHVP`. Building it costs nothing: graphs are built on the first call.
+    :class:`VmappedPairHVP`. ``planned``: the examples were chunked by a memory plan
+    (:func:`lanczos_layout`), which sized them for retained graphs, so those are always used,
+    one per layer while the pairs outnumber the examples. Building it costs nothing: graphs are
+    built on the first call.
     """
 
     def __init__(
-        self, fmodel: FunctionalModel, params: Mapping[str, Tensor], x: Inputs, y: Tensor
+        self,
+        fmodel: FunctionalModel,
+        params: Mapping[str, Tensor],
+        x: Inputs,
+        y: Tensor,
+        *,
+        planned: bool = False,
     ) -> None:
-        self.retained = RetainedTail(fmodel, params, x, y)
+        joint = batch_size(x) if planned else None
+        self.retained = RetainedTail(fmodel, params, x, y, joint_pairs=joint)
         self.vmapped = VmappedPairHVP(fmodel, params, x, y)
+        self.planned = planned
 
     def __call__(
         self, names: Sequence[str], blocks: Sequence[Tensor], members: Sequence[Tensor]
     ) -> list[Tensor]:
         """The images [H_ii(x_b) u_b], layer by layer (see :class:`PairHVP`)."""
-        if retained_fits(sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)):
+        pairs, width = sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)
+        if self.planned or retained_fits(pairs, width):
             return self.retained(names, blocks, members)
         return self.vmapped(names, blocks, members)
 
@@ -244,3 +261,96 @@ def dense_example_blocks(
         parts.append(vmap(matvec)(basis[:, None, :].expand(-1, n, -1)))  # (c, B, d)
     blocks = torch.cat(parts).permute(1, 2, 0)
     return (blocks + blocks.transpose(1, 2)) / 2
+
+
+def lanczos_layout(
+    fmodel: FunctionalModel,
+    params: Mapping[str, Tensor],
+    names: Sequence[str],
+    x: Inputs,
+    y: Tensor,
+    *,
+    steps: int,
+    memory: MemoryPlan,
+    capped: bool = True,
+) -> list[tuple[list[int], CallSize]]:
+    """How Lanczos runs of the layers ``names`` on every example of ``x`` are split.
+
+    The runs of each group of layers (indices into ``names``) go in lockstep over chunks of the
+    examples, sized by the group's :class:`~hessfine.bounds.linalg.memory.CallSize`. With a
+    measured ``memory`` plan an example of layer i costs b_i = g_i + 2·k_i·d_i·s bytes while it
+    runs: g_i is the growth per example of a retained graph of layer i with one product,
+    measured on the first examples of ``x`` (the probe calls of 1, 1 and 2 examples, built for
+    this and discarded: a few products next to the run's k_i steps), and the Lanczos basis holds
+    k_i = min(steps, d_i) vectors of d_i entries of s bytes, twice while it is compacted. With
+    a the largest fixed part of the g_i, the chunk is n = ⌊(room − a)/max_i b_i⌋ examples
+    (room: :meth:`~hessfine.bounds.linalg.memory.MemoryPlan.room`) and consecutive layers run
+    in lockstep while n·Σ b_i ≤ room − a (each running layer holds its own graph,
+    :class:`PerExampleHVP` with ``planned``); each group's chunks are then resized at every
+    chunk from the headroom left, and learn from their measured growth. ``capped``: chunks hold
+    at most the plan's ``cap`` examples (False when the examples are Lanczos members of their
+    own, as the probes of stochastic Lanczos quadrature). Without a meter, the fixed element
+    counts of earlier versions: chunks of 2²⁶ / max_i k_i·d_i examples, and lockstep while the
+    chunk's bases hold at most 2²⁸ entries.
+    """
+    if not names:
+        return []
+    dims = [params[name].numel() for name in names]
+    sizes = [min(steps, d) * d for d in dims]
+    per = _member_costs(fmodel, params, names, x, y, sizes, memory) if memory.measured else None
+    if per is None:
+        chunk = max(1, _ELEMENT_BUDGET // max(sizes, default=1))
+        groups = budget_groups([chunk * size for size in sizes], _LOCKSTEP_BUDGET)
+        return [(group, CallSize("lanczos", None, chunk)) for group in groups]
+    fixed, costs = per
+    room = memory.room() - fixed
+    chunk = max(1, min(batch_size(x), int(room // max(costs))))
+    out = []
+    for group in budget_groups([chunk * cost for cost in costs], room):
+        key = "lanczos:" + ",".join(names[g] for g in group)
+        per_item = sum(costs[g] for g in group)
+        out.append((group, memory.calls(key, fixed=fixed, per_item=per_item, capped=capped)))
+    return out
+
+
+def _member_costs(
+    fmodel: FunctionalModel,
+    params: Mapping[str, Tensor],
+    names: Sequence[str],
+    x: Inputs,
+    y: Tensor,
+    sizes: Sequence[int],
+    memory: MemoryPlan,
+) -> tuple[int, list[float]] | None:
+    """(a, [b_i]) of :func:`lanczos_layout` (None when the meter measures nothing)."""
+    n = batch_size(x)
+    fixed, costs = 0, []
+    for name, size in zip(names, sizes, strict=True):
+        weight = params[name]
+
+        def graph(k: int, name: str = name, weight: Tensor = weight) -> None:
+            u = weight.detach().reshape(1, -1).expand(k, -1)
+            tail = RetainedTail(fmodel, params, slice_inputs(x, 0, k), y[:k])
+            tail([name], [u], [torch.arange(k, device=y.device)])
+
+        calls = memory.calls(f"graph:{name}", recorded=False)
+        calls.fit(graph, n)
+        if calls.per_item is None:
+            return None
+        fixed = max(fixed, calls.fixed)
+        costs.append(calls.per_item + _BASIS_COPIES * size * weight.element_size())
+    return fixed, costs
+
+
+def budget_groups(costs: Sequence[float], budget: float) -> list[list[int]]:
+    """Consecutive groups of indices whose costs add up to at most ``budget`` (or one alone)."""
+    groups: list[list[int]] = []
+    total = 0.0
+    for f, cost in enumerate(costs):
+        if groups and total + cost <= budget:
+            groups[-1].append(f)
+            total += cost
+        else:
+            groups.append([f])
+            total = cost
+    return groups

@@ -142,15 +142,26 @@ class RetainedTail:
     32 pairs 122 against 56 ms). The graphs are rebuilt when asked for a pair they lack or
     once at most half of their pairs, or of their layers, are still running (so that finished
     pairs and layers cost at most as much again as the running ones; a rebuild costs about two
-    products). Memory: the graphs of the running pairs, as for one joint graph. ``x``, ``y`` are
-    the examples; the members of a call index them. A back end of
+    products). Memory: the graphs of the running pairs, as for one joint graph. A joint graph
+    carries every layer's weights for each pair, so ``joint_pairs`` (when given) bounds the
+    pairs it may hold: with at most as many pairs as examples, its memory stays within that of
+    one graph per layer over all the examples, which is what a memory plan measures
+    (:func:`hessfine.bounds.operators.per_example.lanczos_layout`). ``x``, ``y`` are the
+    examples; the members of a call index them. A back end of
     :class:`hessfine.bounds.operators.per_example.PairHVP`.
     """
 
     def __init__(
-        self, fmodel: FunctionalModel, params: Mapping[str, Tensor], x: Inputs, y: Tensor
+        self,
+        fmodel: FunctionalModel,
+        params: Mapping[str, Tensor],
+        x: Inputs,
+        y: Tensor,
+        *,
+        joint_pairs: int | None = None,
     ) -> None:
         self.fmodel, self.params, self.x, self.y = fmodel, params, x, y
+        self.joint_pairs = joint_pairs
         self.graphs: dict[str, RetainedLayersHVP] = {}
 
     @property
@@ -172,9 +183,9 @@ class RetainedTail:
             )
         ):
             self.graphs = {}  # the old graphs are freed before the next are built
-            self.graphs = self._build(
-                names, members, per_layer=running >= _PER_LAYER_ROWS * len(names)
-            )
+            many = running >= _PER_LAYER_ROWS * len(names)
+            over = self.joint_pairs is not None and running > self.joint_pairs
+            self.graphs = self._build(names, members, per_layer=many or over)
         groups: dict[int, list[int]] = {}
         for f, name in enumerate(names):
             groups.setdefault(id(self.graphs[name]), []).append(f)
