@@ -52,6 +52,7 @@ from hessfine.bounds.functional import (
     unsqueeze_inputs,
     with_layer,
 )
+from hessfine.bounds.operators.output_graph import OutputPairHVP
 from hessfine.bounds.operators.retained import RetainedTail, retained_fits
 from torch import Tensor
 from torch.func import grad, jvp, vmap
@@ -179,20 +180,26 @@ class VmappedPairHVP:
 
 
 class PerExampleHVP:
-    """The :class:`PairHVP` of the examples ``x``, ``y``, choosing its back end per call.
+    """The :class:`PairHVP` of the examples ``x``, ``y``, choosing its back end per layer and call.
 
-    While the P running pairs of a call fit the retained-graph budget (P · Σ_i d_i, see
-    :func:`hessfine.bounds.operators.retained.retained_fits`) the products come from retained
-    double-backward graphs (:class:`hessfine.bounds.operators.retained.RetainedTail`: one per
-    layer while the pairs are many, one joint graph for the tail; rebuilt as pairs and layers
-    finish), which on the CPU are several times cheaper per step than vmapped
-    forward-over-reverse calls (bench/BENCHMARKS.md, issue 10 item 3); otherwise from
-    :class:`VmappedPairHVP`. Building it costs nothing: graphs are built on the first call.
+    ``nn.Linear`` and ``Conv1D`` weights called once come from one retained graph of the
+    examples at the layers' outputs, shared by all layers and steps
+    (:class:`hessfine.bounds.operators.output_graph.OutputPairHVP`: a double backward per layer,
+    no per-example weight copies). The other layers, while the P running pairs of a call fit
+    the retained-graph budget (P · Σ_i d_i, see
+    :func:`hessfine.bounds.operators.retained.retained_fits`), come from retained
+    double-backward graphs with per-pair weights
+    (:class:`hessfine.bounds.operators.retained.RetainedTail`: one per layer while the pairs are
+    many, one joint graph for the tail; rebuilt as pairs and layers finish), which on the CPU
+    are several times cheaper per step than vmapped forward-over-reverse calls
+    (bench/BENCHMARKS.md, issue 10 item 3); otherwise from :class:`VmappedPairHVP`. All give the
+    same products to round-off. Building it costs nothing: graphs are built on the first call.
     """
 
     def __init__(
         self, fmodel: FunctionalModel, params: Mapping[str, Tensor], x: Inputs, y: Tensor
     ) -> None:
+        self.output = OutputPairHVP(fmodel, params, x, y)
         self.retained = RetainedTail(fmodel, params, x, y)
         self.vmapped = VmappedPairHVP(fmodel, params, x, y)
 
@@ -200,9 +207,21 @@ class PerExampleHVP:
         self, names: Sequence[str], blocks: Sequence[Tensor], members: Sequence[Tensor]
     ) -> list[Tensor]:
         """The images [H_ii(x_b) u_b], layer by layer (see :class:`PairHVP`)."""
-        if retained_fits(sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)):
-            return self.retained(names, blocks, members)
-        return self.vmapped(names, blocks, members)
+        images = self.output(names, blocks, members)
+        rest = [f for f, image in enumerate(images) if image is None]
+        if rest:
+            chosen = (
+                [names[f] for f in rest],
+                [blocks[f] for f in rest],
+                [members[f] for f in rest],
+            )
+            fits = retained_fits(
+                sum(b.shape[0] for b in chosen[1]), sum(b.shape[1] for b in chosen[1])
+            )
+            others = (self.retained if fits else self.vmapped)(*chosen)
+            for f, image in zip(rest, others, strict=True):
+                images[f] = image
+        return images  # type: ignore[return-value]
 
     def of_layer(self, name: str) -> Callable[[Tensor, Tensor], Tensor]:
         """(u, members) ↦ [H_ii(x_b) u_b] of one layer: a ``matvec`` of
