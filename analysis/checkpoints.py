@@ -89,6 +89,7 @@ __all__ = [
     "Alignment",
     "AlignmentRow",
     "Checkpoint",
+    "adapter_base",
     "align",
     "apply_adapter",
     "checkpoint_digest",
@@ -229,6 +230,23 @@ def apply_adapter(checkpoint: Checkpoint, base: Checkpoint) -> Checkpoint:
         distances=distances,
         layers=tuple(layers),
     )
+
+
+def adapter_base(adapter: LoraAdapter, given: str | None, *, label: str, fix: str) -> str:
+    """The base model of ``adapter``: ``given`` (an option), else the local directory its
+    ``adapter_config.json`` names (``base_model_name_or_path``); else one line naming what the
+    adapter records and ``fix``."""
+    if given is not None:
+        return given
+    if adapter.base is not None:
+        return str(adapter.base)
+    named = adapter.config.get("base_model_name_or_path")
+    recorded = (
+        f"its base model {named!r} is not a local directory"
+        if isinstance(named, str) and named
+        else f"its {ADAPTER_CONFIG} names no base model"
+    )
+    raise InputError(f"{label} {adapter.directory} is a PEFT adapter and {recorded}; {fix}")
 
 
 def checkpoint_digest(path: str | Path) -> str:

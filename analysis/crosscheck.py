@@ -31,6 +31,13 @@ PyHessian's own behaviour that this module works around or reports (pyhessian 0.
   fields (a reference cycle); they are reset to ``None`` afterwards, and ``requires_grad`` flags
   are restored.
 * ``density()`` calls ``torch.eig``, removed from PyTorch, so spectral densities are not compared.
+* its loss is ``criterion(model(inputs), targets)``: the criterion here takes the logits out of a
+  Hugging Face model's output first.
+
+The model is loaded as ``hessfine measure`` loads the fine-tuned one: a Hugging Face directory
+(``--model hf``) by transformers' ``from_pretrained``; a PEFT adapter merged into its base model
+(``--reference``, else the local directory its ``adapter_config.json`` names;
+:mod:`hessfine.analysis.hf_loading`), its layers by default those the adapter changes.
 
 Example:
     >>> import torch
@@ -49,11 +56,12 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.progress import add_quiet_option
-from hessfine.bounds.functional import FunctionalModel
+from hessfine.bounds.functional import FunctionalModel, logits_of
 from hessfine.bounds.safe_autodiff import differentiable
 from torch import Tensor, nn
 
@@ -134,7 +142,7 @@ def pyhessian_engine(
         torch.manual_seed(seed)
         yield PyHessian(
             model,
-            nn.CrossEntropyLoss(),
+            lambda output, target: nn.functional.cross_entropy(logits_of(output), target),
             data=(x.to(device), y.to(device)),
             cuda=device.type == "cuda",
         )
@@ -292,7 +300,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  hessfine crosscheck                       # random resnet18, 64 random 3x32x32 images\n"
         "  hessfine crosscheck --model torchvision:resnet18 --checkpoint run/epoch_10.safetensors"
         " --data digits:test --samples 128 --probes 500 --top-k 3\n"
-        "  hessfine crosscheck --layers 'layer4.*' 'fc.weight'"
+        "  hessfine crosscheck --layers 'layer4.*' 'fc.weight'\n"
+        "  hessfine crosscheck --model hf --checkpoint lora_adapter/ --reference vit_base/"
+        " --data images.pt --samples 32"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
@@ -303,7 +313,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default='{"num_classes": 10}',
         help="JSON keyword arguments of the model factory (default '{\"num_classes\": 10}')",
     )
-    parser.add_argument("--checkpoint", default=None, help="checkpoint file to load (optional)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint to load (optional): a file, a Hugging Face directory (--model hf) or a "
+        "PEFT adapter directory (merged into its base model)",
+    )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        metavar="BASE",
+        help="the base model of a PEFT adapter --checkpoint (default: the local directory its "
+        "adapter_config.json names)",
+    )
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -342,7 +364,7 @@ def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tu
         g = torch.Generator().manual_seed(args.seed)
         x = torch.randn(args.samples, 3, 32, 32, generator=g, dtype=dtype)
         with torch.no_grad():
-            classes = model(x[:1]).shape[-1]
+            classes = logits_of(model(x[:1])).shape[-1]
         return x, torch.randint(0, classes, (args.samples,), generator=g)
     from hessfine.analysis.data import check_labels, load_data
     from hessfine.analysis.sampling import stratified_sample
@@ -355,27 +377,87 @@ def _batch(args: argparse.Namespace, model: nn.Module, dtype: torch.dtype) -> tu
     if not isinstance(x, Tensor):
         raise InputError(f"--data {args.data}: crosscheck needs tensor inputs (PyHessian)")
     with torch.no_grad():
-        classes = model(x[:1]).shape[-1]
+        classes = logits_of(model(x[:1])).shape[-1]
     check_labels(data, classes, option="--data")
     return x, y
 
 
+def load_model(args: argparse.Namespace, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
+    """The model of ``--model`` in ``dtype`` with the weights of ``--checkpoint`` (module docs)
+    and the selected layers: ``--layers``, else an adapter's layers, else the default selection."""
+    from hessfine.analysis.checkpoints import (
+        adapter_base,
+        align,
+        apply_adapter,
+        load_checkpoint,
+        select_layers,
+    )
+    from hessfine.analysis.hf_loading import load_pretrained, load_reference, pretrained_route
+    from hessfine.analysis.model_specs import build_model, parse_model_kwargs
+    from hessfine.analysis.sources.hf import model_directory
+
+    kwargs = parse_model_kwargs(args.model_kwargs)
+    if args.checkpoint is None:
+        if args.reference is not None:
+            raise InputError(
+                "--reference is the base model of a PEFT adapter --checkpoint; drop it"
+            )
+        model = build_model(args.model, kwargs).to(dtype)
+        return model, select_layers(model, args.layers)
+    label, trust = "--checkpoint", args.trust_checkpoint
+    hf_files = model_directory(args.checkpoint) is not None
+    checkpoint = load_checkpoint(args.checkpoint, trust=trust, label=label, tensors=not hf_files)
+    adapter = checkpoint.adapter
+    if adapter is None and args.reference is not None:
+        raise InputError(
+            f"--reference is the base model of a PEFT adapter, and --checkpoint {args.checkpoint} "
+            "is not one; drop --reference"
+        )
+    base = (
+        None
+        if adapter is None
+        else adapter_base(
+            adapter,
+            args.reference,
+            label=label,
+            fix="pass --reference the base model's directory (save_pretrained) or weights file",
+        )
+    )
+    model_source = base or str(args.checkpoint)
+    if pretrained_route(args.model, checkpoint, model_source):
+        loaded = load_pretrained(
+            checkpoint,
+            model_source,
+            spec=args.model,
+            model_kwargs=kwargs,
+            dtype=dtype,
+            layers=tuple(args.layers or ()),
+            trust=trust,
+        )
+        return loaded.module, loaded.layers
+    given = Path(model_source).expanduser()
+    model = build_model(args.model, kwargs, hf_directory=given if given.is_dir() else given.parent)
+    model = model.to(dtype)
+    if base is not None:
+        checkpoint = apply_adapter(checkpoint, load_reference(base, model, trust=trust))
+    elif hf_files:  # a Hugging Face directory built from another spec: its tensors by file names
+        checkpoint = load_checkpoint(args.checkpoint, trust=trust, label=label)
+    layers = select_layers(model, list(args.layers or checkpoint.layers or ()))
+    align(model, checkpoint, checkpoint, layers=layers)  # loads and checks the weights
+    return model, layers
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``hessfine crosscheck``; print the side-by-side table; return 0."""
-    from hessfine.analysis.checkpoints import align, load_checkpoint, select_layers
     from hessfine.analysis.measurement_inputs import unused_layers
-    from hessfine.analysis.model_specs import build_model, parse_model_kwargs, resolve_device
+    from hessfine.analysis.model_specs import resolve_device
 
     if args.samples < 1:
         raise InputError(f"--samples {args.samples}: must be at least 1")
     if args.top_k < 1:
         raise InputError(f"--top-k {args.top_k}: must be at least 1")
-    model = build_model(args.model, parse_model_kwargs(args.model_kwargs))
-    layers = select_layers(model, args.layers)
-    if args.checkpoint is not None:
-        checkpoint = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-        align(model, checkpoint, checkpoint, layers=layers)  # loads and checks the weights
     dtype = getattr(torch, args.dtype)
+    model, layers = load_model(args, dtype)
     device = resolve_device(args.device)
     model = model.to(dtype=dtype).eval()
     x, y = _batch(args, model, dtype)

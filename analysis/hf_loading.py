@@ -23,6 +23,11 @@ time:
 2. the fine-tuned model, which becomes the measured module; a parameter it lacks or holds with
    another shape is an error.
 
+:func:`load_reference` reads a reference for a model already built (``hessfine finetune``'s
+starting weights, ``hessfine measure``'s W^(s) of a checkpoint file): a model directory is loaded
+by ``from_pretrained`` into a transformers model's class and config, under the names in memory,
+and a PEFT adapter is merged into its base model first.
+
 A PEFT LoRA adapter is applied to its base model as peft applies it: its keys name modules of
 the model in memory. An adapter saved under transformers 4 with the names of then (``query``
 and ``value`` on a ViT) names modules that do not exist, and is refused (peft cannot apply it
@@ -49,8 +54,11 @@ import torch
 from hessfine.analysis.checkpoints import (
     Alignment,
     Checkpoint,
+    adapter_base,
     align_loaded,
+    apply_adapter,
     load_checkpoint,
+    materialize,
     select_layers,
 )
 from hessfine.analysis.errors import InputError
@@ -59,7 +67,7 @@ from hessfine.analysis.fused_experts import fused_experts, fused_owners, fused_p
 from hessfine.analysis.model_specs import hf_config, hf_implementations, hf_model_class
 from hessfine.analysis.sources.files import one_line
 from hessfine.analysis.sources.hf import model_directory
-from hessfine.analysis.sources.peft import LoraAdapter
+from hessfine.analysis.sources.peft import ADAPTER_CONFIG, LoraAdapter
 from hessfine.bounds.functional import FusedParameter, split_parameters
 from torch import Tensor, nn
 
@@ -207,14 +215,7 @@ def _adapted(
     model_class = hf_model_class(spec, config)
     label = f"--reference {directory}"
     model, _ = _from_pretrained(model_class, directory, config, dtype, label, trust)
-    fused = fused_experts(model)
-    weights = split_parameters(model, fused)
-    buffers = dict(model.named_buffers())
-    merged = merge_adapter(model, fused, adapter, weights, buffers, patterns=patterns, label=label)
-    targets = {**weights, **buffers}
-    with torch.no_grad():
-        for name, tensor in merged.changed.items():
-            targets[name].copy_(tensor)
+    fused, merged = _merged_in_place(model, adapter, patterns=patterns, label=label)
     done = replace(
         checkpoint,
         adapter=None,
@@ -223,6 +224,86 @@ def _adapted(
         layers=tuple(merged.adapted),
     )
     return _loaded(model, fused, merged.layers, merged.alignment, done, base)
+
+
+def load_reference(
+    path: str, model: nn.Module, *, trust: bool, label: str = "--reference"
+) -> Checkpoint:
+    """The reference checkpoint ``path`` with its tensors (``state``) under the names of
+    ``model``.
+
+    A PEFT adapter is merged into its base model, the local directory its
+    ``adapter_config.json`` names (the checkpoint is then the adapter's: its files and digest).
+    For a transformers ``model`` and a model directory (or such a base), the tensors are loaded
+    by ``from_pretrained`` into the model's class and config, so their names are those in
+    memory; those the directory lacks or holds with another shape (a head for another number of
+    labels) are left out. Otherwise the tensors keep the names of the files (a DCP checkpoint's
+    read for ``model``).
+    """
+    fix = (
+        f"set base_model_name_or_path in its {ADAPTER_CONFIG} to the base model's local "
+        "directory (saved with save_pretrained)"
+    )
+    config = getattr(model, "config", None)
+    transformers_model = config is not None and callable(getattr(model, "from_pretrained", None))
+
+    def hf_directory(where: str) -> Path | None:
+        return model_directory(where) if transformers_model else None
+
+    checkpoint = load_checkpoint(path, trust=trust, label=label, tensors=hf_directory(path) is None)
+    adapter = checkpoint.adapter
+    if adapter is None:
+        directory = hf_directory(path)
+        if directory is None:
+            return materialize(checkpoint, model)
+        return replace(checkpoint, state=_pretrained_state(model, directory, None, label, trust))
+    base = adapter_base(adapter, None, label=label, fix=fix)
+    directory = hf_directory(base)
+    if directory is not None:
+        state = _pretrained_state(model, directory, adapter, label, trust)
+        return replace(checkpoint, state=state, adapter=None)
+    start = load_checkpoint(base, trust=trust, label=f"the base model of {label}")
+    if start.adapter is not None:
+        raise InputError(
+            f"{label} {adapter.directory}: its base model {base} is a PEFT adapter too; merge "
+            "that one into its own base (merge_and_unload) and save the result"
+        )
+    merged = apply_adapter(checkpoint, materialize(start, model))
+    return replace(merged, deltas=None, distances=None, layers=None)
+
+
+def _pretrained_state(
+    model: nn.Module, directory: Path, adapter: LoraAdapter | None, label: str, trust: bool
+) -> dict[str, Tensor]:
+    """The tensors of the model directory ``directory`` loaded by ``from_pretrained`` into
+    ``model``'s class, config and dtype (``adapter`` merged in), without those it lacks or holds
+    with another shape."""
+    dtype = next(model.parameters()).dtype
+    where = f"{label} {directory}"
+    with _quiet():
+        loaded, info = _from_pretrained(
+            type(model), directory, model.config, dtype, where, trust, partial=True
+        )
+    if adapter is not None:
+        _merged_in_place(loaded, adapter, patterns=(), label=where)
+    absent = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+    return {k: v for k, v in loaded.state_dict().items() if k not in absent}
+
+
+def _merged_in_place(
+    model: nn.Module, adapter: LoraAdapter, *, patterns: Sequence[str], label: str
+) -> tuple[tuple[FusedParameter, ...], MergedAdapter]:
+    """``adapter`` merged into the base weights of ``model`` (:func:`merge_adapter`), written
+    into the model; its fused parameters and the merge."""
+    fused = fused_experts(model)
+    weights = split_parameters(model, fused)
+    buffers = dict(model.named_buffers())
+    merged = merge_adapter(model, fused, adapter, weights, buffers, patterns=patterns, label=label)
+    targets = {**weights, **buffers}
+    with torch.no_grad():
+        for name, tensor in merged.changed.items():
+            targets[name].copy_(tensor)
+    return fused, merged
 
 
 @dataclass(frozen=True, eq=False)

@@ -71,7 +71,7 @@ from hessfine.analysis.sources.files import PREFIXES, tensors_digest
 from hessfine.analysis.sources.hf import model_directory
 from hessfine.analysis.sources.peft import LoraAdapter, lora_adapter
 from hessfine.analysis.tasks import NOTES as TASK_NOTES
-from hessfine.analysis.tasks import TaskChoice, choose_task, task_loss
+from hessfine.analysis.tasks import TaskChoice, choose_task, task_data, task_loss
 from hessfine.bounds.functional import FunctionalModel, FusedParameter, split_parameters
 from torch import Tensor, nn
 
@@ -218,6 +218,8 @@ def object_inputs(
         (TASK_NOTES[chosen.task],) if chosen.task in TASK_NOTES else ()
     )
     kind = type(measured.peft or module)
+    train = task_data(train, chosen.task, module, option="data")
+    held = None if eval is None else task_data(eval, chosen.task, module, option="eval_data")
     if reference_digest is None:
         reference_digest = tensors_digest(alignment.reference)
     return MeasurementInputs(
@@ -247,7 +249,7 @@ def object_inputs(
         notes=notes,
         train=train,
         noisy_train=train,
-        eval=eval,
+        eval=held,
         run_labels=None,
         noise=None,
         data_specs={

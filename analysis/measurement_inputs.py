@@ -2,7 +2,8 @@
 
 :func:`load_inputs` turns the command line's (or the Python API's) paths into a
 :class:`MeasurementInputs`: the fine-tuned checkpoint and its reference (a PEFT adapter applied to
-its base), the model built from its spec (a Hugging Face directory loaded by transformers'
+its base; a reference that is an adapter, as ``hessfine finetune --reference ADAPTER`` records,
+merged into its own base: :func:`hessfine.analysis.hf_loading.load_reference`), the model built from its spec (a Hugging Face directory loaded by transformers'
 ``from_pretrained``, :mod:`hessfine.analysis.hf_loading`) and put in eval mode as a
 :class:`~hessfine.bounds.functional.FunctionalModel` with the task's per-example loss, the
 selected layers with their weight changes v_i = W_i − W_i^(s) (:func:`hessfine.analysis.checkpoints.align`),
@@ -38,7 +39,6 @@ from hessfine.analysis.checkpoints import (
     apply_adapter,
     load_checkpoint,
     load_head_reference,
-    materialize,
     select_layers,
 )
 from hessfine.analysis.data import LabeledData, Processing, load_data
@@ -50,7 +50,12 @@ from hessfine.analysis.fused_experts import (
     fused_parts,
     split_alignment,
 )
-from hessfine.analysis.hf_loading import LoadedModel, load_pretrained, pretrained_route
+from hessfine.analysis.hf_loading import (
+    LoadedModel,
+    load_pretrained,
+    load_reference,
+    pretrained_route,
+)
 from hessfine.analysis.model_specs import build_model
 from hessfine.analysis.run_labels import NoiseMatrix, RunLabels, noise_matrix, read_run_labels
 from hessfine.analysis.sources.hf import model_directory
@@ -60,8 +65,8 @@ from hessfine.analysis.tasks import (
     TaskChoice,
     check_task_labels,
     choose_task,
+    task_data,
     task_loss,
-    with_decoder_inputs,
 )
 from hessfine.bounds.functional import (
     FunctionalModel,
@@ -69,7 +74,7 @@ from hessfine.bounds.functional import (
     check_deterministic,
 )
 from hessfine.bounds.safe_autodiff import differentiable
-from torch import Tensor, nn
+from torch import Tensor
 
 DType = Literal["float32", "float64"]
 
@@ -236,7 +241,9 @@ def load_inputs(
             f"checkpoint {checkpoint.path}: the run records label noise, which hessfine measures "
             f"for classification only, not --task {task}; measure a run without label noise"
         )
-    train = _task_data(load_data(str(data_spec), label="--data", **options), task, module, "--data")
+    train = task_data(
+        load_data(str(data_spec), label="--data", **options), task, module, option="--data"
+    )
     # Under recorded label noise: measure against the clean labels, keep the noisy ones.
     run_labels = read_run_labels(manifest, base, train)
     noisy_train = train
@@ -267,8 +274,11 @@ def load_inputs(
         noisy_train=noisy_train,
         eval=None
         if eval_spec is None
-        else _task_data(
-            load_data(str(eval_spec), label="--eval-data", **options), task, module, "--eval-data"
+        else task_data(
+            load_data(str(eval_spec), label="--eval-data", **options),
+            task,
+            module,
+            option="--eval-data",
         ),
         run_labels=run_labels,
         noise=noise_matrix(manifest),
@@ -281,14 +291,6 @@ def load_inputs(
         device=device,
         dtype=torch_dtype,
     )
-
-
-def _task_data(data: LabeledData, task: str, module: nn.Module, option: str) -> LabeledData:
-    """``data`` as the task's model takes it: for seq2seq-lm with the decoder inputs made from
-    its labels (:func:`hessfine.analysis.tasks.with_decoder_inputs`)."""
-    if task != "seq2seq-lm":
-        return data
-    return with_decoder_inputs(data, module, option=option)
 
 
 def _has_config(directory: Path | None) -> bool:
@@ -313,8 +315,7 @@ def _load_state(
     their selected layers."""
     module = build_model(spec, model_kwargs, hf_directory=hf_directory)
     module.to(dtype=dtype)
-    reference = load_checkpoint(reference_spec, trust=trust, label="--reference")
-    reference = materialize(reference, module)
+    reference = load_reference(reference_spec, module, trust=trust)
     checkpoint = apply_adapter(checkpoint, reference)
     fused = fused_experts(module)
     selected = select_layers(module, list(layers or checkpoint.layers or ()), fused_parts(fused))

@@ -49,6 +49,7 @@ from hessfine.analysis.measure import MeasureSettings, measure_inputs
 from hessfine.analysis.measurement import Measurement
 from hessfine.analysis.measurement_inputs import MeasurementInputs
 from hessfine.analysis.model_specs import resolve_device
+from hessfine.analysis.tasks import Task
 from hessfine.bounds.estimators.quadratic_forms import Estimator
 from torch import nn
 
@@ -62,7 +63,7 @@ def measure_model(
     reference: Any = None,
     data: Any,
     eval_data: Any = None,
-    task: Literal["classification", "causal-lm"] = "classification",
+    task: Task | None = None,
     estimator: Estimator = "auto",
     samples: int | Literal["all"] = 256,
     **settings: Any,
@@ -88,7 +89,11 @@ def measure_model(
             first ``samples`` examples in iteration order (``data.hessian_sample.order`` is then
             ``iteration``).
         eval_data: Evaluation data in the same forms, for the measured generalization gap.
-        task: ``classification`` or ``causal-lm`` (one sequence is one example).
+        task: One of ``classification``, ``token-classification``, ``regression``,
+            ``multi-label``, ``causal-lm`` (one sequence is one example) or ``seq2seq-lm``.
+            Default: for a transformers model the task its config and class say (as for a
+            Hugging Face directory: ``problem_type``, ``num_labels == 1``, ``…ForTokenClassification``,
+            ``…ForCausalLM``, ``…ForConditionalGeneration``), else ``classification``.
         estimator: The quadratic-form estimator (``auto``, ``positive``, ``block``, ``ggn``,
             ``reference-code``).
         samples: How many Hessian examples (an int, or ``"all"``).

@@ -267,6 +267,14 @@ def check_task_labels(data: LabeledData, task: str, logits: torch.Size, *, optio
     check_labels(data, outputs, option=option)
 
 
+def task_data(data: LabeledData, task: str, module: nn.Module, *, option: str) -> LabeledData:
+    """``data`` as the task's model takes it: for seq2seq-lm with the decoder inputs made from
+    its labels (:func:`with_decoder_inputs`), else as it is."""
+    if task != "seq2seq-lm":
+        return data
+    return with_decoder_inputs(data, module, option=option)
+
+
 def with_decoder_inputs(data: LabeledData, module: nn.Module, *, option: str) -> LabeledData:
     """``data`` with ``decoder_input_ids`` made from its labels by the model's own
     ``prepare_decoder_input_ids_from_labels`` (kept when ``x`` holds them already)."""

@@ -12,7 +12,10 @@ quantities fast and exactly"):
 * ``loss.correct(z, y)`` — per example, the predictions that are right and the predictions made
   (accuracy, and the certificate's 0-1 error :func:`example_errors`);
 * ``loss.task`` — the task's name; ``loss.sequence`` — whether an example's logits are a sequence
-  (T, V) with curvature factors per position, else one vector (C,) with (K, N, C) factors.
+  (T, V) with curvature factors per position, else one vector (C,) with (K, N, C) factors;
+* ``loss.error_name`` — what :func:`example_errors` is for this task, in words (the certificate's
+  bounded loss, ``measurement.json → bounds.pac_bayes_certificate.bounded_loss``); ``None`` for a
+  regression, which makes no predictions.
 
 The losses (p = softmax(z), σ the logistic function):
 
@@ -110,6 +113,7 @@ class CrossEntropy:
 
     task = "classification"
     sequence = False
+    error_name = "0-1 error"
 
     def __call__(self, z: Tensor, y: Tensor) -> Tensor:
         """Per-example losses, shape (N,)."""
@@ -152,6 +156,7 @@ class TokenCrossEntropy:
     task = "token-classification"
     sequence = True
     shift = 0
+    error_name = "token error (mean over label positions)"
     ignore_index: int = IGNORE_INDEX
 
     def _positions(self, z: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,6 +233,7 @@ class CausalLMLoss(TokenCrossEntropy):
 
     task = "causal-lm"
     shift = 1
+    error_name = "next-token error (mean over label positions)"
 
 
 @dataclass(frozen=True)
@@ -245,6 +251,7 @@ class SquaredError:
 
     task = "regression"
     sequence = False
+    error_name = None
 
     def __call__(self, z: Tensor, y: Tensor) -> Tensor:
         """Per-example losses, shape (N,)."""
@@ -278,6 +285,7 @@ class BinaryCrossEntropy:
 
     task = "multi-label"
     sequence = False
+    error_name = "per-label error (mean over labels)"
 
     def __call__(self, z: Tensor, y: Tensor) -> Tensor:
         """Per-example losses, shape (N,)."""
@@ -322,6 +330,7 @@ class ConsistentCrossEntropy:
     inverse: Tensor
     task = "classification"
     sequence = False
+    error_name = "0-1 error"
 
     def __post_init__(self) -> None:
         rows = self.inverse.sum(dim=1)

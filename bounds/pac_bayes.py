@@ -26,10 +26,12 @@ With probability ≥ 1 − δ/2 over the sample, simultaneously for every lattic
 
     kl(ê_Q ‖ e_Q) ≤ [KL(Q‖P) + Σ_i log(1/π(k_i)) + log(4·sqrt(n)/δ)] / n,
 
-where ê_Q and e_Q are the expected 0-1 training and test errors of the stochastic predictor. The
-0-1 error of an example is the fraction of its predictions that are wrong
-(:func:`hessfine.bounds.losses.example_errors`, in [0, 1]): 0 or 1 for a classifier, the token
-error over the label positions of a sequence, the per-label error of a multi-label example. A
+where ê_Q and e_Q are the expected 0-1 training and test errors of the stochastic predictor (the
+Gibbs risk). The 0-1 error of an example is the fraction of its predictions that are wrong
+(:func:`hessfine.bounds.losses.example_errors`, in [0, 1]): 0 or 1 for a classifier; for a
+sequence (a causal or sequence-to-sequence language model, token classification) its token error,
+the mean over its label positions, so that n counts sequences; the per-label error of a
+multi-label example. The certificate names it (``bounded_loss``, the loss's ``error_name``). A
 regression makes no predictions; its certificate is refused.
 ê_Q is estimated by Monte Carlo: for each of ``draws`` repetitions every training example (or
 every group of g = ``examples_per_draw`` consecutive examples) gets its own independent weight
@@ -185,9 +187,11 @@ class GridPoint:
 
 @dataclass(frozen=True)
 class Certificate:
-    """Certified bound on the stochastic predictor's test 0-1 error and every term in it."""
+    """Certified bound on the stochastic predictor's test 0-1 error and every term in it;
+    ``bounded_loss`` names the per-example error bounded (e.g. ``"0-1 error"``)."""
 
     bound: float
+    bounded_loss: str
     empirical_error: float
     empirical_error_upper: float
     deterministic_error: float
@@ -209,6 +213,7 @@ class Certificate:
         """A JSON-ready dict (``measurement.json → bounds.pac_bayes_certificate``)."""
         return {
             "bound": self.bound,
+            "bounded_loss": self.bounded_loss,
             "empirical_error": self.empirical_error,
             "empirical_error_upper": self.empirical_error_upper,
             "deterministic_error": self.deterministic_error,
@@ -276,8 +281,9 @@ def pac_bayes_certificate(
     The batches are streamed once (memory does not grow with ``n``).
     """
     layers = list(layers)
-    if fmodel.loss.task == "regression":
-        raise ValueError("a regression predicts no classes: its 0-1 error is not defined")
+    bounded_loss = fmodel.loss.error_name
+    if bounded_loss is None:
+        raise ValueError(f"a {fmodel.loss.task} predicts no classes: its 0-1 error is not defined")
     grid = tuple(float(g) for g in grid)
     if not grid or any(not (math.isfinite(g) and g > 0) for g in grid):
         raise ValueError(f"grid must be a non-empty tuple of positive scales, got {grid}")
@@ -339,6 +345,7 @@ def pac_bayes_certificate(
     sigmas, lattice, complexity = configs[best]
     return Certificate(
         bound=chosen.bound,
+        bounded_loss=bounded_loss,
         empirical_error=chosen.empirical_error,
         empirical_error_upper=chosen.empirical_error_upper,
         deterministic_error=deterministic,

@@ -3,7 +3,9 @@ run directory.
 
 The command builds the model from ``--model`` (randomly initialised with ``--seed``), copies in
 every tensor of ``--reference`` whose name and shape match (a head for another number of classes
-keeps its fresh initialisation), optionally corrupts the training labels with class-conditional
+keeps its fresh initialisation; a PEFT adapter is merged into its base model first, and a Hugging
+Face model directory is loaded by ``from_pretrained`` for a ``--model hf`` model:
+:func:`hessfine.analysis.hf_loading.load_reference`), optionally corrupts the training labels with class-conditional
 noise, fine-tunes and writes ``--out`` (:mod:`hessfine.finetune.run_directory`). Inputs are held in memory (an
 ImageFolder is decoded once); dict inputs (text models) are not supported here.
 
@@ -31,6 +33,7 @@ import torch
 from hessfine.analysis.errors import InputError
 from hessfine.analysis.progress import add_quiet_option
 from hessfine.analysis.sources.processors import add_processing_options, processing_options
+from hessfine.bounds.functional import logits_of
 from hessfine.finetune.confusion import corrupt_labels, load_confusion, noise_confusion
 from hessfine.finetune.methods import (
     CONSISTENT_METHODS,
@@ -87,7 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     what.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the model")
     what.add_argument(
-        "--reference", required=True, metavar="PATH", help="pretrained checkpoint (file or dir)"
+        "--reference",
+        required=True,
+        metavar="PATH",
+        help="pretrained checkpoint (file or dir; a PEFT adapter dir is merged into its base)",
     )
     what.add_argument("--data", required=True, metavar="TRAIN", help="training data spec")
     what.add_argument("--eval-data", metavar="EVAL", help="evaluation data spec (test split)")
@@ -287,8 +293,8 @@ def _config(args: argparse.Namespace, confusion: Tensor | None) -> FinetuneConfi
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hessfine finetune``; bad input raises :class:`InputError` (exit status 2)."""
-    from hessfine.analysis.checkpoints import load_checkpoint, materialize
     from hessfine.analysis.data import check_labels, load_data
+    from hessfine.analysis.hf_loading import load_reference
     from hessfine.analysis.model_specs import build_model, parse_model_kwargs, resolve_device
     from hessfine.finetune.run_directory import finetune_run
 
@@ -326,17 +332,17 @@ def run(args: argparse.Namespace) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = build_model(args.model, kwargs)
-    reference = materialize(
-        load_checkpoint(args.reference, trust=args.trust_checkpoint, label="--reference"), model
-    )
+    if hasattr(model, "config"):  # a transformers model: train on the logits of its output
+        model.register_forward_hook(lambda _module, _inputs, output: logits_of(output))
+    reference = load_reference(args.reference, model, trust=args.trust_checkpoint).state
     state = model.state_dict()
     matched = {
         name: tensor
-        for name, tensor in reference.state.items()
+        for name, tensor in reference.items()
         if name in state and tuple(tensor.shape) == tuple(state[name].shape)
     }
     if not matched:
-        example = next(iter(reference.state), "none")
+        example = next(iter(reference), "none")
         raise InputError(
             f"--reference {args.reference}: no tensor matches the model's names and shapes (it "
             f"has e.g. {example!r}, the model {next(iter(state))!r}); check --model and --reference"

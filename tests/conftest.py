@@ -33,6 +33,42 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory):
     return model, single, sharded
 
 
+@pytest.fixture(scope="session")
+def vit_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random ViT image classifier (3 classes, 3×8×8 images) in ``base/``; a LoRA adapter
+    on its attention's q_proj and v_proj, by their names in memory, with random factors (so that
+    it changes the weights) in ``adapter/`` (its ``base_model_name_or_path`` is ``base/``);
+    peft's own merge of the two, in float64, in ``merged/``; 12 images with labels 0–2 in
+    ``images.pt``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import ViTConfig, ViTForImageClassification
+
+    root = tmp_path_factory.mktemp("vit_lora")
+    config = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=8,
+        patch_size=4,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(root / "base")
+    torch.manual_seed(3)
+    lora = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    base = ViTForImageClassification.from_pretrained(root / "base", dtype=torch.float64)
+    model = get_peft_model(base, lora)
+    model.save_pretrained(root / "adapter")
+    model.merge_and_unload().save_pretrained(root / "merged")
+    g = torch.Generator().manual_seed(0)
+    images = {"x": torch.rand(12, 3, 8, 8, generator=g), "y": torch.arange(12) % 3}
+    torch.save(images, root / "images.pt")
+    return root
+
+
 @pytest.fixture(autouse=True)
 def written_results_follow_the_schema(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every measurement.json and spectrum.json a test writes has exactly the declared fields

@@ -1,10 +1,13 @@
-"""Cross-check of traces and top eigenvalues: ours, PyHessian's and the dense oracle's."""
+"""Cross-check of traces and top eigenvalues: ours, PyHessian's and the dense oracle's; the
+models it loads (a Hugging Face directory, a PEFT adapter merged into its base)."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from hessfine.analysis.crosscheck import (
     add_arguments,
     crosscheck,
     format_table,
+    load_model,
     pyhessian_estimates,
     relative_difference,
     run,
@@ -217,3 +221,97 @@ def test_cli_leaves_out_layers_unused_in_eval_mode(tmp_path, capsys):
     args.layers = ["aux.*"]
     with pytest.raises(InputError, match="--layers"):
         run(args)
+
+
+def _cli(*argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+def test_cli_merges_a_peft_adapter_on_load(vit_lora, capsys):
+    """--model hf --checkpoint ADAPTER: the adapter merged into the local base its config names
+    (peft's own merge is the oracle), its two adapted layers selected; the same table as the
+    merged model's directory with those layers."""
+    from transformers import ViTForImageClassification
+
+    common = ["--model", "hf", "--data", vit_lora / "images.pt", "--samples", "12"]
+    common += ["--probes", "10", "--dtype", "float64", "--device", "cpu", "--quiet"]
+    args = _cli("--checkpoint", vit_lora / "adapter", *common)
+    model, layers = load_model(args, torch.float64)
+    assert layers == [
+        "vit.layers.0.attention.q_proj.weight",
+        "vit.layers.0.attention.v_proj.weight",
+    ]
+    theirs = ViTForImageClassification.from_pretrained(vit_lora / "merged", dtype=torch.float64)
+    merged = dict(theirs.named_parameters())
+    for name, tensor in model.named_parameters():
+        torch.testing.assert_close(tensor, merged[name], rtol=1e-12, atol=1e-12)
+    assert run(args) == 0
+    from_adapter = capsys.readouterr().out
+    assert run(_cli("--checkpoint", vit_lora / "merged", "--layers", *layers, *common)) == 0
+    assert capsys.readouterr().out == from_adapter
+    assert "| eigenvalue_1 |" in from_adapter
+
+
+def test_cli_adapter_base_from_reference_or_one_line(vit_lora, tmp_path, capsys):
+    """A base that is not a local directory needs --reference; --reference without an adapter
+    is refused; both in one line with exit 2."""
+    from hessfine.analysis.cli import main
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(vit_lora / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "some-org/vit-tiny"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    common = ["--model", "hf", "--data", vit_lora / "images.pt", "--samples", "6"]
+    common += ["--probes", "2", "--device", "cpu", "--quiet"]
+    for argv, needles in (
+        (
+            ["--checkpoint", adapter],
+            ["'some-org/vit-tiny' is not a local directory", "--reference"],
+        ),
+        (
+            ["--checkpoint", vit_lora / "merged", "--reference", vit_lora / "base"],
+            ["drop --reference"],
+        ),
+    ):
+        assert main(["crosscheck", *(str(a) for a in [*argv, *common])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and all(needle in err for needle in needles), err
+    args = _cli("--checkpoint", adapter, "--reference", vit_lora / "base", *common)
+    assert run(args) == 0 and "| trace |" in capsys.readouterr().out
+
+
+def test_cli_merges_an_adapter_of_any_model_into_its_reference(tmp_path, capsys):
+    """A LoRA adapter peft made for a plain module (no base recorded): --reference is its base
+    weights file, and the table is that of peft's merged weights."""
+    from hessfine.analysis.cli import main
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    module = tiny_cnn()
+    save_file(dict(module.state_dict()), str(tmp_path / "base.safetensors"))
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["conv1", "head"], init_lora_weights=False)
+    adapted = get_peft_model(module, lora)
+    adapted.save_pretrained(tmp_path / "adapter")
+    merged = {k: v.contiguous() for k, v in adapted.merge_and_unload().state_dict().items()}
+    save_file(merged, str(tmp_path / "merged.safetensors"))
+    x, y = tiny_data("cnn", 12)
+    torch.save({"x": x, "y": y}, tmp_path / "batch.pt")
+    common = ["--model", "tests.oracles:tiny_cnn", "--model-kwargs", "{}", "--data"]
+    common += [tmp_path / "batch.pt", "--samples", "12", "--probes", "10", "--dtype", "float64"]
+    common += ["--device", "cpu", "--quiet"]
+    assert main(["crosscheck", "--checkpoint", str(tmp_path / "adapter"), *map(str, common)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "names no base model" in err and "pass --reference" in err and "\n" not in err
+    base = tmp_path / "base.safetensors"
+    assert run(_cli("--checkpoint", tmp_path / "adapter", "--reference", base, *common)) == 0
+    from_adapter = capsys.readouterr().out
+    layers = ["conv1.weight", "head.weight"]
+    assert (
+        run(_cli("--checkpoint", tmp_path / "merged.safetensors", "--layers", *layers, *common))
+        == 0
+    )
+    assert capsys.readouterr().out == from_adapter

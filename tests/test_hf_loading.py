@@ -242,40 +242,28 @@ def test_model_directories(vit_pair, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def vit_adapters(vit_pair, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA adapter on the ViT by its names in memory, the merged model, and the same adapter
-    under transformers 4's module names (``query``/``value``)."""
-    from peft import LoraConfig, get_peft_model
+def legacy_adapter(vit_lora: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LoRA adapter of ``vit_lora`` (conftest.py) under transformers 4's module names
+    (``query``/``value``)."""
     from safetensors.torch import load_file, save_file
-    from transformers import ViTForImageClassification
 
-    base, _ = vit_pair
-    root = tmp_path_factory.mktemp("vit_lora")
-    torch.manual_seed(3)
-    config = LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    model = get_peft_model(
-        ViTForImageClassification.from_pretrained(base, dtype=torch.float64), config
-    )
-    model.save_pretrained(root / "adapter")
-    model.merge_and_unload().save_pretrained(root / "merged")
-    shutil.copytree(root / "adapter", root / "legacy")
-    tensors = load_file(root / "legacy" / "adapter_model.safetensors")
-    legacy = {"layers.0.attention.q_proj": "encoder.layer.0.attention.attention.query",
-              "layers.0.attention.v_proj": "encoder.layer.0.attention.attention.value"}  # fmt: skip
+    legacy = tmp_path_factory.mktemp("vit_lora_legacy") / "legacy"
+    shutil.copytree(vit_lora / "adapter", legacy)
+    tensors = load_file(legacy / "adapter_model.safetensors")
+    names = {"layers.0.attention.q_proj": "encoder.layer.0.attention.attention.query",
+             "layers.0.attention.v_proj": "encoder.layer.0.attention.attention.value"}  # fmt: skip
     renamed = {}
     for key, tensor in tensors.items():
-        for new, old in legacy.items():
+        for new, old in names.items():
             key = key.replace(new, old)
         renamed[key] = tensor
-    save_file(renamed, str(root / "legacy" / "adapter_model.safetensors"))
-    return root
+    save_file(renamed, str(legacy / "adapter_model.safetensors"))
+    return legacy
 
 
-def test_lora_adapter_applies_by_module_names_in_memory(vit_pair, vit_adapters) -> None:
-    base, _ = vit_pair
-    checkpoint = load_checkpoint(vit_adapters / "adapter")
+def test_lora_adapter_applies_by_module_names_in_memory(vit_lora) -> None:
+    base = vit_lora / "base"
+    checkpoint = load_checkpoint(vit_lora / "adapter")
     adapter = load_pretrained(
         checkpoint, str(base), spec="hf", model_kwargs={}, dtype=torch.float64
     )
@@ -283,21 +271,22 @@ def test_lora_adapter_applies_by_module_names_in_memory(vit_pair, vit_adapters) 
         "vit.layers.0.attention.q_proj.weight",
         "vit.layers.0.attention.v_proj.weight",
     ]
-    merged = _load(vit_adapters / "merged", base, layers=adapter.layers)
+    merged = _load(vit_lora / "merged", base, layers=adapter.layers)
     for ours, theirs in zip(adapter.alignment.rows, merged.alignment.rows, strict=True):
         assert ours.distance == pytest.approx(theirs.distance, rel=1e-6)
     ours = split_parameters(adapter.module)
-    for key, tensor in _theirs(vit_adapters / "merged").items():
+    for key, tensor in _theirs(vit_lora / "merged").items():
         torch.testing.assert_close(ours[key].float(), tensor)
 
 
-def test_adapters_under_legacy_names_are_refused(vit_pair, vit_adapters, tmp_path, capsys) -> None:
-    base, _ = vit_pair
-    args = ["measure", vit_adapters / "legacy", "--reference", base,
+def test_adapters_under_legacy_names_are_refused(
+    vit_pair, vit_lora, legacy_adapter, tmp_path, capsys
+) -> None:
+    args = ["measure", legacy_adapter, "--reference", vit_lora / "base",
             "--data", _image_data(tmp_path / "x.pt"), "--out", tmp_path / "m"]  # fmt: skip
     assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "transformers 4" in err and "merge_and_unload" in err
     assert "'vit.encoder.layer.0.attention.attention.query.weight'" in err
     with pytest.raises(InputError, match="is a PEFT adapter, not a model"):
-        _load(vit_pair[1], vit_adapters / "adapter")
+        _load(vit_pair[1], vit_lora / "adapter")

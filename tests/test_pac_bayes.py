@@ -1,11 +1,15 @@
-"""kl inversion against independent root finding; the certificate's invariants."""
+"""kl inversion against independent root finding; the certificate's invariants; the Monte Carlo
+Gibbs risk and the certificate against closed forms (a linear classifier, and a one-weight causal
+language model integrated by dense quadrature)."""
 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from hessfine.bounds.functional import FunctionalModel
+from hessfine.bounds.losses import CausalLMLoss
 from hessfine.bounds.pac_bayes import (
     DEFAULT_GRID,
     binomial_upper_bound,
@@ -16,6 +20,7 @@ from hessfine.bounds.pac_bayes import (
     pac_bayes_certificate,
 )
 from scipy import optimize, stats
+from torch import nn
 
 from tests.oracles import TINY_LAYERS, TINY_NETWORKS, perturbed_reference, tiny_data
 
@@ -237,6 +242,152 @@ def test_monte_carlo_error_matches_the_closed_form_gibbs_error():
         assert gibbs > 0.02
         tolerance = 4.5 * math.sqrt(gibbs * (1 - gibbs) / trials)
         assert abs(point.empirical_error - gibbs) <= tolerance, (sigma, point, gibbs)
+
+
+# A causal language model with one weight, the gain g: after token a it predicts the argmax of
+# U·tanh(g·E[a] + b) (vocabulary 3, width 2). The posterior N(g, σ²) is one-dimensional, so the
+# Gibbs risk of every sequence is an integral over one Gaussian variable.
+GAIN_EMBED = torch.tensor([[1.0, -0.5], [-0.8, 1.2], [0.4, 0.9]], dtype=torch.float64)
+GAIN_UNEMBED = torch.tensor([[2.0, -1.0], [-1.5, 1.0], [0.3, 2.0]], dtype=torch.float64)
+GAIN_BIAS = torch.tensor([0.2, -0.3], dtype=torch.float64)
+
+
+class GainLM(nn.Module):
+    """logits_t = U·tanh(g·E[x_t] + b): one parameter, ``gain``; E, U and b are buffers."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor([gain], dtype=torch.float64))
+        self.register_buffer("embed", GAIN_EMBED.clone())
+        self.register_buffer("unembed", GAIN_UNEMBED.clone())
+        self.register_buffer("bias", GAIN_BIAS.clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.gain * self.embed[ids] + self.bias) @ self.unembed.T
+
+
+def gain_predictions(gains: np.ndarray) -> np.ndarray:
+    """The token GainLM predicts after each vocabulary token, for every gain: shape (M, 3)."""
+    hidden = np.tanh(gains[:, None, None] * GAIN_EMBED.numpy()[None] + GAIN_BIAS.numpy())
+    return (hidden @ GAIN_UNEMBED.numpy().T).argmax(-1)
+
+
+def gain_sequences(n: int, length: int, gain: float, seed: int) -> tuple[torch.Tensor, ...]:
+    """Token ids and unshifted labels (−100 off the label positions). Sequences with 1–2 label
+    positions get random labels, longer ones mostly the model's own next token, so the mean of
+    the per-sequence token errors differs from the pooled token error."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 3, (n, length), generator=g)
+    labels = torch.randint(0, 3, (n, length), generator=g)
+    positions = torch.randint(1, length, (n,), generator=g)
+    own = torch.from_numpy(gain_predictions(np.array([gain]))[0])[ids[:, :-1]]
+    follow = torch.rand(n, length - 1, generator=g) < 0.9 * (positions[:, None] > 2)
+    labels[:, 1:] = torch.where(follow, own, labels[:, 1:])
+    steps = torch.arange(length)[None]
+    labels[(steps == 0) | (steps > positions[:, None])] = -100
+    return ids, labels
+
+
+def kl_inverse_brentq(q: float, c: float) -> float:
+    """sup{p : kl(q‖p) ≤ c} by scipy's root finder (independent of the bisection tested)."""
+    return optimize.brentq(lambda p: kl_bernoulli(q, p) - c, q, 1 - 1e-15, xtol=1e-15)
+
+
+def test_causal_lm_certificate_matches_the_gibbs_risk_by_quadrature():
+    # Per sequence j the next-token error e_j(g') is the mean over its label positions of
+    # [pred(g', x_t) ≠ y_{t+1}]: piecewise constant in g', so the Gibbs risk E_z[e_j(g + σz)]
+    # (and E[e_j²]) is integrated by the midpoint rule on M cells of [−12, 12] in z, weighted by
+    # their exact normal mass. The rule is exact on cells where the predictions do not change;
+    # each change costs at most two cells' mass (≤ 2h/√(2π)), and |z| > 12 has mass 4e-33.
+    # The certificate then follows in closed form from the Gibbs risk G:
+    # B(G) = kl⁻¹(kl⁻¹(G, log(2|grid|/δ)/N), (½v²/σ² + log(2.25(|k|+1)(|k|+2)) + log(4√n/δ))/n),
+    # with N = draws·n sequences. The Monte Carlo estimate ê of G has standard deviation
+    # sqrt(Σ_j Var_j / draws)/n (independent draws per sequence and repetition, Var_j by the same
+    # quadrature); ê must be within 4.5 of those (plus the quadrature error) of G, and the
+    # reported bound between B(G − tol) and B(G + tol), since B is increasing.
+    n, length, draws, delta = 64, 6, 200, 0.05
+    gain, start = 1.0, 0.2
+    ids, labels = gain_sequences(n, length, gain, seed=0)
+    fm, params = FunctionalModel.from_module(GainLM(gain), loss=CausalLMLoss())
+    distance = gain - start
+    curvature = distance**2 / n  # σ* = 1: σ*² = |v| / sqrt(n · 1 · A)
+    grid = (0.25, 0.5, 1.0, 2.0)
+    half = n // 2
+    cert = pac_bayes_certificate(
+        fm,
+        params,
+        {"gain": torch.tensor([start], dtype=torch.float64)},
+        ["gain"],
+        [(ids[:half], labels[:half]), (ids[half:], labels[half:])],
+        n=n,
+        curvature={"gain": curvature},
+        grid=grid,
+        draws=draws,
+        delta=delta,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert cert.bounded_loss == "next-token error (mean over label positions)"
+    assert cert.n == n and cert.trials == draws * n
+
+    inputs, targets = ids[:, :-1].numpy(), labels[:, 1:].numpy()
+    valid = targets != -100
+    # wrong[j, a, c]: the share of j's label positions after token a whose label is not c
+    wrong = (
+        np.stack(
+            [
+                np.stack([((inputs == a) & valid & (targets != c)).sum(1) for c in range(3)], -1)
+                for a in range(3)
+            ],
+            1,
+        )
+        / valid.sum(1)[:, None, None]
+    )
+    wrong_tokens = wrong * valid.sum(1)[:, None, None]
+
+    def sequence_errors(predicted: np.ndarray) -> np.ndarray:
+        return sum(wrong[:, a, predicted[:, a]] for a in range(3))  # (n, M)
+
+    assert cert.deterministic_error == pytest.approx(
+        float(sequence_errors(gain_predictions(np.array([gain]))).mean()), abs=1e-15
+    )
+    cells = 2**16
+    edges = np.linspace(-12.0, 12.0, cells + 1)
+    mass = np.diff(stats.norm.cdf(edges))
+    width = edges[1] - edges[0]
+    log_term = math.log(4 * math.sqrt(n) / delta)
+    mc_term = math.log(2 * len(grid) / delta) / cert.trials
+    for scale, point in zip(grid, cert.per_scale, strict=True):
+        sigma = sigma_of(point, distance)
+        assert sigma == scale
+        predicted = gain_predictions(gain + sigma * 0.5 * (edges[1:] + edges[:-1]))
+        changes = int((np.diff(predicted, axis=0) != 0).any(axis=1).sum())
+        quadrature_error = 2 * changes * width / math.sqrt(2 * math.pi) + 2 * stats.norm.sf(12.0)
+        assert 0 < changes <= 8 and quadrature_error < 3e-3
+        errors = sequence_errors(predicted)
+        gibbs = errors @ mass
+        variance = float(((errors**2) @ mass - gibbs**2).sum())
+        risk = float(gibbs.mean())
+        tolerance = 4.5 * math.sqrt(variance / draws) / n + quadrature_error
+        assert abs(point.empirical_error - risk) <= tolerance, (sigma, point, risk)
+        pooled = (
+            float(sum(wrong_tokens[:, a, predicted[:, a]] for a in range(3)).sum(0) @ mass)
+            / valid.sum()
+        )
+        assert abs(pooled - risk) > 2 * tolerance  # a pooled token error would fail the test
+
+        k = round(math.log2(sigma))
+        kl, cost = 0.5 * distance**2 / sigma**2, math.log(2.25 * (abs(k) + 1) * (abs(k) + 2))
+        assert point.kl == pytest.approx(kl, rel=1e-12)
+        assert point.prior_cost == pytest.approx(cost, rel=1e-12)
+        complexity = (kl + cost + log_term) / n
+
+        def closed_form(q: float, complexity: float = complexity) -> float:
+            return kl_inverse_brentq(kl_inverse_brentq(q, mc_term), complexity)
+
+        assert point.bound == pytest.approx(closed_form(point.empirical_error), abs=1e-9)
+        assert closed_form(risk - tolerance) - 1e-9 <= point.bound
+        assert point.bound <= closed_form(risk + tolerance) + 1e-9
+    assert cert.bound == min(p.bound for p in cert.per_scale) < 1.0
 
 
 def test_monte_carlo_draws_are_independent_across_examples_and_passes():

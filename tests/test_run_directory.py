@@ -3,6 +3,7 @@
 import argparse
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -321,6 +322,60 @@ def test_cli_refuses_a_reference_that_does_not_fit(tmp_path):
     )
     with pytest.raises(InputError, match="no tensor matches"):
         cli.run(args)
+
+
+def test_cli_reference_may_be_a_peft_adapter_or_a_hf_directory(tmp_path, vit_lora):
+    """--reference ADAPTER is merged into its local base on load (peft's own merge is the
+    oracle): at a learning rate too small to move a float32 weight, the saved epoch holds the
+    merged weights, and hessfine measure of the run, reading the adapter from the manifest,
+    finds every distance 0. A model directory for a --model hf with another number of labels
+    is loaded by from_pretrained (names in memory): everything but the new head comes from it."""
+    from hessfine.analysis.cli import main
+    from transformers import ViTForImageClassification
+
+    def finetune(reference, out, *extra):
+        args = parse("--model", f"hf:{vit_lora / 'base'}", "--reference", str(reference),
+                     "--data", str(vit_lora / "images.pt"), "--method", "plain", "--epochs", "1",
+                     "--lr", "1e-12", "--out", str(tmp_path / out), "--quiet", *extra)  # fmt: skip
+        assert cli.run(args) == 0
+        return load_file(str(tmp_path / out / checkpoint_name(1)))
+
+    def weights(name):
+        model = ViTForImageClassification.from_pretrained(vit_lora / name, dtype=torch.float32)
+        return model.state_dict()
+
+    saved, merged, base = finetune(vit_lora / "adapter", "lora"), weights("merged"), weights("base")
+    assert set(saved) == set(merged)
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, merged[name], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(merged["vit.layers.0.attention.q_proj.weight"],
+                           base["vit.layers.0.attention.q_proj.weight"])  # fmt: skip
+    argv = ["measure", tmp_path / "lora", "--data", vit_lora / "images.pt", "--samples", "4"]
+    assert main([str(a) for a in [*argv, "--out", tmp_path / "m", "--quiet"]]) == 0
+    result = json.loads((tmp_path / "m" / "measurement.json").read_text())
+    assert result["reference"].endswith("adapter/adapter_model.safetensors")
+    assert len(result["layers"]) == 8
+    assert all(layer["distance"] == 0.0 for layer in result["layers"])
+
+    five = finetune(vit_lora / "base", "five", "--model-kwargs", '{"num_labels": 5}')
+    for name, tensor in five.items():
+        if name.startswith("classifier."):
+            assert tensor.shape[0] == 5
+        else:
+            torch.testing.assert_close(tensor, base[name], rtol=1e-6, atol=1e-7)
+
+
+def test_cli_adapter_without_a_local_base_is_one_line(tmp_path, vit_lora):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(vit_lora / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "some-org/vit-tiny"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    args = parse("--model", f"hf:{vit_lora / 'base'}", "--reference", str(adapter), "--data",
+                 str(vit_lora / "images.pt"), "--method", "plain", "--out", str(tmp_path / "o"))  # fmt: skip
+    with pytest.raises(InputError, match="'some-org/vit-tiny' is not a local directory") as info:
+        cli.run(args)
+    assert "base_model_name_or_path" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_cli_help_has_an_example():

@@ -36,7 +36,13 @@ from tests.oracles import (
     tiny_task_hf,
 )
 from tests.oracles import quadratic_forms as dense_forms
+from tests.test_training_tools import assert_same_measurement
 
+BOUNDED_LOSS = {
+    "token-classification": "token error (mean over label positions)",
+    "multi-label": "per-label error (mean over labels)",
+    "seq2seq-lm": "token error (mean over label positions)",
+}
 SOURCES = {
     "token-classification": "model class",
     "regression": "config.num_labels",
@@ -154,6 +160,22 @@ def test_every_estimator_matches_the_models_own_loss(saved, estimator):
         assert form["argmax"] == int(values.argmax())
 
 
+def test_measure_model_chooses_the_task_and_agrees_with_the_cli(saved):
+    """The model in memory, with the task left to hessfine, gives the command line's numbers."""
+    from hessfine.analysis.python_api import measure_model
+
+    task, model, _, _, layers, tmp, (x, y), _ = saved
+    files = run(saved, "api-cli", "--estimator", "ggn")
+    memory = measure_model(
+        model, reference=tmp / "base", data=(x, y), estimator="ggn", samples="all",
+        dtype="float64", batch_size=4, layers=layers,
+    ).to_json()  # fmt: skip
+    assert memory["settings"]["task"] == task
+    # transformers' forward with labels records problem_type in the config of the model in memory
+    assert memory["settings"]["task_source"] in (SOURCES[task], "config.problem_type")
+    assert_same_measurement(memory, files)
+
+
 def _decoded(task, model, x, y):
     """``x`` with the decoder inputs the model makes from the labels (seq2seq-lm): the logits
     whose Jacobian the Gauss–Newton oracle takes."""
@@ -227,6 +249,7 @@ def test_traces_eigenvalues_density_noise_certificate_accuracy_and_notes(saved):
         exact = float((right == made).double().mean())
         assert accuracy["train_exact_match"] == pytest.approx(exact, rel=1e-12)
     certificate = result["bounds"]["pac_bayes_certificate"]
+    assert certificate["bounded_loss"] == BOUNDED_LOSS[task]
     errors = float(((made - right) / made).mean())
     assert certificate["deterministic_error"] == pytest.approx(errors, rel=1e-12)
     assert 0.0 <= certificate["empirical_error"] <= certificate["bound"] <= 1.0

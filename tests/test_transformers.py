@@ -235,9 +235,11 @@ def test_measure_command_line_on_a_saved_hf_model(tiny_bert, tmp_path, task):
         module, _, _, _ = tiny_hf("gpt2-lm")
         base = tmp_path / "base"
         module.float().save_pretrained(base)
-        inputs = tiny_text_inputs(20, 0)
+        first, second = tiny_text_inputs(20, 0), tiny_text_inputs(20, 0, seed=1)
+        inputs = {k: torch.cat([first[k], second[k]]) for k in first}
         data = {"x": inputs}  # labels default to input_ids masked by attention_mask
         extra = ["--task", "causal-lm", "--trace", "--trace-probes", "2", "--lanczos-steps", "4"]
+        extra += ["--certificate"]
     tuned = tmp_path / "tuned"
     torch.manual_seed(3)
     model = FunctionalModel.from_module(
@@ -283,6 +285,14 @@ def test_measure_command_line_on_a_saved_hf_model(tiny_bert, tmp_path, task):
     assert all(layer["quadratic_form"]["max"] > 0 for layer in result["layers"])
     assert 0.0 <= result["accuracy"]["train"] <= 1.0
     assert result["bounds"]["theorem_2_1"] is not None
+    certificate = result["bounds"]["pac_bayes_certificate"]
+    bounded = {
+        "classification": "0-1 error",
+        "causal-lm": "next-token error (mean over label positions)",
+    }
+    assert certificate["bounded_loss"] == bounded[task]
+    assert certificate["n"] == len(inputs["input_ids"])  # n counts sequences
+    assert certificate["empirical_error"] <= certificate["bound"] <= 1.0
 
 
 def test_causal_lm_data_labels_default_and_checks(tmp_path):
