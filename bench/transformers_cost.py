@@ -116,9 +116,10 @@ def _full_finetune(root: Path, kind: str, examples: int, g: torch.Generator) -> 
     return {"args": ["--model", "hf"], "layers": layers}
 
 
-def forward_seconds(root: Path, samples: int, threads: int, repeats: int) -> float:
-    """Median of ``repeats`` timed no-grad forwards of the first ``samples`` examples (after one
-    untimed), the fine-tuned model loaded as ``hessfine measure`` loads it."""
+def forward_seconds(root: Path, samples: int, threads: int, repeats: int) -> tuple[float, float]:
+    """Medians of the wall and CPU seconds of ``repeats`` timed no-grad forwards of the first
+    ``samples`` examples (after one untimed), the fine-tuned model loaded as ``hessfine measure``
+    loads it."""
     from hessfine.analysis.model_specs import build_model
 
     torch.set_num_threads(threads)
@@ -134,18 +135,19 @@ def forward_seconds(root: Path, samples: int, threads: int, repeats: int) -> flo
     data = torch.load(root / "train.pt")
     x = data["x"]
     x = x[:samples] if isinstance(x, torch.Tensor) else {k: v[:samples] for k, v in x.items()}
-    times = []
+    times, cpu = [], []
     with torch.no_grad():
         for _ in range(repeats + 1):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             module(**x) if isinstance(x, dict) else module(x)
             times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+            cpu.append(time.process_time() - start_cpu)
+    return sorted(times[1:])[len(times[1:]) // 2], sorted(cpu[1:])[len(cpu[1:]) // 2]
 
 
-def _child(args: list[str], profile: Path | None) -> tuple[float, float, int]:
-    """Run ``args`` (a command line of this script) as a child: wall seconds, peak RSS GiB,
-    exit code."""
+def _child(args: list[str], profile: Path | None) -> tuple[float, float, float, int]:
+    """Run ``args`` (a command line of this script) as a child: wall seconds, CPU seconds, peak
+    RSS GiB, exit code."""
     prefix = [sys.executable]
     if profile is not None:
         prefix += ["-m", "cProfile", "-o", str(profile)]
@@ -154,15 +156,18 @@ def _child(args: list[str], profile: Path | None) -> tuple[float, float, int]:
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 2**20, process.returncode
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, cpu, usage.ru_maxrss / 2**20, process.returncode
 
 
-def _forward_child(root: Path, samples: int, threads: int) -> float:
+def _forward_child(root: Path, samples: int, threads: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one no-grad forward, timed in a child process."""
     result = root / "forward.json"
     result.unlink(missing_ok=True)
     args = ["_forward", str(root), str(samples), str(threads), str(result)]
     _child(args, None)
-    return json.loads(result.read_text())["forward_s"]
+    timed = json.loads(result.read_text())
+    return timed["forward_s"], timed["forward_cpu_s"]
 
 
 def data_file(root: Path, samples: int) -> Path:
@@ -190,11 +195,11 @@ def run(options: argparse.Namespace, root: Path, info: dict, estimator: str) -> 
     if options.layers:
         args += ["--layers", *options.layers]
     args += options.extra
-    before = _forward_child(root, options.samples, options.threads)
+    before, before_cpu = _forward_child(root, options.samples, options.threads)
     profile = root / f"profile_{estimator}.prof" if options.profile else None
-    wall, rss, code = _child(["_cli", *args], profile)
-    after = _forward_child(root, options.samples, options.threads)
-    unit = (before + after) / 2
+    wall, cpu, rss, code = _child(["_cli", *args], profile)
+    after, after_cpu = _forward_child(root, options.samples, options.threads)
+    unit, unit_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
     row: dict = {
         "model": options.model,
         "estimator": estimator,
@@ -203,7 +208,9 @@ def run(options: argparse.Namespace, root: Path, info: dict, estimator: str) -> 
         "samples": options.samples,
         "threads": options.threads,
         "forward_s": [before, after],
+        "forward_cpu_s": [before_cpu, after_cpu],
         "wall_s": wall,
+        "cpu_s": cpu,
         "peak_rss_gib": rss,
         "load_average": os.getloadavg(),
     }
@@ -215,6 +222,7 @@ def run(options: argparse.Namespace, root: Path, info: dict, estimator: str) -> 
     timings = measurement["provenance"]["timings"]
     row["layers"] = len(layers)
     row["forward_units_per_layer"] = wall / unit / len(layers)
+    row["cpu_forward_units_per_layer"] = cpu / unit_cpu / len(layers)
     row["timings"] = timings
     row["routes"] = sorted({layer["method"] for layer in layers})
     row["values"] = {layer["name"]: layer["quadratic_form"]["max"] for layer in layers}
@@ -225,12 +233,14 @@ def run(options: argparse.Namespace, root: Path, info: dict, estimator: str) -> 
     total = info.get("layers")
     if total and total != len(layers):
         per_layer = timings["quadratic_forms_s"] / len(layers)
+        extrapolated = wall + per_layer * (total - len(layers))
         row["extrapolated_all_layers"] = {
             "layers": total,
-            "wall_s": wall + per_layer * (total - len(layers)),
-            "forward_units_per_layer": (wall + per_layer * (total - len(layers))) / unit / total,
+            "wall_s": extrapolated,
+            "forward_units_per_layer": extrapolated / unit / total,
+            "cpu_forward_units_per_layer": cpu * extrapolated / wall / unit_cpu / total,
             "how": "measured wall time + (quadratic-form seconds per measured layer) × "
-            "(unmeasured layers)",
+            "(unmeasured layers); CPU seconds scaled by the same factor",
         }
     if options.profile:
         row["profile"] = str(profile)
@@ -244,8 +254,8 @@ def cli() -> None:
         sys.exit(main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "_forward":
         root, samples, threads, result = sys.argv[2:6]
-        seconds = forward_seconds(Path(root), int(samples), int(threads), repeats=3)
-        Path(result).write_text(json.dumps({"forward_s": seconds}))
+        wall, cpu = forward_seconds(Path(root), int(samples), int(threads), repeats=3)
+        Path(result).write_text(json.dumps({"forward_s": wall, "forward_cpu_s": cpu}))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODELS, default="gpt2-lora")
@@ -271,6 +281,7 @@ def cli() -> None:
         options.out.write_text(json.dumps(report, indent=2))
         brief = {k: row.get(k) for k in ("model", "estimator", "exit", "wall_s", "peak_rss_gib")}
         brief["forward_units_per_layer"] = row.get("forward_units_per_layer")
+        brief["cpu_forward_units_per_layer"] = row.get("cpu_forward_units_per_layer")
         brief["forward_s"] = row["forward_s"]
         print(json.dumps(brief), flush=True)
 
