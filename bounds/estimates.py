@@ -100,7 +100,9 @@ class QuadraticForm:
         d = self.diagnostics
         if "max_plus_error" not in d:
             return 0.0
-        return max(float(d["max_plus_error"]) - self.max, self.max - float(d["max_minus_error"]), 0.0)
+        return max(
+            float(d["max_plus_error"]) - self.max, self.max - float(d["max_minus_error"]), 0.0
+        )
 
     def to_json(self) -> dict[str, Any]:
         """``layers[].quadratic_form`` of ``measurement.json`` (without ``argmax_index``, which

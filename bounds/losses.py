@@ -164,11 +164,24 @@ class TokenCrossEntropy:
         positions and 0 elsewhere."""
         if y is None:
             raise ValueError(f"the {self.task} curvature depends on the label positions: pass y")
-        logits, labels = z[:, : z.shape[1] - self.shift], y[:, self.shift :]
-        valid = labels != self.ignore_index
+        steps = z.shape[1] - self.shift
+        labels = y[:, self.shift :]
+        weights = self.position_weights(y, z.dtype)[:, :steps]
+        return z[:, :steps], labels.masked_fill(labels == self.ignore_index, 0), weights
+
+    def position_weights(self, y: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """w_t, shape (N, T): the weight of position t of z in the loss and its curvature
+        Σ_t w_t z1_tᵀ (diag p_t − p_t p_tᵀ) z1_t: 1/m where y_{t+shift} is a label, 0 elsewhere
+        (and at the last ``shift`` positions, which predict nothing).
+
+        Example:
+            >>> CausalLMLoss().position_weights(torch.tensor([[-100, 2, 3]]))
+            tensor([[0.5000, 0.5000, 0.0000]])
+        """
+        valid = y[:, self.shift :] != self.ignore_index
         count = valid.sum(dim=1, keepdim=True).clamp(min=1)
-        weights = valid.to(z.dtype) / count.to(z.dtype)
-        return logits, labels.masked_fill(~valid, 0), weights
+        weights = valid.to(dtype) / count.to(dtype)
+        return F.pad(weights, (0, self.shift))
 
     def __call__(self, z: Tensor, y: Tensor) -> Tensor:
         """Per-sequence losses, shape (N,)."""

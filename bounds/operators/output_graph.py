@@ -22,8 +22,9 @@ runs no primal pass of its own:
   exact (reverse-over-reverse). Calls of a module add up (z' = Σ_calls (∂z/∂out_c) τ_c), so
   tied weights are allowed. When the logits are the output of the model's output embedding
   (``get_output_embeddings()``, an ``nn.Linear``: a language model's head, z = h W_headᵀ), u is
-  the cotangent of the head's input h instead, and z' = h' W_headᵀ is formed a few examples at a
-  time together with the curvature, so no (tokens × vocabulary) tangent is held for the batch.
+  the cotangent of the head's input h instead, and z' = h' W_headᵀ is formed a chunk at a time
+  together with the curvature (for a token loss only at the positions with a label), so no
+  (tokens × vocabulary) tangent is held for the batch.
 * :func:`output_block_forms` — v_iᵀ H_i(x) v_i: the backward pass gives g_i = ∇_{out_i} Σ_b ℓ_b,
   and ∇_{out_i} ⟨g_i, τ_i⟩ = (∇²_{out_i} ℓ_b τ_{i,b})_b (no cross-example terms), paired with τ_i
   per example (exact for every operation, like the vmapped forward-over-reverse products of
@@ -60,6 +61,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from hessfine.bounds.functional import FunctionalModel, Inputs, batch_size, index_inputs
+from hessfine.bounds.losses import TokenCrossEntropy, softmax_ce_curvature
 from hessfine.bounds.operators.layer_io import (
     is_conv1d,
     layer_with_weight,
@@ -150,7 +152,24 @@ def transposed_ggn_forms(
 def _head_curvature(
     fmodel: FunctionalModel, z: Tensor, h1: Tensor, weight: Tensor, y: Tensor | None
 ) -> Tensor:
-    """z'ᵀ ∇²_z ℓ z' per example with z' = h' W_headᵀ formed a few examples at a time."""
+    """z'ᵀ ∇²_z ℓ z' per example with z' = h' W_headᵀ formed a chunk at a time.
+
+    For a token loss (:class:`hessfine.bounds.losses.TokenCrossEntropy`: ∇²_z ℓ is block
+    diagonal over the positions, w_t (diag p_t − p_t p_tᵀ) with w_t = 0 at positions without a
+    label) only at the positions with w_t > 0, a few thousand tokens at a time; else a few
+    examples at a time.
+    """
+    loss = fmodel.loss
+    if isinstance(loss, TokenCrossEntropy) and y is not None:
+        w = loss.position_weights(y, z.dtype)
+        rows, steps = w.nonzero(as_tuple=True)
+        out = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        tokens = max(1, _CURVATURE_CHUNK // z.shape[-1])
+        for s in range(0, rows.numel(), tokens):
+            n, t = rows[s : s + tokens], steps[s : s + tokens]
+            z1 = F.linear(h1[n, t], weight.to(h1.dtype))
+            out.index_add_(0, n, w[n, t] * softmax_ce_curvature(z[n, t], z1))
+        return out
     n = z.shape[0]
     rows = max(1, min(n, _CURVATURE_CHUNK // max(z[0].numel(), 1)))
     parts = []
