@@ -62,9 +62,14 @@ def per_example_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
 
 def softmax_ce_curvature(z: Tensor, z1: Tensor) -> Tensor:
     """z1ᵀ (diag p − p pᵀ) z1 over the last dimension, p = softmax(z): the softmax CE Hessian."""
-    p = torch.softmax(z, dim=-1)
-    pz = (p * z1).sum(dim=-1)
-    return (p * z1 * z1).sum(dim=-1) - pz * pz
+    return probability_curvature(torch.softmax(z, dim=-1), z1)
+
+
+def probability_curvature(p: Tensor, z1: Tensor) -> Tensor:
+    """z1ᵀ (diag p − p pᵀ) z1 over the last dimension, for probabilities p (softmax(z))."""
+    weighted = p * z1
+    mean = weighted.sum(dim=-1)
+    return (weighted * z1).sum(dim=-1) - mean * mean
 
 
 def softmax_ce_curvature_factors(z: Tensor) -> Tensor:

@@ -79,21 +79,51 @@ def test_language_model_head_route_in_small_chunks(monkeypatch):
     module, x, y, layers = tiny_hf("gpt2-lm")
     fm, params = FunctionalModel.from_module(module, loss=CausalLMLoss())
     v = {n: torch.randn_like(params[n]) for n in layers}
-    chunks = []
-    original = output_graph_module._head_curvature
+    calls = []
+    original = output_graph_module._head_curvatures
 
-    def counted(fmodel, z, h1, weight, y):
-        chunks.append(z.shape[0])
-        return original(fmodel, z, h1, weight, y)
+    def counted(fmodel, z, tangents, weight, y):
+        calls.append(sorted(tangents))
+        return original(fmodel, z, tangents, weight, y)
 
-    monkeypatch.setattr(output_graph_module, "_head_curvature", counted)
+    monkeypatch.setattr(output_graph_module, "_head_curvatures", counted)
     with differentiable():
         whole = transposed_ggn_forms(fm, params, v, x, y)
         monkeypatch.setattr(output_graph_module, "_CURVATURE_CHUNK", 1)
         split = transposed_ggn_forms(fm, params, v, x, y)
-    assert chunks == [len(y)] * 4  # the head route was taken, for both layers, both times
+    assert calls == [sorted(layers)] * 2  # the head route was taken, for both layers, both times
     for layer in layers:
         torch.testing.assert_close(split[layer], whole[layer], rtol=1e-12, atol=1e-15)
+
+
+class Headed(nn.Module):
+    """A classifier whose output embedding is its Linear head (the head route for (B, C)
+    logits and a loss that is not a token loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.lm_head = nn.Linear(8, 5, bias=False)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(self, x):
+        return self.lm_head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize("chunk", [2**25, 1])
+def test_head_route_of_a_classifier_in_chunks_of_examples(chunk, monkeypatch):
+    monkeypatch.setattr(output_graph_module, "_CURVATURE_CHUNK", chunk)
+    torch.manual_seed(0)
+    module = Headed().double().eval()
+    fm, params = FunctionalModel.from_module(module)
+    x, y = torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 5, (5,))
+    v = {"body.weight": torch.randn_like(params["body.weight"])}
+    with differentiable():
+        forms = transposed_ggn_forms(fm, params, v, x, y)
+    dense = dense_forms(dense_ggn_blocks(module, params, "body.weight", x, y), v["body.weight"])
+    torch.testing.assert_close(forms["body.weight"], dense, rtol=1e-10, atol=1e-14)
 
 
 class Tied(nn.Module):

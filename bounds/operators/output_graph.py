@@ -61,7 +61,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from hessfine.bounds.functional import FunctionalModel, Inputs, batch_size, index_inputs
-from hessfine.bounds.losses import TokenCrossEntropy, softmax_ce_curvature
+from hessfine.bounds.losses import TokenCrossEntropy, probability_curvature
 from hessfine.bounds.operators.layer_io import (
     is_conv1d,
     layer_with_weight,
@@ -122,6 +122,7 @@ def transposed_ggn_forms(
         grads = torch.autograd.grad(start, outputs, u, create_graph=True, allow_unused=True)
     z = z.detach()
     forms: dict[str, Tensor] = {}
+    heads: dict[str, Tensor] = {}
     index = 0
     for name in names:
         total = None
@@ -143,41 +144,50 @@ def transposed_ggn_forms(
             (image,) = torch.autograd.grad(total, u, retain_graph=True, allow_unused=True)
         image = torch.zeros_like(start) if image is None else image
         if through_head:
-            forms[name] = _head_curvature(fmodel, z, image, seen[0][2].detach(), y)
+            heads[name] = image
         else:
             forms[name] = fmodel.loss.curvature(z, image, y)
-    return forms
+    if heads:
+        forms.update(_head_curvatures(fmodel, z, heads, seen[0][2].detach(), y))
+    return {name: forms[name] for name in names}
 
 
-def _head_curvature(
-    fmodel: FunctionalModel, z: Tensor, h1: Tensor, weight: Tensor, y: Tensor | None
-) -> Tensor:
-    """z'ᵀ ∇²_z ℓ z' per example with z' = h' W_headᵀ formed a chunk at a time.
+def _head_curvatures(
+    fmodel: FunctionalModel,
+    z: Tensor,
+    tangents: Mapping[str, Tensor],
+    weight: Tensor,
+    y: Tensor | None,
+) -> dict[str, Tensor]:
+    """z'ᵀ ∇²_z ℓ z' per example and layer, with z' = h' W_headᵀ for each layer's tangent h' of
+    the head's input, formed a chunk at a time.
 
     For a token loss (:class:`hessfine.bounds.losses.TokenCrossEntropy`: ∇²_z ℓ is block
     diagonal over the positions, w_t (diag p_t − p_t p_tᵀ) with w_t = 0 at positions without a
-    label) only at the positions with w_t > 0, a few thousand tokens at a time; else a few
-    examples at a time.
+    label) only at the positions with w_t > 0, a few thousand tokens at a time, each chunk's
+    softmax p_t computed once for all layers; else a few examples at a time.
     """
     loss = fmodel.loss
+    head = weight.to(z.dtype)
+    out = {name: torch.zeros(z.shape[0], dtype=z.dtype, device=z.device) for name in tangents}
     if isinstance(loss, TokenCrossEntropy) and y is not None:
         w = loss.position_weights(y, z.dtype)
         rows, steps = w.nonzero(as_tuple=True)
-        out = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         tokens = max(1, _CURVATURE_CHUNK // z.shape[-1])
         for s in range(0, rows.numel(), tokens):
             n, t = rows[s : s + tokens], steps[s : s + tokens]
-            z1 = F.linear(h1[n, t], weight.to(h1.dtype))
-            out.index_add_(0, n, w[n, t] * softmax_ce_curvature(z[n, t], z1))
+            p = torch.softmax(z[n, t], dim=-1)
+            for name, h1 in tangents.items():
+                curvature = probability_curvature(p, F.linear(h1[n, t], head))
+                out[name].index_add_(0, n, w[n, t] * curvature)
         return out
-    n = z.shape[0]
-    rows = max(1, min(n, _CURVATURE_CHUNK // max(z[0].numel(), 1)))
-    parts = []
-    for s in range(0, n, rows):
-        z1 = F.linear(h1[s : s + rows], weight.to(h1.dtype))
+    rows = max(1, _CURVATURE_CHUNK // max(z[0].numel(), 1))
+    for s in range(0, z.shape[0], rows):
         labels = None if y is None else y[s : s + rows]
-        parts.append(fmodel.loss.curvature(z[s : s + rows], z1, labels))
-    return torch.cat(parts)
+        for name, h1 in tangents.items():
+            z1 = F.linear(h1[s : s + rows], head)
+            out[name][s : s + rows] = loss.curvature(z[s : s + rows], z1, labels)
+    return out
 
 
 class LossGraph:
