@@ -106,7 +106,7 @@ def _full_finetune(root: Path, kind: str, examples: int, g: torch.Generator) -> 
         model = ViTForImageClassification(ViTConfig(num_labels=10)).eval()
         data = {"x": torch.randn(examples, 3, 224, 224, generator=g)}
         data["y"] = torch.randint(0, 10, (examples,), generator=g)
-        layers = None
+        layers = 74  # the patch embedding, 12 × 6 encoder weights, the classifier
     model.save_pretrained(root / "base")
     with torch.no_grad():
         for p in model.parameters():
@@ -162,7 +162,7 @@ def _child(args: list[str], profile: Path | None) -> tuple[float, float, float, 
 
 def _forward_child(root: Path, samples: int, threads: int) -> tuple[float, float]:
     """Wall and CPU seconds of one no-grad forward, timed in a child process."""
-    result = root / "forward.json"
+    result = root / f"forward_{os.getpid()}.json"
     result.unlink(missing_ok=True)
     args = ["_forward", str(root), str(samples), str(threads), str(result)]
     _child(args, None)
