@@ -60,8 +60,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from hessfine.bounds.functional import FunctionalModel, Inputs, batch_size, index_inputs
-from hessfine.bounds.losses import TokenCrossEntropy, probability_curvature
+from hessfine.bounds.functional import (
+    FunctionalModel,
+    Inputs,
+    TokenCrossEntropy,
+    batch_size,
+    index_inputs,
+    probability_curvature,
+)
 from hessfine.bounds.operators.layer_io import (
     is_conv1d,
     layer_with_weight,
