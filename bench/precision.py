@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from transformers_cost import MODELS, build, data_file
+from transformers_cost import arguments, build, data_file
 
 
 def measure(root: Path, info: dict, options: argparse.Namespace, estimator: str, dtype: str):
@@ -41,19 +41,7 @@ def measure(root: Path, info: dict, options: argparse.Namespace, estimator: str,
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=MODELS, default="gpt2-lora")
-    parser.add_argument("--estimators", nargs="*", default=["ggn", "block"])
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--examples", type=int, default=64, help="examples written to the data")
-    parser.add_argument("--layers", nargs="*", default=[], help="--layers globs (a subset)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--root", type=Path, default=Path("/tmp/hessfine_transformers_bench"))
-    parser.add_argument(
-        "--extra", nargs=argparse.REMAINDER, default=[], help="more options of hessfine measure"
-    )
-    parser.add_argument("--out", type=Path, default=Path("precision.json"))
-    options = parser.parse_args()
+    options = arguments(__doc__, ["ggn", "block"], 4, "precision.json").parse_args()
     root = options.root / options.model
     info = build(options.model, root, options.examples)
     report = {"runs": []}

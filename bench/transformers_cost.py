@@ -247,6 +247,23 @@ def run(options: argparse.Namespace, root: Path, info: dict, estimator: str) -> 
     return row
 
 
+def arguments(doc: str, estimators: list[str], samples: int, out: str) -> argparse.ArgumentParser:
+    """The options this script shares with ``bench/precision.py``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="gpt2-lora")
+    parser.add_argument("--estimators", nargs="*", default=estimators)
+    parser.add_argument("--samples", type=int, default=samples)
+    parser.add_argument("--examples", type=int, default=64, help="examples written to the data")
+    parser.add_argument("--layers", nargs="*", default=[], help="--layers globs (a subset)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--root", type=Path, default=Path("/tmp/hessfine_transformers_bench"))
+    parser.add_argument(
+        "--extra", nargs=argparse.REMAINDER, default=[], help="more options of hessfine measure"
+    )
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser
+
+
 def cli() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_cli":
         from hessfine.analysis.cli import main
@@ -257,20 +274,9 @@ def cli() -> None:
         wall, cpu = forward_seconds(Path(root), int(samples), int(threads), repeats=3)
         Path(result).write_text(json.dumps({"forward_s": wall, "forward_cpu_s": cpu}))
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=MODELS, default="gpt2-lora")
-    parser.add_argument("--estimators", nargs="*", default=["ggn", "block", "auto"])
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--examples", type=int, default=64, help="examples written to the data")
+    parser = arguments(__doc__, ["ggn", "block", "auto"], 16, "transformers_cost.json")
     parser.add_argument("--batch-size", type=int, default=0, help="--batch-size (default: its)")
-    parser.add_argument("--layers", nargs="*", default=[], help="--layers globs (a subset)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--root", type=Path, default=Path("/tmp/hessfine_transformers_bench"))
     parser.add_argument("--profile", action="store_true", help="cProfile the command")
-    parser.add_argument(
-        "--extra", nargs=argparse.REMAINDER, default=[], help="more options of hessfine measure"
-    )
-    parser.add_argument("--out", type=Path, default=Path("transformers_cost.json"))
     options = parser.parse_args()
     root = options.root / options.model
     info = build(options.model, root, options.examples)

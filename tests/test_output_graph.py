@@ -30,26 +30,21 @@ from tests.oracles import quadratic_forms as dense_forms
 N = 7
 
 
+@pytest.mark.parametrize(
+    ("route", "oracle"),
+    [(transposed_ggn_forms, dense_ggn_blocks), (output_block_forms, dense_block_hessians)],
+    ids=["transposed-ggn", "output-block"],
+)
 @pytest.mark.parametrize("network", ["mlp_gelu", "cnn", "attention"])
-def test_transposed_ggn_forms_match_the_dense_gauss_newton_block(network):
+def test_routes_match_the_dense_blocks(network, route, oracle):
+    # Gauss–Newton forms against the dense G_i, exact blocks against the dense H_i
     module, fm, params, v, x, y = tiny_case(network, N)
     with differentiable():
-        forms = transposed_ggn_forms(fm, params, v, x, y)
+        forms = route(fm, params, v, x, y)
     # MultiheadAttention uses in_proj_weight and out_proj.weight functionally: not recorded
     assert sorted(forms) == sorted(n for n in v if not n.startswith("attn."))
     for name, values in forms.items():
-        dense = dense_forms(dense_ggn_blocks(module, params, name, x, y), v[name])
-        torch.testing.assert_close(values, dense, rtol=1e-10, atol=1e-14)
-
-
-@pytest.mark.parametrize("network", ["mlp_gelu", "cnn", "attention"])
-def test_output_block_forms_match_the_dense_hessian(network):
-    module, fm, params, v, x, y = tiny_case(network, N)
-    with differentiable():
-        forms = output_block_forms(fm, params, v, x, y)
-    assert sorted(forms) == sorted(n for n in v if not n.startswith("attn."))
-    for name, values in forms.items():
-        dense = dense_forms(dense_block_hessians(module, params, name, x, y), v[name])
+        dense = dense_forms(oracle(module, params, name, x, y), v[name])
         torch.testing.assert_close(values, dense, rtol=1e-10, atol=1e-14)
 
 
