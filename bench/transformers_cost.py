@@ -227,9 +227,7 @@ def run(options: argparse.Namespace, root: Path, info: dict, estimator: str) -> 
     row["routes"] = sorted({layer["method"] for layer in layers})
     row["values"] = {layer["name"]: layer["quadratic_form"]["max"] for layer in layers}
     row["notes"] = measurement.get("notes", [])
-    row["diagnostics"] = {
-        layer["name"]: layer["quadratic_form"].get("diagnostics", {}) for layer in layers
-    }
+    row["diagnostics"] = {layer["name"]: layer["diagnostics"] for layer in layers}
     total = info.get("layers")
     if total and total != len(layers):
         per_layer = timings["quadratic_forms_s"] / len(layers)
