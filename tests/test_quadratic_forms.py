@@ -11,11 +11,11 @@ from hessfine.bounds.estimators.quadratic_forms import (
 from hessfine.bounds.functional import FunctionalModel
 from hessfine.bounds.operators import per_example as per_example_module
 from hessfine.bounds.operators import retained as retained_module
-from hessfine.bounds.operators.output_graph import OutputPairHVP
 from hessfine.bounds.operators.certification import (
     certification_tolerance,
     certify_piecewise_linear,
 )
+from hessfine.bounds.operators.output_graph import OutputPairHVP
 from hessfine.bounds.safe_autodiff import differentiable
 
 from tests.cases import tiny_case
