@@ -7,7 +7,9 @@ the checkpoint; docs/finetune.md#run-directories) and with that epoch's row of t
 in the measurement's directory and its parents; without one, the run fields ``hessfine measure``
 copied into the measurement (its ``manifest`` and ``epoch`` entries) are used. Written:
 
-* ``comparison.csv`` — one row per measurement;
+* ``comparison.csv`` — one row per checkpoint measured: a measurement of its curvature on
+  held-out examples (``hessfine measure --hessian-split eval``) beside one on its training
+  examples is joined to that row (:func:`fold_heldout`: ``hessian_distance_measure_heldout``);
 * ``layers.csv``, ``noise_stability.csv`` — the per-layer and per-σ long tables of
   :mod:`hessfine.figures.tables`;
 * ``correlations.csv`` — for every bound or measure column m and the target column g (by
@@ -64,6 +66,8 @@ from hessfine.analysis.schema import (
     COMPARISON_TABLE,
     CORRELATIONS_TABLE,
     DISTANCE_PREFIX,
+    HDM_COMMON,
+    HDM_HELDOUT,
     KEY_COLUMNS,
     LAYERS_TABLE,
     LEADING_COLUMNS,
@@ -251,6 +255,34 @@ def _config_value(manifest: Mapping[str, Any], name: str) -> float | None:
     return float(value) if manifest.get("radii") and finite(value) else None
 
 
+def _selection_columns(selection: object) -> Row:
+    """The ``selected``, ``selection_taken_from``, ``selection_validation_accuracy`` and
+    ``selection_points`` cells of a run manifest's ``selection`` entry (empty without one)."""
+    if not isinstance(selection, Mapping):
+        return dict.fromkeys(
+            (
+                "selected",
+                "selection_taken_from",
+                "selection_validation_accuracy",
+                "selection_points",
+            )
+        )
+    choice = selection.get("choice") if isinstance(selection.get("choice"), Mapping) else {}
+    grid = selection.get("grid") if isinstance(selection.get("grid"), Mapping) else {}
+    accuracy = None
+    for score in selection.get("scores") or []:
+        if isinstance(score, Mapping) and score.get("options") == choice:
+            accuracy = score.get("validation_accuracy")
+    return {
+        "selected": " ".join(f"{k}={v:g}" if finite(v) else f"{k}={v}" for k, v in choice.items()),
+        "selection_taken_from": selection.get("taken_from"),
+        "selection_validation_accuracy": accuracy,
+        "selection_points": math.prod(len(v) for v in grid.values() if isinstance(v, list))
+        if grid
+        else None,
+    }
+
+
 def _sigma_name(sigma: object) -> str:
     return f"{sigma:g}" if finite(sigma) else str(sigma)
 
@@ -280,6 +312,7 @@ def flat_row(record: Record) -> Row:
         "confusion_estimate_kappa": rule.get("estimate_kappa"),
         "confusion_shrinkage": rule.get("shrinkage"),
         "run": str(record.manifest_path.parent) if record.manifest_path is not None else None,
+        **_selection_columns(manifest.get("selection")),
         "n": bounds.get("n", value_at(m, "data.n_train")),
         TRACE_MEASURE: _trace_measure(bounds, value_at(m, "loss.train")),
         "num_layers": len(layers),
@@ -366,43 +399,98 @@ def _sort_key(row: Row) -> tuple[str, float, float, str]:
 
 def with_common_c(rows: Sequence[Row], loss_bound: float | None = None) -> list[Row]:
     """``rows`` with the bounds at one loss bound C for all of them: ``C_common`` (``loss_bound``,
-    else the largest loss seen over all the rows' measurements), ``hessian_distance_measure_common_c``
-    = Σ_i sqrt(C_common·𝓗_i/n) and ``theorem_2_1_common_c`` = (1+ε)·L̂ + (1+ε)·that.
+    else the largest loss seen over all the rows' measurements, held-out ones included),
+    ``hessian_distance_measure_common_c`` = Σ_i sqrt(C_common·𝓗_i/n), ``theorem_2_1_common_c``
+    = (1+ε)·L̂ + (1+ε)·that, and for a row with a held-out measurement (:func:`fold_heldout`)
+    ``hessian_distance_measure_heldout`` = Σ_i sqrt(C_common·𝓗_i^held-out/n).
 
     Theorem 2.1's C bounds the loss of every checkpoint compared; the per-measurement C (its own
     largest loss on the Hessian examples) falls as a run fits its data, which moves the measure
     independently of the curvature (docs/bounds.md, "Hessian distance measure and Theorem 2.1").
     """
-    losses = [row["max_loss"] for row in rows if finite(row.get("max_loss"))]
+    losses = [
+        row[key] for row in rows for key in ("max_loss", "heldout_max_loss") if finite(row.get(key))
+    ]
     common = loss_bound if loss_bound is not None else max(losses, default=None)
     out = []
     for row in rows:
-        total, n, eps = row.get("sum_sqrt_hessian_quadratic_form"), row.get("n"), row.get("epsilon")
-        measure = theorem = None
-        if finite(common) and finite(total) and finite(n) and n > 0:
-            measure = math.sqrt(common / n) * total
-            if finite(row.get("train_loss")) and finite(eps):
-                theorem = (1 + eps) * row["train_loss"] + (1 + eps) * measure
+        n, eps = row.get("n"), row.get("epsilon")
+        scale = math.sqrt(common / n) if finite(common) and finite(n) and n > 0 else None
+        measure, heldout = (
+            scale * total if scale is not None and finite(total) else None
+            for total in (
+                row.get("sum_sqrt_hessian_quadratic_form"),
+                row.get("heldout_sum_sqrt_hessian_quadratic_form"),
+            )
+        )
+        theorem = None
+        if measure is not None and finite(row.get("train_loss")) and finite(eps):
+            theorem = (1 + eps) * row["train_loss"] + (1 + eps) * measure
         out.append(
             {
                 **row,
                 "C_common": common,
-                "hessian_distance_measure_common_c": measure,
+                HDM_COMMON: measure,
                 "theorem_2_1_common_c": theorem,
+                HDM_HELDOUT: heldout,
             }
         )
     return out
 
 
+def _checkpoint_key(record: Record) -> tuple[str, str]:
+    """What identifies the measured checkpoint: its path (resolved when it exists) and the
+    reference it was measured against."""
+    text = record.measurement.get("checkpoint")
+    path = _checkpoint_path(text, record.path)
+    return str(path if path is not None else text), str(record.measurement.get("reference"))
+
+
+def fold_heldout(pairs: Sequence[tuple[Row, Record]]) -> list[tuple[Row, Record]]:
+    """Join each measurement on held-out examples (``settings.hessian_split = eval``) to the
+    measurement of the same checkpoint (and reference) on its training examples: the latter's
+    row gets ``heldout_measurement``, ``heldout_sum_sqrt_hessian_quadratic_form`` and
+    ``heldout_max_loss`` (for :func:`with_common_c`), and the held-out measurement is dropped
+    as a row of its own. A held-out measurement without exactly one such partner stays a row.
+    """
+    partners: dict[tuple[str, str], list[int]] = {}
+    for index, (row, record) in enumerate(pairs):
+        if row.get("hessian_split") != "eval":
+            partners.setdefault(_checkpoint_key(record), []).append(index)
+    joined: dict[int, Row] = {}
+    dropped: set[int] = set()
+    for index, (row, record) in enumerate(pairs):
+        found = partners.get(_checkpoint_key(record), [])
+        if row.get("hessian_split") != "eval" or len(found) != 1 or found[0] in joined:
+            continue
+        joined[found[0]] = {
+            "heldout_measurement": row.get("measurement"),
+            "heldout_sum_sqrt_hessian_quadratic_form": row.get("sum_sqrt_hessian_quadratic_form"),
+            "heldout_max_loss": row.get("max_loss"),
+        }
+        dropped.add(index)
+    return [
+        ({**row, **joined.get(index, {})}, record)
+        for index, (row, record) in enumerate(pairs)
+        if index not in dropped
+    ]
+
+
+def _rows(records: Sequence[Record]) -> list[tuple[Row, Record]]:
+    """The comparison rows of ``records`` with their records, sorted by method, seed and epoch,
+    held-out measurements joined to their partners (:func:`fold_heldout`)."""
+    pairs = sorted(((flat_row(r), r) for r in records), key=lambda p: _sort_key(p[0]))
+    return fold_heldout(pairs)
+
+
 def collect(paths: Iterable[str | Path], *, loss_bound: float | None = None) -> list[Row]:
     """Flat ``comparison.csv`` rows of every measurement under ``paths`` (files or directories,
-    searched recursively), sorted by method, seed and epoch, with the common-C bounds of
-    :func:`with_common_c`.
+    searched recursively), sorted by method, seed and epoch, held-out measurements joined to
+    their partners (:func:`fold_heldout`), with the common-C bounds of :func:`with_common_c`.
 
     Raises :class:`InputError` for a missing path, no measurements, or an unreadable one.
     """
-    rows = sorted((flat_row(r) for r in load_records(paths)), key=_sort_key)
-    return with_common_c(rows, loss_bound)
+    return with_common_c([row for row, _ in _rows(load_records(paths))], loss_bound)
 
 
 def write_comparison(rows: Sequence[Row], out: Path) -> Path:
@@ -453,8 +541,7 @@ def compare(
     Returns:
         The rows of ``comparison.csv``, the correlations, and the paths written.
     """
-    records = load_records(paths)
-    pairs = sorted(((flat_row(r), r) for r in records), key=lambda p: _sort_key(p[0]))
+    pairs = _rows(load_records(paths))
     rows = with_common_c([p[0] for p in pairs], loss_bound)
     out = Path(out)
     layers = [lr for row, r in pairs for lr in layer_rows(r.measurement, row)]
@@ -644,9 +731,7 @@ def figures_run(args: argparse.Namespace) -> int:
         else:
             raise InputError(f"{entry}: no such file or directory; check the path")
     if measurement_inputs:
-        records = load_records(measurement_inputs)
-        for record in records:
-            row = flat_row(record)
+        for row, record in _rows(load_records(measurement_inputs)):
             rows.append(row)
             layers += layer_rows(record.measurement, row)
             noise += noise_rows(record.measurement, row)

@@ -33,6 +33,7 @@ from hessfine.analysis.schema import (
     DISTANCE_PREFIX,
     HDM,
     HDM_COMMON,
+    HDM_HELDOUT,
     MEASURE_COLUMNS,
     MEASURE_PREFIXES,
     MEASURE_SUFFIXES,
@@ -144,7 +145,7 @@ def measure_columns(rows: Sequence[Row]) -> list[str]:
 
 
 #: Measures whose correlation with the gap is also given within each method.
-WITHIN_METHOD = (HDM, HDM_COMMON, SUM_DISTANCE, TRACE_MEASURE)
+WITHIN_METHOD = (HDM, HDM_COMMON, HDM_HELDOUT, SUM_DISTANCE, TRACE_MEASURE)
 _NAMES = {"pearson": "pearson_r", "spearman": "spearman_rho", "kendall": "kendall_tau"}
 
 

@@ -869,14 +869,21 @@ class _Measurement:
             "distribution, so theorem_2_1 and trace_corollary are estimates, not certified bounds."
         ]
         forms = self.results["quadratic forms"]
-        pruned = [n for n in self.layers if forms[n].diagnostics.get("pruned_fraction", 0) > 0]
-        if pruned:
+        wide = [
+            n
+            for n in self.layers
+            if forms[n].mean_upper is not None
+            and forms[n].mean_upper - forms[n].mean > s.positive_rtol * abs(forms[n].mean)
+        ]
+        if wide:
             notes.append(
-                f"quadratic_form.mean of {', '.join(pruned)} is a low estimate: the positive part "
-                "stops an example once it cannot attain the layer's maximum (diagnostics."
-                "pruned_fraction), before its own value has converged, so the mean can lie below "
-                "the exact mean by more than --positive-rtol (the maximum stays within it); "
-                "--positive-rtol 0 gives exact means."
+                f"quadratic_form.mean of {', '.join(wide)} is a lower bound of the exact mean, "
+                "which lies in [mean_lower, mean_upper] (rigorous up to round-off), an interval "
+                "wider than --positive-rtol of the mean: every value of the positive part is a "
+                "Gauss–Radau lower bound, and an example that cannot attain the layer's maximum "
+                "stops before its value has converged (diagnostics.pruned_fraction; the maximum "
+                "stays within --positive-rtol). --positive-rtol 0 runs every example for "
+                "--lanczos-steps steps, exact once that reaches the size of the layer."
             )
         unconverged = self._unconverged_note()
         if unconverged:

@@ -8,7 +8,9 @@ merged into its own base: :func:`hessfine.analysis.hf_loading.load_reference`), 
 :class:`~hessfine.bounds.functional.FunctionalModel` with the task's per-example loss, the
 selected layers with their weight changes v_i = W_i − W_i^(s) (:func:`hessfine.analysis.checkpoints.align`),
 and the training and evaluation data — under label noise recorded by the run, the clean training
-labels, with the noisy ones kept beside them (:mod:`hessfine.analysis.run_labels`). What the
+labels, with the noisy ones kept beside them (:mod:`hessfine.analysis.run_labels`), and without
+the examples a run held out of its training data file to select its hyperparameters (the
+manifest's ``data.held_out_indices``). What the
 command line leaves out comes from the run's manifest (``hessfine.json``): reference, model spec
 and kwargs, data, head reference; a DCP checkpoint without ``config.json`` (a Trainer's FSDP
 ``checkpoint-N/``) takes the bare ``hf`` spec from the reference's directory. Every failure is an :class:`~hessfine.analysis.errors.InputError`
@@ -244,6 +246,7 @@ def load_inputs(
     train = task_data(
         load_data(str(data_spec), label="--data", **options), task, module, option="--data"
     )
+    train = _trained_examples(train, manifest)
     # Under recorded label noise: measure against the clean labels, keep the noisy ones.
     run_labels = read_run_labels(manifest, base, train)
     noisy_train = train
@@ -291,6 +294,19 @@ def load_inputs(
         device=device,
         dtype=torch_dtype,
     )
+
+
+def _trained_examples(train: LabeledData, manifest: Mapping[str, Any]) -> LabeledData:
+    """The training data without the examples the run held out of it (``data.held_out_indices``
+    of the manifest: a selection's validation split, not trained on, so not part of n) when
+    ``train`` is the whole file the run split; else ``train`` as it is."""
+    data = manifest.get("data") if isinstance(manifest.get("data"), Mapping) else {}
+    held, n_train = data.get("held_out_indices"), data.get("n_train")
+    if not held or not isinstance(n_train, int) or len(train) != n_train + len(held):
+        return train
+    kept = torch.ones(len(train), dtype=torch.bool)
+    kept[torch.tensor(held, dtype=torch.long)] = False
+    return train.subset(kept.nonzero().flatten())
 
 
 def _has_config(directory: Path | None) -> bool:

@@ -209,10 +209,12 @@ LEADING_COLUMNS = tuple(
 of :data:`COMPARISON_COLUMNS` (families expanded in place)."""
 
 HDM_COMMON = "hessian_distance_measure_common_c"
+HDM_HELDOUT = "hessian_distance_measure_heldout"
 
 MEASURE_COLUMNS = (
     HDM,
     HDM_COMMON,
+    HDM_HELDOUT,
     "theorem_2_1_common_c",
     "theorem_2_1",
     "trace_corollary",

@@ -35,7 +35,8 @@ Two side studies:
   issue: time relative to ``block`` on the same layers and examples (one per-example HVP per
   layer). Before: fixed 32-step Gauss quadrature (the previous ``auto``); after: the adaptive
   Gauss–Radau rule at ``positive_rtol`` 1e-2 and 1e-3; each layer's reported max against the
-  converged value (Gauss–Radau, 256 steps, no early stop).
+  converged value (Gauss–Radau, 256 steps, no early stop), and its mean (signed, a lower bound)
+  and ``mean_upper`` against the converged mean.
 
 Usage::
 
@@ -461,9 +462,13 @@ def positive_speed(samples: int, *, reference_steps: int = 256, repeats: int = 3
             / abs(exact),
             "before_rel_error": abs(before[name] - exact) / abs(exact),
         }
+        mean = reference[name].mean
         for rtol, (result, _) in runs.items():
             d = result[name].diagnostics
             row[f"rtol_{rtol:g}_rel_error"] = abs(result[name].max - exact) / abs(exact)
+            # the mean against the reference's, and the upper end of its interval
+            row[f"rtol_{rtol:g}_mean_rel_error"] = (result[name].mean - mean) / abs(mean)
+            row[f"rtol_{rtol:g}_mean_upper_rel"] = result[name].mean_upper / mean
             row[f"rtol_{rtol:g}_error_estimate"] = d["change_half_steps"] / abs(exact)
             row[f"rtol_{rtol:g}_steps_mean"] = d["lanczos_steps_mean"]
             row[f"rtol_{rtol:g}_steps_max"] = d["lanczos_steps_max"]
@@ -482,6 +487,7 @@ def positive_speed(samples: int, *, reference_steps: int = 256, repeats: int = 3
                 result[name].diagnostics["lanczos_steps_max"] for name in smooth
             ),
             "worst_rel_error": max(row[f"rtol_{rtol:g}_rel_error"] for row in rows),
+            "worst_mean_rel_error": min(row[f"rtol_{rtol:g}_mean_rel_error"] for row in rows),
             "target_ratio": target,
             "target_met": statistics.median(ratios[rtol]) <= target
             and max(row[f"rtol_{rtol:g}_rel_error"] for row in rows) <= rtol,

@@ -70,7 +70,10 @@ class QuadraticForm:
     ``argmax`` is the index (in iteration order) of the example attaining ``max`` — of the
     batch for ``reference-code``. ``route`` says how the values were computed;
     ``diagnostics`` carries what a reader needs to trust them (Lanczos convergence, the
-    certification residual).
+    certification residual). ``mean_upper`` is the upper end of an interval [mean, mean_upper]
+    that holds the exact mean where the values are lower bounds (the ``lanczos`` route: the
+    mean of per-example upper bounds, docs/mathematics.md, "The positive part by Lanczos
+    quadrature"); None where the values are exact (then the interval is the mean alone).
     """
 
     name: str
@@ -80,6 +83,7 @@ class QuadraticForm:
     count: int
     route: str
     diagnostics: Mapping[str, float | int | bool | str] = field(default_factory=dict)
+    mean_upper: float | None = None
 
     @property
     def method(self) -> str:
@@ -107,7 +111,14 @@ class QuadraticForm:
     def to_json(self) -> dict[str, Any]:
         """``layers[].quadratic_form`` of ``measurement.json`` (without ``argmax_index``, which
         needs the sample's indices)."""
-        return {"max": self.max, "mean": self.mean, "argmax": self.argmax}
+        upper = self.mean if self.mean_upper is None else self.mean_upper
+        return {
+            "max": self.max,
+            "mean": self.mean,
+            "mean_lower": self.mean,
+            "mean_upper": upper,
+            "argmax": self.argmax,
+        }
 
     @classmethod
     def merge(cls, parts: Sequence[QuadraticForm]) -> QuadraticForm:
@@ -116,9 +127,14 @@ class QuadraticForm:
             return parts[0]
         held = [p for p in parts if p.count > 0] or list(parts[:1])
         mean, count = _weighted_mean(held)
+        upper = None
+        if any(p.mean_upper is not None for p in held):
+            ends = [p.mean if p.mean_upper is None else p.mean_upper for p in held]
+            upper = sum(e * p.count for e, p in zip(ends, held, strict=True)) / max(count, 1)
         return replace(
             _best(held),
             mean=mean,
+            mean_upper=upper,
             count=count,
             route=held[0].route,
             diagnostics=merge_diagnostics([p.diagnostics for p in held], [p.count for p in held]),
@@ -148,20 +164,28 @@ def merge_diagnostics(parts: Sequence[Mapping[str, Any]], counts: Sequence[int])
 
 
 class RunningReduction:
-    """Streaming max, argmax and mean of a sequence of value blocks (O(1) memory)."""
+    """Streaming max, argmax and mean of a sequence of value blocks (O(1) memory), and the mean
+    of upper bounds of the values where these are lower bounds (``mean_upper``)."""
 
     def __init__(self) -> None:
         self.max = float("-inf")
         self.argmax = -1
         self.total = 0.0
         self.count = 0
+        self.upper: float | None = None
 
-    def update(self, values: Tensor, *, start: int | None = None) -> None:
+    def update(
+        self, values: Tensor, *, start: int | None = None, upper: Tensor | None = None
+    ) -> None:
         """Fold in the next block of per-example values; ``start`` is the global index of the
-        first (default: the number of values seen so far)."""
+        first (default: the number of values seen so far); ``upper``: upper bounds of the exact
+        values where ``values`` are lower bounds (none: the values are exact)."""
         values = values.detach().double()
         if values.numel() == 0:
             return
+        ends = values if upper is None else upper.detach().double()
+        if upper is not None or self.upper is not None:
+            self.upper = (self.total if self.upper is None else self.upper) + float(ends.sum())
         best = int(values.argmax())
         if float(values[best]) > self.max:
             self.max = float(values[best])
@@ -175,7 +199,10 @@ class RunningReduction:
 
     def form(self, name: str, route: str, diagnostics: Mapping) -> QuadraticForm:
         """The reduction as a :class:`QuadraticForm`."""
-        return QuadraticForm(name, self.max, self.mean, self.argmax, self.count, route, diagnostics)
+        upper = None if self.upper is None else self.upper / max(self.count, 1)
+        return QuadraticForm(
+            name, self.max, self.mean, self.argmax, self.count, route, diagnostics, upper
+        )
 
 
 @dataclass(frozen=True)

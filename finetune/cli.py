@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import fields
 from hashlib import sha256
@@ -42,7 +43,8 @@ from hessfine.finetune.methods import (
     SCHEDULES,
     FinetuneConfig,
 )
-from torch import Tensor
+from hessfine.finetune.selection import Score, Selection, SelectionGrid, select, validation_split
+from torch import Tensor, nn
 
 __all__ = ["add_arguments", "run"]
 
@@ -64,6 +66,10 @@ examples:
   # noise-stability optimisation: gradients averaged at W ± ε, ε ~ N(0, σ²I)
   hessfine finetune ... --method nso --nso-sigma 0.01 --nso-draws 1 --schedule step \\
       --lr-step-size 10 --lr-gamma 0.1 --out runs/nso
+
+  # choose the learning rate and the radius on a validation split (20% of --data held out)
+  hessfine finetune ... --method distance-constraint --select lr=0.01,0.05 --select radius=0.3,1 \\
+      --out runs/dc-selected
 
   # a torchvision model with a new 10-class head, saving every 5th epoch
   hessfine finetune --model torchvision:resnet18 --model-kwargs '{"num_classes": 10}' \\
@@ -188,6 +194,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument(
         "--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N"
     )
+    choose = parser.add_argument_group(
+        "selection on a validation split (docs/finetune.md#selection)"
+    )
+    choose.add_argument(
+        "--select",
+        action="append",
+        metavar="NAME=V1,V2,...",
+        help="values to try of an option (its name as above without '--': lr, weight-decay, "
+        "the method's own: radius, l2sp-alpha, sam-rho, nso-sigma, label-smoothing, "
+        "mixup-alpha, ...); repeat it, or separate options by ';', for a grid. Every point is "
+        "trained on the examples not held out and scored on the held-out ones (noisy labels "
+        "under --label-noise); the run is trained with the most accurate point's options",
+    )
+    choose.add_argument(
+        "--select-file",
+        metavar="FILE",
+        help='the grid as a JSON object, e.g. {"lr": [0.01, 0.05], "radius": [0.3, 1]}',
+    )
+    choose.add_argument(
+        "--select-fraction",
+        type=float,
+        metavar="F",
+        help="share of --data held out as the validation split of --select (default 0.2); "
+        "it is not trained on and not counted in the n of the bounds",
+    )
     noise = parser.add_argument_group("label noise")
     noise.add_argument(
         "--label-noise",
@@ -237,6 +268,95 @@ def _noise_matrix(args: argparse.Namespace, k: int) -> Tensor:
             f"--noise-matrix {args.noise_matrix}: {reason}; give a {k}×{k} non-negative matrix "
             "whose rows sum to 1"
         ) from None
+
+
+SELECT_FRACTION = 0.2
+
+
+def _grid(args: argparse.Namespace) -> SelectionGrid | None:
+    """The grid of ``--select`` and ``--select-file``, checked against ``--method``; None
+    without them."""
+    if args.select_fraction is not None and not (args.select or args.select_file):
+        raise InputError("--select-fraction needs --select NAME=V1,V2,... or --select-file FILE")
+    if args.select_fraction is not None and not 0 < args.select_fraction < 1:
+        raise InputError(f"--select-fraction {args.select_fraction}: give a share in (0, 1)")
+    if not (args.select or args.select_file):
+        return None
+    axes: list[tuple[str, tuple[float | int, ...]]] = []
+    if args.select_file is not None:
+        try:
+            loaded = json.loads(Path(args.select_file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise InputError(
+                f"--select-file {args.select_file}: not a readable JSON file ({reason}); give an "
+                'object such as {"lr": [0.01, 0.05], "radius": [0.3, 1]}'
+            ) from None
+        if not isinstance(loaded, dict):
+            raise InputError(
+                f"--select-file {args.select_file}: holds a {type(loaded).__name__}, not an "
+                'object; give e.g. {"lr": [0.01, 0.05]}'
+            )
+        try:
+            axes += SelectionGrid.from_mapping(loaded).axes
+        except ValueError as err:
+            raise InputError(f"--select-file {args.select_file}: {err}") from None
+    try:
+        if args.select:
+            axes += SelectionGrid.parse(args.select).axes
+        grid = SelectionGrid(tuple(axes))
+        grid.check_method(args.method)
+    except ValueError as err:
+        raise InputError(f"--select: {err}") from None
+    return grid
+
+
+def _select(
+    args: argparse.Namespace,
+    grid: SelectionGrid,
+    model: nn.Module,
+    reference: dict[str, Tensor],
+    data: tuple[Tensor, Tensor, Tensor],
+    config: FinetuneConfig,
+) -> tuple[Selection, Tensor]:
+    """Choose ``config``'s options from ``grid`` on a held-out share of the training data;
+    return the selection and the indices held out."""
+    x, noisy, clean = data
+    fraction = SELECT_FRACTION if args.select_fraction is None else args.select_fraction
+    try:
+        kept, held = validation_split(len(x), fraction, args.seed)
+    except ValueError as err:
+        raise InputError(f"--select-fraction {fraction}: {err}") from None
+
+    def report(index: int, score: Score) -> None:
+        if args.quiet:
+            return
+        point = " ".join(f"{k.replace('_', '-')}={v:g}" for k, v in score.options.items())
+        result = (
+            f"validation accuracy {score.validation_accuracy:.3f}"
+            if score.error is None
+            else f"failed ({score.error})"
+        )
+        print(f"select {index + 1}/{len(grid.points())}: {point}: {result}", flush=True)
+
+    try:
+        selection = select(
+            model,
+            reference,
+            train_x=x[kept],
+            train_y=noisy[kept],
+            val_x=x[held],
+            val_y=noisy[held],
+            config=config,
+            grid=grid,
+            labels="clean" if args.label_noise == "none" else "noisy",
+            train_y_clean=clean[kept],
+            validation={"fraction": fraction, "indices": held.tolist()},
+            on_point=report,
+        )
+    except ValueError as err:
+        raise InputError(f"--select: {' '.join(str(err).split())}") from None
+    return selection, held
 
 
 def _inputs(data: Any, option: str) -> Tensor:
@@ -300,6 +420,7 @@ def run(args: argparse.Namespace) -> int:
 
     kwargs = parse_model_kwargs(args.model_kwargs)
     _check_noise_options(args)
+    grid = _grid(args)
     if (
         args.method in CONSISTENT_METHODS
         and args.label_noise == "none"
@@ -379,6 +500,16 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args, confusion)
 
     model = model.to(device)
+    described: dict[str, Any] = {"train": args.data, "eval": args.eval_data}
+    described["num_classes"] = num_classes
+    selection = None
+    if grid is not None:
+        selection, held = _select(args, grid, model, matched, (train_x, noisy, clean), config)
+        config = selection.config(config)
+        kept = torch.ones(len(train_x), dtype=torch.bool)
+        kept[held] = False
+        train_x, noisy, clean = train_x[kept], noisy[kept], clean[kept]
+        described["held_out_indices"] = held.tolist()
     try:
         result = finetune_run(
             model,
@@ -393,9 +524,10 @@ def run(args: argparse.Namespace) -> int:
             model_spec=args.model,
             model_kwargs=kwargs,
             reference_path=args.reference,
-            data={"train": args.data, "eval": args.eval_data, "num_classes": num_classes},
+            data=described,
             label_noise=label_noise,
             overwrite=args.overwrite,
+            selection=None if selection is None else selection.to_json(),
         )
     except (ValueError, FloatingPointError) as err:
         raise InputError(f"--method {args.method}: {' '.join(str(err).split())}") from None
@@ -410,6 +542,9 @@ def run(args: argparse.Namespace) -> int:
         summary += f", eval acc {last['eval_acc']:.3f}"
     if result.manifest["best_epoch"] is not None:
         summary += f", best epoch {result.manifest['best_epoch']}"
+    if selection is not None:
+        chosen = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in selection.choice.items())
+        summary += f"; selected on {len(held)} held-out examples: {chosen}"
     if not args.quiet:
         print(summary, file=sys.stdout)
     return 0

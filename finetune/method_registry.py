@@ -55,8 +55,9 @@ the trace corollary's α_i for the head is exactly ``head_radius``.
 Adding a method. Compose a :class:`FinetuneMethod` from the existing parts, or write a new part
 first — a small frozen dataclass subclassing :class:`BatchLoss`, :class:`Penalty` or
 :class:`GradientRule`, whose docstring states its math and source, reading its options from
-``run.config`` (:class:`TrainingRun`) and drawing any randomness from the run's streams in a fixed
-order — and add it to :data:`REGISTRY` under its name. A built-in method is an entry of the
+``run.config`` (:class:`TrainingRun`) and naming them in its ``options`` (the hyperparameters
+that :mod:`hessfine.finetune.selection` may choose for the method), drawing any randomness from
+the run's streams in a fixed order — and add it to :data:`REGISTRY` under its name. A built-in method is an entry of the
 literal below: :data:`METHODS`, :data:`CONSISTENT_METHODS` and :data:`CONSTRAINED_METHODS` (and so
 the command line's ``--method`` choices) follow from it; a new option becomes a field of
 :class:`~hessfine.finetune.methods.FinetuneConfig` (with its range check) and of
@@ -84,6 +85,8 @@ from torch import Tensor, nn
 __all__ = [
     "CONSISTENT_METHODS",
     "CONSTRAINED_METHODS",
+    "CONSTRAINT_OPTIONS",
+    "EARLY_STOPPING_OPTIONS",
     "METHODS",
     "REGISTRY",
     "L2SP",
@@ -379,6 +382,8 @@ class BatchLoss(ABC):
 
     #: Whether the loss needs the label-noise matrix F (``run.confusion``, ``run.inverse``).
     needs_confusion: ClassVar[bool] = False
+    #: The config fields the loss reads (its hyperparameters), the main one first.
+    options: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def closure(self, run: TrainingRun, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
@@ -399,6 +404,8 @@ class LabelSmoothing(BatchLoss):
     """Cross-entropy against (1−ε)·onehot(y) + ε/k, ε = ``label_smoothing`` (Szegedy et al.,
     "Rethinking the Inception architecture for computer vision", CVPR 2016)."""
 
+    options: ClassVar[tuple[str, ...]] = ("label_smoothing",)
+
     def closure(self, run: TrainingRun, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
         epsilon = run.config.label_smoothing
         return lambda: nnf.cross_entropy(run.model(x), y, label_smoothing=epsilon)
@@ -413,6 +420,8 @@ class Mixup(BatchLoss):
     Per batch, λ ~ Beta(α, α) (α = ``mixup_alpha``) is drawn from ``run.mixing``, then the
     permutation π from ``run.generator``.
     """
+
+    options: ClassVar[tuple[str, ...]] = ("mixup_alpha",)
 
     def closure(self, run: TrainingRun, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
         alpha = run.config.mixup_alpha
@@ -443,6 +452,9 @@ class ConsistentLoss(BatchLoss):
 class Penalty(ABC):
     """A term added to every batch loss."""
 
+    #: The config fields the penalty reads (its hyperparameters), the main one first.
+    options: ClassVar[tuple[str, ...]] = ()
+
     @abstractmethod
     def __call__(self, run: TrainingRun) -> Tensor:
         """The penalty at the model's current weights (differentiable)."""
@@ -455,12 +467,17 @@ class L2SP(Penalty):
     with convolutional networks", ICML 2018); a new head is regularised by ``weight_decay`` only
     (:func:`l2sp_penalty`)."""
 
+    options: ClassVar[tuple[str, ...]] = ("l2sp_alpha",)
+
     def __call__(self, run: TrainingRun) -> Tensor:
         return l2sp_penalty(run.model, run.centres, run.config.l2sp_alpha)
 
 
 class GradientRule(ABC):
     """How a batch's loss becomes the gradient the optimiser steps with."""
+
+    #: The config fields the rule reads (its hyperparameters), the main one first.
+    options: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def backward(self, run: TrainingRun, closure: Callable[[], Tensor]) -> Tensor:
@@ -484,6 +501,8 @@ class SharpnessAware(GradientRule):
     g = ∇L(W), the gradient at W + ρ·g/‖g‖ (‖·‖ over all trainable parameters, ρ = ``sam_rho``),
     the step taken from W; the loss at W (:func:`sam_gradient`)."""
 
+    options: ClassVar[tuple[str, ...]] = ("sam_rho",)
+
     def backward(self, run: TrainingRun, closure: Callable[[], Tensor]) -> Tensor:
         return sam_gradient(run.model, closure, rho=run.config.sam_rho)
 
@@ -497,6 +516,8 @@ class NoiseStability(GradientRule):
     gradient of E_ε[L(W+ε)] ≈ L(W) + (σ²/2)·Tr ∇²L(W), so it penalises the Hessian trace; the
     pairing ±ε cancels the first-order noise exactly. The loss is the mean over the perturbed
     weights (:func:`nso_gradient`)."""
+
+    options: ClassVar[tuple[str, ...]] = ("nso_sigma", "nso_draws")
 
     def backward(self, run: TrainingRun, closure: Callable[[], Tensor]) -> Tensor:
         config = run.config
@@ -530,6 +551,26 @@ class FinetuneMethod:
         """Whether the method needs the label-noise matrix F (its loss does)."""
         return self.loss.needs_confusion
 
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The config fields of this method's own hyperparameters, the main ones first: its
+        loss's, penalty's and gradient rule's, then :data:`CONSTRAINT_OPTIONS` if it is
+        constrained and :data:`EARLY_STOPPING_OPTIONS` if it stops early. The optimiser's
+        options (learning rate, momentum, ...) belong to every method and are not listed.
+
+        Example:
+            >>> REGISTRY["robust"].options
+            ('radius', 'head_radius', 'depth_scaling')
+        """
+        parts = [self.loss.options, self.gradient.options]
+        if self.penalty is not None:
+            parts.insert(1, self.penalty.options)
+        if self.constrained:
+            parts.append(CONSTRAINT_OPTIONS)
+        if self.early_stopping:
+            parts.append(EARLY_STOPPING_OPTIONS)
+        return tuple(name for part in parts for name in part)
+
     def closure(self, run: TrainingRun, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
         """The batch's objective (loss + penalty) as a function of the current weights."""
         loss, penalty = self.loss.closure(run, x, y), self.penalty
@@ -541,6 +582,11 @@ class FinetuneMethod:
         """Leave the step's gradient in ``.grad`` (:class:`GradientRule`); return the loss."""
         return self.gradient.backward(run, closure)
 
+
+#: The config fields of the distance constraint (:func:`layer_radii`).
+CONSTRAINT_OPTIONS: tuple[str, ...] = ("radius", "head_radius", "depth_scaling")
+#: The config fields of early stopping.
+EARLY_STOPPING_OPTIONS: tuple[str, ...] = ("validation_fraction", "patience")
 
 #: Every method by name (the order of :data:`METHODS` and of the command line's choices). A plain
 #: dict: an entry added to it is a method (module docs, "Adding a method").

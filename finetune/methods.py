@@ -93,6 +93,7 @@ __all__ = [
     "Schedule",
     "evaluate",
     "finetune",
+    "held_out_split",
     "l2sp_penalty",
     "layer_radii",
     "learning_rate",
@@ -362,7 +363,11 @@ def _check_data(x: Tensor, y: Tensor, label: str) -> None:
         )
 
 
-def _split(n: int, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def held_out_split(n: int, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(kept, held out): sorted indices of n examples, ``round(fraction·n)`` of them (at least
+    one, leaving at least two) held out in the order of a permutation drawn from ``generator``;
+    ValueError for fewer than 3 examples. Early stopping's validation split and a selection's
+    (:func:`hessfine.finetune.selection.validation_split`)."""
     held = min(max(1, round(fraction * n)), n - 2)
     if held < 1:
         raise ValueError(f"a validation split needs at least 3 training examples, got {n}")
@@ -509,7 +514,7 @@ def finetune(
         inverse = inverse_confusion(confusion).to(device)
     fit, validation = torch.arange(len(train_x)), None
     if method.early_stopping:
-        fit, validation = _split(len(train_x), config.validation_fraction, generator)
+        fit, validation = held_out_split(len(train_x), config.validation_fraction, generator)
     radii = None
     if method.constrained:
         radii = layer_radii(

@@ -19,11 +19,16 @@ Manifest fields: ``format``, ``model`` (spec), ``model_kwargs``, ``reference`` (
 checkpoint, relative to the run directory when it exists on disk), ``head_reference`` (null: a new
 head's reference is zero — also the centre of its distance constraint), ``method``, ``seed``,
 ``config`` (every :class:`~hessfine.finetune.methods.FinetuneConfig` field), ``data`` (caller's
-description plus ``n_train``, ``n_eval`` and ``validation_indices``), ``label_noise``
+description — with ``held_out_indices``, the examples of the training data file held out as a
+selection's validation split and not trained on, which ``hessfine measure`` leaves out — plus
+``n_train`` (the examples trained on), ``n_eval`` and ``validation_indices``), ``label_noise``
 (``kind`` — symmetric, pair or matrix —, ``rate`` (null for a matrix), ``confusion_matrix``, and
 from the CLI ``seed``, ``flipped_fraction`` and, for a matrix file, ``matrix_file`` and
 ``matrix_sha256``; or null), ``confusion_used`` (the F
-of the consistent loss and its ``source``, ``given`` or ``dual-t``, or null), ``radii``
+of the consistent loss and its ``source``, ``given`` or ``dual-t``, or null), ``selection`` (how
+the hyperparameters were chosen on a validation split — ``rule``, ``grid``, ``validation``,
+``scores``, ``choice``, and ``taken_from`` where the choice was made for another run —, or null;
+:mod:`hessfine.finetune.selection`), ``radii``
 (per-layer ball radii of the constrained methods, or null), ``checkpoints`` (``[{"file",
 "epoch"}]``), ``best_epoch``, ``epochs_run``, ``complete``, ``metrics``, ``labels`` and
 ``provenance`` (versions and a UTC timestamp).
@@ -203,14 +208,17 @@ def finetune_run(
     data: Mapping[str, Any] | None = None,
     label_noise: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    selection: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Fine-tune ``model`` (see :func:`hessfine.finetune.methods.finetune`) and write the run directory.
 
     ``reference_state`` uses the model's state-dict names; entries with matching shapes are loaded
     into the model before training (a new head keeps its initialisation). ``data`` describes the
     data (e.g. ``{"train": "digits:train", "eval": "digits:test"}``); ``label_noise`` the noise
-    applied to ``train_y_noisy`` (``{"kind", "rate", "confusion_matrix"}``) or None. An
-    ``out_dir`` that already holds a run raises :class:`InputError` unless ``overwrite``.
+    applied to ``train_y_noisy`` (``{"kind", "rate", "confusion_matrix"}``) or None;
+    ``selection`` how ``config``'s hyperparameters were chosen (the ``to_json`` or ``reused``
+    entry of a :class:`hessfine.finetune.selection.Selection`) or None. An ``out_dir`` that
+    already holds a run raises :class:`InputError` unless ``overwrite``.
     """
     directory = Path(out_dir).expanduser()
     n_train = len(train_x)
@@ -236,6 +244,7 @@ def finetune_run(
         },
         "label_noise": None if label_noise is None else _jsonable(dict(label_noise)),
         "confusion_used": None,
+        "selection": None if selection is None else _jsonable(dict(selection)),
         "radii": None,
         "checkpoints": [],
         "best_epoch": None,

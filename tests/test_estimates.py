@@ -69,11 +69,26 @@ def test_quadratic_form_merge_leaves_out_empty_parts_and_merges_diagnostics():
 
 def test_quadratic_form_json_and_unused_form():
     form = reduce([1.0, 3.0])
-    assert form.to_json() == {"max": 3.0, "mean": 2.0, "argmax": 1}
+    exact = {"max": 3.0, "mean": 2.0, "mean_lower": 2.0, "mean_upper": 2.0, "argmax": 1}
+    assert form.to_json() == exact
     unused = QuadraticForm.unused("v", 7)
     assert (unused.max, unused.mean, unused.argmax, unused.count) == (0.0, 0.0, 0, 7)
     assert unused.route == UNUSED and unused.diagnostics == {"used_in_eval": False}
     assert QuadraticForm.merge([unused, unused]).count == 14
+
+
+def test_mean_interval_from_upper_bounds_merges_by_count():
+    # lower-bound values with upper bounds (the lanczos route): [mean, mean_upper] with
+    # mean_upper the mean of the upper bounds, over blocks; merged with an exact part, the exact
+    # part's upper end is its mean
+    r = RunningReduction()
+    r.update(torch.tensor([1.0, 3.0]), upper=torch.tensor([1.2, 3.0]))
+    r.update(torch.tensor([2.0]), upper=torch.tensor([2.3]))
+    bounded = r.form("v", "lanczos", {})
+    assert bounded.to_json()["mean_lower"] == 2.0
+    assert bounded.to_json()["mean_upper"] == pytest.approx(6.5 / 3)
+    merged = QuadraticForm.merge([bounded, reduce([4.0, 6.0])])
+    assert merged.mean == pytest.approx(16 / 5) and merged.mean_upper == pytest.approx(16.5 / 5)
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ ORCHESTRATION = {
     "hessfine.analysis.cli",
     "hessfine.analysis.cli_reference",
     "hessfine.analysis.demo",
+    "hessfine.analysis.demo_work",
     "hessfine.analysis.doc_pages",
     "hessfine.finetune.cli",
 }

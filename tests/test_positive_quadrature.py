@@ -65,6 +65,39 @@ def test_gauss_radau_equals_gauss_after_breakdown():
     torch.testing.assert_close(quadrature(res, lambda lam: lam.clamp(min=0)).double(), rule)
 
 
+def test_gauss_radau_is_a_lower_bound_growing_with_the_steps_and_the_upper_bound_holds():
+    # docs/mathematics.md, "The positive part by Lanczos quadrature": R_k ≤ uᵀA⁺u and
+    # R_k ≤ R_(k+1) for every k (indefinite spectra, some mostly negative, some cubed to spread
+    # them), and PositiveQuadrature.upper ≥ uᵀA⁺u (Cauchy–Schwarz; the value once exhausted)
+    dim = 60
+    a = _symmetric(6, dim, seed=8)
+    lam, vec = torch.linalg.eigh(a)
+    lam = torch.stack([lam[0], lam[1] - 1.5, lam[2] + 1.0, lam[3] ** 3, lam[4] - 3.0, lam[5]])
+    a = vec @ torch.diag_embed(lam) @ vec.transpose(1, 2)
+    u = torch.randn(6, dim, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    exact = _exact_positive(a, u)
+    res = lanczos(lambda q: (a @ q[..., None])[..., 0], u, steps=dim)
+    beta = torch.cat([res.beta, res.residual[:, None]], dim=1)
+    rules = torch.stack(
+        [
+            gauss_radau(res.alpha[:, :k], beta[:, :k], res.norms, lambda t: t.clamp(min=0))
+            for k in range(1, dim + 1)
+        ],
+        dim=1,
+    )
+    scale = exact.abs().max()
+    assert bool((rules <= exact[:, None] + 1e-12 * scale).all())
+    assert bool((rules[:, 1:] >= rules[:, :-1] - 1e-12 * scale).all())
+    torch.testing.assert_close(rules[:, -1], exact, rtol=1e-9, atol=1e-12)
+    assert float((1 - rules[:, 3] / exact).min()) > 1e-2  # far from exact at 4 steps
+    for steps in (1, 4, 9, dim):
+        run = positive_quadrature(_apply(a), u, max_steps=steps, rtol=0.0)
+        assert bool((run.values <= exact + 1e-12 * scale).all())
+        assert bool((run.upper >= exact - 1e-12 * scale).all())
+        assert bool((run.lower <= run.values + 1e-12 * scale).all())
+    torch.testing.assert_close(run.upper, exact, rtol=1e-9, atol=1e-12)
+
+
 def test_positive_quadrature_converges_at_the_max_and_prunes_small_members():
     dim = 80
     a = _symmetric(4, dim, seed=4, scales=[1.0, 0.9, 0.05, 0.02])

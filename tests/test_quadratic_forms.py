@@ -236,6 +236,31 @@ def test_adaptive_positive_part_reaches_its_tolerance_at_the_max(rtol):
         assert d["lower_bound_max"] <= float(exact.max()) * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("network", ["mlp_gelu", "cnn", "attention"])
+def test_default_mean_is_bracketed_by_its_interval_and_the_max_is_a_lower_bound(network):
+    # issue 18 item 1, at the default settings (auto, positive_rtol 1e-2), against the dense
+    # positive parts: on exact routes mean_lower = mean = mean_upper = the exact mean; on the
+    # lanczos route, where pruned examples stop early, the mean is low (by 12% on the attention
+    # in_proj block) but mean_lower = mean ≤ exact ≤ mean_upper and max ≤ the exact max (every
+    # Gauss–Radau value is a lower bound), all up to round-off
+    module, fm, params, directions, x, y, batches = setup(network)
+    forms = quadratic_forms(fm, params, directions, batches)
+    lanczos_means = []
+    for name, v in directions.items():
+        exact = dense_forms(positive_part(dense_block_hessians(module, params, name, x, y)), v)
+        mean, top = float(exact.mean()), float(exact.max())
+        form = forms[name].to_json()
+        assert form["mean_lower"] == form["mean"]
+        if forms[name].route != "lanczos":
+            assert form["mean_upper"] == form["mean"] == pytest.approx(mean, rel=1e-6)
+            continue
+        lanczos_means.append(abs(form["mean"] - mean) / mean)
+        assert form["mean_lower"] <= mean * (1 + 1e-9) and form["mean_upper"] >= mean * (1 - 1e-9)
+        assert form["max"] <= top * (1 + 1e-9) and abs(form["max"] - top) <= 1e-2 * top
+    # the interval is what holds: the mean alone misses rtol on the smooth networks
+    assert network == "cnn" or max(lanczos_means) > 1e-2
+
+
 @pytest.mark.parametrize("budget", [0, 2**26])
 def test_lockstep_positive_part_matches_layer_by_layer_under_a_small_memory_budget(
     monkeypatch, budget

@@ -26,19 +26,12 @@ from sklearn.datasets import load_digits
 SPEC = "hessfine.finetune.digit_networks:digits_cnn"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    bunch = load_digits()
-    x = torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.long)
+def digits(uci_digits):
+    x, y = uci_digits
     return x[:160], y[:160], x[160:240], y[160:240]
 
 

@@ -44,7 +44,11 @@ The estimators (``--estimator``, docs/cli.md; recorded as ``settings.estimator``
 All per-example values are reduced on the fly (running max, argmax and mean), so memory does not
 grow with the number of examples; each layer's reduction is a
 :class:`hessfine.bounds.estimates.QuadraticForm` whose ``route`` says how it was computed
-(``ggn-certified``, ``ggn``, ``hvp``, ``lanczos`` or ``reference-code``).
+(``ggn-certified``, ``ggn``, ``hvp``, ``lanczos`` or ``reference-code``). On the ``lanczos``
+route every value is a lower bound of v_iᵀH_i⁺(x)v_i, so ``max`` and ``mean`` are lower bounds,
+and ``mean_upper`` is the mean of rigorous per-example upper bounds (the value where the Krylov
+space was exhausted, else the Cauchy–Schwarz bound of
+:class:`hessfine.bounds.linalg.positive_quadrature.PositiveQuadrature`).
 
 Example:
     >>> import torch
@@ -307,6 +311,7 @@ def _example_forms(
         blocks = output_block_forms(fmodel, params, hvp, x, y) if hvp else {}
         for name in names:
             route = routes[name]
+            upper = None
             if name in forms:
                 values = forms[name]
                 diagnostics[name]["ggn_products"] = gauss_newton.products[name]
@@ -319,9 +324,9 @@ def _example_forms(
                     diagnostics[name]["hvp_products"] = "vmapped"
             else:
                 result = positive[name]
-                values = result.values
+                values, upper = result.values, result.upper
                 _fold_lanczos_diagnostics(diagnostics[name], result, lanczos_steps, positive_rtol)
-            reductions[name].update(values, start=first)
+            reductions[name].update(values, start=first, upper=upper)
             if progress is not None:
                 progress(1)
     return {

@@ -70,16 +70,22 @@ def gauss_radau(
 class PositiveQuadrature:
     """Per-member uᵀH⁺u estimates of :func:`positive_quadrature` and how each was obtained.
 
-    ``values``: the Gauss–Radau estimate at the member's last step; ``errors``: the change
+    ``values``: the Gauss–Radau estimate at the member's last step, a lower bound of uᵀH⁺u
+    that grows with the steps (:func:`positive_quadrature`); ``errors``: the change
     |R_k − R_⌈k/2⌉| of that estimate since half the steps (0 after breakdown, where the value
     is exact); ``lower``: max(uᵀHu, 0) = max(‖u‖²α₁, 0), a rigorous lower bound since H⁺ ⪰ H
-    and H⁺ ⪰ 0; ``steps``: Lanczos steps used; ``exhausted``: the Krylov space was exhausted;
-    ``pruned``: stopped because value + error was below another member's value − error.
+    and H⁺ ⪰ 0 (the one-step value is at least this); ``upper``: a rigorous upper bound, the
+    value where the Krylov space was exhausted, else (uᵀHu + ‖u‖‖Hu‖)/2 =
+    ‖u‖²(α₁ + √(α₁² + β₁²))/2 (uᵀH⁺u = (uᵀHu + uᵀ|H|u)/2 and uᵀ|H|u ≤ ‖u‖‖Hu‖ by
+    Cauchy–Schwarz); ``steps``: Lanczos steps used; ``exhausted``: the Krylov space was
+    exhausted; ``pruned``: stopped because value + error was below another member's
+    value − error.
     """
 
     values: Tensor
     errors: Tensor
     lower: Tensor
+    upper: Tensor
     steps: Tensor
     exhausted: Tensor
     pruned: Tensor
@@ -114,10 +120,11 @@ def positive_quadrature(
 
     at breakdown (exact), or after ``max_steps``. ``prune=False`` keeps only the first rule (for
     members whose values are averaged rather than maximised, as in stochastic Lanczos
-    quadrature). The error estimate assumes the error decreases with k (as measured for this
-    rule; Gauss quadrature itself oscillates). ``rtol = 0`` runs every member for ``max_steps``
-    steps. Lanczos with full reorthogonalisation as in
-    :func:`hessfine.bounds.linalg.lanczos.lanczos`.
+    quadrature). Every R_k is a lower bound of uᵀH⁺u and R_k ≤ R_(k+1) (in exact arithmetic;
+    proof in docs/mathematics.md, "The positive part by Lanczos quadrature"), so the error
+    e estimates how far below the converged value R_k lies; it is a heuristic, not a bound.
+    ``rtol = 0`` runs every member for ``max_steps`` steps. Lanczos with full
+    reorthogonalisation as in :func:`hessfine.bounds.linalg.lanczos.lanczos`.
 
     Example:
         >>> A = torch.diag(torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64))[None]
@@ -234,6 +241,7 @@ def _positive_run(
     f64 = dict(dtype=torch.float64, device=dev)
     values, errors = torch.zeros(batch, **f64), torch.zeros(batch, **f64)
     first = start.new_zeros(batch)
+    spread = start.new_zeros(batch)
     steps = torch.zeros(batch, dtype=torch.long, device=dev)
     exhausted = torch.zeros(batch, dtype=torch.bool, device=dev)
     pruned = torch.zeros(batch, dtype=torch.bool, device=dev)
@@ -259,6 +267,8 @@ def _positive_run(
             first[idx] = a
         w = reorthogonalise(w, basis[:, : j + 1])
         b = w.norm(dim=1)
+        if j == 0:
+            spread[idx] = b
         alpha[:, j] = a
         scale = torch.maximum(scale, torch.maximum(a.abs(), b))
         broke = b <= tol * scale
@@ -292,5 +302,7 @@ def _positive_run(
             keep = ~stop
             idx, q, q_prev, scale = idx[keep], q[keep], q_prev[keep], scale[keep]
             basis, alpha, beta = basis[keep], alpha[keep], beta[keep]
-    lower = (norms.double() ** 2 * first.double()).clamp(min=0.0)
-    return PositiveQuadrature(values, errors, lower, steps, exhausted, pruned)
+    a1, b1, squared = first.double(), spread.double(), norms.double() ** 2
+    lower = (squared * a1).clamp(min=0.0)
+    upper = torch.where(exhausted, values, squared * (a1 + torch.hypot(a1, b1)) / 2)
+    return PositiveQuadrature(values, errors, lower, upper, steps, exhausted, pruned)
