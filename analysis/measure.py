@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -495,6 +496,9 @@ class _Measurement:
                 )
                 elapsed = time.perf_counter() - t
                 self.timings[quantity.phase] = self.timings.get(quantity.phase, 0.0) + elapsed
+        unconverged = self._unconverged_note()
+        if unconverged and self.ctx.is_writer:
+            print(f"hessfine: warning: {unconverged}", file=sys.stderr)
         bounds = self._bounds(stats)
         self.timings["total_s"] = time.perf_counter() - self.start
         density = self.results.get("density")
@@ -658,12 +662,12 @@ class _Measurement:
             hessian = data is self.hessian_data
 
             def part(x: Inputs, y: Tensor, hessian: bool = hessian) -> Tensor:
-                raw = fmodel.logits(params, x)
-                top = fmodel.loss(raw, y).max() if hessian else torch.tensor(0.0)
-                logits = raw.double()
-                right, made = fmodel.loss.correct(logits, y)
-                exact = (right == made).to(logits.dtype)
-                part = [fmodel.loss(logits, y).sum(), right.sum(), made.sum(), exact.sum()]
+                logits = fmodel.logits(params, x)
+                losses = fmodel.loss(logits, y)
+                top = losses.max() if hessian else torch.tensor(0.0)
+                right, made = (t.double() for t in fmodel.loss.correct(logits, y))
+                exact = (right == made).double()
+                part = [losses.double().sum(), right.sum(), made.sum(), exact.sum()]
                 count = torch.tensor(float(len(y)), dtype=torch.float64)
                 return torch.stack([*(t.cpu().double() for t in part), count, top.cpu().double()])
 
@@ -794,7 +798,11 @@ class _Measurement:
                     "distance": row.distance,
                     "reference_source": row.source,
                     "method": form.route,
-                    "quadratic_form": {**form.to_json(), "argmax_index": self._data_index(form)},
+                    "quadratic_form": {
+                        **form.to_json(),
+                        "argmax_index": self._data_index(form),
+                        "max_error_estimate": form.max_error_estimate,
+                    },
                     "diagnostics": dict(form.diagnostics),
                     "trace": trace,
                     "top_eigenvalues": eigen[name].values if name in eigen else None,
@@ -920,6 +928,30 @@ class _Measurement:
             return None
         return int(self.sample.indices[form.argmax])
 
+    def _unconverged_note(self) -> str | None:
+        """The layers whose positive part the Lanczos step cap stopped before it converged to
+        --positive-rtol (quadratic_form.max_error_estimate above positive_rtol × max), and the
+        option to raise; None when there are none (or --positive-rtol is 0: fixed steps)."""
+        s = self.settings
+        forms = self.results["quadratic forms"]
+        worst = {
+            name: forms[name].max_error_estimate / max(abs(forms[name].max), 1e-300)
+            for name in self.layers
+            if forms[name].route == "lanczos"
+            and s.positive_rtol > 0
+            and forms[name].max_error_estimate > s.positive_rtol * abs(forms[name].max)
+        }
+        if not worst:
+            return None
+        top = max(worst, key=worst.__getitem__)
+        return (
+            f"quadratic_form.max of {', '.join(worst)} did not converge to --positive-rtol "
+            f"{s.positive_rtol:g}: the Lanczos step cap (--lanczos-steps {s.lanczos_steps}) "
+            "stopped examples near the maximum while their estimates were still changing "
+            f"(quadratic_form.max_error_estimate, up to {worst[top]:.1%} of the value for {top}); "
+            f"raise --lanczos-steps (e.g. --lanczos-steps {2 * s.lanczos_steps}) for these layers."
+        )
+
     def _notes(self) -> list[str]:
         """Plain-language caveats about this result (``measurement.json → notes``)."""
         s = self.settings
@@ -950,6 +982,9 @@ class _Measurement:
                 "stays within --positive-rtol). --positive-rtol 0 runs every example for "
                 "--lanczos-steps steps, exact once that reaches the size of the layer."
             )
+        unconverged = self._unconverged_note()
+        if unconverged:
+            notes.append(unconverged)
         if s.estimator == "reference-code":
             notes.append(
                 f"reference-code: consecutive batches of {s.effective_batch_size} of those "

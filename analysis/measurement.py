@@ -58,6 +58,8 @@ class MeasuredLayer:
         route: How 𝓗_i was computed (``layers[].method``, e.g. ``ggn-certified``, ``lanczos``).
         reference_source: Where W_i^(s) came from: ``reference``, ``head-zero`` or ``head-file``.
         argmax_index: Index in the data of the example attaining 𝓗_i (None for batches).
+        quadratic_form_error: How far the true 𝓗_i may lie from ``quadratic_form``, estimated
+            (0 for exact routes; the Lanczos routes' error estimate).
         trace_mean: Tr[H̄_ii] (with ``trace``), else None.
         trace_positive_max: max_x Tr[H_i⁺(x)] (with ``trace``), else None.
         top_eigenvalues: The largest eigenvalues of H̄_ii (with ``eigen``), else None.
@@ -74,6 +76,7 @@ class MeasuredLayer:
     trace_mean: float | None
     trace_positive_max: float | None
     top_eigenvalues: tuple[float, ...] | None
+    quadratic_form_error: float = 0.0
 
     @classmethod
     def from_json(cls, entry: Mapping[str, Any]) -> MeasuredLayer:
@@ -99,6 +102,7 @@ class MeasuredLayer:
             trace_mean=trace.get("mean"),
             trace_positive_max=trace.get("positive_max"),
             top_eigenvalues=None if eigen is None else tuple(eigen),
+            quadratic_form_error=form.get("max_error_estimate", 0.0),
         )
 
 

@@ -90,6 +90,24 @@ class QuadraticForm:
         """Deprecated name of :attr:`route`."""
         return _deprecated_method(self)
 
+    @property
+    def max_error_estimate(self) -> float:
+        """How far the true maximum may lie from :attr:`max`, estimated (absolute, ≥ 0).
+
+        Lanczos routes record max_x (R_x + e_x) and max_x (R_x − e_x) over the examples, with R_x
+        an example's estimate and e_x its error estimate |R_k − R_⌈k/2⌉|
+        (``diagnostics["max_plus_error"]``, ``["max_minus_error"]``); the true maximum lies
+        between them as far as the error estimates hold, so the value is the larger distance
+        of either from :attr:`max`. Exact routes (the Gauss–Newton forms, the raw block,
+        certified layers, Krylov spaces exhausted) record none: 0.
+        """
+        d = self.diagnostics
+        if "max_plus_error" not in d:
+            return 0.0
+        return max(
+            float(d["max_plus_error"]) - self.max, self.max - float(d["max_minus_error"]), 0.0
+        )
+
     def to_json(self) -> dict[str, Any]:
         """``layers[].quadratic_form`` of ``measurement.json`` (without ``argmax_index``, which
         needs the sample's indices)."""

@@ -75,6 +75,7 @@ from hessfine.bounds.losses import (
     SquaredError,
     TokenCrossEntropy,
     per_example_cross_entropy,
+    probability_curvature,
     softmax_ce_curvature,
     softmax_ce_curvature_factors,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "index_inputs",
     "logits_of",
     "per_example_cross_entropy",
+    "probability_curvature",
     "slice_inputs",
     "softmax_ce_curvature",
     "softmax_ce_curvature_factors",

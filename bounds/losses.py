@@ -62,9 +62,14 @@ def per_example_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
 
 def softmax_ce_curvature(z: Tensor, z1: Tensor) -> Tensor:
     """z1ᵀ (diag p − p pᵀ) z1 over the last dimension, p = softmax(z): the softmax CE Hessian."""
-    p = torch.softmax(z, dim=-1)
-    pz = (p * z1).sum(dim=-1)
-    return (p * z1 * z1).sum(dim=-1) - pz * pz
+    return probability_curvature(torch.softmax(z, dim=-1), z1)
+
+
+def probability_curvature(p: Tensor, z1: Tensor) -> Tensor:
+    """z1ᵀ (diag p − p pᵀ) z1 over the last dimension, for probabilities p (softmax(z))."""
+    weighted = p * z1
+    mean = weighted.sum(dim=-1)
+    return (weighted * z1).sum(dim=-1) - mean * mean
 
 
 def softmax_ce_curvature_factors(z: Tensor) -> Tensor:
@@ -164,16 +169,32 @@ class TokenCrossEntropy:
         positions and 0 elsewhere."""
         if y is None:
             raise ValueError(f"the {self.task} curvature depends on the label positions: pass y")
-        logits, labels = z[:, : z.shape[1] - self.shift], y[:, self.shift :]
-        valid = labels != self.ignore_index
+        steps = z.shape[1] - self.shift
+        labels = y[:, self.shift :]
+        weights = self.position_weights(y, z.dtype)[:, :steps]
+        return z[:, :steps], labels.masked_fill(labels == self.ignore_index, 0), weights
+
+    def position_weights(self, y: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """w_t, shape (N, T): the weight of position t of z in the loss and its curvature
+        Σ_t w_t z1_tᵀ (diag p_t − p_t p_tᵀ) z1_t: 1/m where y_{t+shift} is a label, 0 elsewhere
+        (and at the last ``shift`` positions, which predict nothing).
+
+        Example:
+            >>> CausalLMLoss().position_weights(torch.tensor([[-100, 2, 3]]))
+            tensor([[0.5000, 0.5000, 0.0000]])
+        """
+        valid = y[:, self.shift :] != self.ignore_index
         count = valid.sum(dim=1, keepdim=True).clamp(min=1)
-        weights = valid.to(z.dtype) / count.to(z.dtype)
-        return logits, labels.masked_fill(~valid, 0), weights
+        weights = valid.to(dtype) / count.to(dtype)
+        return F.pad(weights, (0, self.shift))
 
     def __call__(self, z: Tensor, y: Tensor) -> Tensor:
         """Per-sequence losses, shape (N,)."""
         logits, labels, weights = self._positions(z, y)
-        tokens = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        # −log softmax(z_t)_{y_t} = logsumexp(z_t) − z_t[y_t], over the vocabulary in place (the
+        # class-first layout cross_entropy needs here is several times slower for large V)
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        tokens = torch.logsumexp(logits, dim=-1) - picked
         return (weights * tokens).sum(dim=1)
 
     def curvature(self, z: Tensor, z1: Tensor, y: Tensor | None = None) -> Tensor:

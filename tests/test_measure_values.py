@@ -433,3 +433,30 @@ def test_image_folder_at_a_chosen_image_size(tmp_path):
         assert layer["quadratic_form"]["max"] == pytest.approx(
             float(dense_forms(H, v).max()), rel=1e-6
         )
+
+
+def test_a_lanczos_cap_below_convergence_is_reported(pair, capsys):
+    # two Lanczos steps cannot reach --positive-rtol on the smooth layers: each says how far its
+    # value may be off, a note and a line on stderr name the layers and the option to raise
+    result = run(pair, "capped", "--estimator", "auto", "--lanczos-steps", "2")
+    lanczos = [layer for layer in result["layers"] if layer["method"] == "lanczos"]
+    assert lanczos
+    for layer in result["layers"]:
+        form = layer["quadratic_form"]
+        if layer["method"] != "lanczos":
+            assert form["max_error_estimate"] == 0
+            continue
+        d = layer["diagnostics"]
+        assert d["max_minus_error"] <= form["max"] <= d["max_plus_error"]
+        spread = max(d["max_plus_error"] - form["max"], form["max"] - d["max_minus_error"])
+        assert form["max_error_estimate"] == pytest.approx(spread)
+    late = [
+        layer["name"]
+        for layer in lanczos
+        if layer["quadratic_form"]["max_error_estimate"] > 1e-3 * layer["quadratic_form"]["max"]
+    ]
+    assert late
+    notes = [note for note in result["notes"] if "did not converge" in note]
+    assert len(notes) == 1 and "--lanczos-steps 4" in notes[0]
+    assert all(name in notes[0] for name in late)
+    assert "hessfine: warning: " + notes[0] in capsys.readouterr().err

@@ -52,8 +52,9 @@ def test_layers_hvp_gives_each_layer_its_own_block_for_its_own_examples(network)
 @pytest.mark.parametrize("budget", [0, 2**26])
 @pytest.mark.parametrize("network", ["attention", "mlp_gelu"])
 def test_the_front_gives_each_layer_its_own_block_by_either_back_end(network, budget, monkeypatch):
-    # retained-graph budget 0: every product from vmapped calls (no graph is built); else from
-    # retained graphs. Either way H_ii(x_b) u_b, and the same as the vmapped back end's
+    # Linear weights from the output graph; the others with retained-graph budget 0 from
+    # vmapped calls (no per-pair graph is built), else from retained graphs. Either way
+    # H_ii(x_b) u_b, and the same as the vmapped back end's
     monkeypatch.setattr(retained_module, "_RETAINED_BUDGET", budget)
     module, fm, params, directions, x, y = tiny_case(network, N)
     names, blocks = list(directions), random_blocks(directions, MEMBERS)
@@ -63,7 +64,13 @@ def test_the_front_gives_each_layer_its_own_block_by_either_back_end(network, bu
         built = products.retained.size
         vmapped = VmappedPairHVP(fm, params, x, y)(names, blocks, MEMBERS)
         single = products.of_layer(names[1])(blocks[1], MEMBERS[1])
-    assert built == (0 if budget == 0 else sum(m.numel() for m in MEMBERS))
+    others = [
+        m.numel() for n, m in zip(names, MEMBERS, strict=True) if not products.output.supports(n)
+    ]
+    assert built == (0 if budget == 0 else sum(others))
+    assert [products.output.supports(n) for n in names] == [
+        n in ("fc1.weight", "fc2.weight", "fc3.weight", "head.weight") for n in names
+    ]
     torch.testing.assert_close(single, images[1], rtol=1e-9, atol=1e-12)
     for name, m, u, image, other in zip(names, MEMBERS, blocks, images, vmapped, strict=True):
         H = dense_block_hessians(module, params, name, x, y)[m]

@@ -14,6 +14,7 @@ from hessfine.bounds.operators.certification import (
     certification_tolerance,
     certify_piecewise_linear,
 )
+from hessfine.bounds.operators.output_graph import OutputPairHVP
 from hessfine.bounds.safe_autodiff import differentiable
 
 from tests.cases import tiny_case
@@ -34,6 +35,12 @@ from tests.oracles import quadratic_forms as dense_forms
 
 NETWORKS = list(TINY_NETWORKS)
 N = 10
+
+
+def without_output_graph(monkeypatch):
+    """Every per-example product from the per-pair back ends (retained graphs with per-pair
+    weights, vmapped calls), as for layers that are not Linear/Conv1D weights."""
+    monkeypatch.setattr(OutputPairHVP, "supports", lambda self, name: False)
 
 
 def setup(network):
@@ -264,6 +271,7 @@ def test_lockstep_positive_part_matches_layer_by_layer_under_a_small_memory_budg
     monkeypatch.setattr(per_example_module, "_LOCKSTEP_BUDGET", 700)
     monkeypatch.setattr(per_example_module, "_ELEMENT_BUDGET", 200)
     monkeypatch.setattr(retained_module, "_RETAINED_BUDGET", budget)
+    without_output_graph(monkeypatch)
     _, fm, params, directions, x, y, _ = setup("attention")
     with differentiable():
         joint = positive_forms_layers(fm, params, directions, x, y, steps=12, rtol=1e-3)
@@ -281,6 +289,7 @@ def test_positive_part_switches_to_the_retained_graph_mid_run(network, monkeypat
     # retained graph takes over as pairs finish: the same steps, pruning and values as vmapped
     # products throughout (budget 0), and exact against the dense positive part when the
     # Krylov spaces are exhausted
+    without_output_graph(monkeypatch)
     module, fm, params, directions, x, y, _ = setup(network)
     steps = max(v.numel() for v in directions.values())
     calls = []

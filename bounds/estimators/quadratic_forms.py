@@ -10,9 +10,13 @@ The estimators (``--estimator``, docs/cli.md; recorded as ``settings.estimator``
 
 * ``block``: v_iᵀ H_i(x) v_i exactly, the second derivative of t ↦ ℓ(f_{W+t·v_i}(x), y) at 0.
   On layers certified piecewise linear (see ``auto``) it equals the Gauss–Newton value from one
-  JVP; elsewhere it comes from forward-over-reverse Hessian-vector products vmapped over the
-  examples of the batch (exact for every operation, unlike nested forward mode,
-  docs/mathematics.md, "Known traps in PyTorch's automatic differentiation").
+  JVP; elsewhere, for Linear, Conv and ``Conv1D`` weights called once, τ_iᵀ ∇²_{out_i} ℓ τ_i
+  from one retained graph of the batch shared by all layers and one double backward per layer
+  (:func:`hessfine.bounds.operators.output_graph.output_block_forms`,
+  ``diagnostics["hvp_products"] = "output-graph"``), for other weights forward-over-reverse
+  Hessian-vector products vmapped over the examples of the batch (``"vmapped"``); both exact for
+  every operation, unlike nested forward mode (docs/mathematics.md, "Known traps in PyTorch's
+  automatic differentiation").
 * ``ggn``: v_iᵀ G_i(x) v_i = z'ᵀ ∇²_z ℓ z' with a single JVP (the Gauss–Newton block); ∇²_z ℓ is
   the model's loss's curvature in the logits (diag p − p pᵀ for cross-entropy). For Linear and
   Conv weights with (B, C) logits and C ≤ 2 × their number, z' of all of them comes instead from
@@ -84,6 +88,7 @@ from hessfine.bounds.operators.certification import (
     certify_piecewise_linear,
 )
 from hessfine.bounds.operators.gauss_newton import GaussNewtonForms
+from hessfine.bounds.operators.output_graph import output_block_forms
 from hessfine.bounds.operators.per_example import PerExampleHVP, block_forms_hvp, lanczos_layout
 from hessfine.bounds.safe_autodiff import differentiable
 from torch import Tensor
@@ -308,6 +313,17 @@ def _example_forms(
         forms = (
             _in_chunks(memory.calls("ggn"), gauss_newton, x, y) if gauss_newton.directions else {}
         )
+        hvp = {name: directions[name] for name in names if routes[name] == "hvp"}
+        blocks = (
+            _in_chunks(
+                memory.calls("hvp:output-graph"),
+                lambda xs, ys, hvp=hvp: output_block_forms(fmodel, params, hvp, xs, ys),
+                x,
+                y,
+            )
+            if hvp
+            else {}
+        )
         for name in names:
             route = routes[name]
             upper = None
@@ -315,11 +331,16 @@ def _example_forms(
                 values = forms[name]
                 diagnostics[name]["ggn_products"] = gauss_newton.products[name]
             elif route == "hvp":
+                if name in blocks:
+                    values = blocks[name]
+                    diagnostics[name]["hvp_products"] = "output-graph"
+                else:
 
-                def hvp(xs: Inputs, ys: Tensor, name: str = name) -> Tensor:
-                    return block_forms_hvp(fmodel, params, name, directions[name], xs, ys)
+                    def vmapped(xs: Inputs, ys: Tensor, name: str = name) -> Tensor:
+                        return block_forms_hvp(fmodel, params, name, directions[name], xs, ys)
 
-                values = _in_chunks(memory.calls(f"hvp:{name}"), hvp, x, y)
+                    values = _in_chunks(memory.calls(f"hvp:{name}"), vmapped, x, y)
+                    diagnostics[name]["hvp_products"] = "vmapped"
             else:
                 result = positive[name]
                 values, upper = result.values, result.upper
@@ -382,9 +403,12 @@ def _fold_lanczos_diagnostics(
     Reported (per layer): the step cap and tolerance; Lanczos steps per example (mean, max);
     ``change_half_steps``, the largest error estimate |R_k − R_⌈k/2⌉| of a non-pruned example
     (absolute, in the units of the values: the reported max is within about this of the
-    converged value); the fractions pruned and exhausted; and ``lower_bound_max`` =
-    max_x max(vᵀH v, 0), a rigorous lower bound of the true 𝓗_i. Every entry is a max, a
-    count-weighted mean or fraction, so that per-process reports merge exactly.
+    converged value); the fractions pruned and exhausted; ``lower_bound_max`` =
+    max_x max(vᵀH v, 0), a rigorous lower bound of the true 𝓗_i; and ``max_plus_error``,
+    ``max_minus_error`` = max_x (R_x ± e_x), between which the true maximum lies as far as the
+    error estimates hold (:attr:`hessfine.bounds.estimates.QuadraticForm.max_error_estimate`).
+    Every entry is a max, a count-weighted mean or fraction, so that per-process reports merge
+    exactly.
     """
     d = diagnostics
     d["lanczos_max_steps"] = cap
@@ -397,6 +421,9 @@ def _fold_lanczos_diagnostics(
     d["_exhausted"] = d.get("_exhausted", 0) + int(result.exhausted.sum())
     d["_count"] = d.get("_count", 0) + result.values.numel()
     d["_lower"] = max(d.get("_lower", 0.0), float(result.lower.max()))
+    plus, minus = result.values + result.errors, result.values - result.errors
+    d["_plus"] = max(d.get("_plus", float("-inf")), float(plus.max()))
+    d["_minus"] = max(d.get("_minus", float("-inf")), float(minus.max()))
 
 
 def _finish_diagnostics(diagnostics: dict) -> dict:
@@ -409,6 +436,8 @@ def _finish_diagnostics(diagnostics: dict) -> dict:
         out["pruned_fraction"] = diagnostics["_pruned"] / count
         out["krylov_exhausted_fraction"] = diagnostics["_exhausted"] / count
         out["lower_bound_max"] = diagnostics["_lower"]
+        out["max_plus_error"] = diagnostics["_plus"]
+        out["max_minus_error"] = diagnostics["_minus"]
     return out
 
 

@@ -16,9 +16,11 @@ piecewise linear in W_i (:mod:`hessfine.bounds.operators.certification`). Two qu
 
 Each has a second back end for ``nn.Linear`` and ``nn.Conv`` weights that shares one forward
 pass and a few backward passes of the batch among all layers
-(:mod:`hessfine.bounds.operators.layer_io`). The fronts :class:`GaussNewtonForms` and
-:func:`gauss_newton_traces` use it for the layers it can do and the JVP/VJP back end for the
-others; both back ends give the same values to round-off.
+(:mod:`hessfine.bounds.operators.layer_io`), and the forms a third, for any logits: one retained
+graph of the batch whose backward pass, transposed, gives every layer's z'
+(:mod:`hessfine.bounds.operators.output_graph`). The fronts :class:`GaussNewtonForms` and
+:func:`gauss_newton_traces` use them for the layers they can do and the JVP/VJP back end for
+the others; all back ends give the same values to round-off.
 
 Example:
     >>> import torch
@@ -42,6 +44,7 @@ from collections.abc import Mapping, Sequence
 import torch.autograd.forward_ad as fwAD
 from hessfine.bounds.functional import FunctionalModel, Inputs, unsqueeze_inputs, with_layer
 from hessfine.bounds.operators.layer_io import layer_io_gauss_newton_traces, layer_io_ggn_forms
+from hessfine.bounds.operators.output_graph import transposed_ggn_forms
 from hessfine.bounds.safe_autodiff import differentiable
 from torch import Tensor
 from torch.func import vjp, vmap
@@ -71,11 +74,21 @@ def ggn_forms(
 class GaussNewtonForms:
     """x, y ↦ per-example v_iᵀ G_i(x) v_i, shape (B,), for every layer of ``directions``.
 
-    Layers that :func:`hessfine.bounds.operators.layer_io.layer_io_ggn_forms` can do come from
-    its shared passes while they pay: with (B, C) logits, C backward passes serve all L of them
-    when C ≤ 2L (else L JVPs are cheaper). A layer it leaves out of a batch is left to
-    :func:`ggn_forms` (one JVP per layer) for the rest of the run. ``products`` says, per layer,
-    which back end gave the last batch's values: ``"layer-io"`` or ``"jvp"``.
+    Three back ends, chosen per layer on the first batch and kept for the run:
+
+    * ``"layer-io"``: with (B, C) logits (not a sequence loss), C backward passes of a shared
+      forward pass serve all L Linear/Conv layers when C ≤ 2L
+      (:func:`hessfine.bounds.operators.layer_io.layer_io_ggn_forms`);
+    * ``"transposed-vjp"``: for the other Linear, Conv and ``Conv1D`` layers when there are at
+      least two of them (sequence losses such as a causal LM's, many classes): one forward and
+      one backward pass with ``create_graph`` shared by all, then one backward pass per layer
+      through the part of the network after it, and the (tokens × vocabulary) tangent of a
+      language model's head formed a few examples at a time
+      (:func:`hessfine.bounds.operators.output_graph.transposed_ggn_forms`);
+    * ``"jvp"``: one JVP per layer (:func:`ggn_forms`), for the rest.
+
+    A layer a shared back end leaves out of a batch is left to :func:`ggn_forms` for the rest of
+    the run. ``products`` says, per layer, which back end gave the last batch's values.
     """
 
     def __init__(
@@ -85,11 +98,12 @@ class GaussNewtonForms:
         directions: Mapping[str, Tensor],
     ) -> None:
         self.fmodel, self.params, self.directions = fmodel, params, directions
-        self.shared = list(directions)
+        self.shared = [] if fmodel.loss.sequence else list(directions)
+        self.transposed: list[str] | None = None
         self.products: dict[str, str] = {}
 
     def __call__(self, x: Inputs, y: Tensor | None = None) -> dict[str, Tensor]:
-        values = {}
+        values: dict[str, Tensor] = {}
         if self.shared:
             values = layer_io_ggn_forms(
                 self.fmodel,
@@ -100,9 +114,22 @@ class GaussNewtonForms:
                 max_backward=2 * len(self.shared),
             )
             self.shared = [name for name in self.shared if name in values]
+        if self.transposed is None:
+            rest = [name for name in self.directions if name not in values]
+            self.transposed = rest if len(rest) >= 2 else []
+        transposed = {}
+        if self.transposed:
+            chosen = {name: self.directions[name] for name in self.transposed}
+            transposed = transposed_ggn_forms(self.fmodel, self.params, chosen, x, y)
+            self.transposed = [name for name in self.transposed if name in transposed]
         for name, v in self.directions.items():
-            self.products[name] = "layer-io" if name in values else "jvp"
-            if name not in values:
+            if name in values:
+                self.products[name] = "layer-io"
+            elif name in transposed:
+                self.products[name] = "transposed-vjp"
+                values[name] = transposed[name]
+            else:
+                self.products[name] = "jvp"
                 values[name] = ggn_forms(self.fmodel, self.params, name, v, x, y)
         return {name: values[name] for name in self.directions}
 

@@ -2,8 +2,8 @@
 output gradients.
 
 For a layer whose weight W enters the network only as ``out = layer(inp; W) + b`` (``nn.Linear``,
-``nn.Conv1d/2d/3d``), the per-example derivative of any scalar s(x_n) along a weight direction v
-is, by linearity of the layer in W and the chain rule,
+``nn.Conv1d/2d/3d``, the ``Conv1D`` of transformers' GPT-2), the per-example derivative of any
+scalar s(x_n) along a weight direction v is, by linearity of the layer in W and the chain rule,
 
     ⟨∇_W s(x_n), v⟩ = Σ_calls ⟨∂s/∂out_n, layer(inp_n; v)⟩,
 
@@ -63,11 +63,21 @@ _CONV = {
 }
 
 
+def is_conv1d(module: torch.nn.Module | None) -> bool:
+    """Whether ``module`` is the ``Conv1D`` of transformers (GPT-2's projections): out = x W + b
+    with W of shape (fan_in, fan_out), a Linear layer with its weight transposed."""
+    return (
+        type(module).__name__ == "Conv1D"
+        and type(module).__module__.startswith("transformers")
+        and hasattr(module, "nf")
+    )
+
+
 def linear_conv_modules(
     fmodel: FunctionalModel, layers: Sequence[str]
 ) -> dict[str, torch.nn.Module]:
-    """The selected weights that are the ``weight`` of an ``nn.Linear`` or zero-padded
-    ``nn.ConvNd``."""
+    """The selected weights that are the ``weight`` of an ``nn.Linear``, a zero-padded
+    ``nn.ConvNd`` or a transformers ``Conv1D`` (:func:`is_conv1d`)."""
     modules = dict(fmodel.module.named_modules())
     out = {}
     for name in layers:
@@ -75,8 +85,10 @@ def linear_conv_modules(
         module = modules.get(owner)
         if leaf != "weight":
             continue
-        if type(module) is torch.nn.Linear or (
-            type(module) in _CONV and module.padding_mode == "zeros"
+        if (
+            type(module) is torch.nn.Linear
+            or is_conv1d(module)
+            or (type(module) in _CONV and module.padding_mode == "zeros")
         ):
             out[name] = module
     return out
@@ -135,6 +147,8 @@ def layer_with_weight(module: torch.nn.Module, inp: Tensor, weight: Tensor) -> T
     """The module's output on ``inp`` with ``weight`` in place of its weight and no bias."""
     if type(module) is torch.nn.Linear:
         return F.linear(inp, weight)
+    if is_conv1d(module):
+        return inp @ weight
     conv = _CONV[type(module)]
     return conv(inp, weight, None, module.stride, module.padding, module.dilation, module.groups)
 

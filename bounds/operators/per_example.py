@@ -54,6 +54,7 @@ from hessfine.bounds.functional import (
     with_layer,
 )
 from hessfine.bounds.linalg.memory import CallSize, MemoryPlan
+from hessfine.bounds.operators.output_graph import OutputPairHVP
 from hessfine.bounds.operators.retained import RetainedTail, retained_fits
 from torch import Tensor
 from torch.func import grad, jvp, vmap
@@ -184,15 +185,20 @@ class VmappedPairHVP:
 
 
 class PerExampleHVP:
-    """The :class:`PairHVP` of the examples ``x``, ``y``, choosing its back end per call.
+    """The :class:`PairHVP` of the examples ``x``, ``y``, choosing its back end per layer and call.
 
-    While the P running pairs of a call fit the retained-graph budget (P · Σ_i d_i, see
-    :func:`hessfine.bounds.operators.retained.retained_fits`) the products come from retained
-    double-backward graphs (:class:`hessfine.bounds.operators.retained.RetainedTail`: one per
-    layer while the pairs are many, one joint graph for the tail; rebuilt as pairs and layers
-    finish), which on the CPU are several times cheaper per step than vmapped
-    forward-over-reverse calls (bench/BENCHMARKS.md, issue 10 item 3); otherwise from
-    :class:`VmappedPairHVP`. ``planned``: the examples were chunked by a memory plan
+    ``nn.Linear`` and ``Conv1D`` weights called once come from one retained graph of the
+    examples at the layers' outputs, shared by all layers and steps
+    (:class:`hessfine.bounds.operators.output_graph.OutputPairHVP`: a double backward per layer,
+    no per-example weight copies). The other layers, while the P running pairs of a call fit
+    the retained-graph budget (P · Σ_i d_i, see
+    :func:`hessfine.bounds.operators.retained.retained_fits`), come from retained
+    double-backward graphs with per-pair weights
+    (:class:`hessfine.bounds.operators.retained.RetainedTail`: one per layer while the pairs are
+    many, one joint graph for the tail; rebuilt as pairs and layers finish), which on the CPU
+    are several times cheaper per step than vmapped forward-over-reverse calls
+    (bench/BENCHMARKS.md, issue 10 item 3); otherwise from :class:`VmappedPairHVP`. All give the
+    same products to round-off. ``planned``: the examples were chunked by a memory plan
     (:func:`lanczos_layout`), which sized them for retained graphs, so those are always used,
     one per layer while the pairs outnumber the examples. Building it costs nothing: graphs are
     built on the first call.
@@ -208,6 +214,7 @@ class PerExampleHVP:
         planned: bool = False,
     ) -> None:
         joint = batch_size(x) if planned else None
+        self.output = OutputPairHVP(fmodel, params, x, y)
         self.retained = RetainedTail(fmodel, params, x, y, joint_pairs=joint)
         self.vmapped = VmappedPairHVP(fmodel, params, x, y)
         self.planned = planned
@@ -216,10 +223,20 @@ class PerExampleHVP:
         self, names: Sequence[str], blocks: Sequence[Tensor], members: Sequence[Tensor]
     ) -> list[Tensor]:
         """The images [H_ii(x_b) u_b], layer by layer (see :class:`PairHVP`)."""
-        pairs, width = sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)
-        if self.planned or retained_fits(pairs, width):
-            return self.retained(names, blocks, members)
-        return self.vmapped(names, blocks, members)
+        images = self.output(names, blocks, members)
+        rest = [f for f, image in enumerate(images) if image is None]
+        if rest:
+            chosen = (
+                [names[f] for f in rest],
+                [blocks[f] for f in rest],
+                [members[f] for f in rest],
+            )
+            pairs = sum(b.shape[0] for b in chosen[1])
+            fits = self.planned or retained_fits(pairs, sum(b.shape[1] for b in chosen[1]))
+            others = (self.retained if fits else self.vmapped)(*chosen)
+            for f, image in zip(rest, others, strict=True):
+                images[f] = image
+        return images  # type: ignore[return-value]
 
     def of_layer(self, name: str) -> Callable[[Tensor, Tensor], Tensor]:
         """(u, members) ↦ [H_ii(x_b) u_b] of one layer: a ``matvec`` of
