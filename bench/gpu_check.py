@@ -175,17 +175,26 @@ def _relative_difference(a: dict, b: dict) -> float:
     return worst
 
 
+def _emit(rows: list[dict], path: Path | None) -> None:
+    """Print the newest row; write all rows so far to ``path`` (a run cut short keeps them)."""
+    print(json.dumps(rows[-1]), flush=True)
+    if path is not None:
+        path.write_text(json.dumps(rows, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/hessfine_gpu_check"))
     parser.add_argument("--dry", action="store_true", default=bool(os.environ.get("GPU_CHECK_DRY")))
+    parser.add_argument("--agreement-only", action="store_true", help="skip the timed runs")
+    parser.add_argument("--rows", type=Path, help="write the rows here as each one finishes")
     args = parser.parse_args()
     device = "cpu" if args.dry else "cuda"
     if not args.dry and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry (or GPU_CHECK_DRY=1) to check the script")
     rows = []
     for case in _cases(args.work, args.dry):
-        for i, run in enumerate(case["runs"]):
+        for i, run in enumerate([] if args.agreement_only else case["runs"]):
             out = args.work / "out" / case["name"].replace("/", "_") / f"{run['estimator']}_{i}"
             result, seconds = _measure(case, run, device, case["n"], out)
             layers = result["layers"]
@@ -200,7 +209,7 @@ def main() -> None:
                     "gpu_vs_cpu": None,
                 }
             )
-            print(json.dumps(rows[-1]), flush=True)
+            _emit(rows, args.rows)
         first = {k: v for k, v in case["runs"][0].items() if not k.startswith("trace")}
         if "lanczos_steps" in first:
             first["lanczos_steps"] = 8  # keeps the CPU side short; both sides run the same
@@ -218,7 +227,7 @@ def main() -> None:
                 "gpu_vs_cpu": _relative_difference(gpu, cpu),
             }
         )
-        print(json.dumps(rows[-1]), flush=True)
+        _emit(rows, args.rows)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
     print(f"\n{name}, torch {torch.__version__}, float32, TF32 off")
     print(

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from transformers_cost import arguments, build, data_file
+from transformers_cost import arguments, built, data_file
 
 
 def measure(root: Path, info: dict, options: argparse.Namespace, estimator: str, dtype: str):
@@ -31,6 +31,7 @@ def measure(root: Path, info: dict, options: argparse.Namespace, estimator: str,
     args += ["--data", str(data_file(root, options.samples)), "--out", str(out)]
     args += ["--estimator", estimator, "--dtype", dtype, "--samples", str(options.samples)]
     args += ["--quiet", "--threads", str(options.threads), "--sample-order", "file"]
+    args += ["--device", options.device]
     if options.layers:
         args += ["--layers", *options.layers]
     args += options.extra
@@ -42,8 +43,7 @@ def measure(root: Path, info: dict, options: argparse.Namespace, estimator: str,
 
 def cli() -> None:
     options = arguments(__doc__, ["ggn", "block"], 4, "precision.json").parse_args()
-    root = options.root / options.model
-    info = build(options.model, root, options.examples)
+    root, info = built(options)
     report = {"runs": []}
     for estimator in options.estimators:
         commands, results = {}, {}
