@@ -17,9 +17,14 @@ peak from the allocator's peak statistics. On the CPU a thread samples the resid
 (``/proc/self/statm``) every millisecond during the call, and the kernel's high-water mark of
 the process (``ru_maxrss``, which cannot be reset without also resetting what ``time`` and a
 parent process read) gives the exact peak whenever the call set a new one — the calls that
-matter, near the budget; before each call freed heap memory is returned to the system (glibc's
-``malloc_trim``), so that the resident set is the memory in use. Elsewhere (no ``/proc``)
-nothing is measured and the budget is not enforced (``measurable``).
+matter, near the budget; before each sampled call freed heap memory is returned to the system
+(glibc's ``malloc_trim``), so that the resident set is the memory in use. Both cost time on
+small models, so neither is done while it cannot matter: a call starting with its high-water mark
+within 1/16 of the headroom above the memory in use is not sampled (its peak is the new mark if
+it sets one, else at most the old mark: a bound that overstates its growth, which only makes
+later calls smaller), and the headroom is read without a trim while more than a quarter of the
+budget is left. Elsewhere (no ``/proc``) nothing is measured and the budget is not enforced
+(``measurable``).
 
 Example:
     >>> parse_max_memory("6GiB"), parse_max_memory("500MB"), parse_max_memory("0.5")
@@ -49,6 +54,13 @@ T = TypeVar("T")
 DEFAULT_FRACTION = {"cpu": 0.5, "cuda": 0.8}
 """The budget when ``--max-memory`` is not given: this fraction of the memory available at start."""
 
+_LOOSE = 0.25
+"""While more than this fraction of the budget is left, :meth:`ProcessMeter.headroom` does not
+trim the heap first (the untrimmed resident set overstates the memory in use, so the headroom is
+understated: safe)."""
+_NEAR = 1 / 16
+"""A call is measured without the sampling thread when the process's high-water mark lies within
+this fraction of the headroom above the memory in use: the mark then bounds the call's peak."""
 _SIZE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt]?)(i?)b)?$", re.IGNORECASE)
 _PROC = Path("/proc/self")
 
@@ -140,18 +152,25 @@ class ProcessMeter:
         """Whether this platform lets the meter measure (CUDA, or Linux's ``/proc``)."""
         return self.cuda or _rss() is not None
 
-    def usage(self) -> int:
-        """Memory in use now: allocated on CUDA, the resident set on the CPU."""
+    def usage(self, *, exact: bool = True) -> int:
+        """Memory in use now: allocated on CUDA, the resident set on the CPU (``exact``: after
+        returning freed heap memory to the system; else it may count freed memory too, which
+        only overstates it)."""
         if self.cuda:
             now = torch.cuda.memory_allocated(self.device)
         else:
-            _trim()
+            if exact:
+                _trim()
             now = _rss() or 0
         self.peak = max(self.peak, now)
         return now
 
     def headroom(self) -> int:
-        """Bytes left under the budget."""
+        """Bytes left under the budget: from the resident set as it is while that leaves more
+        than :data:`_LOOSE` of the budget (an understatement, so safe), else after a trim."""
+        room = self.budget - self.usage(exact=False)
+        if room > _LOOSE * self.budget:
+            return room
         return self.budget - self.usage()
 
     def highest(self) -> int:
@@ -173,13 +192,20 @@ class ProcessMeter:
                 torch.cuda.synchronize(self.device)
                 peak = torch.cuda.max_memory_allocated(self.device)
             else:
-                before = self.usage()
+                before = self.usage(exact=False)
                 record = _max_rss()
-                with _Sampler() as sampler:
+                if record - before <= _NEAR * (self.budget - before):
+                    # The call's peak is the new high-water mark if it sets one, else at most
+                    # the old one, which is near enough above `before` to serve as its bound.
                     value = call()
-                peak = sampler.peak
-                if _max_rss() > record:  # a new high-water mark: the kernel's is exact
-                    peak = max(peak, _max_rss())
+                    peak = max(record, _max_rss())
+                else:
+                    before = self.usage()
+                    with _Sampler() as sampler:
+                        value = call()
+                    peak = sampler.peak
+                    if _max_rss() > record:  # a new high-water mark: the kernel's is exact
+                        peak = max(peak, _max_rss())
             self.peak = max(self.peak, peak)
             return value, max(peak - before, 0)
         finally:
