@@ -196,6 +196,14 @@ def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:
         help="accuracy of the positive part relative to the layer max at which an example's "
         "Lanczos stops (default 1e-2; 0 = always K steps)",
     )
+    add(
+        "--positive-target",
+        default="max",
+        choices=["max", "mean"],
+        help="what the positive part's Lanczos runs converge to --positive-rtol: the layer's "
+        "max (default; examples that cannot attain it stop early, so the mean is an interval) "
+        "or the mean too (every example; several times the cost)",
+    )
     add("--trace-method", default="hutchinson", choices=["hutchinson", "hutch++"])
     add("--eigen", type=int, default=0, metavar="K", help="top-K eigenvalues per layer and overall")
     add(
@@ -255,6 +263,7 @@ def _run_measure(args: argparse.Namespace) -> int:
         task=args.task,
         lanczos_steps=args.lanczos_steps,
         positive_rtol=args.positive_rtol,
+        positive_target=args.positive_target,
         samples=args.samples,
         sample_order=args.sample_order,
         batch_size=args.batch_size,

@@ -78,6 +78,7 @@ from hessfine.bounds.estimators.quadratic_forms import ESTIMATORS, Estimator
 from hessfine.bounds.functional import Batch, ConsistentCrossEntropy, Inputs, slice_inputs
 from hessfine.bounds.generalization import Bounds, assemble_bounds, noise_matrix_inverse
 from hessfine.bounds.linalg.memory import MemoryBudgetError, MemoryPlan
+from hessfine.bounds.linalg.positive_quadrature import Target
 from hessfine.bounds.linalg.probes import DRAWS_VERSION, keyed_generator
 from hessfine.bounds.operators.certification import (
     certification_tolerance,
@@ -122,6 +123,7 @@ class MeasureSettings:
     task: Task | None = None
     lanczos_steps: int = 128
     positive_rtol: float = 1e-2
+    positive_target: Target = "max"
     samples: int | None = 256
     sample_order: SampleOrder = "stratified"
     batch_size: int | None = None
@@ -970,17 +972,23 @@ class _Measurement:
             n
             for n in self.layers
             if forms[n].mean_upper is not None
-            and forms[n].mean_upper - forms[n].mean > s.positive_rtol * abs(forms[n].mean)
+            and forms[n].mean_upper - forms[n].mean_lower
+            > 2 * s.positive_rtol * abs(forms[n].mean_lower)
         ]
         if wide:
+            why = (
+                "an example that cannot attain the layer's maximum stops early with its lower "
+                "bound as its value (diagnostics.pruned_fraction; the maximum stays within "
+                "--positive-rtol); --positive-target mean converges every example until the mean "
+                "is within --positive-rtol (several times the cost of the positive part)"
+                if s.positive_target == "max"
+                else f"the Lanczos step cap stopped examples first; raise --lanczos-steps "
+                f"(e.g. --lanczos-steps {2 * s.lanczos_steps})"
+            )
             notes.append(
-                f"quadratic_form.mean of {', '.join(wide)} is a lower bound of the exact mean, "
-                "which lies in [mean_lower, mean_upper] (rigorous up to round-off), an interval "
-                "wider than --positive-rtol of the mean: every value of the positive part is a "
-                "Gauss–Radau lower bound, and an example that cannot attain the layer's maximum "
-                "stops before its value has converged (diagnostics.pruned_fraction; the maximum "
-                "stays within --positive-rtol). --positive-rtol 0 runs every example for "
-                "--lanczos-steps steps, exact once that reaches the size of the layer."
+                f"quadratic_form.mean of {', '.join(wide)} may be further than --positive-rtol "
+                "from the exact mean, which lies in [mean_lower, mean_upper] (rigorous up to "
+                f'round-off; docs/mathematics.md, "The positive part by Lanczos quadrature"): {why}.'
             )
         unconverged = self._unconverged_note()
         if unconverged:

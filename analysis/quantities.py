@@ -142,7 +142,8 @@ def _forms(run: Run) -> Plan:
     s = run.settings
     first_x, _ = next(iter(run.batches(run.hessian_data, run.count)))
     options = {"estimator": s.estimator, "lanczos_steps": s.lanczos_steps}
-    options |= {"positive_rtol": s.positive_rtol, "reference_batch_size": run.batch_size}
+    options |= {"positive_rtol": s.positive_rtol, "positive_target": s.positive_target}
+    options |= {"reference_batch_size": run.batch_size}
     return Plan(
         total=_layer_batches(run),
         options={**options, "certify_on": first_x, "memory": run.memory},
@@ -264,6 +265,7 @@ def consistent_forms(run: Run) -> tuple[dict[str, QuadraticForm], dict[str, bool
                 estimator=s.estimator,
                 lanczos_steps=s.lanczos_steps,
                 positive_rtol=s.positive_rtol,
+                positive_target=s.positive_target,
                 reference_batch_size=run.batch_size,
                 generator=keyed_generator(s.seed, stage),
                 certify_on=first_x,

@@ -70,10 +70,11 @@ class QuadraticForm:
     ``argmax`` is the index (in iteration order) of the example attaining ``max`` — of the
     batch for ``reference-code``. ``route`` says how the values were computed;
     ``diagnostics`` carries what a reader needs to trust them (Lanczos convergence, the
-    certification residual). ``mean_upper`` is the upper end of an interval [mean, mean_upper]
-    that holds the exact mean where the values are lower bounds (the ``lanczos`` route: the
-    mean of per-example upper bounds, docs/mathematics.md, "The positive part by Lanczos
-    quadrature"); None where the values are exact (then the interval is the mean alone).
+    certification residual). Where the values are not exact (the ``lanczos`` route: each is the
+    midpoint of a rigorous per-example bracket, docs/mathematics.md, "The positive part by
+    Lanczos quadrature"), ``mean_lower`` and ``mean_upper`` are the means of the brackets'
+    ends, an interval that holds the exact mean; None where the values are exact (then the
+    interval is the mean alone).
     """
 
     name: str
@@ -83,6 +84,7 @@ class QuadraticForm:
     count: int
     route: str
     diagnostics: Mapping[str, float | int | bool | str] = field(default_factory=dict)
+    mean_lower: float | None = None
     mean_upper: float | None = None
 
     @property
@@ -92,14 +94,14 @@ class QuadraticForm:
 
     @property
     def max_error_estimate(self) -> float:
-        """How far the true maximum may lie from :attr:`max`, estimated (absolute, ≥ 0).
+        """How far the true maximum may lie from :attr:`max` (absolute, ≥ 0).
 
-        Lanczos routes record max_x (R_x + e_x) and max_x (R_x − e_x) over the examples, with R_x
-        an example's estimate and e_x its error estimate |R_k − R_⌈k/2⌉|
-        (``diagnostics["max_plus_error"]``, ``["max_minus_error"]``); the true maximum lies
-        between them as far as the error estimates hold, so the value is the larger distance
-        of either from :attr:`max`. Exact routes (the Gauss–Newton forms, the raw block,
-        certified layers, Krylov spaces exhausted) record none: 0.
+        Lanczos routes record max_x U_x and max_x R_x over the examples
+        (``diagnostics["max_plus_error"]``, ``["max_minus_error"]``), with [R_x, U_x] an
+        example's rigorous bracket of v_iᵀH_i⁺(x)v_i and :attr:`max` the largest midpoint; the
+        true maximum lies between them (up to round-off), so the value is the larger distance of
+        either from :attr:`max`. Exact routes (the Gauss–Newton forms, the raw block, certified
+        layers, Krylov spaces exhausted) record none: 0.
         """
         d = self.diagnostics
         if "max_plus_error" not in d:
@@ -111,12 +113,11 @@ class QuadraticForm:
     def to_json(self) -> dict[str, Any]:
         """``layers[].quadratic_form`` of ``measurement.json`` (without ``argmax_index``, which
         needs the sample's indices)."""
-        upper = self.mean if self.mean_upper is None else self.mean_upper
         return {
             "max": self.max,
             "mean": self.mean,
-            "mean_lower": self.mean,
-            "mean_upper": upper,
+            "mean_lower": self.mean if self.mean_lower is None else self.mean_lower,
+            "mean_upper": self.mean if self.mean_upper is None else self.mean_upper,
             "argmax": self.argmax,
         }
 
@@ -127,14 +128,18 @@ class QuadraticForm:
             return parts[0]
         held = [p for p in parts if p.count > 0] or list(parts[:1])
         mean, count = _weighted_mean(held)
-        upper = None
-        if any(p.mean_upper is not None for p in held):
-            ends = [p.mean if p.mean_upper is None else p.mean_upper for p in held]
-            upper = sum(e * p.count for e, p in zip(ends, held, strict=True)) / max(count, 1)
+        ends = {}
+        for end in ("mean_lower", "mean_upper"):
+            if any(getattr(p, end) is not None for p in held):
+                total = sum(
+                    (p.mean if getattr(p, end) is None else getattr(p, end)) * p.count for p in held
+                )
+                ends[end] = total / max(count, 1)
         return replace(
             _best(held),
             mean=mean,
-            mean_upper=upper,
+            mean_lower=ends.get("mean_lower"),
+            mean_upper=ends.get("mean_upper"),
             count=count,
             route=held[0].route,
             diagnostics=merge_diagnostics([p.diagnostics for p in held], [p.count for p in held]),
@@ -164,28 +169,38 @@ def merge_diagnostics(parts: Sequence[Mapping[str, Any]], counts: Sequence[int])
 
 
 class RunningReduction:
-    """Streaming max, argmax and mean of a sequence of value blocks (O(1) memory), and the mean
-    of upper bounds of the values where these are lower bounds (``mean_upper``)."""
+    """Streaming max, argmax and mean of a sequence of value blocks (O(1) memory), and the means
+    of lower and upper bounds of the exact values where the values are not exact
+    (``mean_lower``, ``mean_upper``)."""
 
     def __init__(self) -> None:
         self.max = float("-inf")
         self.argmax = -1
         self.total = 0.0
         self.count = 0
-        self.upper: float | None = None
+        self.ends: dict[str, float] | None = None
 
     def update(
-        self, values: Tensor, *, start: int | None = None, upper: Tensor | None = None
+        self,
+        values: Tensor,
+        *,
+        start: int | None = None,
+        lower: Tensor | None = None,
+        upper: Tensor | None = None,
     ) -> None:
         """Fold in the next block of per-example values; ``start`` is the global index of the
-        first (default: the number of values seen so far); ``upper``: upper bounds of the exact
-        values where ``values`` are lower bounds (none: the values are exact)."""
+        first (default: the number of values seen so far); ``lower``, ``upper``: bounds of the
+        exact values (both or neither; none: the values are exact)."""
         values = values.detach().double()
         if values.numel() == 0:
             return
-        ends = values if upper is None else upper.detach().double()
-        if upper is not None or self.upper is not None:
-            self.upper = (self.total if self.upper is None else self.upper) + float(ends.sum())
+        bounds = {"lower": lower, "upper": upper}
+        if lower is not None or self.ends is not None:
+            if self.ends is None:
+                self.ends = {"lower": self.total, "upper": self.total}
+            for end, bound in bounds.items():
+                ends = values if bound is None else bound.detach().double()
+                self.ends[end] += float(ends.sum())
         best = int(values.argmax())
         if float(values[best]) > self.max:
             self.max = float(values[best])
@@ -199,9 +214,17 @@ class RunningReduction:
 
     def form(self, name: str, route: str, diagnostics: Mapping) -> QuadraticForm:
         """The reduction as a :class:`QuadraticForm`."""
-        upper = None if self.upper is None else self.upper / max(self.count, 1)
+        count = max(self.count, 1)
+        lower, upper = (
+            (None, None)
+            if self.ends is None
+            else (
+                self.ends["lower"] / count,
+                self.ends["upper"] / count,
+            )
+        )
         return QuadraticForm(
-            name, self.max, self.mean, self.argmax, self.count, route, diagnostics, upper
+            name, self.max, self.mean, self.argmax, self.count, route, diagnostics, lower, upper
         )
 
 

@@ -77,18 +77,22 @@ def test_quadratic_form_json_and_unused_form():
     assert QuadraticForm.merge([unused, unused]).count == 14
 
 
-def test_mean_interval_from_upper_bounds_merges_by_count():
-    # lower-bound values with upper bounds (the lanczos route): [mean, mean_upper] with
-    # mean_upper the mean of the upper bounds, over blocks; merged with an exact part, the exact
-    # part's upper end is its mean
+def test_mean_interval_from_bounds_merges_by_count():
+    # values with rigorous bounds (the lanczos route): [mean_lower, mean_upper] the means of the
+    # bounds, over blocks; merged with an exact part, the exact part's ends are its mean
     r = RunningReduction()
-    r.update(torch.tensor([1.0, 3.0]), upper=torch.tensor([1.2, 3.0]))
-    r.update(torch.tensor([2.0]), upper=torch.tensor([2.3]))
+    r.update(
+        torch.tensor([1.0, 3.0]), lower=torch.tensor([0.9, 3.0]), upper=torch.tensor([1.2, 3.0])
+    )
+    r.update(torch.tensor([2.0]), lower=torch.tensor([1.5]), upper=torch.tensor([2.3]))
     bounded = r.form("v", "lanczos", {})
-    assert bounded.to_json()["mean_lower"] == 2.0
+    assert bounded.to_json()["mean"] == 2.0
+    assert bounded.to_json()["mean_lower"] == pytest.approx(5.4 / 3)
     assert bounded.to_json()["mean_upper"] == pytest.approx(6.5 / 3)
     merged = QuadraticForm.merge([bounded, reduce([4.0, 6.0])])
-    assert merged.mean == pytest.approx(16 / 5) and merged.mean_upper == pytest.approx(16.5 / 5)
+    assert merged.mean == pytest.approx(16 / 5)
+    assert merged.mean_lower == pytest.approx(15.4 / 5)
+    assert merged.mean_upper == pytest.approx(16.5 / 5)
 
 
 @pytest.mark.parametrize(

@@ -460,3 +460,39 @@ def test_a_lanczos_cap_below_convergence_is_reported(pair, capsys):
     assert len(notes) == 1 and "--lanczos-steps 4" in notes[0]
     assert all(name in notes[0] for name in late)
     assert "hessfine: warning: " + notes[0] in capsys.readouterr().err
+
+
+def test_the_mean_interval_is_noted_and_converged_with_positive_target_mean(pair):
+    # issue 18 item 1 through the command line: the default (target max) leaves pruned examples
+    # at their lower bounds, and a note names each layer whose mean interval is wider than
+    # 2 × --positive-rtol with the option that converges it; --positive-target mean converges
+    # every interval to that width, and the exact mean (dense oracle) lies in each interval
+    network, module, params, reference, tmp = pair
+    x, y = (t[:SAMPLES] for t in data(network))
+    widths = {}
+    for target in ("max", "mean"):
+        result = run(pair, f"target-{target}", "--positive-target", target)
+        assert result["settings"]["positive_target"] == target
+        wide = []
+        for layer in result["layers"]:
+            form = layer["quadratic_form"]
+            if layer["method"] != "lanczos":
+                assert form["mean_lower"] == form["mean"] == form["mean_upper"]
+                continue
+            H = positive_part(dense_block_hessians(module, params, layer["name"], x, y))
+            exact = float(dense_forms(H, params[layer["name"]] - reference[layer["name"]]).mean())
+            assert form["mean_lower"] <= exact * (1 + 1e-9) <= form["mean_upper"] * (1 + 2e-9)
+            width = (form["mean_upper"] - form["mean_lower"]) / form["mean_lower"]
+            widths[target, layer["name"]] = width
+            if width > 2e-2:
+                wide.append(layer["name"])
+            if target == "mean":
+                assert abs(form["mean"] - exact) <= 1e-2 * exact
+        notes = [n for n in result["notes"] if "quadratic_form.mean of" in n]
+        assert bool(wide) is (target == "max" and network != "cnn")
+        if wide:
+            assert len(notes) == 1 and all(name in notes[0] for name in wide)
+            assert ("--positive-target mean" in notes[0]) is (target == "max")
+        else:
+            assert notes == []
+    assert all(widths["mean", name] <= 2e-2 for (target, name) in widths if target == "mean")

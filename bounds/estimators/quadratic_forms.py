@@ -27,8 +27,10 @@ The estimators (``--estimator``, docs/cli.md; recorded as ``settings.estimator``
   :func:`hessfine.bounds.linalg.positive_quadrature.positive_quadrature`), with per-example
   Hessian-vector products of the examples still running (retained double-backward graphs or
   vmapped forward-over-reverse, :class:`hessfine.bounds.operators.per_example.PerExampleHVP`):
-  each example stops once converged to ``positive_rtol`` of the layer's maximum or once it
-  cannot attain the maximum; exact once its Krylov space is exhausted.
+  each example's value is bracketed by rigorous bounds (Gauss–Radau below, the compression bound
+  above) and it stops once converged to ``positive_rtol`` of the layer's maximum or once it
+  cannot attain the maximum (``positive_target="max"``), or, with ``"mean"``, once the layer's
+  mean is within ``positive_rtol`` too; exact once its Krylov space is exhausted.
 * ``auto``: the ``positive`` semantics. A layer whose logits are piecewise linear in W_i (every
   operation after it is ReLU, max-pooling, eval-mode BatchNorm, residual addition, pooling…) has
   z'' ≡ 0, so H_i(x) = G_i(x) is positive semi-definite and H_i⁺ = H_i: the single-JVP Gauss–Newton
@@ -45,10 +47,9 @@ All per-example values are reduced on the fly (running max, argmax and mean), so
 grow with the number of examples; each layer's reduction is a
 :class:`hessfine.bounds.estimates.QuadraticForm` whose ``route`` says how it was computed
 (``ggn-certified``, ``ggn``, ``hvp``, ``lanczos`` or ``reference-code``). On the ``lanczos``
-route every value is a lower bound of v_iᵀH_i⁺(x)v_i, so ``max`` and ``mean`` are lower bounds,
-and ``mean_upper`` is the mean of rigorous per-example upper bounds (the value where the Krylov
-space was exhausted, else the Cauchy–Schwarz bound of
-:class:`hessfine.bounds.linalg.positive_quadrature.PositiveQuadrature`).
+route ``mean_lower`` and ``mean_upper`` are the means of the examples' rigorous brackets
+(:class:`hessfine.bounds.linalg.positive_quadrature.PositiveQuadrature`), which hold the exact
+mean.
 
 Example:
     >>> import torch
@@ -79,6 +80,7 @@ from hessfine.bounds.functional import (
 from hessfine.bounds.linalg.memory import CallSize, MemoryPlan
 from hessfine.bounds.linalg.positive_quadrature import (
     PositiveQuadrature,
+    Target,
     positive_quadrature,
     positive_quadrature_many,
 )
@@ -109,6 +111,7 @@ def positive_forms(
     *,
     steps: int,
     rtol: float = 1e-2,
+    target: Target = "max",
     floor: float = float("-inf"),
     memory: MemoryPlan | None = None,
 ) -> PositiveQuadrature:
@@ -137,9 +140,14 @@ def positive_forms(
         )
         start_vectors = v.reshape(1, -1).expand(ys.shape[0], -1).clone()
         part = positive_quadrature(
-            products.of_layer(name), start_vectors, max_steps=steps, rtol=rtol, floor=floor
+            products.of_layer(name),
+            start_vectors,
+            max_steps=steps,
+            rtol=rtol,
+            target=target,
+            floor=floor,
         )
-        floor = max(floor, float((part.values - part.errors).max()))
+        floor = max(floor, float(part.lower.max()))
         return part
 
     return PositiveQuadrature.cat(calls.run(chunk, batch_size(x)))
@@ -154,6 +162,7 @@ def positive_forms_layers(
     *,
     steps: int,
     rtol: float = 1e-2,
+    target: Target = "max",
     memory: MemoryPlan | None = None,
 ) -> dict[str, PositiveQuadrature]:
     """:func:`positive_forms` for several layers at once, their Lanczos steps in lockstep.
@@ -196,10 +205,10 @@ def positive_forms_layers(
                 return products([chosen[f] for f in families], blocks, members)
 
             results = positive_quadrature_many(
-                matvec, starts, max_steps=steps, rtol=rtol, floors=floors
+                matvec, starts, max_steps=steps, rtol=rtol, target=target, floors=floors
             )
             for f, part in enumerate(results):
-                floors[f] = max(floors[f], float((part.values - part.errors).max()))
+                floors[f] = max(floors[f], float(part.lower.max()))
             return results
 
         for results in calls.run(chunk, batch_size(x)):
@@ -217,6 +226,7 @@ def quadratic_forms(
     estimator: Estimator = "auto",
     lanczos_steps: int = 128,
     positive_rtol: float = 1e-2,
+    positive_target: Target = "max",
     reference_batch_size: int = 4,
     check_examples: int = 1,
     generator: torch.Generator | None = None,
@@ -231,7 +241,8 @@ def quadratic_forms(
     selected layer to v_i (same shape as the weight). ``batches`` yields (x, y) in example order.
     For the positive part, ``lanczos_steps`` caps the Lanczos steps per example and
     ``positive_rtol`` is the accuracy, relative to the layer's maximum, at which an example stops
-    (0: always ``lanczos_steps`` steps); see :func:`positive_forms`.
+    (0: always ``lanczos_steps`` steps) and ``positive_target`` whether the mean is converged to
+    it too; see :func:`hessfine.bounds.linalg.positive_quadrature.positive_quadrature`.
     ``certify_on``: the inputs whose first example(s) certify the layers (default: the first
     batch). With a ``shard`` the batches are this process's share (whole batches of the global
     stream; for ``reference-code`` of exactly ``reference_batch_size``), ``argmax`` is global and
@@ -258,6 +269,7 @@ def quadratic_forms(
             estimator=estimator,
             lanczos_steps=lanczos_steps,
             positive_rtol=positive_rtol,
+            positive_target=positive_target,
             check_examples=check_examples,
             generator=generator,
             certify_on=certify_on,
@@ -276,6 +288,7 @@ def _example_forms(
     estimator: str,
     lanczos_steps: int,
     positive_rtol: float,
+    positive_target: Target,
     check_examples: int,
     generator: torch.Generator,
     certify_on: Inputs | None,
@@ -308,6 +321,7 @@ def _example_forms(
             y,
             steps=lanczos_steps,
             rtol=positive_rtol,
+            target=positive_target,
             memory=memory,
         )
         forms = (
@@ -326,7 +340,7 @@ def _example_forms(
         )
         for name in names:
             route = routes[name]
-            upper = None
+            bounds: dict[str, Tensor] = {}
             if name in forms:
                 values = forms[name]
                 diagnostics[name]["ggn_products"] = gauss_newton.products[name]
@@ -343,9 +357,9 @@ def _example_forms(
                     diagnostics[name]["hvp_products"] = "vmapped"
             else:
                 result = positive[name]
-                values, upper = result.values, result.upper
+                values, bounds = result.values, {"lower": result.lower, "upper": result.upper}
                 _fold_lanczos_diagnostics(diagnostics[name], result, lanczos_steps, positive_rtol)
-            reductions[name].update(values, start=first, upper=upper)
+            reductions[name].update(values, start=first, **bounds)
             if progress is not None:
                 progress(1)
     return {
@@ -401,14 +415,13 @@ def _fold_lanczos_diagnostics(
     """Accumulate the convergence report of the positive part over batches.
 
     Reported (per layer): the step cap and tolerance; Lanczos steps per example (mean, max);
-    ``change_half_steps``, the largest error estimate |R_k − R_⌈k/2⌉| of a non-pruned example
-    (absolute, in the units of the values: the reported max is within about this of the
-    converged value); the fractions pruned and exhausted; ``lower_bound_max`` =
-    max_x max(vᵀH v, 0), a rigorous lower bound of the true 𝓗_i; and ``max_plus_error``,
-    ``max_minus_error`` = max_x (R_x ± e_x), between which the true maximum lies as far as the
-    error estimates hold (:attr:`hessfine.bounds.estimates.QuadraticForm.max_error_estimate`).
-    Every entry is a max, a count-weighted mean or fraction, so that per-process reports merge
-    exactly.
+    ``error_bound``, the largest half-width (U_x − R_x)/2 of the rigorous bracket of an example
+    not pruned (absolute, in the units of the values: the reported max is within this of the
+    sample's maximum, up to round-off); the fractions pruned and exhausted; ``lower_bound_max``
+    = max_x R_x, a rigorous lower bound of the true 𝓗_i; and ``max_plus_error``,
+    ``max_minus_error`` = max_x U_x and max_x R_x, between which the true maximum lies
+    (:attr:`hessfine.bounds.estimates.QuadraticForm.max_error_estimate`). Every entry is a max,
+    a count-weighted mean or fraction, so that per-process reports merge exactly.
     """
     d = diagnostics
     d["lanczos_max_steps"] = cap
@@ -420,10 +433,8 @@ def _fold_lanczos_diagnostics(
     d["_pruned"] = d.get("_pruned", 0) + int(result.pruned.sum())
     d["_exhausted"] = d.get("_exhausted", 0) + int(result.exhausted.sum())
     d["_count"] = d.get("_count", 0) + result.values.numel()
-    d["_lower"] = max(d.get("_lower", 0.0), float(result.lower.max()))
-    plus, minus = result.values + result.errors, result.values - result.errors
-    d["_plus"] = max(d.get("_plus", float("-inf")), float(plus.max()))
-    d["_minus"] = max(d.get("_minus", float("-inf")), float(minus.max()))
+    d["_plus"] = max(d.get("_plus", float("-inf")), float(result.upper.max()))
+    d["_minus"] = max(d.get("_minus", float("-inf")), float(result.lower.max()))
 
 
 def _finish_diagnostics(diagnostics: dict) -> dict:
@@ -432,10 +443,10 @@ def _finish_diagnostics(diagnostics: dict) -> dict:
         count = diagnostics["_count"]
         out["lanczos_steps_mean"] = diagnostics["_steps"] / count
         out["lanczos_steps_max"] = diagnostics["_steps_max"]
-        out["change_half_steps"] = diagnostics["_err"]
+        out["error_bound"] = diagnostics["_err"]
         out["pruned_fraction"] = diagnostics["_pruned"] / count
         out["krylov_exhausted_fraction"] = diagnostics["_exhausted"] / count
-        out["lower_bound_max"] = diagnostics["_lower"]
+        out["lower_bound_max"] = diagnostics["_minus"]
         out["max_plus_error"] = diagnostics["_plus"]
         out["max_minus_error"] = diagnostics["_minus"]
     return out

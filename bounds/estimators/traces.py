@@ -471,7 +471,7 @@ def _slq_positive_traces(fmodel, params, name, x, y, probes, steps, rtol, keys, 
             fmodel, params, index_inputs(x, idx), y[idx], planned=memory.measured
         )
         result = positive_quadrature(
-            products.of_layer(name), z[start:stop], max_steps=steps, rtol=rtol, prune=False
+            products.of_layer(name), z[start:stop], max_steps=steps, rtol=rtol, target="mean"
         )
         return result.values
 

@@ -29,10 +29,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 from hessfine.bounds.linalg.lanczos import reorthogonalise
 from torch import Tensor
+
+Target = Literal["max", "mean"]
+"""What a positive-quadrature run converges: the maximum over its members, or their mean too."""
 
 
 def _positive_part(lam: Tensor) -> Tensor:
@@ -66,20 +70,48 @@ def gauss_radau(
     return (s[:, 0, :] ** 2 * f(theta)).sum(dim=1) * norms**2
 
 
+def compression_upper(alpha: Tensor, beta: Tensor, norms: Tensor) -> Tensor:
+    """A rigorous upper bound of uᵀH⁺u from k Lanczos steps, (B,) float64; decreasing in k.
+
+    With Q_k the Lanczos basis from u, H Q_k = Q_k T_k + β_k q_(k+1) e_kᵀ gives the compression
+    Q_kᵀ H² Q_k = T_k² + β_k² e_k e_kᵀ =: M_k exactly. The square root is operator concave, so
+    Jensen's operator inequality for isometries (Hansen & Pedersen, "Jensen's operator
+    inequality", Bull. London Math. Soc. 2003) gives √(Q_kᵀ H² Q_k) ⪰ Q_kᵀ √(H²) Q_k = Q_kᵀ|H|Q_k,
+    hence uᵀ|H|u ≤ ‖u‖² e₁ᵀ √M_k e₁ and, with uᵀH⁺u = (uᵀHu + uᵀ|H|u)/2 and uᵀHu = ‖u‖²α₁,
+
+        uᵀH⁺u ≤ ‖u‖² (α₁ + e₁ᵀ √M_k e₁) / 2.
+
+    At k = 1 this is the Cauchy–Schwarz bound (α₁ + √(α₁² + β₁²))/2; a larger Krylov space
+    gives a smaller value (the compression to a subspace is a compression of M_k), and after
+    breakdown (β_k = 0) it is exact. M_k = BᵀB with B the (k+1)×k matrix [T_k; β_k e_kᵀ], so
+    √M_k = V Σ Vᵀ from the singular values of B, which keeps small eigenvalues of |H| to the
+    working precision (the square roots of M_k's eigenvalues would lose half of it).
+    ``alpha``, ``beta``: (B, k), ``beta`` including the
+    residual β_k, as for :func:`gauss_radau` (docs/mathematics.md, "The positive part by
+    Lanczos quadrature").
+    """
+    alpha, beta, norms = alpha.double(), beta.double(), norms.double()
+    k = alpha.shape[1]
+    t = torch.diag_embed(alpha) + torch.diag_embed(beta[:, : k - 1], 1)
+    t = t + torch.diag_embed(beta[:, : k - 1], -1)
+    last = torch.zeros_like(t[:, :1])
+    last[:, 0, k - 1] = beta[:, k - 1]
+    _, sigma, vh = torch.linalg.svd(torch.cat([t, last], dim=1), full_matrices=False)
+    absolute = (vh[:, :, 0] ** 2 * sigma).sum(dim=1)
+    return (alpha[:, 0] + absolute) / 2 * norms**2
+
+
 @dataclass(frozen=True)
 class PositiveQuadrature:
     """Per-member uᵀH⁺u estimates of :func:`positive_quadrature` and how each was obtained.
 
-    ``values``: the Gauss–Radau estimate at the member's last step, a lower bound of uᵀH⁺u
-    that grows with the steps (:func:`positive_quadrature`); ``errors``: the change
-    |R_k − R_⌈k/2⌉| of that estimate since half the steps (0 after breakdown, where the value
-    is exact); ``lower``: max(uᵀHu, 0) = max(‖u‖²α₁, 0), a rigorous lower bound since H⁺ ⪰ H
-    and H⁺ ⪰ 0 (the one-step value is at least this); ``upper``: a rigorous upper bound, the
-    value where the Krylov space was exhausted, else (uᵀHu + ‖u‖‖Hu‖)/2 =
-    ‖u‖²(α₁ + √(α₁² + β₁²))/2 (uᵀH⁺u = (uᵀHu + uᵀ|H|u)/2 and uᵀ|H|u ≤ ‖u‖‖Hu‖ by
-    Cauchy–Schwarz); ``steps``: Lanczos steps used; ``exhausted``: the Krylov space was
-    exhausted; ``pruned``: stopped because value + error was below another member's
-    value − error.
+    ``lower``: the Gauss–Radau value R_k at the member's last step, a rigorous lower bound of
+    uᵀH⁺u that grows with the steps; ``upper``: :func:`compression_upper` U_k at that step, a
+    rigorous upper bound that falls with the steps (both exact after breakdown, up to
+    round-off); ``values``: the midpoint (R_k + U_k)/2 and ``errors``: the half-width
+    (U_k − R_k)/2, so that |values − uᵀH⁺u| ≤ errors; ``steps``: Lanczos steps used;
+    ``exhausted``: the Krylov space was exhausted; ``pruned``: stopped because its upper bound
+    was below another member's lower bound (it cannot attain the maximum).
     """
 
     values: Tensor
@@ -96,6 +128,22 @@ class PositiveQuadrature:
         return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
+def _water_level(widths: Tensor, budget: float) -> float:
+    """The largest τ with Σ_b min(w_b, τ) ≤ ``budget`` (inf when Σ_b w_b ≤ budget).
+
+    Members whose width is at most τ may stop: the widths of those that stop stay at most τ,
+    and τ only grows as running widths shrink and the lower bounds (hence the budget) grow, so
+    once every member has stopped Σ_b w_b ≤ budget.
+    """
+    if float(widths.sum()) <= budget:
+        return math.inf
+    ordered = widths.sort().values
+    below = torch.cat([ordered.new_zeros(1), ordered.cumsum(0)[:-1]])
+    above = torch.arange(ordered.numel(), 0, -1, device=ordered.device, dtype=ordered.dtype)
+    first = int((below + above * ordered > budget).nonzero()[0])
+    return max(float((budget - below[first]) / above[first]), 0.0)
+
+
 def positive_quadrature(
     matvec: Callable[[Tensor, Tensor], Tensor],
     start: Tensor,
@@ -103,26 +151,32 @@ def positive_quadrature(
     max_steps: int,
     rtol: float = 1e-2,
     floor: float = float("-inf"),
-    prune: bool = True,
+    target: Target = "max",
     min_steps: int = 4,
     tol: float | None = None,
 ) -> PositiveQuadrature:
-    """uᵀH_b⁺u for B operators by Lanczos with a per-member stopping rule, aimed at the maximum.
+    """uᵀH_b⁺u for B operators by Lanczos, each member bracketed and stopped by a target rule.
 
     ``matvec(q, members)`` maps the (A, d) block of the still-active ``members`` (indices into
     the batch) to their images, so finished members cost nothing. At checkpoints k = 4, 6, 8, 10,
-    13, … (about 25% apart) the Gauss–Radau estimate R_k (node 0, :func:`gauss_radau`) and its
-    error estimate e = |R_k − R_⌈k/2⌉| are formed. With M the largest current estimate over all
-    members (and ``floor``, a value known to be attained elsewhere), a member stops when
+    13, … (about 25% apart) each member's value is bracketed by two rigorous bounds: the
+    Gauss–Radau rule R_k (node 0, :func:`gauss_radau`) below and :func:`compression_upper` U_k
+    above (proofs in docs/mathematics.md, "The positive part by Lanczos quadrature"); the
+    member's value is the midpoint, within the half-width (U_k − R_k)/2 of uᵀH⁺u, except for
+    pruned members under ``"max"`` (below). With L the largest lower bound of any member (and
+    ``floor``, a value known to be attained elsewhere), a member stops at breakdown (exact),
+    after ``max_steps``, or by the rule of ``target``:
 
-    * e ≤ rtol · M / 2 (converged to the accuracy the maximum needs, with a safety factor 2), or
-    * R_k + e < max(floor, max_m (R_m − e_m)) (it cannot attain the maximum: pruned),
+    * ``"max"`` (the maximum over members is wanted): once U_k − R_k ≤ 2 rtol · L, so that its
+      midpoint is within rtol · L of its exact value; or once U_k < L: it cannot attain the
+      maximum (pruned; its value is then R_k, its error U_k − R_k, since a midpoint of a wide
+      bracket would overstate it). The largest value is within rtol of the exact maximum;
+    * ``"mean"`` (the mean is wanted too): the rule above and, with w_b = U_b − R_b, once
+      w_b ≤ τ for the largest τ with Σ_b min(w_b, τ) ≤ 2 rtol Σ_b R_b (a water level: members
+      whose brackets are already narrow leave room for the others). τ only grows, so when all
+      have stopped Σ_b w_b ≤ 2 rtol Σ_b R_b and the mean of the midpoints is within rtol of
+      the exact mean (every member's value is its midpoint).
 
-    at breakdown (exact), or after ``max_steps``. ``prune=False`` keeps only the first rule (for
-    members whose values are averaged rather than maximised, as in stochastic Lanczos
-    quadrature). Every R_k is a lower bound of uᵀH⁺u and R_k ≤ R_(k+1) (in exact arithmetic;
-    proof in docs/mathematics.md, "The positive part by Lanczos quadrature"), so the error
-    e estimates how far below the converged value R_k lies; it is a heuristic, not a bound.
     ``rtol = 0`` runs every member for ``max_steps`` steps. Lanczos with full
     reorthogonalisation as in :func:`hessfine.bounds.linalg.lanczos.lanczos`.
 
@@ -138,7 +192,7 @@ def positive_quadrature(
         max_steps=max_steps,
         rtol=rtol,
         floor=floor,
-        prune=prune,
+        target=target,
         min_steps=min_steps,
         tol=tol,
     )
@@ -157,7 +211,7 @@ def positive_quadrature_many(
     max_steps: int,
     rtol: float = 1e-2,
     floors: list[float] | None = None,
-    prune: bool = True,
+    target: Target = "max",
     min_steps: int = 4,
     tol: float | None = None,
 ) -> list[PositiveQuadrature]:
@@ -189,7 +243,7 @@ def positive_quadrature_many(
             max_steps=max_steps,
             rtol=rtol,
             floor=fl,
-            prune=prune,
+            target=target,
             min_steps=min_steps,
             tol=tol,
         )
@@ -222,7 +276,7 @@ def _positive_run(
     max_steps: int,
     rtol: float,
     floor: float,
-    prune: bool,
+    target: Target,
     min_steps: int,
     tol: float | None,
 ):
@@ -239,9 +293,7 @@ def _positive_run(
     dev = start.device
     norms = start.norm(dim=1)
     f64 = dict(dtype=torch.float64, device=dev)
-    values, errors = torch.zeros(batch, **f64), torch.zeros(batch, **f64)
-    first = start.new_zeros(batch)
-    spread = start.new_zeros(batch)
+    lower, upper = torch.zeros(batch, **f64), torch.zeros(batch, **f64)
     steps = torch.zeros(batch, dtype=torch.long, device=dev)
     exhausted = torch.zeros(batch, dtype=torch.bool, device=dev)
     pruned = torch.zeros(batch, dtype=torch.bool, device=dev)
@@ -260,15 +312,11 @@ def _positive_run(
         basis[:, j] = q
         w = yield q, idx
         a = (q * w).sum(dim=1)
+        w = w - a[:, None] * q
         if j > 0:
-            w = w - a[:, None] * q - beta[:, j - 1, None] * q_prev
-        else:
-            w = w - a[:, None] * q
-            first[idx] = a
+            w = w - beta[:, j - 1, None] * q_prev
         w = reorthogonalise(w, basis[:, : j + 1])
         b = w.norm(dim=1)
-        if j == 0:
-            spread[idx] = b
         alpha[:, j] = a
         scale = torch.maximum(scale, torch.maximum(a.abs(), b))
         broke = b <= tol * scale
@@ -283,26 +331,28 @@ def _positive_run(
             continue
         if check:
             checkpoint = max(k + 2, math.ceil(1.25 * k))
-        est = gauss_radau(alpha[:, :k], beta[:, :k], norms[idx], _positive_part)
-        half = max(1, math.ceil(k / 2))
-        err = (est - gauss_radau(alpha[:, :half], beta[:, :half], norms[idx], _positive_part)).abs()
-        err = torch.where(broke, torch.zeros_like(err), err)
-        values[idx], errors[idx] = est, err
+        low = gauss_radau(alpha[:, :k], beta[:, :k], norms[idx], _positive_part)
+        high = torch.maximum(compression_upper(alpha[:, :k], beta[:, :k], norms[idx]), low)
+        high = torch.where(broke, low, high)
+        lower[idx], upper[idx] = low, high
         stop = broke | last
         if check:
-            top = float(values.max())
-            low = max(floor, float((values - errors)[started].max()))
-            converged = err <= 0.5 * rtol * top
-            hopeless = (est + err < low) & ~converged & ~broke & prune
+            width = high - low
+            best = max(floor, float(lower[started].max()))
+            converged = width <= 2 * rtol * best
+            hopeless = (high < best) & ~converged & ~broke
+            done = converged | hopeless
+            if target == "mean":
+                done = done & (width <= _water_level(upper - lower, 2 * rtol * float(lower.sum())))
             pruned[idx] = hopeless
-            stop = stop | converged | hopeless
+            stop = stop | done
         exhausted[idx] = broke | (last & (k >= dim))
         if bool(stop.any()):
             steps[idx[stop]] = k
             keep = ~stop
             idx, q, q_prev, scale = idx[keep], q[keep], q_prev[keep], scale[keep]
             basis, alpha, beta = basis[keep], alpha[keep], beta[keep]
-    a1, b1, squared = first.double(), spread.double(), norms.double() ** 2
-    lower = (squared * a1).clamp(min=0.0)
-    upper = torch.where(exhausted, values, squared * (a1 + torch.hypot(a1, b1)) / 2)
+    middle = ~pruned if target == "max" else torch.ones_like(pruned)
+    values = torch.where(middle, (lower + upper) / 2, lower)
+    errors = torch.where(middle, (upper - lower) / 2, upper - lower)
     return PositiveQuadrature(values, errors, lower, upper, steps, exhausted, pruned)
