@@ -205,6 +205,10 @@ class MeasureSettings:
                 0 <= self.positive_rtol < 1,
                 f"--positive-rtol must be in [0, 1), got {self.positive_rtol}",
             ),
+            (
+                self.positive_target in ("max", "mean"),
+                f"--positive-target must be max or mean, got {self.positive_target!r}",
+            ),
             (self.eigen >= 0, f"--eigen must be ≥ 0, got {self.eigen}"),
             (self.noise_draws > 1, f"--noise-draws must be at least 2, got {self.noise_draws}"),
             (
