@@ -65,6 +65,7 @@ from hessfine.bounds.functional import (
     batch_size,
     slice_inputs,
 )
+from hessfine.bounds.linalg.memory import CallSize, MemoryPlan
 from hessfine.bounds.linalg.probes import base_key, keyed_generator
 from hessfine.bounds.linalg.sharding import LOCAL, Shard
 from hessfine.bounds.losses import example_errors
@@ -250,6 +251,7 @@ def pac_bayes_certificate(
     chunk: int | None = None,
     shard: Shard = LOCAL,
     progress: Callable[[int], None] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> Certificate:
     """PAC-Bayes-kl certificate for posterior N(W, diag σ_i²), prior N(W^(s), diag σ_i²).
 
@@ -274,11 +276,15 @@ def pac_bayes_certificate(
             numbers), so the result depends neither on the batching nor on the number of
             processes.
         chunk: groups evaluated together in one ``vmap`` (each with its own weight copy);
-            default from an element budget.
+            default: sized by ``memory``, else from an element budget.
         shard: this process's share of the batches; the error counts are summed over processes.
         progress: called with 1 per Monte Carlo repetition and batch.
+        memory: the plan that sizes the calls (:mod:`hessfine.bounds.linalg.memory`): groups
+            per noisy call (kind ``certificate``) and examples per call of the unperturbed
+            pass (kind ``forward``); default: no plan, whole batches.
 
-    The batches are streamed once (memory does not grow with ``n``).
+    The batches are streamed once (memory does not grow with ``n``), and the counts are exact
+    sums, so they do not depend on the calls.
     """
     layers = list(layers)
     bounded_loss = fmodel.loss.error_name
@@ -300,8 +306,13 @@ def pac_bayes_certificate(
     distances = {name: float(directions[name].double().norm()) for name in layers}
     numel = {name: params[name].numel() for name in layers}
     base = optimal_sigmas(distances, curvature, numel, n=n)
-    if chunk is None:
-        chunk = max(1, _ELEMENT_BUDGET // max(sum(numel.values()), 1))
+    memory = memory if memory is not None else MemoryPlan()
+    if chunk is not None:
+        noisy_calls = CallSize("certificate", None, chunk)
+    elif memory.measured:
+        noisy_calls = memory.calls("certificate")
+    else:
+        noisy_calls = CallSize("certificate", None, _ELEMENT_BUDGET // max(sum(numel.values()), 1))
     lattices = [{name: _round_to_lattice(scale * base[name]) for name in layers} for scale in grid]
     scale_sigmas = [
         {name: 0.0 if k is None else 2.0**k for name, k in lattice.items()} for lattice in lattices
@@ -314,7 +325,7 @@ def pac_bayes_certificate(
         draws=draws,
         group=examples_per_draw,
         key=base_key(generator),
-        chunk=chunk,
+        calls=(noisy_calls, memory.calls("forward")),
         shard=shard,
         progress=progress,
     )
@@ -381,25 +392,48 @@ def _error_counts(
     draws: int,
     group: int,
     key: int,
-    chunk: int,
+    calls: tuple[CallSize, CallSize],
     shard: Shard,
     progress: Callable[[int], None] | None,
 ) -> Tensor:
     """[examples, deterministic 0-1 errors, stochastic errors at every scale], summed over
     processes, in one streamed pass over the batches; each example's 0-1 error is
-    :func:`hessfine.bounds.losses.example_errors`.
+    :func:`hessfine.bounds.losses.example_errors`. ``calls``: the sizes of the noisy calls (in
+    groups) and of the unperturbed ones (in examples).
 
     In repetition d the group starting at global example m gets unit noise Z from the generator
     keyed by (``key``, d, m), shared by every scale (W + σ_s ⊙ Z at scale s): the counts depend
-    neither on the batching nor on the number of processes.
+    neither on the batching, nor on the calls, nor on the number of processes.
     """
     noisy = [name for name, s in scale_sigmas[0].items() if s > 0]
     counts = torch.zeros(2 + len(scale_sigmas), dtype=torch.float64)
     device = params[noisy[0]].device if noisy else torch.device("cpu")
+    noisy_calls, clean_calls = calls
 
     def one(u: dict[str, Tensor], xg: Inputs) -> Tensor:
         perturbed = {**params, **{name: params[name] + u[name] for name in noisy}}
         return fmodel.logits(perturbed, xg)
+
+    def clean(x: Inputs, y: Tensor, start: int, stop: int) -> float:
+        logits = fmodel.logits(params, slice_inputs(x, start, stop))
+        return float(example_errors(fmodel.loss, logits, y[start:stop]).sum())
+
+    def stochastic(x: Inputs, y: Tensor, first: int, d: int, start: int, stop: int) -> Tensor:
+        """Errors at every scale of groups ``start:stop`` of the batch in repetition ``d``."""
+        units = [
+            _unit_noise(params, noisy, keyed_generator(key, d, first + m * group, device=device))
+            for m in range(start, stop)
+        ]
+        z = {name: torch.stack([u[name] for u in units]) for name in noisy}
+        del units
+        xg = _grouped(slice_inputs(x, start * group, stop * group), group)
+        labels = y[start * group : stop * group]
+        found = torch.zeros(len(scale_sigmas), dtype=torch.float64)
+        for s, sigmas in enumerate(scale_sigmas):
+            noise = {name: sigmas[name] * z[name] for name in noisy}
+            logits = vmap(one)(noise, xg).flatten(0, 1)
+            found[s] = float(example_errors(fmodel.loss, logits, labels).sum())
+        return found
 
     with torch.no_grad(), differentiable():
         for first, (x, y) in shard.indexed(batches):
@@ -408,29 +442,19 @@ def _error_counts(
                 raise ValueError(
                     f"every batch size must be a multiple of examples_per_draw = {group}"
                 )
-            wrong = float(example_errors(fmodel.loss, fmodel.logits(params, x), y).sum())
+            parts = clean_calls.run(lambda a, b, x=x, y=y: clean(x, y, a, b), size)
+            wrong = sum(parts)
             counts[0] += size
             counts[1] += wrong
             if not noisy:
                 counts[2:] += draws * wrong
                 continue
-            groups = size // group
             for d in range(draws):
-                for start in range(0, groups, chunk):
-                    stop = min(groups, start + chunk)
-                    units = [
-                        _unit_noise(
-                            params, noisy, keyed_generator(key, d, first + m * group, device=device)
-                        )
-                        for m in range(start, stop)
-                    ]
-                    z = {name: torch.stack([u[name] for u in units]) for name in noisy}
-                    xg = _grouped(slice_inputs(x, start * group, stop * group), group)
-                    labels = y[start * group : stop * group]
-                    for s, sigmas in enumerate(scale_sigmas):
-                        noise = {name: sigmas[name] * z[name] for name in noisy}
-                        logits = vmap(one)(noise, xg).flatten(0, 1)
-                        counts[2 + s] += float(example_errors(fmodel.loss, logits, labels).sum())
+                run = noisy_calls.run(
+                    lambda a, b, x=x, y=y, f=first, d=d: stochastic(x, y, f, d, a, b),
+                    size // group,
+                )
+                counts[2:] += torch.stack(run).sum(dim=0)
                 if progress is not None:
                     progress(1)
     return shard.sum(counts)
