@@ -35,8 +35,9 @@ streamed, and each noise vector has its own keyed generator (:mod:`hessfine.boun
 so memory stays flat in the number of examples and the result does not depend on how the work is
 split. Under a memory plan (:mod:`hessfine.bounds.linalg.memory`, kind ``noise``) the examples of
 a call are sized from its measured memory (2·chunk perturbed forward passes per example), and the
-draws of a chunk are bounded so that their weight copies take at most a quarter of the room; every
-draw is re-drawn from its key in every call, so the chunks change nothing but round-off.
+draws of a ``vmap`` are at most what fits in half the room at the measured growth of one draw on
+one example (a probe call before the first batch, its value discarded); every draw is re-drawn
+from its key in every call, so the chunks change nothing but round-off.
 
 Example:
     >>> import torch
@@ -68,9 +69,6 @@ from torch.func import vmap
 
 _ELEMENT_BUDGET = 2**26
 _MAX_CHUNK = 64
-_COPIES = 6
-"""Copies of the selected weights one draw of a chunk holds at its peak: its noise at ±U (2), the
-perturbed weights inside the ``vmap`` (2), and the transient stack and scaling (2)."""
 
 
 def noise_stability(
@@ -108,10 +106,10 @@ def noise_stability(
         antithetic: evaluate each U at ±U (pairs) instead of plain Monte Carlo.
         generator: source of the base key (one draw); the noise itself is drawn on the
             parameters' device.
-        chunk: number of draws evaluated together in one ``vmap`` (memory ≈ 6·chunk copies of the
-            selected weights plus 2·chunk forward passes of the call's examples); default from an
-            element budget, and under a measured ``memory`` plan at most what fits in a quarter
-            of its room.
+        chunk: number of draws evaluated together in one ``vmap`` (memory ≈ a few chunk copies
+            of the selected weights plus 2·chunk forward passes of the call's examples); default
+            from an element budget, and under a measured ``memory`` plan at most what fits in
+            half its room at the measured cost of one draw on one example.
         shard: this process's share of the examples; sums are added over processes.
         progress: called with the draws just evaluated on one batch (a fraction of them when the
             batch is split into calls).
@@ -121,7 +119,10 @@ def noise_stability(
     layers = list(layers)
     _check_inputs(params, layers, sigma, draws)
     memory = memory if memory is not None else MemoryPlan()
-    chunk = _draw_chunk(params, layers, draws, chunk, memory)
+    probe = (
+        memory.calls("noise:draw", recorded=False) if memory.measured and chunk is None else None
+    )
+    chunk = _draw_chunk(params, layers, draws, chunk)
     scale = {
         name: sigma * params[name].abs() if relative else torch.full_like(params[name], sigma)
         for name in layers
@@ -131,14 +132,15 @@ def noise_stability(
     sums = torch.zeros(draws, dtype=torch.float64)
     total, base_sum = 0, 0.0
 
-    def differences(x, y, size: int, start: int, stop: int) -> tuple[float, Tensor]:
-        """Σ_n ℓ(W; x_n) and, per draw, Σ_n of the (antithetic) differences on examples
-        ``start:stop`` of the batch."""
+    def differences(x, y, start: int, stop: int, wanted: range, size: int | None):
+        """Σ_n ℓ(W; x_n) and, per draw of ``wanted`` (the others 0), Σ_n of the (antithetic)
+        differences on examples ``start:stop`` of the batch; progress as a share of a batch of
+        ``size`` (None: not reported)."""
         xs, ys = slice_inputs(x, start, stop), y[start:stop]
         base = fmodel.losses(params, xs, ys)
         part = torch.zeros(draws, dtype=torch.float64)
-        for first in range(0, draws, chunk):
-            k = min(chunk, draws - first)
+        for first in range(wanted.start, wanted.stop, chunk):
+            k = min(chunk, wanted.stop - first)
             noise = _draw(params, layers, scale, key, range(first, first + k))
             if antithetic:
                 noise = {name: torch.cat([u, -u]) for name, u in noise.items()}
@@ -146,14 +148,24 @@ def noise_stability(
             del noise
             values = 0.5 * (diff[:k] + diff[k:]) if antithetic else diff
             part[first : first + k] = values.sum(dim=1).cpu()
-            if progress is not None:
+            if progress is not None and size is not None:
                 progress(k * (stop - start) / size)
         return float(base.double().sum()), part
 
+    every = range(draws)
     with torch.no_grad(), differentiable():
         for x, y in batches:
             size = batch_size(x)
-            found = calls.run(lambda a, b, x=x, y=y, n=size: differences(x, y, n, a, b), size)
+            if probe is not None:  # once per σ; the probe call once per plan
+                if not probe.made:
+                    probe.measure(1, lambda x=x, y=y: differences(x, y, 0, 1, range(1), None))
+                if probe.growth:  # one draw of one example: the most a draw may cost
+                    one = max(probe.growth[-1][1], 1)
+                    chunk = max(1, min(chunk, math.floor(memory.room() / (2 * one))))
+                probe = None
+            found = calls.run(
+                lambda a, b, x=x, y=y, n=size: differences(x, y, a, b, every, n), size
+            )
             for base_part, part in found:
                 base_sum += base_part
                 sums += part
@@ -197,24 +209,16 @@ def trace_prediction(sigma: float, traces: Mapping[str, float]) -> float:
 
 
 def _draw_chunk(
-    params: Mapping[str, Tensor],
-    layers: list[str],
-    draws: int,
-    chunk: int | None,
-    memory: MemoryPlan,
+    params: Mapping[str, Tensor], layers: list[str], draws: int, chunk: int | None
 ) -> int:
-    """The draws of one ``vmap``: ``chunk`` if given, else as many as the element budget allows
-    (at most 64), and under a measured plan no more than fit in a quarter of its room."""
+    """The draws of one ``vmap``: ``chunk`` if given, else as many as the element budget
+    allows, at most 64."""
     if chunk is not None:
         if chunk < 1:
             raise ValueError(f"chunk must be a positive integer, not {chunk}")
         return chunk
     numel = sum(params[name].numel() for name in layers)
-    chunk = max(1, min(draws, _MAX_CHUNK, _ELEMENT_BUDGET // max(numel, 1)))
-    if memory.measured:
-        per_draw = _COPIES * sum(params[n].numel() * params[n].element_size() for n in layers)
-        chunk = max(1, min(chunk, math.floor(memory.room() / (4 * max(per_draw, 1)))))
-    return chunk
+    return max(1, min(draws, _MAX_CHUNK, _ELEMENT_BUDGET // max(numel, 1)))
 
 
 def _check_inputs(params: Mapping[str, Tensor], layers: list[str], sigma: float, draws: int):
