@@ -489,8 +489,7 @@ class _Measurement:
         self.meter, self.budget = meter, budget
         self.loaded = None if meter is None else meter.usage()
         self._choose_examples()
-        stats = self._within_budget("loss", lambda: self._retrying(self._loss_statistics))
-        stats.update(self._noisy_label_statistics())
+        stats = self._within_budget("loss", lambda: self._retrying(self._statistics))
         for quantity in QUANTITIES:
             self.memory = MemoryPlan(self.meter, cap=self.batch_size)
             plan = quantity.plan(self)
@@ -650,6 +649,11 @@ class _Measurement:
         return merge_layers(parts) if isinstance(value, Mapping) else type(value).merge(parts)
 
     # ------------------------------------------------------------------------ statistics
+    def _statistics(self) -> dict[str, float | None]:
+        """The loss passes: on train/eval (:meth:`_loss_statistics`) and on the noisy training
+        labels (:meth:`_noisy_label_statistics`), in the calls of the loss stage's plan."""
+        return {**self._loss_statistics(), **self._noisy_label_statistics()}
+
     def _loss_statistics(self) -> dict[str, float | None]:
         """Mean loss, accuracy (None without predictions: regression) and the fraction of examples
         predicted right throughout (exact match) on train/eval, and the largest loss on the
@@ -725,7 +729,13 @@ class _Measurement:
             except ValueError as err:
                 raise InputError(f"the run's noise matrix ({inputs.noise.source}): {err}") from None
         batches = self.batches(inputs.noisy_train, None)
-        return noisy_label_statistics(inputs.fmodel, inputs.params, batches, self.consistent)
+        return noisy_label_statistics(
+            inputs.fmodel,
+            inputs.params,
+            batches,
+            self.consistent,
+            split=lambda compute, x, y: self._forward_chunks("loss:noisy", compute, x, y),
+        )
 
     def certified(self, forms: Mapping[str, QuadraticForm], data: LabeledData) -> dict[str, bool]:
         """Certification from the quadratic forms, or computed now (ggn/positive estimators)."""

@@ -218,7 +218,7 @@ def _noise(run: Run) -> Plan | None:
     if not s.noise_sigma:
         return None
     sigmas = tuple({"sigma": sigma} for sigma in s.noise_sigma)
-    options = {"draws": s.noise_draws, "relative": s.noise_relative}
+    options = {"draws": s.noise_draws, "relative": s.noise_relative, "memory": run.memory}
     return Plan(s.noise_draws, options, calls=sigmas, per_batch=True)
 
 
@@ -322,6 +322,7 @@ def certificate(run: Run) -> dict[str, Any]:
             generator=keyed_generator(run.settings.seed, "certificate"),
             shard=ctx.shard(run.batch_size),
             progress=lambda done: bar(done * share),
+            memory=run.memory,
         )
     return {**found.to_json(), "curvature_source": source}
 

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +35,11 @@ from typing import Any, Literal
 import torch
 from hessfine.analysis.data import LabeledData
 from hessfine.analysis.errors import InputError
-from hessfine.bounds.functional import Batch, ConsistentCrossEntropy, FunctionalModel
+from hessfine.bounds.functional import Batch, ConsistentCrossEntropy, FunctionalModel, Inputs
 from torch import Tensor
+
+Split = Callable[[Callable[[Inputs, Tensor], Tensor], Inputs, Tensor], list[Tensor]]
+"""How a batch's per-example work is split into calls: ``split(compute, x, y)``."""
 
 __all__ = [
     "NoiseMatrix",
@@ -135,21 +138,31 @@ def noisy_label_statistics(
     params: Mapping[str, Tensor],
     batches: Iterable[Batch],
     consistent: ConsistentCrossEntropy | None,
+    *,
+    split: Split | None = None,
 ) -> dict[str, float | None]:
     """Mean cross-entropy and accuracy on noisy labels, and the mean consistent loss.
 
     ``batches`` yield (inputs, noisy labels); ``consistent`` is ℓ̄ given F⁻¹ (None: no
-    consistent loss). Sums are taken in float64.
+    consistent loss); ``split(compute, x, y)`` runs ``compute`` on a batch in the calls of a
+    memory plan (:meth:`hessfine.analysis.measure._Measurement._forward_chunks`; default: the
+    whole batch in one call). Sums are taken in float64, over exact per-example terms.
     """
-    total, corrected, correct, n = 0.0, 0.0, 0, 0
+
+    def sums(x: Inputs, y: Tensor) -> Tensor:
+        logits = fmodel.logits(params, x).double()
+        total = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        corrected = consistent(logits, y).sum() if consistent is not None else total.new_zeros(())
+        correct = (logits.argmax(-1) == y).sum().double()
+        count = torch.tensor(float(y.shape[0]), dtype=torch.float64)
+        return torch.stack([total, corrected, correct.to(total.device), count.to(total.device)])
+
+    found = torch.zeros(4, dtype=torch.float64)
     with torch.no_grad():
         for x, y in batches:
-            logits = fmodel.logits(params, x).double()
-            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            if consistent is not None:
-                corrected += float(consistent(logits, y).sum())
-            correct += int((logits.argmax(-1) == y).sum())
-            n += int(y.shape[0])
+            for part in split(sums, x, y) if split is not None else [sums(x, y)]:
+                found += part.cpu()
+    total, corrected, correct, n = found.tolist()
     return {
         "train_noisy": total / n,
         "train_noisy_accuracy": correct / n,

@@ -65,6 +65,7 @@ from hessfine.bounds.functional import (
     batch_size,
     slice_inputs,
 )
+from hessfine.bounds.linalg.memory import CallSize, MemoryPlan
 from hessfine.bounds.linalg.probes import base_key, keyed_generator
 from hessfine.bounds.linalg.sharding import LOCAL, Shard
 from hessfine.bounds.losses import example_errors
@@ -249,7 +250,8 @@ def pac_bayes_certificate(
     generator: torch.Generator,
     chunk: int | None = None,
     shard: Shard = LOCAL,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> Certificate:
     """PAC-Bayes-kl certificate for posterior N(W, diag σ_i²), prior N(W^(s), diag σ_i²).
 
@@ -274,11 +276,17 @@ def pac_bayes_certificate(
             numbers), so the result depends neither on the batching nor on the number of
             processes.
         chunk: groups evaluated together in one ``vmap`` (each with its own weight copy);
-            default from an element budget.
+            default: sized by ``memory``, else from an element budget.
         shard: this process's share of the batches; the error counts are summed over processes.
-        progress: called with 1 per Monte Carlo repetition and batch.
+        progress: called with 1 per Monte Carlo repetition and batch (a fraction of 1 per call
+            when a batch is split).
+        memory: the plan that sizes the calls (:mod:`hessfine.bounds.linalg.memory`, kind
+            ``certificate``): the groups of a call, each with its own weight draw per repetition
+            and its errors unperturbed and at every scale; default: no plan, the groups of a
+            ``vmap`` from an element budget.
 
-    The batches are streamed once (memory does not grow with ``n``).
+    The batches are streamed once (memory does not grow with ``n``), and the counts are exact
+    sums, so they do not depend on the calls.
     """
     layers = list(layers)
     bounded_loss = fmodel.loss.error_name
@@ -300,8 +308,13 @@ def pac_bayes_certificate(
     distances = {name: float(directions[name].double().norm()) for name in layers}
     numel = {name: params[name].numel() for name in layers}
     base = optimal_sigmas(distances, curvature, numel, n=n)
-    if chunk is None:
-        chunk = max(1, _ELEMENT_BUDGET // max(sum(numel.values()), 1))
+    memory = memory if memory is not None else MemoryPlan()
+    if chunk is not None:
+        calls = CallSize("certificate", None, chunk)
+    elif memory.measured:
+        calls = memory.calls("certificate")
+    else:
+        calls = CallSize("certificate", None, _ELEMENT_BUDGET // max(sum(numel.values()), 1))
     lattices = [{name: _round_to_lattice(scale * base[name]) for name in layers} for scale in grid]
     scale_sigmas = [
         {name: 0.0 if k is None else 2.0**k for name, k in lattice.items()} for lattice in lattices
@@ -314,7 +327,7 @@ def pac_bayes_certificate(
         draws=draws,
         group=examples_per_draw,
         key=base_key(generator),
-        chunk=chunk,
+        calls=calls,
         shard=shard,
         progress=progress,
     )
@@ -381,26 +394,54 @@ def _error_counts(
     draws: int,
     group: int,
     key: int,
-    chunk: int,
+    calls: CallSize,
     shard: Shard,
-    progress: Callable[[int], None] | None,
+    progress: Callable[[float], None] | None,
 ) -> Tensor:
     """[examples, deterministic 0-1 errors, stochastic errors at every scale], summed over
     processes, in one streamed pass over the batches; each example's 0-1 error is
-    :func:`hessfine.bounds.losses.example_errors`.
+    :func:`hessfine.bounds.losses.example_errors`. A call (sized by ``calls``, in groups) takes
+    its examples' errors unperturbed and at every repetition and scale.
 
     In repetition d the group starting at global example m gets unit noise Z from the generator
     keyed by (``key``, d, m), shared by every scale (W + σ_s ⊙ Z at scale s): the counts depend
-    neither on the batching nor on the number of processes.
+    neither on the batching, nor on the calls, nor on the number of processes.
     """
     noisy = [name for name, s in scale_sigmas[0].items() if s > 0]
-    counts = torch.zeros(2 + len(scale_sigmas), dtype=torch.float64)
     device = params[noisy[0]].device if noisy else torch.device("cpu")
 
     def one(u: dict[str, Tensor], xg: Inputs) -> Tensor:
         perturbed = {**params, **{name: params[name] + u[name] for name in noisy}}
         return fmodel.logits(perturbed, xg)
 
+    def errors(x: Inputs, y: Tensor, first: int, start: int, stop: int, groups: int) -> Tensor:
+        """[deterministic, every scale] errors of groups ``start:stop`` of the batch."""
+        xs = slice_inputs(x, start * group, stop * group)
+        labels = y[start * group : stop * group]
+        found = torch.zeros(1 + len(scale_sigmas), dtype=torch.float64)
+        found[0] = float(example_errors(fmodel.loss, fmodel.logits(params, xs), labels).sum())
+        if not noisy:
+            found[1:] = draws * found[0]
+            return found
+        xg = _grouped(xs, group)
+        for d in range(draws):
+            units = [
+                _unit_noise(
+                    params, noisy, keyed_generator(key, d, first + m * group, device=device)
+                )
+                for m in range(start, stop)
+            ]
+            z = {name: torch.stack([u[name] for u in units]) for name in noisy}
+            del units
+            for s, sigmas in enumerate(scale_sigmas):
+                noise = {name: sigmas[name] * z[name] for name in noisy}
+                logits = vmap(one)(noise, xg).flatten(0, 1)
+                found[1 + s] += float(example_errors(fmodel.loss, logits, labels).sum())
+            if progress is not None:
+                progress((stop - start) / groups)
+        return found
+
+    counts = torch.zeros(2 + len(scale_sigmas), dtype=torch.float64)
     with torch.no_grad(), differentiable():
         for first, (x, y) in shard.indexed(batches):
             size = batch_size(x)
@@ -408,31 +449,10 @@ def _error_counts(
                 raise ValueError(
                     f"every batch size must be a multiple of examples_per_draw = {group}"
                 )
-            wrong = float(example_errors(fmodel.loss, fmodel.logits(params, x), y).sum())
+            n = size // group
+            parts = calls.run(lambda a, b, x=x, y=y, f=first, n=n: errors(x, y, f, a, b, n), n)
             counts[0] += size
-            counts[1] += wrong
-            if not noisy:
-                counts[2:] += draws * wrong
-                continue
-            groups = size // group
-            for d in range(draws):
-                for start in range(0, groups, chunk):
-                    stop = min(groups, start + chunk)
-                    units = [
-                        _unit_noise(
-                            params, noisy, keyed_generator(key, d, first + m * group, device=device)
-                        )
-                        for m in range(start, stop)
-                    ]
-                    z = {name: torch.stack([u[name] for u in units]) for name in noisy}
-                    xg = _grouped(slice_inputs(x, start * group, stop * group), group)
-                    labels = y[start * group : stop * group]
-                    for s, sigmas in enumerate(scale_sigmas):
-                        noise = {name: sigmas[name] * z[name] for name in noisy}
-                        logits = vmap(one)(noise, xg).flatten(0, 1)
-                        counts[2 + s] += float(example_errors(fmodel.loss, logits, labels).sum())
-                if progress is not None:
-                    progress(1)
+            counts[1:] += torch.stack(parts).sum(dim=0)
     return shard.sum(counts)
 
 

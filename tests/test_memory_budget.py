@@ -13,9 +13,11 @@ once the model and data are loaded (``provenance.memory.after_load_bytes`` of a 
 budget on all 16 examples). Two budgets, 100 and 180 MiB above it, each for 2 and 16 examples
 at ``--batch-size 16``: every peak stays within its budget plus ``ALLOWANCE``, while the 16
 examples without a budget take more than the larger budget (so the budget is what kept them
-in), and the maximum and its example are those of the run without a budget. Marked ``memory``
-(deselected by default; run in CI by ``.ci/run`` after the unit tests; about four minutes on
-two cores).
+in), and the maximum and its example are those of the run without a budget. The noise stability
+and the certificate (``ggn`` forms, every example in one batch) run once without a budget and once
+100 MiB above the baseline: the peak stays within it, the noise and certificate calls were split,
+and the values are those of the run without a budget. Marked ``memory`` (deselected by default;
+run in CI by ``.ci/run`` after the unit tests; about two and a half minutes on two cores).
 """
 
 from __future__ import annotations
@@ -123,3 +125,28 @@ def test_peak_memory_stays_within_the_budget_for_any_number_of_examples(model, e
         found = peaks[f"{size}-{COUNTS[-1]}"][1]["layers"][0]["quadratic_form"]
         assert found["max"] == pytest.approx(unbounded["max"], rel=1e-4)
         assert found["argmax"] == unbounded["argmax"]
+
+
+NOISE_AND_CERTIFICATE = ["--estimator", "ggn", "--trace-probes", "2", "--certificate"]
+NOISE_AND_CERTIFICATE += ["--noise-sigma", "0.01", "--noise-draws", "8"]
+"""Noise stability (8 antithetic pairs: 16 perturbed forward passes per example) and the
+certificate (4 repetitions at 7 scales), every example in one batch."""
+
+
+def test_noise_stability_and_the_certificate_stay_within_the_budget(model):
+    everything = ["--samples", str(COUNTS[-1]), *NOISE_AND_CERTIFICATE]
+    free = _peaks(model, {"unbounded": [*everything, "--max-memory", "1"]})
+    peak, unbounded = free["unbounded"]
+    budget = unbounded["provenance"]["memory"]["after_load_bytes"] + 100 * MIB
+    assert peak > budget + ALLOWANCE  # the noise draws of the whole batch need more
+    peak, result = _peaks(model, {"small": [*everything, "--max-memory", str(budget)]})["small"]
+    assert peak <= budget + ALLOWANCE, (round(peak / MIB), round(budget / MIB))
+    chunks = result["settings"]["chunks"]
+    assert chunks["noise"]["noise"] < COUNTS[-1] and "certificate" in chunks["certificate"]
+    # the same draws under any budget: the same values, to round-off
+    found, expected = result["noise_stability"][0], unbounded["noise_stability"][0]
+    assert found["mean"] == pytest.approx(expected["mean"], rel=1e-4, abs=1e-9)
+    certificate = result["bounds"]["pac_bayes_certificate"]
+    expected = unbounded["bounds"]["pac_bayes_certificate"]
+    for key in ("bound", "empirical_error", "deterministic_error", "kl"):
+        assert certificate[key] == pytest.approx(expected[key], rel=1e-6), key

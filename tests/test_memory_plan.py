@@ -4,10 +4,13 @@ depend on the chunks (the estimators under a tight plan give what they give in o
 from collections.abc import Callable
 
 import pytest
+import torch
+from hessfine.bounds.estimators.noise_stability import noise_stability
 from hessfine.bounds.estimators.quadratic_forms import quadratic_forms
 from hessfine.bounds.estimators.spectra import top_eigenvalues
 from hessfine.bounds.estimators.traces import layer_traces, positive_trace_max
 from hessfine.bounds.linalg.memory import CallSize, MemoryBudgetError, MemoryPlan
+from hessfine.bounds.pac_bayes import pac_bayes_certificate
 
 from tests.cases import tiny_case
 
@@ -147,3 +150,40 @@ def test_positive_traces_do_not_depend_on_the_chunks():
     assert min(plan.sizes().values()) < 6
     for name in layers:
         assert_close(chunked[name].to_json(), whole[name].to_json())
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("relative", [False, True])
+def test_noise_stability_does_not_depend_on_the_chunks(network, relative):
+    fm, params, directions, batches = case(network)
+    options = {"sigma": 1e-2, "draws": 5, "relative": relative}
+    whole = noise_stability(fm, params, list(directions), batches, **options, generator=seed())
+    plan = tight()
+    chunked = noise_stability(
+        fm, params, list(directions), batches, **options, generator=seed(), memory=plan
+    )
+    assert plan.sizes()["noise"] < 6  # the batches were split
+    assert_close(chunked.to_json(), whole.to_json())
+
+
+@pytest.mark.parametrize("examples_per_draw", [1, 2])
+def test_the_certificate_does_not_depend_on_the_chunks(examples_per_draw):
+    fm, params, directions, batches = case("mlp_gelu")
+    reference = {name: params[name] - v for name, v in directions.items()}
+    layers = list(directions)
+    options = {"n": 10, "curvature": dict.fromkeys(layers, 1.0), "draws": 3}
+    options |= {"examples_per_draw": examples_per_draw}
+    whole = pac_bayes_certificate(
+        fm, params, reference, layers, batches, **options, generator=seed()
+    )
+    plan = MemoryPlan(TightMeter(), cap=6)
+    chunked = pac_bayes_certificate(
+        fm, params, reference, layers, batches, **options, generator=seed(), memory=plan
+    )
+    assert plan.sizes()["certificate"] < 6 // examples_per_draw
+    assert set(plan.sizes()) == {"certificate"}
+    assert_close(chunked.to_json(), whole.to_json())
+
+
+def seed() -> torch.Generator:
+    return torch.Generator().manual_seed(3)

@@ -30,9 +30,14 @@ error is the sample standard deviation over independent draws (pairs) divided by
 The per-example differences ℓ(W ± U; x) − ℓ(W; x) are formed before averaging (and accumulated
 in float64), so the small second-order signal is not lost to cancellation against ℓ̄(W).
 Draws are batched: a chunk of noise vectors goes through one ``vmap`` of the functional forward
-pass per batch of examples (never a Python loop per draw per example). Batches are streamed, and
-each noise vector has its own keyed generator (:mod:`hessfine.bounds.linalg.probes`), so memory
-stays flat in the number of examples and the result does not depend on how the work is split.
+pass per call on a chunk of examples (never a Python loop per draw per example). Batches are
+streamed, and each noise vector has its own keyed generator (:mod:`hessfine.bounds.linalg.probes`),
+so memory stays flat in the number of examples and the result does not depend on how the work is
+split. Under a memory plan (:mod:`hessfine.bounds.linalg.memory`, kind ``noise``) the examples of
+a call are sized from its measured memory (2·chunk perturbed forward passes per example), and the
+draws of a ``vmap`` are at most what fits in half the room at the measured growth of one draw on
+one example (a probe call before the first batch, its value discarded); every draw is re-drawn
+from its key in every call, so the chunks change nothing but round-off.
 
 Example:
     >>> import torch
@@ -53,7 +58,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from hessfine.bounds.estimates import NoiseStability
-from hessfine.bounds.functional import Batch, FunctionalModel
+from hessfine.bounds.functional import Batch, FunctionalModel, batch_size, slice_inputs
+from hessfine.bounds.linalg.memory import MemoryPlan
 from hessfine.bounds.linalg.probes import base_key, keyed_generator
 from hessfine.bounds.linalg.sharding import LOCAL, Shard
 from hessfine.bounds.safe_autodiff import differentiable
@@ -78,15 +84,16 @@ def noise_stability(
     generator: torch.Generator,
     chunk: int | None = None,
     shard: Shard = LOCAL,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> NoiseStability:
     """Monte Carlo estimate of I(σ) over all examples of ``batches`` (see the module docstring).
 
-    Batches are streamed once (batch-outer, draw chunks inner; memory does not grow with the
-    number of examples): noise vector d is re-drawn for every batch from its own generator keyed
-    by (one base draw of ``generator``, d)
+    Batches are streamed once (batch-outer, then the calls on a batch's examples, draw chunks
+    inner; memory does not grow with the number of examples): noise vector d is re-drawn for
+    every call from its own generator keyed by (one base draw of ``generator``, d)
     (:func:`hessfine.bounds.linalg.probes.keyed_generator`), so the result depends neither on the
-    batching, nor on ``chunk``, nor on the number of processes of ``shard``; the same base key
+    batching, nor on ``chunk`` or ``memory``, nor on the number of processes of ``shard``; the same base key
     gives the same unit noise at every σ (common random numbers).
 
     Args:
@@ -99,41 +106,70 @@ def noise_stability(
         antithetic: evaluate each U at ±U (pairs) instead of plain Monte Carlo.
         generator: source of the base key (one draw); the noise itself is drawn on the
             parameters' device.
-        chunk: number of draws evaluated together in one ``vmap`` (memory ≈ 2·chunk copies of the
-            selected weights plus 2·chunk forward passes of one batch); default from an element
-            budget. Lower it, or pass smaller batches, if memory runs out.
+        chunk: number of draws evaluated together in one ``vmap`` (memory ≈ a few chunk copies
+            of the selected weights plus 2·chunk forward passes of the call's examples); default
+            from an element budget, and under a measured ``memory`` plan at most what fits in
+            half its room at the measured cost of one draw on one example.
         shard: this process's share of the examples; sums are added over processes.
-        progress: called with the number of draws just evaluated on one batch.
+        progress: called with the draws just evaluated on one batch (a fraction of them when the
+            batch is split into calls).
+        memory: the plan that sizes the examples of a call (kind ``noise``); default: no plan,
+            one call per batch.
     """
     layers = list(layers)
     _check_inputs(params, layers, sigma, draws)
-    numel = sum(params[name].numel() for name in layers)
-    if chunk is None:
-        chunk = max(1, min(draws, _MAX_CHUNK, _ELEMENT_BUDGET // max(numel, 1)))
-    if chunk < 1:
-        raise ValueError(f"chunk must be a positive integer, not {chunk}")
+    memory = memory if memory is not None else MemoryPlan()
+    probe = (
+        memory.calls("noise:draw", recorded=False) if memory.measured and chunk is None else None
+    )
+    chunk = _draw_chunk(params, layers, draws, chunk)
     scale = {
         name: sigma * params[name].abs() if relative else torch.full_like(params[name], sigma)
         for name in layers
     }
     key = base_key(generator)
+    calls = memory.calls("noise")
     sums = torch.zeros(draws, dtype=torch.float64)
     total, base_sum = 0, 0.0
+
+    def differences(x, y, start: int, stop: int, wanted: range, size: int | None):
+        """Σ_n ℓ(W; x_n) and, per draw of ``wanted`` (the others 0), Σ_n of the (antithetic)
+        differences on examples ``start:stop`` of the batch; progress as a share of a batch of
+        ``size`` (None: not reported)."""
+        xs, ys = slice_inputs(x, start, stop), y[start:stop]
+        base = fmodel.losses(params, xs, ys)
+        part = torch.zeros(draws, dtype=torch.float64)
+        for first in range(wanted.start, wanted.stop, chunk):
+            k = min(chunk, wanted.stop - first)
+            noise = _draw(params, layers, scale, key, range(first, first + k))
+            if antithetic:
+                noise = {name: torch.cat([u, -u]) for name, u in noise.items()}
+            diff = (_perturbed_losses(fmodel, params, noise, xs, ys) - base).double()
+            del noise
+            values = 0.5 * (diff[:k] + diff[k:]) if antithetic else diff
+            part[first : first + k] = values.sum(dim=1).cpu()
+            if progress is not None and size is not None:
+                progress(k * (stop - start) / size)
+        return float(base.double().sum()), part
+
+    every = range(draws)
     with torch.no_grad(), differentiable():
         for x, y in batches:
-            base = fmodel.losses(params, x, y)
-            base_sum += float(base.double().sum())
+            size = batch_size(x)
+            if probe is not None:  # once per σ; the probe call once per plan
+                if not probe.made:
+                    probe.measure(1, lambda x=x, y=y: differences(x, y, 0, 1, range(1), None))
+                if probe.growth:  # one draw of one example: the most a draw may cost
+                    one = max(probe.growth[-1][1], 1)
+                    chunk = max(1, min(chunk, math.floor(memory.room() / (2 * one))))
+                probe = None
+            found = calls.run(
+                lambda a, b, x=x, y=y, n=size: differences(x, y, a, b, every, n), size
+            )
+            for base_part, part in found:
+                base_sum += base_part
+                sums += part
             total += int(y.shape[0])
-            for start in range(0, draws, chunk):
-                k = min(chunk, draws - start)
-                noise = _draw(params, layers, scale, key, range(start, start + k))
-                if antithetic:
-                    noise = {name: torch.cat([u, -u]) for name, u in noise.items()}
-                diff = (_perturbed_losses(fmodel, params, noise, x, y) - base).double()
-                values = 0.5 * (diff[:k] + diff[k:]) if antithetic else diff
-                sums[start : start + k] += values.sum(dim=1).cpu()
-                if progress is not None:
-                    progress(k)
     sums = shard.sum(sums)
     total, base_sum = int(shard.total(total)), shard.total(base_sum)
     if total == 0:
@@ -170,6 +206,19 @@ def trace_prediction(sigma: float, traces: Mapping[str, float]) -> float:
         0.0002
     """
     return 0.5 * float(sigma) ** 2 * float(sum(traces.values()))
+
+
+def _draw_chunk(
+    params: Mapping[str, Tensor], layers: list[str], draws: int, chunk: int | None
+) -> int:
+    """The draws of one ``vmap``: ``chunk`` if given, else as many as the element budget
+    allows, at most 64."""
+    if chunk is not None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be a positive integer, not {chunk}")
+        return chunk
+    numel = sum(params[name].numel() for name in layers)
+    return max(1, min(draws, _MAX_CHUNK, _ELEMENT_BUDGET // max(numel, 1)))
 
 
 def _check_inputs(params: Mapping[str, Tensor], layers: list[str], sigma: float, draws: int):
