@@ -96,11 +96,11 @@ class QuadraticForm:
     def max_error_estimate(self) -> float:
         """How far the true maximum may lie from :attr:`max` (absolute, ≥ 0).
 
-        Lanczos routes record max_x U_x and max_x R_x over the examples
+        Lanczos routes record max_x U_x over the examples not pruned and max_x R_x over all
         (``diagnostics["max_plus_error"]``, ``["max_minus_error"]``), with [R_x, U_x] an
-        example's rigorous bracket of v_iᵀH_i⁺(x)v_i and :attr:`max` the largest midpoint; the
-        true maximum lies between them (up to round-off), so the value is the larger distance of
-        either from :attr:`max`. Exact routes (the Gauss–Newton forms, the raw block, certified
+        example's rigorous bracket of v_iᵀH_i⁺(x)v_i and :attr:`max` the largest value; the
+        maximum lies between them (up to round-off, and as far as the change rule that pruned
+        the others holds), so the value is the larger distance of either from :attr:`max`. Exact routes (the Gauss–Newton forms, the raw block, certified
         layers, Krylov spaces exhausted) record none: 0.
         """
         d = self.diagnostics

@@ -134,15 +134,18 @@ def test_positive_quadrature_converges_at_the_max_and_prunes_small_members():
     assert float(res.errors[best]) <= 1e-3 * top + 1e-12
 
 
-def test_pruning_is_rigorous_and_keeps_a_late_maximiser():
+def test_pruning_keeps_a_late_maximiser():
     # tests/oracles.crossing_hessians: member 1 is the maximiser (15) but converges late; at step
-    # 4 its lower bound (9.5) is below member 0's (11.6), but its upper bound (15.03) is above
-    # member 0's, so it is not pruned; member 0 is, once its upper bound falls below 15
+    # 4 its lower bound (9.5) is below member 0's (11.6), its upper bound (15.03) above, and
+    # R + e = 11.08 (e = R_4 − R_2) above member 0's R − e: neither pruning rule stops it.
+    # Member 0 is pruned once its upper bound falls below 15.
     H, v = crossing_hessians()
     u = v.expand(2, -1).clone()
     exact = _exact_positive(H, u)
     early = positive_quadrature(_apply(H), u, max_steps=4, rtol=0.0)
+    two = positive_quadrature(_apply(H), u, max_steps=2, rtol=0.0)
     assert float(early.lower[1]) < float(early.lower[0]) < float(early.upper[1])
+    change = float(early.lower[1] - two.lower[1])
     assert float(early.values[1]) < 0.9 * float(exact[1])
 
     res = positive_quadrature(_apply(H), u, max_steps=8, rtol=1e-3)
@@ -150,9 +153,11 @@ def test_pruning_is_rigorous_and_keeps_a_late_maximiser():
     assert float(res.values.max()) == pytest.approx(float(exact.max()), rel=1e-9)
     assert not bool(res.pruned[1]) and bool(res.exhausted[1])
     assert bool(res.pruned[0]) and float(res.upper[0]) < float(exact[1])
-    # a floor attained elsewhere: below member 1's upper bound at step 4 it runs on (and is
-    # exact); above, it is pruned there with its step-4 bracket
-    for floor, pruned in ((14.0, False), (15.1, True)):
+    # a floor attained elsewhere: below member 1's R + e at step 4 it runs on (and is exact);
+    # above R + e (the change rule) or above its upper bound, it is pruned there with its lower
+    # bound as its value
+    crossing = float(early.lower[1]) + change
+    for floor, pruned in ((crossing - 0.1, False), (crossing + 0.5, True), (15.1, True)):
         alone = positive_quadrature(_apply(H[1:]), u[1:], max_steps=6, rtol=1e-2, floor=floor)
         assert bool(alone.pruned[0]) is pruned
         target = float(early.lower[1]) if pruned else float(exact[1])

@@ -147,7 +147,7 @@ def positive_forms(
             target=target,
             floor=floor,
         )
-        floor = max(floor, float(part.lower.max()))
+        floor = max(floor, float((part.lower - part.changes).max()))
         return part
 
     return PositiveQuadrature.cat(calls.run(chunk, batch_size(x)))
@@ -208,7 +208,7 @@ def positive_forms_layers(
                 matvec, starts, max_steps=steps, rtol=rtol, target=target, floors=floors
             )
             for f, part in enumerate(results):
-                floors[f] = max(floors[f], float(part.lower.max()))
+                floors[f] = max(floors[f], float((part.lower - part.changes).max()))
             return results
 
         for results in calls.run(chunk, batch_size(x)):
@@ -419,8 +419,8 @@ def _fold_lanczos_diagnostics(
     not pruned (absolute, in the units of the values: the reported max is within this of the
     sample's maximum, up to round-off); the fractions pruned and exhausted; ``lower_bound_max``
     = max_x R_x, a rigorous lower bound of the true 𝓗_i; and ``max_plus_error``,
-    ``max_minus_error`` = max_x U_x and max_x R_x, between which the true maximum lies
-    (:attr:`hessfine.bounds.estimates.QuadraticForm.max_error_estimate`). Every entry is a max,
+    ``max_minus_error`` = max_x U_x over the examples not pruned and max_x R_x, between which
+    the maximum lies (:attr:`hessfine.bounds.estimates.QuadraticForm.max_error_estimate`). Every entry is a max,
     a count-weighted mean or fraction, so that per-process reports merge exactly.
     """
     d = diagnostics
@@ -433,7 +433,8 @@ def _fold_lanczos_diagnostics(
     d["_pruned"] = d.get("_pruned", 0) + int(result.pruned.sum())
     d["_exhausted"] = d.get("_exhausted", 0) + int(result.exhausted.sum())
     d["_count"] = d.get("_count", 0) + result.values.numel()
-    d["_plus"] = max(d.get("_plus", float("-inf")), float(result.upper.max()))
+    plus = float(result.upper[kept].max()) if kept.any() else float("-inf")
+    d["_plus"] = max(d.get("_plus", float("-inf")), plus)
     d["_minus"] = max(d.get("_minus", float("-inf")), float(result.lower.max()))
 
 
