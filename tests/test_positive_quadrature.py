@@ -40,6 +40,15 @@ def _exact_positive(a, u):
     return _form(a, u, lambda lam: lam.clamp(min=0))
 
 
+def _two_large_two_small():
+    """Four 80 × 80 indefinite members (two at scale ~1, two far below) and one start vector."""
+    dim = 80
+    a = _symmetric(4, dim, seed=4, scales=[1.0, 0.9, 0.05, 0.02])
+    u = torch.randn(1, dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    u = u.expand(4, -1).clone()
+    return dim, a, u, _exact_positive(a, u)
+
+
 def test_gauss_radau_exact_for_degree_2k():
     a = _symmetric(3, 30, seed=0)
     u = torch.randn(3, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -112,11 +121,7 @@ def test_gauss_radau_and_the_compression_bound_bracket_the_value_and_tighten_wit
 
 
 def test_positive_quadrature_converges_at_the_max_and_prunes_small_members():
-    dim = 80
-    a = _symmetric(4, dim, seed=4, scales=[1.0, 0.9, 0.05, 0.02])
-    u = torch.randn(1, dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    u = u.expand(4, -1).clone()
-    exact = _exact_positive(a, u)
+    dim, a, u, exact = _two_large_two_small()
     res = positive_quadrature(_apply(a), u, max_steps=dim, rtol=1e-3)
     top = float(exact.max())
     assert abs(float(res.values.max()) - top) <= 5e-3 * top
@@ -167,11 +172,7 @@ def test_pruning_keeps_a_late_maximiser():
 def test_the_mean_target_converges_every_member_to_the_mean():
     # target="mean": Σ (U_b − R_b) ≤ 2 rtol Σ R_b, so the mean of the midpoints is within rtol
     # of the exact mean, where target="max" leaves the pruned members wide
-    dim = 80
-    a = _symmetric(4, dim, seed=4, scales=[1.0, 0.9, 0.05, 0.02])
-    u = torch.randn(1, dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    u = u.expand(4, -1).clone()
-    exact = _exact_positive(a, u)
+    dim, a, u, exact = _two_large_two_small()
     for_max = positive_quadrature(_apply(a), u, max_steps=dim, rtol=1e-2)
     for_mean = positive_quadrature(_apply(a), u, max_steps=dim, rtol=1e-2, target="mean")
     assert float((for_max.upper - for_max.lower).sum()) > 2e-2 * float(for_max.lower.sum())
