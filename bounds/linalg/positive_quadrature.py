@@ -165,8 +165,10 @@ def positive_quadrature(
     13, … (about 25% apart) each member's value is bracketed by two rigorous bounds: the
     Gauss–Radau rule R_k (node 0, :func:`gauss_radau`) below and :func:`compression_upper` U_k
     above (proofs in docs/mathematics.md, "The positive part by Lanczos quadrature"); the
-    member's value is the midpoint, within the half-width (U_k − R_k)/2 of uᵀH⁺u, except for
-    pruned members under ``"max"`` (below). With L the largest lower bound of any member (and
+    member's value is the midpoint, within the half-width (U_k − R_k)/2 of uᵀH⁺u; under
+    ``"max"`` only once its bracket is narrow (below; else its lower bound R_k, since the
+    midpoint of a wide bracket overstates the value on Hessian spectra: after a few steps R_k
+    is 40–90% of the value where U_k is 1.3–4 times it, on the GELU ViT of bench/BENCHMARKS.md). With L the largest lower bound of any member (and
     ``floor``, a value known to be attained elsewhere), a member stops at breakdown (exact),
     after ``max_steps``, or by the rule of ``target``:
 
@@ -178,8 +180,10 @@ def positive_quadrature(
       another's value minus its growth is not expected to overtake it; the rigorous rule alone
       cannot prune in time where the brackets converge slowly, as on GPT-2's 1.77M-weight
       blocks). A pruned member's value is R_k and its error U_k − R_k, since a midpoint of a
-      wide bracket would overstate it. The largest value is within rtol of the maximum over
-      the members not pruned, rigorously, and of the maximum as far as the change rule holds;
+      wide bracket would overstate it; so is a member the step cap stopped before its bracket
+      was narrow. The largest value is within rtol of the maximum over the members not pruned
+      (rigorously, where the maximiser converged), and of the maximum as far as the change
+      rule holds;
     * ``"mean"`` (the mean is wanted too): the rule above without the change rule and, with
       w_b = U_b − R_b, once
       w_b ≤ τ for the largest τ with Σ_b min(w_b, τ) ≤ 2 rtol Σ_b R_b (a water level: members
@@ -370,7 +374,9 @@ def _positive_run(
             keep = ~stop
             idx, q, q_prev, scale = idx[keep], q[keep], q_prev[keep], scale[keep]
             basis, alpha, beta = basis[keep], alpha[keep], beta[keep]
-    middle = ~pruned if target == "max" else torch.ones_like(pruned)
+    best = max(floor, float(lower.max())) if batch else 0.0
+    narrow = (upper - lower <= 2 * rtol * best) | exhausted
+    middle = ~pruned & narrow if target == "max" else torch.ones_like(pruned)
     values = torch.where(middle, (lower + upper) / 2, lower)
     errors = torch.where(middle, (upper - lower) / 2, upper - lower)
     return PositiveQuadrature(values, errors, lower, upper, steps, exhausted, pruned, changes)
