@@ -453,8 +453,8 @@ def test_a_lanczos_cap_below_convergence_is_reported(pair, capsys):
     late = [
         layer["name"]
         for layer in lanczos
-        if layer["quadratic_form"]["max_error_estimate"] > 1e-3 * layer["quadratic_form"]["max"]
-    ]
+        if layer["quadratic_form"]["max_error_estimate"] > 1e-2 * layer["quadratic_form"]["max"]
+    ]  # the note's criterion: above --positive-rtol (default 1e-2) of the value
     assert late
     notes = [note for note in result["notes"] if "did not converge" in note]
     assert len(notes) == 1 and "--lanczos-steps 4" in notes[0]

@@ -24,6 +24,7 @@ from tests.oracles import (
     dense_ggn_blocks,
     positive_part,
     tiny_hf,
+    tiny_text_inputs,
 )
 from tests.oracles import quadratic_forms as dense_forms
 
@@ -238,3 +239,53 @@ def test_gpt2_lora_every_estimator_against_the_dense_hessian():
             assert form.max == pytest.approx(float(values.max()), rel=1e-8)
             assert form.mean == pytest.approx(float(values.mean()), rel=1e-8)
             assert form.argmax == int(values.argmax())
+
+
+def gpt2_short_sequences():
+    """A float64 random GPT-2 classifier of width 8 on padded sequences of at most 6 tokens, so
+    that the inputs of its Conv1D projections span fewer directions than their width."""
+    import transformers as tf
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = tf.GPT2Config(
+            n_embd=8, n_layer=1, n_head=2, n_inner=8, vocab_size=20, n_positions=16,
+            num_labels=3, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        module = tf.GPT2ForSequenceClassification(config).to(DTYPE).eval()
+    x = tiny_text_inputs(20, 0)
+    y = torch.randint(0, 3, (x["input_ids"].shape[0],), generator=torch.Generator().manual_seed(1))
+    return module, x, y, ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_proj.weight"]
+
+
+@pytest.mark.parametrize("network", ["mlp_gelu", "attention", "gpt2"])
+def test_input_span_starts_keep_every_form_with_a_zero_at_zero(network):
+    # Linear (one input row; tokens) and Conv1D weights: the removed part of v lies in the null
+    # space of every example's H_ii, so the positive part, the form and |H| are unchanged, and
+    # something was removed (the inputs span fewer directions than the layer's width)
+    if network == "gpt2":
+        module, x, y, names = gpt2_short_sequences()
+        fm, params = FunctionalModel.from_module(module)
+        g = torch.Generator().manual_seed(2)
+        v = {n: torch.randn(params[n].shape, generator=g, dtype=DTYPE) for n in names}
+    else:
+        module, fm, params, v, x, y = tiny_case(network, N)
+        v = {n: t for n, t in v.items() if not n.startswith("attn.")}
+    with differentiable():
+        starts = OutputPairHVP(fm, params, x, y).input_span_starts(v)
+    assert sorted(starts) == sorted(v)
+    for name, start in starts.items():
+        H = dense_block_hessians(module, params, name, x, y)
+        flat = v[name].reshape(1, -1).expand_as(start)
+        assert bool((start.norm(dim=1) < 0.99 * flat.norm(dim=1)).all())
+        removed = (H @ (flat - start)[..., None])[..., 0]
+        assert float(removed.abs().max()) < 1e-10 * float(H.abs().max() * flat.abs().max())
+        lam, vectors = torch.linalg.eigh(H)
+        absolute = vectors @ torch.diag_embed(lam.abs()) @ vectors.transpose(1, 2)
+        for matrix in (H, positive_part(H), absolute):
+            torch.testing.assert_close(
+                torch.einsum("ni,nij,nj->n", start, matrix, start),
+                dense_forms(matrix, v[name]),
+                rtol=1e-9,
+                atol=1e-14,
+            )

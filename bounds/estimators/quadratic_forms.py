@@ -138,7 +138,7 @@ def positive_forms(
         products = PerExampleHVP(
             fmodel, params, slice_inputs(x, start, stop), ys, planned=memory.measured
         )
-        start_vectors = v.reshape(1, -1).expand(ys.shape[0], -1).clone()
+        (start_vectors,) = products.starts({name: v})
         part = positive_quadrature(
             products.of_layer(name),
             start_vectors,
@@ -194,10 +194,10 @@ def positive_forms_layers(
             start: int, stop: int, chosen: list[str] = chosen, floors: list[float] = floors
         ) -> list[PositiveQuadrature]:
             ys = y[start:stop]
-            starts = [directions[m].reshape(1, -1).expand(ys.shape[0], -1).clone() for m in chosen]
             products = PerExampleHVP(
                 fmodel, params, slice_inputs(x, start, stop), ys, planned=memory.measured
             )
+            starts = products.starts({m: directions[m] for m in chosen})
 
             def matvec(
                 families: list[int], blocks: list[Tensor], members: list[Tensor]

@@ -337,6 +337,47 @@ class OutputPairHVP:
             images.append(self._images(name, block, rows))
         return images
 
+    def input_span_starts(self, directions: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Start vectors (B, d) for the layers this back end does: v_i with each example's
+        weight-input directions outside the span of its recorded inputs removed.
+
+        For example b with inputs inp_b (N_b rows of width n: tokens, or one row) and Q_b an
+        orthonormal basis of their span, the products H_ii(x_b) U = inp_bᵀ(…) of this back end
+        lie in the subspace {U : U = U Q_b Q_bᵀ} (Linear; Q_b Q_bᵀ U for ``Conv1D``), and
+        H_ii(x_b) vanishes on its orthogonal complement. So for any f with f(0) = 0,
+        uᵀ f(H) u = (Pu)ᵀ f(H) (Pu) with P that projection: the positive part, the form and its
+        absolute value are unchanged. Lanczos from Pu sees no mass at the eigenvalue 0 of the
+        complement, which a Krylov space can separate from small eigenvalues only slowly, so
+        the compression bound tightens several times faster (docs/mathematics.md, "The positive
+        part by Lanczos quadrature"). Builds the graph on every example of the batch (as the
+        first product call would). Layers whose N_b ≥ n (no reduction) get v_i as it is; layers
+        it cannot do are absent.
+        """
+        wanted = [name for name in directions if self.supports(name)]
+        if not wanted:
+            return {}
+        self._prepare(wanted, torch.arange(batch_size(self.x)))
+        assert self.graph is not None
+        starts = {}
+        for name in wanted:
+            if name not in self.graph.names:
+                continue
+            v, inp = directions[name], self.graph.inputs[name]
+            flat = inp.reshape(inp.shape[0], -1, inp.shape[-1])
+            count = flat.shape[0]
+            if flat.shape[1] >= flat.shape[2]:
+                starts[name] = v.reshape(1, -1).expand(count, -1).clone()
+                continue
+            with torch.no_grad():
+                basis, _ = torch.linalg.qr(flat.transpose(1, 2))  # (B, n, N): Householder
+                u = v.to(basis.dtype)
+                if is_conv1d(self.graph.modules[name]):  # W: n × out, inputs on the left
+                    projected = basis @ (basis.transpose(1, 2) @ u)
+                else:  # W: out × n
+                    projected = (u @ basis) @ basis.transpose(1, 2)
+            starts[name] = projected.reshape(count, -1).to(v.dtype)
+        return starts
+
     def _prepare(self, wanted: list[str], running: Tensor) -> None:
         """Build the graph on ``running`` unless the current one holds every wanted layer and
         example and at least half of its examples still run."""
