@@ -272,7 +272,9 @@ def test_input_span_starts_keep_every_form_with_a_zero_at_zero(network):
         module, fm, params, v, x, y = tiny_case(network, N)
         v = {n: t for n, t in v.items() if not n.startswith("attn.")}
     with differentiable():
-        starts = OutputPairHVP(fm, params, x, y).input_span_starts(v)
+        count = y.shape[0]
+        blocks = {n: t.reshape(1, -1).expand(count, -1) for n, t in v.items()}
+        starts = OutputPairHVP(fm, params, x, y).input_span_starts(blocks)
     assert sorted(starts) == sorted(v)
     for name, start in starts.items():
         H = dense_block_hessians(module, params, name, x, y)

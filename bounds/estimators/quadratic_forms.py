@@ -22,7 +22,10 @@ The estimators (``--estimator``, docs/cli.md; recorded as ``settings.estimator``
   Conv weights with (B, C) logits and C ≤ 2 × their number, z' of all of them comes instead from
   one shared forward pass and C backward passes (:mod:`hessfine.bounds.operators.layer_io`),
   recorded as ``diagnostics["ggn_products"] = "layer-io"`` (else ``"jvp"``).
-* ``positive``: v_iᵀ H_i⁺(x) v_i by adaptive Lanczos quadrature started from v_i (the
+* ``positive``: v_iᵀ H_i⁺(x) v_i by adaptive Lanczos quadrature started from v_i (for Linear
+  and ``Conv1D`` weights from v_i projected on the example's input span, which leaves the value
+  unchanged and tightens the upper bound faster:
+  :meth:`hessfine.bounds.operators.output_graph.OutputPairHVP.input_span_starts`; the
   Gauss–Radau rule with a node at 0,
   :func:`hessfine.bounds.linalg.positive_quadrature.positive_quadrature`), with per-example
   Hessian-vector products of the examples still running (retained double-backward graphs or
@@ -115,7 +118,8 @@ def positive_forms(
     floor: float = float("-inf"),
     memory: MemoryPlan | None = None,
 ) -> PositiveQuadrature:
-    """v_iᵀ H_i⁺(x) v_i for every example by adaptive Lanczos quadrature started from v_i.
+    """v_iᵀ H_i⁺(x) v_i for every example by adaptive Lanczos quadrature started from v_i
+    (projected on each example's input span where the output-graph back end does the layer).
 
     :func:`hessfine.bounds.linalg.positive_quadrature.positive_quadrature` with per-example
     HVPs of the examples still running: each example stops once its Gauss–Radau estimate has
@@ -138,7 +142,7 @@ def positive_forms(
         products = PerExampleHVP(
             fmodel, params, slice_inputs(x, start, stop), ys, planned=memory.measured
         )
-        (start_vectors,) = products.starts({name: v})
+        (start_vectors,) = products.starts({name: v.reshape(1, -1).expand(ys.shape[0], -1)})
         part = positive_quadrature(
             products.of_layer(name),
             start_vectors,
@@ -197,7 +201,9 @@ def positive_forms_layers(
             products = PerExampleHVP(
                 fmodel, params, slice_inputs(x, start, stop), ys, planned=memory.measured
             )
-            starts = products.starts({m: directions[m] for m in chosen})
+            starts = products.starts(
+                {m: directions[m].reshape(1, -1).expand(ys.shape[0], -1) for m in chosen}
+            )
 
             def matvec(
                 families: list[int], blocks: list[Tensor], members: list[Tensor]

@@ -337,9 +337,10 @@ class OutputPairHVP:
             images.append(self._images(name, block, rows))
         return images
 
-    def input_span_starts(self, directions: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Start vectors (B, d) for the layers this back end does: v_i with each example's
-        weight-input directions outside the span of its recorded inputs removed.
+    def input_span_starts(self, blocks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Lanczos start vectors for the layers this back end does: each example's row u_b of
+        ``blocks[name]`` (B, d), with the weight-input directions outside the span of that
+        example's recorded inputs removed.
 
         For example b with inputs inp_b (N_b rows of width n: tokens, or one row) and Q_b an
         orthonormal basis of their span, the products H_ii(x_b) U = inp_bᵀ(…) of this back end
@@ -350,10 +351,10 @@ class OutputPairHVP:
         complement, which a Krylov space can separate from small eigenvalues only slowly, so
         the compression bound tightens several times faster (docs/mathematics.md, "The positive
         part by Lanczos quadrature"). Builds the graph on every example of the batch (as the
-        first product call would). Layers whose N_b ≥ n (no reduction) get v_i as it is; layers
-        it cannot do are absent.
+        first product call would). Layers whose N_b ≥ n (no reduction) get a copy of their
+        block; layers it cannot do are absent.
         """
-        wanted = [name for name in directions if self.supports(name)]
+        wanted = [name for name in blocks if self.supports(name)]
         if not wanted:
             return {}
         self._prepare(wanted, torch.arange(batch_size(self.x)))
@@ -362,20 +363,19 @@ class OutputPairHVP:
         for name in wanted:
             if name not in self.graph.names:
                 continue
-            v, inp = directions[name], self.graph.inputs[name]
+            block, inp = blocks[name], self.graph.inputs[name]
             flat = inp.reshape(inp.shape[0], -1, inp.shape[-1])
-            count = flat.shape[0]
             if flat.shape[1] >= flat.shape[2]:
-                starts[name] = v.reshape(1, -1).expand(count, -1).clone()
+                starts[name] = block.clone()
                 continue
             with torch.no_grad():
                 basis, _ = torch.linalg.qr(flat.transpose(1, 2))  # (B, n, N): Householder
-                u = v.to(basis.dtype)
+                u = block.reshape(block.shape[0], *self.params[name].shape).to(basis.dtype)
                 if is_conv1d(self.graph.modules[name]):  # W: n × out, inputs on the left
                     projected = basis @ (basis.transpose(1, 2) @ u)
                 else:  # W: out × n
                     projected = (u @ basis) @ basis.transpose(1, 2)
-            starts[name] = projected.reshape(count, -1).to(v.dtype)
+            starts[name] = projected.reshape(block.shape).to(block.dtype)
         return starts
 
     def _prepare(self, wanted: list[str], running: Tensor) -> None:

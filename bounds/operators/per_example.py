@@ -218,7 +218,6 @@ class PerExampleHVP:
         self.retained = RetainedTail(fmodel, params, x, y, joint_pairs=joint)
         self.vmapped = VmappedPairHVP(fmodel, params, x, y)
         self.planned = planned
-        self.count = batch_size(x)
 
     def __call__(
         self, names: Sequence[str], blocks: Sequence[Tensor], members: Sequence[Tensor]
@@ -239,18 +238,14 @@ class PerExampleHVP:
                 images[f] = image
         return images  # type: ignore[return-value]
 
-    def starts(self, directions: Mapping[str, Tensor]) -> list[Tensor]:
-        """Lanczos start vectors (B, d) of the layers ``directions``, in their order: v_i
-        projected on each example's input span where the output-graph back end does the layer
-        (:meth:`hessfine.bounds.operators.output_graph.OutputPairHVP.input_span_starts`, same
-        positive part, faster convergence), else v_i for every example."""
-        projected = self.output.input_span_starts(directions)
-        return [
-            projected[name]
-            if name in projected
-            else v.reshape(1, -1).expand(self.count, -1).clone()
-            for name, v in directions.items()
-        ]
+    def starts(self, blocks: Mapping[str, Tensor]) -> list[Tensor]:
+        """Lanczos start vectors of the layers ``blocks`` (each (B, d), one row per example), in
+        their order: each row projected on its example's input span where the output-graph back
+        end does the layer
+        (:meth:`hessfine.bounds.operators.output_graph.OutputPairHVP.input_span_starts`: the
+        same value of every f with f(0) = 0, faster convergence), else a copy of the block."""
+        projected = self.output.input_span_starts(blocks)
+        return [projected[name] if name in projected else u.clone() for name, u in blocks.items()]
 
     def of_layer(self, name: str) -> Callable[[Tensor, Tensor], Tensor]:
         """(u, members) ↦ [H_ii(x_b) u_b] of one layer: a ``matvec`` of
