@@ -25,16 +25,17 @@ from hessfine.bounds.operators.output_graph import OutputPairHVP
 from hessfine.bounds.safe_autodiff import differentiable
 from transformers_cost import build
 
-CHECKPOINTS = (8, 16, 32, 64, 96, 128, 192, 256)
+CHECKPOINTS = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 
 
 def model_and_change(root: Path, layer: int):
-    """The merged fine-tuned GPT-2 as a functional model, its parameters and v_i of the layer."""
-    from hessfine.analysis.model_specs import build_model
+    """The merged fine-tuned GPT-2 (the saved weights) as a functional model, its parameters and
+    v_i of the layer."""
     from hessfine.bounds.functional import FunctionalModel
     from peft import PeftModel
+    from transformers import GPT2LMHeadModel
 
-    base = build_model("hf", hf_directory=root / "base")
+    base = GPT2LMHeadModel.from_pretrained(root / "base").eval()
     name = f"transformer.h.{layer}.attn.c_attn.weight"
     before = dict(base.named_parameters())[name].detach().clone()
     tuned = PeftModel.from_pretrained(base, root / "tuned").merge_and_unload()
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=1)
     parser.add_argument("--example", type=int, default=0)
     parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--projected-only", action="store_true", help="only the run from P v_i")
     parser.add_argument("--root", type=Path, default=Path("/tmp/hessfine_transformers_bench"))
     options = parser.parse_args()
     torch.set_num_threads(1)
@@ -72,6 +74,8 @@ def main() -> None:
         products = OutputPairHVP(fm, params, x, y)
         starts = {"v_i": v.reshape(1, -1), "P v_i": None}
         starts["P v_i"] = products.input_span_starts({name: starts["v_i"]})[name]
+        if options.projected_only:
+            del starts["v_i"]
         member = torch.zeros(1, dtype=torch.long)
         for label, start in starts.items():
             kept = float(start.norm() ** 2 / v.norm() ** 2)
