@@ -1002,7 +1002,8 @@ class _Measurement:
             notes.append(
                 f"quadratic_form.mean of {', '.join(wide)} may be further than --positive-rtol "
                 "from the exact mean, which lies in [mean_lower, mean_upper] (rigorous up to "
-                f'round-off; docs/mathematics.md, "The positive part by Lanczos quadrature"): {why}.'
+                "round-off; docs/mathematics.md, "
+                f'"The positive part by Lanczos quadrature"): {why}.'
             )
         unconverged = self._unconverged_note()
         if unconverged:

@@ -72,10 +72,10 @@ def main() -> None:
     x, y = {k: t[one] for k, t in data["x"].items()}, data["y"][one]
     with differentiable():
         products = OutputPairHVP(fm, params, x, y)
-        starts = {"v_i": v.reshape(1, -1), "P v_i": None}
-        starts["P v_i"] = products.input_span_starts({name: starts["v_i"]})[name]
-        if options.projected_only:
-            del starts["v_i"]
+        whole = v.reshape(1, -1)
+        starts = {"P v_i": products.input_span_starts({name: whole})[name]}
+        if not options.projected_only:
+            starts = {"v_i": whole, **starts}
         member = torch.zeros(1, dtype=torch.long)
         for label, start in starts.items():
             kept = float(start.norm() ** 2 / v.norm() ** 2)
@@ -83,9 +83,8 @@ def main() -> None:
             rows = brackets(lambda q: products([name], [q], [member])[0], start, options.steps)
             print(f"{label}: ‖·‖²/‖v_i‖² = {kept:.4f}, {time.perf_counter() - began:.0f} s")
             for k, lower, upper in rows:
-                print(
-                    f"  k = {k:3d}  R_k = {lower:.5g}  U_k = {upper:.5g}  U_k/R_k = {upper / lower:.3f}"
-                )
+                ratio = upper / lower
+                print(f"  k = {k:3d}  R_k = {lower:.5g}  U_k = {upper:.5g}  U_k/R_k = {ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -100,8 +100,9 @@ class QuadraticForm:
         (``diagnostics["max_plus_error"]``, ``["max_minus_error"]``), with [R_x, U_x] an
         example's rigorous bracket of v_iᵀH_i⁺(x)v_i and :attr:`max` the largest value; the
         maximum lies between them (up to round-off, and as far as the change rule that pruned
-        the others holds), so the value is the larger distance of either from :attr:`max`. Exact routes (the Gauss–Newton forms, the raw block, certified
-        layers, Krylov spaces exhausted) record none: 0.
+        the others holds), so the value is the larger distance of either from :attr:`max`.
+        Exact routes (the Gauss–Newton forms, the raw block, certified layers, Krylov spaces
+        exhausted) record none: 0.
         """
         d = self.diagnostics
         if "max_plus_error" not in d:
@@ -214,15 +215,10 @@ class RunningReduction:
 
     def form(self, name: str, route: str, diagnostics: Mapping) -> QuadraticForm:
         """The reduction as a :class:`QuadraticForm`."""
-        count = max(self.count, 1)
-        lower, upper = (
-            (None, None)
-            if self.ends is None
-            else (
-                self.ends["lower"] / count,
-                self.ends["upper"] / count,
-            )
-        )
+        lower = upper = None
+        if self.ends is not None:
+            count = max(self.count, 1)
+            lower, upper = self.ends["lower"] / count, self.ends["upper"] / count
         return QuadraticForm(
             name, self.max, self.mean, self.argmax, self.count, route, diagnostics, lower, upper
         )

@@ -93,8 +93,8 @@ def noise_stability(
     inner; memory does not grow with the number of examples): noise vector d is re-drawn for
     every call from its own generator keyed by (one base draw of ``generator``, d)
     (:func:`hessfine.bounds.linalg.probes.keyed_generator`), so the result depends neither on the
-    batching, nor on ``chunk`` or ``memory``, nor on the number of processes of ``shard``; the same base key
-    gives the same unit noise at every σ (common random numbers).
+    batching, nor on ``chunk`` or ``memory``, nor on the number of processes of ``shard``; the
+    same base key gives the same unit noise at every σ (common random numbers).
 
     Args:
         fmodel, params: the network and its full parameter dict.

@@ -422,12 +422,13 @@ def _fold_lanczos_diagnostics(
 
     Reported (per layer): the step cap and tolerance; Lanczos steps per example (mean, max);
     ``error_bound``, the largest rigorous error of an example not pruned (its ``errors``: the
-    half-width of a narrow bracket, else the whole width; absolute, in the units of the values: the reported max is within this of the
-    sample's maximum, up to round-off); the fractions pruned and exhausted; ``lower_bound_max``
-    = max_x R_x, a rigorous lower bound of the true 𝓗_i; and ``max_plus_error``,
-    ``max_minus_error`` = max_x U_x over the examples not pruned and max_x R_x, between which
-    the maximum lies (:attr:`hessfine.bounds.estimates.QuadraticForm.max_error_estimate`). Every entry is a max,
-    a count-weighted mean or fraction, so that per-process reports merge exactly.
+    half-width of a narrow bracket, else the whole width; absolute, in the units of the values:
+    the reported max is within this of the sample's maximum, up to round-off); the fractions
+    pruned and exhausted; ``lower_bound_max`` = max_x R_x, a rigorous lower bound of the true
+    𝓗_i; and ``max_plus_error``, ``max_minus_error`` = max_x U_x over the examples not pruned
+    and max_x R_x, between which the maximum lies
+    (:attr:`hessfine.bounds.estimates.QuadraticForm.max_error_estimate`). Every entry is a
+    max, a count-weighted mean or fraction, so that per-process reports merge exactly.
     """
     d = diagnostics
     d["lanczos_max_steps"] = cap

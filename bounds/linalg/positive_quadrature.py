@@ -168,9 +168,10 @@ def positive_quadrature(
     member's value is the midpoint, within the half-width (U_k − R_k)/2 of uᵀH⁺u; under
     ``"max"`` only once its bracket is narrow (below; else its lower bound R_k, since the
     midpoint of a wide bracket overstates the value on Hessian spectra: after a few steps R_k
-    is 40–90% of the value where U_k is 1.3–4 times it, on the GELU ViT of bench/BENCHMARKS.md). With L the largest lower bound of any member (and
-    ``floor``, a value known to be attained elsewhere), a member stops at breakdown (exact),
-    after ``max_steps``, or by the rule of ``target``:
+    is 40–90% of the value where U_k is 1.3–4 times it, on the GELU ViT of
+    bench/BENCHMARKS.md). With L the largest lower bound of any member (and ``floor``, a value
+    known to be attained elsewhere), a member stops at breakdown (exact), after ``max_steps``,
+    or by the rule of ``target``:
 
     * ``"max"`` (the maximum over members is wanted): once U_k − R_k ≤ 2 rtol · L, so that its
       midpoint is within rtol · L of its exact value; or once it cannot attain the maximum
